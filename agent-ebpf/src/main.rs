@@ -1,0 +1,246 @@
+//! Kernel side of the agent.
+//!
+//! * `connect4` / `connect6` (cgroup/connect4, cgroup/connect6; process context): a TCP connect to
+//!   an intercepted address (the EKS Pod Identity link-local address) is rewritten to the agent's
+//!   listener, and `socket cookie -> who connected` is remembered in `PENDING`.
+//! * `record_connection` (sock_ops, `BPF_SOCK_OPS_TCP_CONNECT_CB`): runs inside the same
+//!   `connect()` once the source port is chosen and before the SYN leaves, so the connection's
+//!   4-tuple is known. It moves the record from `PENDING` to `CONNECTIONS`, keyed by the 4-tuple the
+//!   agent will see after `accept()`. The cookie bridge is needed because sock_ops may not call
+//!   `bpf_get_current_cgroup_id` before kernel 6.4.
+//!
+//! Every program always allows the operation: interception never makes a connect fail.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use core::{
+        ffi::c_void,
+        ptr::{read_volatile, write_volatile},
+    };
+
+    use aya_ebpf::{
+        bindings::BPF_SOCK_OPS_TCP_CONNECT_CB,
+        helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie},
+        macros::{cgroup_sock_addr, map, sock_ops},
+        maps::{HashMap, LruHashMap, PerCpuArray},
+        programs::{SockAddrContext, SockOpsContext},
+    };
+    use aya_log_ebpf::warn;
+    use pod_identity_common::{
+        Attribution, ConnectionKey, Endpoint, RedirectConfig,
+        counter::{COUNT, RECORDED, REDIRECTED_V4, REDIRECTED_V6},
+    };
+
+    /// Return value of cgroup/connect programs that lets the connect proceed.
+    const ALLOW: i32 = 1;
+    const IPPROTO_TCP: u32 = 6;
+    const AF_INET: u32 = 2;
+    const AF_INET6: u32 = 10;
+
+    /// Written by the agent before load (read-only data section).
+    #[unsafe(no_mangle)]
+    static CONFIG: RedirectConfig = RedirectConfig::UNSET;
+
+    /// Intercepted destinations (IPv4 in v4-mapped form, so connect6 on a dual-stack socket
+    /// matches the same entry). Filled by the agent before the programs are attached.
+    #[map]
+    static INTERCEPTED: HashMap<Endpoint, u8> = HashMap::with_max_entries(16, 0);
+
+    /// socket cookie -> attribution, between connect and sock_ops. Entries live for the
+    /// microseconds between the two hooks; LRU covers connects that fail in between.
+    #[map]
+    static PENDING: LruHashMap<u64, Attribution> = LruHashMap::with_max_entries(16_384, 0);
+
+    /// 4-tuple -> attribution, read and deleted by the agent right after accept().
+    #[map]
+    static CONNECTIONS: LruHashMap<ConnectionKey, Attribution> =
+        LruHashMap::with_max_entries(65_536, 0);
+
+    #[map]
+    static REDIRECT_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNT, 0);
+
+    #[inline(always)]
+    fn config() -> RedirectConfig {
+        // SAFETY: a plain read of a global the agent fixed at load time. Volatile so the compiler
+        // cannot fold in the UNSET initialiser.
+        unsafe { read_volatile(&raw const CONFIG) }
+    }
+
+    #[inline(always)]
+    fn count(index: u32) {
+        if let Some(slot) = REDIRECT_COUNTS.get_ptr_mut(index) {
+            // SAFETY: per-CPU slot; no other writer on this CPU while we run.
+            unsafe { *slot += 1 }
+        }
+    }
+
+    /// The target to send a connect to `dst` to, or None when it must go where it was going.
+    #[inline(always)]
+    fn redirect_target(dst: &Endpoint) -> Option<(Endpoint, u64)> {
+        INTERCEPTED.get_ptr(dst)?;
+        let config = config();
+        let target = if dst.is_v4_mapped() { config.target_v4 } else { config.target_v6 };
+        if target.is_none() {
+            return None;
+        }
+        // SAFETY: helper without preconditions.
+        let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        if cgroup_id == config.agent_cgroup_id {
+            return None;
+        }
+        Some((target, cgroup_id))
+    }
+
+    #[inline(always)]
+    fn remember(ctx: &SockAddrContext, cgroup_id: u64, original_dst: Endpoint) {
+        let attribution = Attribution {
+            cgroup_id,
+            pid_tgid: bpf_get_current_pid_tgid(),
+            original_dst,
+            _pad: [0; 6],
+        };
+        // SAFETY: ctx is the program's own context pointer.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
+        if PENDING.insert(&cookie, &attribution, 0).is_err() {
+            warn!(ctx, "pod-identity: PENDING insert failed for cgroup {}", cgroup_id);
+        }
+    }
+
+    #[cgroup_sock_addr(connect4)]
+    pub fn connect4(ctx: SockAddrContext) -> i32 {
+        let sa = ctx.sock_addr;
+        // SAFETY: sa is the kernel-provided context; fields are read with 4-byte loads.
+        unsafe {
+            if read_volatile(&raw const (*sa).protocol) != IPPROTO_TCP {
+                return ALLOW;
+            }
+            let ip = read_volatile(&raw const (*sa).user_ip4);
+            // user_port holds the big-endian port in its low 16 bits.
+            let port = read_volatile(&raw const (*sa).user_port) as u16;
+            let dst = Endpoint::v4(ip.to_ne_bytes(), port.to_ne_bytes());
+            let Some((target, cgroup_id)) = redirect_target(&dst) else {
+                return ALLOW;
+            };
+            remember(&ctx, cgroup_id, dst);
+            write_volatile(&raw mut (*sa).user_ip4, u32::from_ne_bytes(target.ipv4()));
+            write_volatile(&raw mut (*sa).user_port, u16::from_ne_bytes(target.port) as u32);
+        }
+        count(REDIRECTED_V4);
+        ALLOW
+    }
+
+    #[inline(always)]
+    fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
+        let (a, b, c, d) = (w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes());
+        [
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+            d[3],
+        ]
+    }
+
+    #[inline(always)]
+    fn word(bytes: &[u8; 16], i: usize) -> u32 {
+        u32::from_ne_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]])
+    }
+
+    #[cgroup_sock_addr(connect6)]
+    pub fn connect6(ctx: SockAddrContext) -> i32 {
+        let sa = ctx.sock_addr;
+        // SAFETY: as in connect4; user_ip6 must be read and written one 4-byte word at a time.
+        unsafe {
+            if read_volatile(&raw const (*sa).protocol) != IPPROTO_TCP {
+                return ALLOW;
+            }
+            let ip = [
+                read_volatile(&raw const (*sa).user_ip6[0]),
+                read_volatile(&raw const (*sa).user_ip6[1]),
+                read_volatile(&raw const (*sa).user_ip6[2]),
+                read_volatile(&raw const (*sa).user_ip6[3]),
+            ];
+            let port = read_volatile(&raw const (*sa).user_port) as u16;
+            let dst = Endpoint { addr: words_to_bytes(ip), port: port.to_ne_bytes() };
+            // A v4-mapped destination gets the v4-mapped IPv4 target, which is how target_v4 is
+            // stored, so the same bytes serve both cases.
+            let Some((target, cgroup_id)) = redirect_target(&dst) else {
+                return ALLOW;
+            };
+            remember(&ctx, cgroup_id, dst);
+            write_volatile(&raw mut (*sa).user_ip6[0], word(&target.addr, 0));
+            write_volatile(&raw mut (*sa).user_ip6[1], word(&target.addr, 1));
+            write_volatile(&raw mut (*sa).user_ip6[2], word(&target.addr, 2));
+            write_volatile(&raw mut (*sa).user_ip6[3], word(&target.addr, 3));
+            write_volatile(&raw mut (*sa).user_port, u16::from_ne_bytes(target.port) as u32);
+            count(if dst.is_v4_mapped() { REDIRECTED_V4 } else { REDIRECTED_V6 });
+        }
+        ALLOW
+    }
+
+    #[sock_ops]
+    pub fn record_connection(ctx: SockOpsContext) -> u32 {
+        if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
+            return 1;
+        }
+        // SAFETY: ctx is the program's own context pointer.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+        // SAFETY: the value is copied out at once.
+        let Some(attribution) = (unsafe { PENDING.get(&cookie) }).copied() else {
+            return 1;
+        };
+        let ops = ctx.ops;
+        // SAFETY: context fields read with 4-byte loads. remote_port holds the big-endian port in
+        // its high 16 bits; local_port is in host byte order.
+        let key = unsafe {
+            let client_port = (read_volatile(&raw const (*ops).local_port) as u16).to_be_bytes();
+            let server_port = ((read_volatile(&raw const (*ops).remote_port) >> 16) as u16).to_ne_bytes();
+            match ctx.family() {
+                AF_INET => ConnectionKey {
+                    client: Endpoint::v4(read_volatile(&raw const (*ops).local_ip4).to_ne_bytes(), client_port),
+                    server: Endpoint::v4(read_volatile(&raw const (*ops).remote_ip4).to_ne_bytes(), server_port),
+                },
+                AF_INET6 => ConnectionKey {
+                    client: Endpoint {
+                        addr: words_to_bytes([
+                            read_volatile(&raw const (*ops).local_ip6[0]),
+                            read_volatile(&raw const (*ops).local_ip6[1]),
+                            read_volatile(&raw const (*ops).local_ip6[2]),
+                            read_volatile(&raw const (*ops).local_ip6[3]),
+                        ]),
+                        port: client_port,
+                    },
+                    server: Endpoint {
+                        addr: words_to_bytes([
+                            read_volatile(&raw const (*ops).remote_ip6[0]),
+                            read_volatile(&raw const (*ops).remote_ip6[1]),
+                            read_volatile(&raw const (*ops).remote_ip6[2]),
+                            read_volatile(&raw const (*ops).remote_ip6[3]),
+                        ]),
+                        port: server_port,
+                    },
+                },
+                _ => return 1,
+            }
+        };
+        if CONNECTIONS.insert(&key, &attribution, 0).is_err() {
+            warn!(&ctx, "pod-identity: CONNECTIONS insert failed for cgroup {}", attribution.cgroup_id);
+        } else {
+            count(RECORDED);
+        }
+        let _ = PENDING.remove(&cookie);
+        1
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        // SAFETY: the verifier rejects any program with a reachable panic path.
+        unsafe { core::hint::unreachable_unchecked() }
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -1,0 +1,201 @@
+//! Command line and the defaults derived from the node.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+
+/// Port of the agent's credential listener when `--listen` is not given.
+pub const DEFAULT_PORT: u16 = 2704;
+
+#[derive(Parser, Debug)]
+#[command(name = "pod-identity-agent", version, about = "Serves EKS Pod Identity credentials to pods through an eBPF redirect")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the node agent: attach the kernel programs and serve credentials.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// EKS cluster name sent to EKS Auth.
+    #[arg(long, env = "CLUSTER_NAME")]
+    pub cluster_name: String,
+    /// AWS region of the cluster (default: the AWS SDK chain, e.g. AWS_REGION or IMDS).
+    #[arg(long)]
+    pub region: Option<String>,
+    /// EKS Auth endpoint URL (default: AWS_ENDPOINT_URL_EKS_AUTH, else https://eks-auth.REGION.api.aws).
+    #[arg(long)]
+    pub eks_auth_endpoint: Option<String>,
+    /// Address the credential server listens on; repeat for dual stack (default: NODE_IP, else
+    /// the default-route interface's address, port 2704).
+    #[arg(long = "listen", value_name = "IP:PORT")]
+    pub listen: Vec<SocketAddr>,
+    /// Where intercepted connects are sent, one per address family (default: the listen addresses).
+    #[arg(long = "redirect-target", value_name = "IP:PORT")]
+    pub redirect_target: Vec<SocketAddr>,
+    /// Credential addresses whose TCP connects are redirected (an IPv4 address also matches its
+    /// v4-mapped IPv6 form).
+    #[arg(long = "intercept", value_name = "IP:PORT", default_values = ["169.254.170.23:80", "[fd00:ec2::23]:80"])]
+    pub intercept: Vec<SocketAddr>,
+    /// cgroup2 directory the programs attach to; it and all cgroups below are covered (default:
+    /// the cgroup2 mount root from /proc/self/mountinfo).
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+    /// Address of /healthz and /readyz.
+    #[arg(long, default_value = "127.0.0.1:2703")]
+    pub probe_addr: SocketAddr,
+    /// Address of /metrics.
+    #[arg(long, default_value = "0.0.0.0:2705")]
+    pub metrics_addr: SocketAddr,
+    /// Seconds to let in-flight requests finish after SIGTERM/SIGINT.
+    #[arg(long, default_value_t = 20)]
+    pub shutdown_grace_seconds: u64,
+}
+
+/// Settings with every default resolved.
+#[derive(Debug)]
+pub struct Settings {
+    pub cluster_name: String,
+    pub region: Option<String>,
+    pub eks_auth_endpoint: Option<String>,
+    pub listen: Vec<SocketAddr>,
+    pub target_v4: Option<SocketAddr>,
+    pub target_v6: Option<SocketAddr>,
+    pub intercept: Vec<SocketAddr>,
+    pub cgroup_root: Option<PathBuf>,
+    pub probe_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub shutdown_grace: Duration,
+}
+
+impl Settings {
+    pub fn resolve(args: RunArgs) -> anyhow::Result<Settings> {
+        if args.cluster_name.trim().is_empty() {
+            bail!("--cluster-name (or CLUSTER_NAME) must not be empty");
+        }
+        let listen = if args.listen.is_empty() {
+            vec![SocketAddr::new(node_ip()?, DEFAULT_PORT)]
+        } else {
+            args.listen
+        };
+        let targets = if args.redirect_target.is_empty() { listen.clone() } else { args.redirect_target };
+        for t in &targets {
+            if t.ip().is_unspecified() || t.ip().is_loopback() {
+                bail!(
+                    "redirect target {t} must be a concrete address that pods route to the node (a wildcard or loopback address would point each pod at itself); set --redirect-target"
+                );
+            }
+        }
+        let target_v4 = targets.iter().copied().find(SocketAddr::is_ipv4);
+        let target_v6 = targets.iter().copied().find(SocketAddr::is_ipv6);
+        if target_v4.is_none() && args.intercept.iter().any(SocketAddr::is_ipv4) {
+            tracing::warn!("no IPv4 redirect target: connects to IPv4 credential addresses are not intercepted");
+        }
+        if target_v6.is_none() && args.intercept.iter().any(SocketAddr::is_ipv6) {
+            tracing::warn!("no IPv6 redirect target: connects to IPv6 credential addresses are not intercepted");
+        }
+        Ok(Settings {
+            cluster_name: args.cluster_name,
+            region: args.region,
+            eks_auth_endpoint: args.eks_auth_endpoint,
+            listen,
+            target_v4,
+            target_v6,
+            intercept: args.intercept,
+            cgroup_root: args.cgroup_root,
+            probe_addr: args.probe_addr,
+            metrics_addr: args.metrics_addr,
+            shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
+        })
+    }
+}
+
+/// `NODE_IP` (set from the downward API in the DaemonSet), else the address of the interface
+/// that holds the IPv4 default route.
+fn node_ip() -> anyhow::Result<IpAddr> {
+    if let Ok(value) = std::env::var("NODE_IP") {
+        // Dual-stack clusters may pass "v4,v6": the first is the node's primary address.
+        let first = value.split(',').next().unwrap_or("").trim();
+        return first.parse().with_context(|| format!("NODE_IP={value:?} is not an IP address"));
+    }
+    let routes = procfs::net::route().context("reading /proc/net/route")?;
+    let iface = routes
+        .iter()
+        .find(|r| r.destination == Ipv4Addr::UNSPECIFIED && r.mask == Ipv4Addr::UNSPECIFIED)
+        .map(|r| r.iface.clone())
+        .context("no NODE_IP and no IPv4 default route; pass --listen IP:PORT")?;
+    interface_ipv4(&iface)?.with_context(|| format!("default-route interface {iface} has no IPv4 address; pass --listen"))
+        .map(IpAddr::V4)
+}
+
+fn interface_ipv4(name: &str) -> anyhow::Result<Option<Ipv4Addr>> {
+    let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we free with freeifaddrs below; we only read it.
+    if unsafe { libc::getifaddrs(&mut addrs) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getifaddrs");
+    }
+    let mut found = None;
+    let mut cur = addrs;
+    while !cur.is_null() {
+        // SAFETY: cur is a node of the list returned by getifaddrs.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+        let ifname = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+        // SAFETY: ifa_addr is non-null; sa_family tells its real type.
+        if ifname.to_bytes() == name.as_bytes() && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET {
+            // SAFETY: AF_INET addresses are sockaddr_in.
+            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+            found = Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            break;
+        }
+    }
+    // SAFETY: addrs came from getifaddrs.
+    unsafe { libc::freeifaddrs(addrs) };
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> RunArgs {
+        let mut argv = vec!["pod-identity-agent", "run", "--cluster-name", "c"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(a) => a,
+        }
+    }
+
+    #[test]
+    fn targets_default_to_listen_addresses_per_family() {
+        let s = Settings::resolve(args(&["--listen", "198.18.0.1:2704", "--listen", "[2001:2::1]:2704"])).unwrap();
+        assert_eq!(s.target_v4, Some("198.18.0.1:2704".parse().unwrap()));
+        assert_eq!(s.target_v6, Some("[2001:2::1]:2704".parse().unwrap()));
+        assert_eq!(s.intercept.len(), 2);
+    }
+
+    #[test]
+    fn wildcard_or_loopback_target_is_refused() {
+        let e = Settings::resolve(args(&["--listen", "0.0.0.0:2704"])).unwrap_err();
+        assert!(e.to_string().contains("--redirect-target"), "{e}");
+        let e = Settings::resolve(args(&["--listen", "127.0.0.1:2704"])).unwrap_err();
+        assert!(e.to_string().contains("loopback"), "{e}");
+        let ok = Settings::resolve(args(&["--listen", "0.0.0.0:2704", "--redirect-target", "198.18.0.1:2704"])).unwrap();
+        assert_eq!(ok.target_v4, Some("198.18.0.1:2704".parse().unwrap()));
+        assert_eq!(ok.target_v6, None);
+    }
+}

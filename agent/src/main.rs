@@ -1,0 +1,165 @@
+//! pod-identity-agent: hands EKS Pod Identity credentials to the pods of one node.
+//!
+//! Rooms: `kernel` (load and attach the eBPF programs, read their records), `attribution`
+//! (cgroup id -> pod), `token` (service-account token claims), `upstream` (EKS Auth),
+//! `credentials` (wire format and cache), `server` (the credential endpoint), `ops` and
+//! `metrics` (probes and Prometheus), `config` (flags and defaults).
+
+mod attribution;
+mod config;
+mod credentials;
+mod kernel;
+mod metrics;
+mod ops;
+mod server;
+mod token;
+mod upstream;
+
+use std::{process::ExitCode, sync::Arc};
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use http::StatusCode;
+use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
+use tracing::{error, info, warn};
+
+use crate::{
+    attribution::CgroupIndex,
+    config::{Cli, Command, Settings},
+    credentials::CredentialCache,
+    kernel::{RedirectSpec, Redirector},
+    metrics::Metrics,
+    ops::Readiness,
+    server::CredentialServer,
+    upstream::EksAuth,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Run(args) => runtime.block_on(async { run(Settings::resolve(args)?).await }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let readiness = Readiness::new("kernel programs not attached yet");
+    let metrics = Metrics::new();
+
+    // Probes first, so a kubelet sees "alive, not ready" while the programs load.
+    ops::serve(settings.probe_addr, ops::probes(readiness.clone()), shutdown_rx.clone())
+        .await
+        .with_context(|| format!("binding the probe address {}", settings.probe_addr))?;
+
+    let mount = attribution::cgroup2_mount()?;
+    let cgroup_root = settings.cgroup_root.clone().unwrap_or_else(|| mount.clone());
+    let (own_cgroup, agent_cgroup_id) = attribution::own_cgroup(&mount)?;
+
+    let mut listeners = Vec::new();
+    for addr in &settings.listen {
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the credential listener {addr}"))?;
+        listeners.push(listener);
+    }
+
+    let redirector = Arc::new(
+        Redirector::attach(&RedirectSpec {
+            cgroup_root: cgroup_root.clone(),
+            intercept: settings.intercept.clone(),
+            target_v4: settings.target_v4,
+            target_v6: settings.target_v6,
+            agent_cgroup_id,
+        })
+        .context("cannot intercept pods' connections")?,
+    );
+    let cgroups = CgroupIndex::build(&mount, &cgroup_root)
+        .with_context(|| format!("indexing cgroups below {}", cgroup_root.display()))?;
+    let upstream = EksAuth::new(settings.cluster_name.clone(), settings.region.clone(), settings.eks_auth_endpoint.clone()).await;
+    let server = Arc::new(CredentialServer {
+        redirector: redirector.clone(),
+        cgroups,
+        cache: CredentialCache::new(upstream),
+        metrics: metrics.clone(),
+        allowed_hosts: server::allowed_hosts(&settings.intercept),
+    });
+
+    let metrics_handler: ops::Handler = {
+        let (server, metrics) = (server.clone(), metrics.clone());
+        Arc::new(move |path| match path {
+            "/metrics" => (
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                metrics.render(Some(server.redirector.counts()), server.cache.len()),
+            ),
+            _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        })
+    };
+    ops::serve(settings.metrics_addr, metrics_handler, shutdown_rx.clone())
+        .await
+        .with_context(|| format!("binding the metrics address {}", settings.metrics_addr))?;
+
+    let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+    let mut accept_loops = Vec::new();
+    for listener in listeners {
+        accept_loops.push(tokio::spawn(server.clone().serve(listener, shutdown_rx.clone(), graceful.clone())));
+    }
+    readiness.set(None);
+    info!(
+        listen = ?settings.listen,
+        target_v4 = ?settings.target_v4,
+        target_v6 = ?settings.target_v6,
+        intercept = ?settings.intercept,
+        cgroup_root = %cgroup_root.display(),
+        own_cgroup = %own_cgroup.display(),
+        "serving credentials"
+    );
+
+    wait_for_signal().await?;
+    info!("shutting down: no new connections; finishing in-flight requests");
+    readiness.set(Some("shutting down".into()));
+    let _ = shutdown_tx.send(true);
+    for handle in accept_loops {
+        let _ = handle.await;
+    }
+    let graceful = Arc::try_unwrap(graceful).map_err(|_| anyhow::anyhow!("accept loops still hold the connection tracker"))?;
+    if tokio::time::timeout(settings.shutdown_grace, graceful.shutdown()).await.is_err() {
+        warn!(grace = ?settings.shutdown_grace, "connections still open after the grace period; closing them");
+    }
+    drop(server);
+    // Dropping the last handle closes the links: the kernel detaches the programs.
+    match Arc::try_unwrap(redirector) {
+        Ok(redirector) => drop(redirector),
+        Err(_) => warn!("kernel programs still referenced at exit; they detach when the process ends"),
+    }
+    info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+    Ok(())
+}

@@ -1,0 +1,263 @@
+//! The credential endpoint pods reach through the redirect: `GET /v1/credentials`.
+//!
+//! Each accepted connection is attributed once, right after `accept()`, from the record the
+//! kernel programs left for its 4-tuple; every request on it is then checked against that record.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use pod_identity_common::Attribution;
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{debug, info, warn};
+
+use crate::{
+    attribution::{Caller, CgroupIndex},
+    credentials::{CredentialCache, Source},
+    kernel::Redirector,
+    metrics::Metrics,
+    token::{self, TokenClaims},
+};
+
+pub const CREDENTIALS_PATH: &str = "/v1/credentials";
+/// Requests whose headers take longer than this are dropped (slow clients hold no resources).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct CredentialServer {
+    pub redirector: Arc<Redirector>,
+    pub cgroups: CgroupIndex,
+    pub cache: CredentialCache,
+    pub metrics: Arc<Metrics>,
+    /// Host header values a client may send: the intercepted addresses, with and without port.
+    pub allowed_hosts: Vec<String>,
+}
+
+/// Who is on the other end of one accepted connection.
+struct Connection {
+    peer: SocketAddr,
+    attribution: Option<Attribution>,
+}
+
+/// An answer other than credentials: status and a text body for the client (and the log).
+struct Refusal {
+    status: StatusCode,
+    reason: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal { status, reason, message: message.into() }
+    }
+}
+
+impl CredentialServer {
+    /// Accepts on `listener` until `shutdown` flips, handing each connection to hyper; open
+    /// connections are told to finish through `graceful`.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+        graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
+    ) {
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.changed() => break,
+            };
+            let attribution = match stream.local_addr() {
+                Ok(local) => self.redirector.take(peer, local),
+                Err(_) => None,
+            };
+            let _ = stream.set_nodelay(true);
+            let conn = Arc::new(Connection { peer, attribution });
+            let server = self.clone();
+            let service = hyper::service::service_fn(move |req| {
+                let server = server.clone();
+                let conn = conn.clone();
+                async move { Ok::<_, Infallible>(server.handle(&conn, req).await) }
+            });
+            let http = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(64 * 1024)
+                .serve_connection(TokioIo::new(stream), service);
+            let watched = graceful.watch(http);
+            tokio::spawn(async move {
+                let _ = watched.await;
+            });
+        }
+    }
+
+    async fn handle(&self, conn: &Connection, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        let response = match (req.method(), req.uri().path()) {
+            (&Method::GET, CREDENTIALS_PATH) => match self.credentials(conn, &req).await {
+                Ok(response) => response,
+                Err(refusal) => {
+                    info!(
+                        peer = %conn.peer,
+                        cgroup_id = conn.attribution.map(|a| a.cgroup_id),
+                        status = refusal.status.as_u16(),
+                        reason = refusal.reason,
+                        message = %refusal.message,
+                        "refused credential request"
+                    );
+                    text(refusal.status, refusal.message)
+                }
+            },
+            (_, CREDENTIALS_PATH) => text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported"),
+            _ => text(StatusCode::NOT_FOUND, "not found"),
+        };
+        self.metrics.observe_request(response.status().as_u16(), started.elapsed());
+        response
+    }
+
+    async fn credentials(&self, conn: &Connection, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, Refusal> {
+        let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        if !self.allowed_hosts.iter().any(|allowed| allowed.eq_ignore_ascii_case(host)) {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "host_not_allowed",
+                format!("Host header {host:?} is not a credential address served by this agent"),
+            ));
+        }
+        let Some(attribution) = conn.attribution else {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "not_redirected",
+                "connection did not come through the agent's redirect, so its caller cannot be attributed; connect to the credential address instead",
+            ));
+        };
+        let raw_token = match req.headers().get(header::AUTHORIZATION) {
+            None => "",
+            Some(value) => value.to_str().map_err(|_| {
+                Refusal::new(StatusCode::BAD_REQUEST, "token_malformed", "Authorization header is not valid text")
+            })?,
+        };
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let claims = token::parse(raw_token, now)
+            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "token_invalid", e.to_string()))?;
+        self.check_binding(&attribution, &claims)?;
+
+        let (role, source) = self.cache.get(raw_token.trim()).await.map_err(|e| {
+            warn!(
+                namespace = %claims.namespace,
+                pod = %claims.pod_name,
+                code = %e.code,
+                status = e.status,
+                terminal = e.is_terminal(),
+                request_id = e.request_id.as_deref().unwrap_or("-"),
+                "EKS Auth call failed"
+            );
+            let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            Refusal::new(status, "upstream_error", e.to_string())
+        })?;
+        if source == Source::Upstream {
+            info!(
+                namespace = %claims.namespace,
+                pod = %claims.pod_name,
+                service_account = %claims.service_account,
+                role_arn = %role.role_arn,
+                association_id = %role.association_id,
+                "fetched credentials from EKS Auth"
+            );
+        }
+        debug!(
+            namespace = %claims.namespace,
+            pod = %claims.pod_name,
+            pod_uid = %claims.pod_uid,
+            pid = attribution.pid_tgid >> 32,
+            cached = source == Source::Cache,
+            "served credentials"
+        );
+        Ok(Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(role.credentials.to_json())))
+            .expect("static response parts are valid"))
+    }
+
+    /// The token must name the pod the kernel says is calling.
+    fn check_binding(&self, attribution: &Attribution, claims: &TokenClaims) -> Result<(), Refusal> {
+        match self.cgroups.resolve(attribution.cgroup_id) {
+            None => Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "cgroup_unknown",
+                format!("cannot attribute caller: cgroup id {} no longer exists", attribution.cgroup_id),
+            )),
+            Some(Caller::Host { cgroup }) => Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "not_a_pod",
+                format!("caller runs in cgroup {cgroup}, which belongs to no pod; only pods get pod credentials"),
+            )),
+            Some(Caller::Pod { uid, .. }) if uid != claims.pod_uid => Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "token_pod_mismatch",
+                format!(
+                    "token belongs to pod {}/{} (uid {}), but the caller is pod uid {uid}",
+                    claims.namespace, claims.pod_name, claims.pod_uid
+                ),
+            )),
+            Some(Caller::Pod { .. }) => Ok(()),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from(body.into())))
+        .expect("static response parts are valid")
+}
+
+/// The Host header values that name an intercepted address: `a.b.c.d`, `[v6]`, and both with
+/// the port (bare form only when the port is 80, the HTTP default).
+pub fn allowed_hosts(intercept: &[SocketAddr]) -> Vec<String> {
+    let mut hosts = Vec::new();
+    for addr in intercept {
+        let forms: Vec<String> = match addr {
+            SocketAddr::V4(a) => vec![a.ip().to_string(), format!("[{}]", a.ip().to_ipv6_mapped())],
+            SocketAddr::V6(a) => vec![format!("[{}]", a.ip())],
+        };
+        for host in forms {
+            if addr.port() == 80 {
+                hosts.push(host.clone());
+            }
+            hosts.push(format!("{host}:{}", addr.port()));
+        }
+    }
+    hosts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allowed_hosts_cover_each_form() {
+        let hosts = allowed_hosts(&["169.254.170.23:80".parse().unwrap(), "[fd00:ec2::23]:80".parse().unwrap()]);
+        for h in ["169.254.170.23", "169.254.170.23:80", "[fd00:ec2::23]", "[fd00:ec2::23]:80", "[::ffff:169.254.170.23]"] {
+            assert!(hosts.iter().any(|x| x == h), "{h} missing from {hosts:?}");
+        }
+        let hosts = allowed_hosts(&["169.254.170.23:8080".parse().unwrap()]);
+        assert_eq!(hosts, vec!["169.254.170.23:8080", "[::ffff:169.254.170.23]:8080"]);
+    }
+}

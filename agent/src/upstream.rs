@@ -1,0 +1,202 @@
+//! The EKS Auth API (`AssumeRoleForPodIdentity`), called with the node's own credentials.
+
+use std::{fmt, time::SystemTime};
+
+use aws_sdk_eksauth::{error::SdkError, operation::RequestId as _};
+
+use crate::credentials::Credentials;
+
+/// What a successful exchange yields: the pod's credentials and who they are for.
+#[derive(Clone, Debug)]
+pub struct AssumedRole {
+    pub credentials: Credentials,
+    pub role_arn: String,
+    pub association_id: String,
+}
+
+/// An upstream failure, shaped the way the reference agent passes it on to the pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamError {
+    /// HTTP status for the pod: the upstream status, 502 for network failures, 504 for timeouts.
+    pub status: u16,
+    /// The service's error code (`ResourceNotFoundException`, ...) or a local one.
+    pub code: String,
+    pub message: String,
+    pub request_id: Option<String>,
+}
+
+impl UpstreamError {
+    /// Errors that a retry with the same token cannot fix.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self.code.as_str(),
+            "AccessDeniedException" | "ExpiredTokenException" | "InvalidTokenException" | "ResourceNotFoundException"
+        )
+    }
+
+    fn fault(&self) -> &'static str {
+        if (400..500).contains(&self.status) { "client" } else { "server" }
+    }
+}
+
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "[{}]: ({}): {}, fault: {}",
+            self.request_id.as_deref().unwrap_or("-"),
+            self.code,
+            self.message,
+            self.fault()
+        )
+    }
+}
+
+pub struct EksAuth {
+    client: aws_sdk_eksauth::Client,
+    cluster_name: String,
+}
+
+impl EksAuth {
+    /// Builds the client from the default AWS configuration chain (environment, profile, IMDS),
+    /// with `region` and `endpoint` overriding it when given. `AWS_ENDPOINT_URL_EKS_AUTH` is
+    /// honoured by the chain itself.
+    pub async fn new(cluster_name: String, region: Option<String>, endpoint: Option<String>) -> EksAuth {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(region) = region {
+            loader = loader.region(aws_config::Region::new(region));
+        }
+        if let Some(endpoint) = endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        let config = loader.load().await;
+        EksAuth { client: aws_sdk_eksauth::Client::new(&config), cluster_name }
+    }
+
+    pub async fn assume_role(&self, token: &str) -> Result<AssumedRole, UpstreamError> {
+        let out = self
+            .client
+            .assume_role_for_pod_identity()
+            .cluster_name(&self.cluster_name)
+            .token(token)
+            .send()
+            .await
+            .map_err(map_sdk_error)?;
+        let malformed = |what: &str| UpstreamError {
+            status: 502,
+            code: "InvalidUpstreamResponse".into(),
+            message: format!("EKS Auth response has no {what}"),
+            request_id: out.request_id().map(str::to_owned),
+        };
+        let creds = out.credentials().ok_or_else(|| malformed("credentials"))?;
+        let role = out.assumed_role_user().ok_or_else(|| malformed("assumedRoleUser"))?;
+        let expiration = SystemTime::try_from(*creds.expiration()).map_err(|_| malformed("valid expiration"))?;
+        Ok(AssumedRole {
+            credentials: Credentials {
+                access_key_id: creds.access_key_id().to_owned(),
+                secret_access_key: creds.secret_access_key().to_owned(),
+                session_token: creds.session_token().to_owned(),
+                account_id: account_from_arn(role.arn()).unwrap_or_default().to_owned(),
+                expiration,
+            },
+            role_arn: role.arn().to_owned(),
+            association_id: out.pod_identity_association().map(|a| a.association_id().to_owned()).unwrap_or_default(),
+        })
+    }
+}
+
+/// The account field of an ARN (`arn:partition:service:region:account:resource`).
+pub fn account_from_arn(arn: &str) -> Option<&str> {
+    let account = arn.split(':').nth(4)?;
+    (account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit())).then_some(account)
+}
+
+fn map_sdk_error<E, R>(err: SdkError<E, R>) -> UpstreamError
+where
+    E: aws_sdk_eksauth::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: fmt::Debug + HttpStatus,
+{
+    match &err {
+        SdkError::ServiceError(service) => UpstreamError {
+            status: service.raw().status_code(),
+            code: service.err().code().unwrap_or("UnknownError").to_owned(),
+            message: service.err().message().unwrap_or("no message").to_owned(),
+            request_id: service.err().meta().request_id().map(str::to_owned),
+        },
+        SdkError::TimeoutError(_) => UpstreamError {
+            status: 504,
+            code: "UpstreamTimeout".into(),
+            message: "EKS Auth did not answer in time".into(),
+            request_id: None,
+        },
+        SdkError::DispatchFailure(failure) => UpstreamError {
+            status: 502,
+            code: "UpstreamUnreachable".into(),
+            message: format!("could not reach EKS Auth: {}", error_chain(failure.as_connector_error().map(|e| e as &dyn std::error::Error))),
+            request_id: None,
+        },
+        SdkError::ResponseError(_) => UpstreamError {
+            status: 502,
+            code: "InvalidUpstreamResponse".into(),
+            message: "EKS Auth sent a response that could not be read".into(),
+            request_id: None,
+        },
+        _ => UpstreamError {
+            status: 500,
+            code: "UpstreamRequestFailed".into(),
+            message: format!("could not call EKS Auth: {}", error_chain(Some(&err))),
+            request_id: None,
+        },
+    }
+}
+
+/// Lets [`map_sdk_error`] read the status of the raw HTTP response.
+pub trait HttpStatus {
+    fn status_code(&self) -> u16;
+}
+
+impl HttpStatus for aws_sdk_eksauth::config::http::HttpResponse {
+    fn status_code(&self) -> u16 {
+        self.status().as_u16()
+    }
+}
+
+fn error_chain(err: Option<&dyn std::error::Error>) -> String {
+    let mut parts = Vec::new();
+    let mut next = err;
+    while let Some(e) = next {
+        parts.push(e.to_string());
+        next = e.source();
+    }
+    if parts.is_empty() { "unknown error".into() } else { parts.join(": ") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn account_comes_from_the_role_arn() {
+        assert_eq!(
+            account_from_arn("arn:aws:sts::123456789012:assumed-role/my-role/eks-c-pod-1"),
+            Some("123456789012")
+        );
+        assert_eq!(account_from_arn("arn:aws:sts::12345:assumed-role/x"), None);
+        assert_eq!(account_from_arn("nonsense"), None);
+    }
+
+    #[test]
+    fn error_body_matches_the_reference_agent() {
+        let e = UpstreamError {
+            status: 404,
+            code: "ResourceNotFoundException".into(),
+            message: "no association".into(),
+            request_id: Some("rid-1".into()),
+        };
+        assert_eq!(e.to_string(), "[rid-1]: (ResourceNotFoundException): no association, fault: client");
+        assert!(e.is_terminal());
+        let e = UpstreamError { status: 503, code: "ServiceUnavailableException".into(), ..e };
+        assert!(e.to_string().ends_with("fault: server"));
+        assert!(!e.is_terminal());
+    }
+}
