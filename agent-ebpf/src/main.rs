@@ -189,38 +189,43 @@ mod programs {
             return 1;
         };
         let ops = ctx.ops;
-        // SAFETY: context fields read with 4-byte loads. remote_port holds the big-endian port in
-        // its high 16 bits; local_port is in host byte order.
-        let key = unsafe {
-            let client_port = (read_volatile(&raw const (*ops).local_port) as u16).to_be_bytes();
-            let server_port = ((read_volatile(&raw const (*ops).remote_port) >> 16) as u16).to_ne_bytes();
-            match ctx.family() {
-                AF_INET => ConnectionKey {
-                    client: Endpoint::v4(read_volatile(&raw const (*ops).local_ip4).to_ne_bytes(), client_port),
-                    server: Endpoint::v4(read_volatile(&raw const (*ops).remote_ip4).to_ne_bytes(), server_port),
-                },
-                AF_INET6 => ConnectionKey {
-                    client: Endpoint {
-                        addr: words_to_bytes([
-                            read_volatile(&raw const (*ops).local_ip6[0]),
-                            read_volatile(&raw const (*ops).local_ip6[1]),
-                            read_volatile(&raw const (*ops).local_ip6[2]),
-                            read_volatile(&raw const (*ops).local_ip6[3]),
-                        ]),
-                        port: client_port,
-                    },
-                    server: Endpoint {
-                        addr: words_to_bytes([
-                            read_volatile(&raw const (*ops).remote_ip6[0]),
-                            read_volatile(&raw const (*ops).remote_ip6[1]),
-                            read_volatile(&raw const (*ops).remote_ip6[2]),
-                            read_volatile(&raw const (*ops).remote_ip6[3]),
-                        ]),
-                        port: server_port,
-                    },
-                },
-                _ => return 1,
-            }
+        // SAFETY: context fields read with 4-byte loads. Every field is read unconditionally,
+        // before any branch: the verifier only accepts loads at constant offsets from the context
+        // pointer, and per-family branches let LLVM merge them into one computed pointer.
+        // remote_port holds the big-endian port in its high 16 bits; local_port is host order.
+        let (family, local4, remote4, local6, remote6, local_port, remote_port) = unsafe {
+            (
+                read_volatile(&raw const (*ops).family),
+                read_volatile(&raw const (*ops).local_ip4),
+                read_volatile(&raw const (*ops).remote_ip4),
+                [
+                    read_volatile(&raw const (*ops).local_ip6[0]),
+                    read_volatile(&raw const (*ops).local_ip6[1]),
+                    read_volatile(&raw const (*ops).local_ip6[2]),
+                    read_volatile(&raw const (*ops).local_ip6[3]),
+                ],
+                [
+                    read_volatile(&raw const (*ops).remote_ip6[0]),
+                    read_volatile(&raw const (*ops).remote_ip6[1]),
+                    read_volatile(&raw const (*ops).remote_ip6[2]),
+                    read_volatile(&raw const (*ops).remote_ip6[3]),
+                ],
+                read_volatile(&raw const (*ops).local_port),
+                read_volatile(&raw const (*ops).remote_port),
+            )
+        };
+        let client_port = (local_port as u16).to_be_bytes();
+        let server_port = ((remote_port >> 16) as u16).to_ne_bytes();
+        let key = match family {
+            AF_INET => ConnectionKey {
+                client: Endpoint::v4(local4.to_ne_bytes(), client_port),
+                server: Endpoint::v4(remote4.to_ne_bytes(), server_port),
+            },
+            AF_INET6 => ConnectionKey {
+                client: Endpoint { addr: words_to_bytes(local6), port: client_port },
+                server: Endpoint { addr: words_to_bytes(remote6), port: server_port },
+            },
+            _ => return 1,
         };
         if CONNECTIONS.insert(&key, &attribution, 0).is_err() {
             warn!(&ctx, "pod-identity: CONNECTIONS insert failed for cgroup {}", attribution.cgroup_id);
