@@ -1,8 +1,10 @@
 //! From the cgroup id the kernel recorded for a connection to the pod that opened it.
 //!
 //! A cgroup id is the inode number of the cgroup's directory in the cgroup2 hierarchy. The index
-//! maps ids to paths by walking the tree below the attach root, and walks again on a miss (a pod
-//! that started since the last walk), at most once per [`RESCAN_INTERVAL`].
+//! maps ids to paths by walking the tree below the attach root. A miss walks again only when the
+//! last walk began before the connection was accepted: the caller's cgroup existed before it
+//! connected, so a walk that began after the accept has seen it if it still exists. Concurrent
+//! misses therefore share one walk, and a miss never waits on a timer.
 
 use std::{
     collections::HashMap,
@@ -10,13 +12,10 @@ use std::{
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::Mutex,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use crate::token::PodUid;
-
-/// Lower bound between two walks of the cgroup tree triggered by misses.
-const RESCAN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Who is behind a cgroup.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,29 +62,30 @@ pub struct CgroupIndex {
 
 struct IndexState {
     by_id: HashMap<u64, String>,
-    last_walk: Option<Instant>,
+    /// When the walk that produced `by_id` began.
+    walked_at: Instant,
 }
 
 impl CgroupIndex {
     /// Builds the index with one walk; fails if `root` cannot be read.
     pub fn build(mount: &Path, root: &Path) -> std::io::Result<CgroupIndex> {
+        let walked_at = Instant::now();
         let by_id = walk(mount, root)?;
         Ok(CgroupIndex {
             mount: mount.to_path_buf(),
             root: root.to_path_buf(),
-            state: Mutex::new(IndexState { by_id, last_walk: Some(Instant::now()) }),
+            state: Mutex::new(IndexState { by_id, walked_at }),
         })
     }
 
-    /// Resolves a cgroup id; `None` when no cgroup with that id exists below the root (it may
-    /// have been removed since the connect).
-    pub fn resolve(&self, cgroup_id: u64) -> Option<Caller> {
+    /// Resolves the cgroup id of a connection accepted at `accepted_at`; `None` when no cgroup
+    /// with that id exists below the root (it was removed since the connect).
+    pub fn resolve(&self, cgroup_id: u64, accepted_at: Instant) -> Option<Caller> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if !state.by_id.contains_key(&cgroup_id) {
-            let due = state.last_walk.is_none_or(|t| t.elapsed() >= RESCAN_INTERVAL);
-            if due && let Ok(by_id) = walk(&self.mount, &self.root) {
-                state.by_id = by_id;
-                state.last_walk = Some(Instant::now());
+        if !state.by_id.contains_key(&cgroup_id) && state.walked_at <= accepted_at {
+            let walked_at = Instant::now();
+            if let Ok(by_id) = walk(&self.mount, &self.root) {
+                *state = IndexState { by_id, walked_at };
             }
         }
         let path = state.by_id.get(&cgroup_id)?.clone();
@@ -207,19 +207,25 @@ mod tests {
         fs::create_dir_all(&pod).unwrap();
         let index = CgroupIndex::build(&dir, &dir).unwrap();
         let pod_ino = fs::metadata(&pod).unwrap().ino();
-        match index.resolve(pod_ino) {
+        match index.resolve(pod_ino, Instant::now()) {
             Some(Caller::Pod { uid, cgroup }) => {
                 assert_eq!(uid.as_str(), UID);
                 assert_eq!(cgroup, format!("/kubepods/burstable/pod{UID}/ctr"));
             }
             other => panic!("unexpected {other:?}"),
         }
+        // Created (and connected from) after the last walk: found by a new walk.
         let host = dir.join("system.slice");
         fs::create_dir_all(&host).unwrap();
-        std::thread::sleep(RESCAN_INTERVAL);
         let host_ino = fs::metadata(&host).unwrap().ino();
-        assert_eq!(index.resolve(host_ino), Some(Caller::Host { cgroup: "/system.slice".into() }));
-        assert_eq!(index.resolve(u64::MAX), None);
+        assert_eq!(index.resolve(host_ino, Instant::now()), Some(Caller::Host { cgroup: "/system.slice".into() }));
+        // A miss for a connection accepted before the last walk does not walk again.
+        let before = Instant::now();
+        let late = dir.join("late.slice");
+        fs::create_dir_all(&late).unwrap();
+        index.resolve(u64::MAX, Instant::now());
+        assert_eq!(index.resolve(fs::metadata(&late).unwrap().ino(), before), None);
+        assert_eq!(index.resolve(u64::MAX, Instant::now()), None);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

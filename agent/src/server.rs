@@ -44,6 +44,8 @@ pub struct CredentialServer {
 struct Connection {
     peer: SocketAddr,
     attribution: Option<Attribution>,
+    /// When the connection was accepted: the caller's cgroup existed before this instant.
+    accepted_at: Instant,
 }
 
 /// An answer other than credentials: status and a text body for the client (and the log).
@@ -81,12 +83,13 @@ impl CredentialServer {
                 },
                 _ = shutdown.changed() => break,
             };
+            let accepted_at = Instant::now();
             let attribution = match stream.local_addr() {
                 Ok(local) => self.redirector.take(peer, local),
                 Err(_) => None,
             };
             let _ = stream.set_nodelay(true);
-            let conn = Arc::new(Connection { peer, attribution });
+            let conn = Arc::new(Connection { peer, attribution, accepted_at });
             let server = self.clone();
             let service = hyper::service::service_fn(move |req| {
                 let server = server.clone();
@@ -130,6 +133,13 @@ impl CredentialServer {
     }
 
     async fn credentials(&self, conn: &Connection, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, Refusal> {
+        let Some(attribution) = conn.attribution else {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "not_redirected",
+                "connection did not come through the agent's redirect, so its caller cannot be attributed; connect to the credential address instead",
+            ));
+        };
         let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
         if !self.allowed_hosts.iter().any(|allowed| allowed.eq_ignore_ascii_case(host)) {
             return Err(Refusal::new(
@@ -138,13 +148,6 @@ impl CredentialServer {
                 format!("Host header {host:?} is not a credential address served by this agent"),
             ));
         }
-        let Some(attribution) = conn.attribution else {
-            return Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                "not_redirected",
-                "connection did not come through the agent's redirect, so its caller cannot be attributed; connect to the credential address instead",
-            ));
-        };
         let raw_token = match req.headers().get(header::AUTHORIZATION) {
             None => "",
             Some(value) => value.to_str().map_err(|_| {
@@ -154,7 +157,7 @@ impl CredentialServer {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let claims = token::parse(raw_token, now)
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "token_invalid", e.to_string()))?;
-        self.check_binding(&attribution, &claims)?;
+        self.check_binding(&attribution, conn.accepted_at, &claims)?;
 
         let (role, source) = self.cache.get(raw_token.trim()).await.map_err(|e| {
             warn!(
@@ -195,8 +198,8 @@ impl CredentialServer {
     }
 
     /// The token must name the pod the kernel says is calling.
-    fn check_binding(&self, attribution: &Attribution, claims: &TokenClaims) -> Result<(), Refusal> {
-        match self.cgroups.resolve(attribution.cgroup_id) {
+    fn check_binding(&self, attribution: &Attribution, accepted_at: Instant, claims: &TokenClaims) -> Result<(), Refusal> {
+        match self.cgroups.resolve(attribution.cgroup_id, accepted_at) {
             None => Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 "cgroup_unknown",

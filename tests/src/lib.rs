@@ -1,1 +1,29 @@
+//! End-to-end harness: a simulated node (its own network namespace and cgroup subtree), simulated
+//! pods (a network namespace joined to the node by veth, plus a kubepods-shaped cgroup), a fake
+//! EKS Auth API, the real agent binary, and real clients.
+//!
+//! Everything a test creates lives inside namespaces and cgroups it made, and is removed when the
+//! owning value drops, including when the test panics. The node namespace has no route off the
+//! machine: a connect that is not redirected fails at once instead of leaving the host.
+//!
+//! Needs root (network namespaces, cgroups, BPF).
 
+pub mod agent;
+pub mod fake_eks_auth;
+pub mod jwt;
+pub mod node;
+
+pub use agent::Agent;
+pub use fake_eks_auth::FakeEksAuth;
+pub use node::{CgroupShape, Node, Pod};
+
+/// The region the fake EKS Auth serves and the agent is configured with.
+pub const REGION: &str = "us-west-2";
+pub const CLUSTER: &str = "e2e-cluster";
+pub const ACCOUNT: &str = "123456789012";
+
+/// Fails early, with the reason, when the harness cannot work here.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "end-to-end tests need root (netns, cgroups, BPF): run them through `cargo xtask test`");
+}
