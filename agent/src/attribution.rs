@@ -219,13 +219,15 @@ mod tests {
         fs::create_dir_all(&host).unwrap();
         let host_ino = fs::metadata(&host).unwrap().ino();
         assert_eq!(index.resolve(host_ino, Instant::now()), Some(Caller::Host { cgroup: "/system.slice".into() }));
-        // A miss for a connection accepted before the last walk does not walk again.
+        // A miss for a connection accepted before the last walk does not walk again; one accepted
+        // after it does.
         let before = Instant::now();
+        assert_eq!(index.resolve(u64::MAX, Instant::now()), None);
         let late = dir.join("late.slice");
         fs::create_dir_all(&late).unwrap();
-        index.resolve(u64::MAX, Instant::now());
-        assert_eq!(index.resolve(fs::metadata(&late).unwrap().ino(), before), None);
-        assert_eq!(index.resolve(u64::MAX, Instant::now()), None);
+        let late_ino = fs::metadata(&late).unwrap().ino();
+        assert_eq!(index.resolve(late_ino, before), None);
+        assert_eq!(index.resolve(late_ino, Instant::now()), Some(Caller::Host { cgroup: "/late.slice".into() }));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

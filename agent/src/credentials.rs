@@ -132,14 +132,14 @@ mod tests {
         assert_eq!(v["SecretAccessKey"], "secret-key");
         assert_eq!(v["Token"], "session-token");
         assert_eq!(v["AccountId"], "123456789012");
-        assert_eq!(v["Expiration"], "2026-11-29T10:20:00Z");
+        assert_eq!(v["Expiration"], "2026-11-29T11:00:00Z");
         assert_eq!(v.as_object().unwrap().len(), 5);
     }
 
     #[test]
     fn expiration_drops_subseconds_and_ends_in_z() {
         let t = UNIX_EPOCH + Duration::from_millis(1_795_950_000_250);
-        assert_eq!(expiration_string(t), "2026-11-29T10:20:00Z");
+        assert_eq!(expiration_string(t), "2026-11-29T11:00:00Z");
     }
 
     #[test]
