@@ -119,7 +119,7 @@ impl CredentialServer {
                         cgroup_id = conn.attribution.map(|a| a.cgroup_id),
                         status = refusal.status.as_u16(),
                         reason = refusal.reason,
-                        message = %refusal.message,
+                        detail = %refusal.message,
                         "refused credential request"
                     );
                     text(refusal.status, refusal.message)

@@ -154,6 +154,8 @@ pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> std::io::Result<(u
 impl Node {
     pub fn new() -> Node {
         crate::require_root();
+        static SWEEP: std::sync::Once = std::sync::Once::new();
+        SWEEP.call_once(|| remove_leftovers(|pid| !Path::new(&format!("/proc/{pid}")).exists()));
         let index = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
         assert!(index < 250, "too many nodes in one run");
         let name = format!("pia-{}-{index}", std::process::id());
@@ -283,6 +285,29 @@ impl Drop for Node {
         let _ = fs::remove_dir_all(std::env::temp_dir().join(format!("{}-pod", self.netns)));
         for i in 1..=*self.pods.lock().unwrap() {
             let _ = fs::remove_dir_all(std::env::temp_dir().join(format!("{}-pod{i}", self.netns)));
+        }
+    }
+}
+
+/// Removes the namespaces and cgroups of harness processes whose pid matches `owner_gone` (a run
+/// killed before its Drop ran, or this process on Ctrl-C). Names are `pia-<pid>-...`.
+pub fn remove_leftovers(owner_gone: impl Fn(u32) -> bool) {
+    let pid_of = |name: &str| name.strip_prefix("pia-")?.split('-').next()?.parse::<u32>().ok();
+    let mount = cgroup2_mount();
+    if let Ok(entries) = fs::read_dir(&mount) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if pid_of(&name).is_some_and(&owner_gone) {
+                kill_cgroup_tree(&e.path());
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let list = Command::new("ip").args(["netns", "list"]).output().map(|o| o.stdout).unwrap_or_default();
+    for line in String::from_utf8_lossy(&list).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        if pid_of(name).is_some_and(&owner_gone) {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
         }
     }
 }

@@ -1,1 +1,141 @@
-fn main(){}
+//! `cargo xtask setup|build|test|demo`: everything a fresh machine needs, installed idempotently,
+//! then the build, the tests or the demo.
+
+use std::{
+    path::PathBuf,
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+
+const APT_PACKAGES: &[&str] = &[
+    // bpf-linker links the kernel programs with LLVM 22.
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    // Tests: simulated pods and the checks on them.
+    "iproute2",
+    "curl",
+    "bpftool",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const PIP_PACKAGES: &[(&str, &str)] = &[("boto3", "boto3")];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup(),
+        Some("build") => setup().and_then(|()| build()),
+        Some("test") => setup().and_then(|()| build()).and_then(|()| test()),
+        Some("demo") => setup().and_then(|()| build()).and_then(|()| demo()),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <command>\n\n  setup   install what the build and tests need (idempotent)\n  build   setup, then build the agent\n  test    setup, build, run unit and end-to-end tests (root)\n  demo    setup, build, simulated pods get credentials through the eBPF redirect (root)"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+fn output(cmd: &mut Command) -> String {
+    cmd.output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).trim() == "0"
+}
+
+/// Installs only what is missing: Debian packages, rust-src for nightly, bpf-linker, pip packages.
+fn setup() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p])).contains("install ok installed"))
+        .collect();
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!("missing Debian packages {missing:?}; install them as root: apt-get update && apt-get install -y {}", missing.join(" "));
+        }
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+
+    if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))
+            .context("the kernel programs need a nightly toolchain (rustup toolchain install nightly)")?;
+    }
+    if !output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"])).lines().any(|l| l.starts_with("rust-src")) {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+
+    let linker = output(Command::new("bpf-linker").arg("--version"));
+    if !linker.contains(BPF_LINKER_VERSION) {
+        run(Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force"])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
+        .context("building bpf-linker against Debian's LLVM 22")?;
+    }
+
+    for (module, package) in PIP_PACKAGES {
+        if !succeeds(Command::new("python3").args(["-c", &format!("import {module}")])) {
+            run(Command::new("python3").args(["-m", "pip", "install", "-q", "--disable-pip-version-check", package]))?;
+        }
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn agent_binary() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    target.join("debug").join("pod-identity-agent")
+}
+
+fn build() -> anyhow::Result<()> {
+    run(cargo().args(["build", "-p", "pod-identity-agent"]))
+}
+
+fn test() -> anyhow::Result<()> {
+    run(cargo().args(["test", "-p", "pod-identity-common", "-p", "pod-identity-agent"]))?;
+    if !is_root() {
+        bail!("the end-to-end tests create network namespaces, cgroups and BPF programs: run `cargo xtask test` as root");
+    }
+    run(cargo().args(["test", "-p", "pod-identity-e2e", "--", "--test-threads", "4"]).env("PIA_AGENT_BIN", agent_binary()))
+}
+
+fn demo() -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the demo creates network namespaces, cgroups and BPF programs: run `cargo xtask demo` as root");
+    }
+    run(cargo().args(["run", "--quiet", "-p", "pod-identity-e2e", "--bin", "demo"]).env("PIA_AGENT_BIN", agent_binary()))
+}
