@@ -126,11 +126,12 @@ fn build() -> anyhow::Result<()> {
 }
 
 fn test() -> anyhow::Result<()> {
-    run(cargo().args(["test", "-p", "pod-identity-common", "-p", "pod-identity-agent"]))?;
+    // Explicit targets: no doc-test or empty runs, so the last summary line is the e2e suite's.
+    run(cargo().args(["test", "-p", "pod-identity-common", "-p", "pod-identity-agent", "--lib", "--bins"]))?;
     if !is_root() {
         bail!("the end-to-end tests create network namespaces, cgroups and BPF programs: run `cargo xtask test` as root");
     }
-    run(cargo().args(["test", "-p", "pod-identity-e2e", "--", "--test-threads", "4"]).env("PIA_AGENT_BIN", agent_binary()))
+    run(cargo().args(["test", "-p", "pod-identity-e2e", "--test", "e2e", "--", "--test-threads", "4"]).env("PIA_AGENT_BIN", agent_binary()))
 }
 
 fn demo() -> anyhow::Result<()> {
