@@ -96,6 +96,18 @@ impl CgroupIndex {
     }
 }
 
+impl CgroupIndex {
+    /// Walks the tree now and returns the pods that have a cgroup: the agent's view of which pods
+    /// exist on the node.
+    pub fn present_pods(&self) -> std::io::Result<std::collections::HashSet<PodUid>> {
+        let walked_at = Instant::now();
+        let by_id = walk(&self.mount, &self.root)?;
+        let pods = by_id.values().filter_map(|path| pod_uid_from_cgroup_path(path)).collect();
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = IndexState { by_id, walked_at };
+        Ok(pods)
+    }
+}
+
 /// Every cgroup directory at or below `root`, by inode number, as paths relative to `mount`.
 fn walk(mount: &Path, root: &Path) -> std::io::Result<HashMap<u64, String>> {
     let mut out = HashMap::new();

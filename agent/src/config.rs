@@ -60,6 +60,55 @@ pub struct RunArgs {
     /// Seconds to let in-flight requests finish after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 20)]
     pub shutdown_grace_seconds: u64,
+    /// Most credentials kept in the cache; the least recently used go first.
+    #[arg(long, default_value_t = 4096)]
+    pub max_cache_entries: usize,
+    /// Deadline of one EKS Auth call, retries included (e.g. 5s, 1500ms).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
+    /// During an EKS Auth outage, cached credentials are served while more than this is left.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub min_remaining: Duration,
+    /// How long a terminal EKS Auth error (AccessDenied, ExpiredToken, InvalidToken,
+    /// ResourceNotFound) is answered from memory for the same token.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub negative_ttl: Duration,
+    /// Node-wide EKS Auth calls per second (sustained).
+    #[arg(long, default_value_t = 10.0)]
+    pub upstream_qps: f64,
+    /// Node-wide EKS Auth calls allowed at once before --upstream-qps applies (a node's pods
+    /// starting together).
+    #[arg(long, default_value_t = 250)]
+    pub upstream_burst: u32,
+    /// Requests per second one pod may make (sustained); over it the pod gets 429.
+    #[arg(long, default_value_t = 20.0)]
+    pub pod_rps: f64,
+    /// Requests one pod may make at once before --pod-rps applies (50 SDK processes starting
+    /// together fit with room to spare).
+    #[arg(long, default_value_t = 200)]
+    pub pod_burst: u32,
+    /// Use the FIPS endpoint of EKS Auth (also AWS_USE_FIPS_ENDPOINT=true).
+    #[arg(long)]
+    pub fips: bool,
+    /// This node's name, sent in the User-Agent of EKS Auth calls.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 5s, 2m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{s:?}: {e}"))
 }
 
 /// Settings with every default resolved.
@@ -76,6 +125,13 @@ pub struct Settings {
     pub probe_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub shutdown_grace: Duration,
+    pub cache: crate::cache::CacheSettings,
+    pub upstream_qps: f64,
+    pub upstream_burst: u32,
+    pub pod_rps: f64,
+    pub pod_burst: u32,
+    pub fips: bool,
+    pub node_name: Option<String>,
 }
 
 impl Settings {
@@ -116,6 +172,19 @@ impl Settings {
             probe_addr: args.probe_addr,
             metrics_addr: args.metrics_addr,
             shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
+            cache: crate::cache::CacheSettings {
+                max_entries: args.max_cache_entries.max(1),
+                upstream_timeout: args.upstream_timeout,
+                min_remaining: args.min_remaining,
+                negative_ttl: args.negative_ttl,
+                ..Default::default()
+            },
+            upstream_qps: args.upstream_qps,
+            upstream_burst: args.upstream_burst,
+            pod_rps: args.pod_rps,
+            pod_burst: args.pod_burst,
+            fips: args.fips,
+            node_name: args.node_name,
         })
     }
 }
@@ -186,6 +255,17 @@ mod tests {
         assert_eq!(s.target_v4, Some("198.18.0.1:2704".parse().unwrap()));
         assert_eq!(s.target_v6, Some("[2001:2::1]:2704".parse().unwrap()));
         assert_eq!(s.intercept.len(), 2);
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
     }
 
     #[test]

@@ -1,16 +1,13 @@
-//! Pod credentials, their wire format, and the per-token cache.
+//! Pod credentials and their wire format.
 
 use std::{
-    collections::HashMap,
     fmt,
-    sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use aws_smithy_types::date_time::{DateTime, Format};
 use sha2::{Digest as _, Sha256};
 
-use crate::upstream::{AssumedRole, EksAuth, UpstreamError};
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
@@ -53,9 +50,6 @@ impl Credentials {
         .expect("a JSON object of strings always serialises")
     }
 
-    pub fn remaining(&self, now: SystemTime) -> Duration {
-        self.expiration.duration_since(now).unwrap_or_default()
-    }
 }
 
 /// SHA-256 of a token: the cache key, so raw tokens are never kept as keys.
@@ -68,51 +62,10 @@ impl TokenDigest {
     }
 }
 
-/// Cached credentials are handed out only while they have more than this left; SDKs refresh
-/// 10-15 minutes before expiry, so less would make them come straight back.
-pub const MIN_REMAINING: Duration = Duration::from_secs(15 * 60);
-
-/// One upstream exchange per token, reused while the credentials stay fresh.
-pub struct CredentialCache {
-    upstream: EksAuth,
-    entries: Mutex<HashMap<TokenDigest, Arc<AssumedRole>>>,
-}
-
-/// Where an answer came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Source {
-    Cache,
-    Upstream,
-}
-
-impl CredentialCache {
-    pub fn new(upstream: EksAuth) -> CredentialCache {
-        CredentialCache { upstream, entries: Mutex::new(HashMap::new()) }
-    }
-
-    pub async fn get(&self, token: &str) -> Result<(Arc<AssumedRole>, Source), UpstreamError> {
-        let key = TokenDigest::of(token);
-        let now = SystemTime::now();
-        {
-            let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-            // Drop what can no longer be served so the map does not grow with rotated tokens.
-            entries.retain(|_, role| role.credentials.remaining(now) > MIN_REMAINING);
-            if let Some(role) = entries.get(&key) {
-                return Ok((role.clone(), Source::Cache));
-            }
-        }
-        let role = Arc::new(self.upstream.assume_role(token).await?);
-        self.entries.lock().unwrap_or_else(|e| e.into_inner()).insert(key, role.clone());
-        Ok((role, Source::Upstream))
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn creds() -> Credentials {

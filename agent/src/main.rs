@@ -6,11 +6,13 @@
 //! `metrics` (probes and Prometheus), `config` (flags and defaults).
 
 mod attribution;
+mod cache;
 mod config;
 mod credentials;
 mod kernel;
 mod metrics;
 mod ops;
+mod ratelimit;
 mod server;
 mod token;
 mod upstream;
@@ -25,14 +27,19 @@ use tracing::{error, info, warn};
 
 use crate::{
     attribution::CgroupIndex,
+    cache::CredentialCache,
     config::{Cli, Command, Settings},
-    credentials::CredentialCache,
     kernel::{RedirectSpec, Redirector},
     metrics::Metrics,
     ops::Readiness,
+    ratelimit::{PodRateLimits, UpstreamLimiter},
     server::CredentialServer,
-    upstream::EksAuth,
+    upstream::{EksAuth, EksAuthOptions},
 };
+
+/// How often the cache and per-pod state are checked against the pods that exist (a deleted
+/// pod's state is gone within this) and refreshes that are due are started.
+const MAINTENANCE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -94,11 +101,23 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     );
     let cgroups = CgroupIndex::build(&mount, &cgroup_root)
         .with_context(|| format!("indexing cgroups below {}", cgroup_root.display()))?;
-    let upstream = EksAuth::new(settings.cluster_name.clone(), settings.region.clone(), settings.eks_auth_endpoint.clone()).await;
+    let upstream = EksAuth::new(EksAuthOptions {
+        cluster_name: settings.cluster_name.clone(),
+        region: settings.region.clone(),
+        endpoint: settings.eks_auth_endpoint.clone(),
+        fips: settings.fips,
+        node_name: settings.node_name.clone(),
+    })
+    .await?;
     let server = Arc::new(CredentialServer {
         redirector: redirector.clone(),
         cgroups,
-        cache: CredentialCache::new(upstream),
+        cache: CredentialCache::new(
+            upstream,
+            settings.cache.clone(),
+            UpstreamLimiter::new(settings.upstream_qps, settings.upstream_burst),
+        ),
+        pod_limits: PodRateLimits::new(settings.pod_rps, settings.pod_burst),
         metrics: metrics.clone(),
         allowed_hosts: server::allowed_hosts(&settings.intercept),
     });
@@ -109,7 +128,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             "/metrics" => (
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                metrics.render(Some(server.redirector.counts()), server.cache.len()),
+                metrics.render(Some(server.redirector.counts()), server.cache.len(), server.cache.stats()),
             ),
             _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         })
@@ -118,6 +137,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the metrics address {}", settings.metrics_addr))?;
 
+    let maintenance = tokio::spawn(maintain(server.clone()));
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let mut accept_loops = Vec::new();
     for listener in listeners {
@@ -138,6 +158,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     info!("shutting down: no new connections; finishing in-flight requests");
     readiness.set(Some("shutting down".into()));
     let _ = shutdown_tx.send(true);
+    maintenance.abort();
+    let _ = maintenance.await;
     for handle in accept_loops {
         let _ = handle.await;
     }
@@ -153,6 +175,27 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// Drops the state of pods that are gone and starts refreshes that are due, every
+/// [`MAINTENANCE_INTERVAL`].
+async fn maintain(server: Arc<CredentialServer>) {
+    let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let walker = server.clone();
+        let present = match tokio::task::spawn_blocking(move || walker.cgroups.present_pods()).await {
+            Ok(Ok(present)) => present,
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot walk the cgroup tree; keeping cached state until the next try");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        server.cache.maintain(&present);
+        server.pod_limits.retain(&present);
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

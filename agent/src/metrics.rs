@@ -12,7 +12,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::kernel::RedirectCounts;
+use crate::{cache::CacheStats, kernel::RedirectCounts};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabels {
@@ -24,12 +24,26 @@ struct FamilyLabels {
     family: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<CodeLabels, Counter>,
     request_duration: Histogram,
     kernel_redirects: Family<FamilyLabels, Counter>,
     cache_entries: Gauge,
+    cache_lookups: Family<ResultLabels, Counter>,
+    cache_evictions: Family<ReasonLabels, Counter>,
+    cache_refreshes: Counter,
+    upstream_calls: Counter,
 }
 
 impl Metrics {
@@ -52,7 +66,33 @@ impl Metrics {
         );
         let cache_entries = Gauge::default();
         registry.register("cache_entries", "Credentials held in the cache", cache_entries.clone());
-        Arc::new(Metrics { registry, requests, request_duration, kernel_redirects, cache_entries })
+        let cache_lookups = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "cache_lookups",
+            "Credential lookups by result: hit, miss (started an upstream call), coalesced (waited for another request's call), stale (served cached credentials while the refresh failed), negative (terminal error answered from memory)",
+            cache_lookups.clone(),
+        );
+        let cache_evictions = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "cache_evictions",
+            "Cache entries removed, by reason: lru, superseded (the pod's token rotated), pod_gone, expired, terminal (EKS Auth refused the token)",
+            cache_evictions.clone(),
+        );
+        let cache_refreshes = Counter::default();
+        registry.register("cache_refreshes", "Background refreshes started ahead of expiry", cache_refreshes.clone());
+        let upstream_calls = Counter::default();
+        registry.register("upstream_calls", "HTTP requests made to EKS Auth (retries included)", upstream_calls.clone());
+        Arc::new(Metrics {
+            registry,
+            requests,
+            request_duration,
+            kernel_redirects,
+            cache_entries,
+            cache_lookups,
+            cache_evictions,
+            cache_refreshes,
+            upstream_calls,
+        })
     }
 
     pub fn observe_request(&self, code: u16, elapsed: Duration) {
@@ -62,13 +102,34 @@ impl Metrics {
 
     /// Renders the registry, after copying in the values that live elsewhere (kernel counters,
     /// cache size).
-    pub fn render(&self, redirects: Option<RedirectCounts>, cache_entries: usize) -> String {
+    pub fn render(&self, redirects: Option<RedirectCounts>, cache_entries: usize, cache: &CacheStats) -> String {
         if let Some(counts) = redirects {
             for (family, value) in [("ipv4", counts.v4), ("ipv6", counts.v6)] {
                 self.kernel_redirects.get_or_create(&FamilyLabels { family }).inner().store(value, Ordering::Relaxed);
             }
         }
         self.cache_entries.set(cache_entries as i64);
+        let copy = |counter: &Counter, from: &std::sync::atomic::AtomicU64| counter.inner().store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        for (result, from) in [
+            ("hit", &cache.hits),
+            ("miss", &cache.misses),
+            ("coalesced", &cache.coalesced),
+            ("stale", &cache.stale_served),
+            ("negative", &cache.negative_hits),
+        ] {
+            copy(&self.cache_lookups.get_or_create(&ResultLabels { result }), from);
+        }
+        for (reason, from) in [
+            ("lru", &cache.evicted_lru),
+            ("superseded", &cache.evicted_superseded),
+            ("pod_gone", &cache.evicted_pod_gone),
+            ("expired", &cache.evicted_expired),
+            ("terminal", &cache.evicted_terminal),
+        ] {
+            copy(&self.cache_evictions.get_or_create(&ReasonLabels { reason }), from);
+        }
+        copy(&self.cache_refreshes, &cache.refreshes);
+        copy(&self.upstream_calls, &cache.upstream_calls);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out

@@ -21,9 +21,11 @@ use tracing::{debug, info, warn};
 
 use crate::{
     attribution::{Caller, CgroupIndex},
-    credentials::{CredentialCache, Source},
+    cache::{CredentialCache, Outcome},
     kernel::Redirector,
     metrics::Metrics,
+    ratelimit::PodRateLimits,
+    upstream::EksAuth,
     token::{self, TokenClaims},
 };
 
@@ -34,7 +36,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct CredentialServer {
     pub redirector: Arc<Redirector>,
     pub cgroups: CgroupIndex,
-    pub cache: CredentialCache,
+    pub cache: CredentialCache<EksAuth>,
+    pub pod_limits: PodRateLimits,
     pub metrics: Arc<Metrics>,
     /// Host header values a client may send: the intercepted addresses, with and without port.
     pub allowed_hosts: Vec<String>,
@@ -158,21 +161,19 @@ impl CredentialServer {
         let claims = token::parse(raw_token, now)
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "token_invalid", e.to_string()))?;
         self.check_binding(&attribution, conn.accepted_at, &claims)?;
+        if !self.pod_limits.allow(&claims.pod_uid) {
+            return Err(Refusal::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "pod_rate_limited",
+                format!("pod {}/{} exceeded its request rate limit (--pod-rps, --pod-burst); retry shortly", claims.namespace, claims.pod_name),
+            ));
+        }
 
-        let (role, source) = self.cache.get(raw_token.trim()).await.map_err(|e| {
-            warn!(
-                namespace = %claims.namespace,
-                pod = %claims.pod_name,
-                code = %e.code,
-                status = e.status,
-                terminal = e.is_terminal(),
-                request_id = e.request_id.as_deref().unwrap_or("-"),
-                "EKS Auth call failed"
-            );
+        let (role, outcome) = self.cache.get(raw_token.trim(), &claims.pod_uid).await.map_err(|e| {
             let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_GATEWAY);
             Refusal::new(status, "upstream_error", e.to_string())
         })?;
-        if source == Source::Upstream {
+        if outcome == Outcome::Fetched {
             info!(
                 namespace = %claims.namespace,
                 pod = %claims.pod_name,
@@ -187,7 +188,7 @@ impl CredentialServer {
             pod = %claims.pod_name,
             pod_uid = %claims.pod_uid,
             pid = attribution.pid_tgid >> 32,
-            cached = source == Source::Cache,
+            outcome = ?outcome,
             "served credentials"
         );
         Ok(Response::builder()

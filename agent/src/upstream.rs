@@ -1,6 +1,9 @@
 //! The EKS Auth API (`AssumeRoleForPodIdentity`), called with the node's own credentials.
+//!
+//! The SDK's own retries are off: the cache retries with its own deadline and budget, so one
+//! upstream call means one HTTP request to EKS Auth.
 
-use std::{fmt, time::SystemTime};
+use std::{fmt, future::Future, time::SystemTime};
 
 use aws_sdk_eksauth::{error::SdkError, operation::RequestId as _};
 
@@ -25,7 +28,38 @@ pub struct UpstreamError {
     pub request_id: Option<String>,
 }
 
+/// Exchanges a pod's token for credentials. [`EksAuth`] in production; a scripted fake in the
+/// cache's unit tests.
+pub trait Upstream: Send + Sync + 'static {
+    fn assume_role(&self, token: &str) -> impl Future<Output = Result<AssumedRole, UpstreamError>> + Send;
+}
+
 impl UpstreamError {
+    /// The call did not finish within its deadline (retries included).
+    pub fn timeout(deadline: std::time::Duration) -> UpstreamError {
+        UpstreamError {
+            status: 504,
+            code: "UpstreamTimeout".into(),
+            message: format!("EKS Auth did not answer within {deadline:?} (retries included)"),
+            request_id: None,
+        }
+    }
+
+    /// The node-wide upstream budget (--upstream-qps/--upstream-burst) had no room in time.
+    pub fn budget_exhausted() -> UpstreamError {
+        UpstreamError {
+            status: 429,
+            code: "UpstreamBudgetExhausted".into(),
+            message: "the node's EKS Auth call budget (--upstream-qps, --upstream-burst) is used up; retry shortly".into(),
+            request_id: None,
+        }
+    }
+
+    /// Worth another attempt: throttling, server errors, network failures and timeouts.
+    pub fn is_transient(&self) -> bool {
+        self.status == 429 || self.status >= 500
+    }
+
     /// Errors that a retry with the same token cannot fix.
     pub fn is_terminal(&self) -> bool {
         matches!(
@@ -57,23 +91,57 @@ pub struct EksAuth {
     cluster_name: String,
 }
 
+/// How to reach EKS Auth.
+#[derive(Clone, Debug, Default)]
+pub struct EksAuthOptions {
+    pub cluster_name: String,
+    pub region: Option<String>,
+    /// Overrides `AWS_ENDPOINT_URL_EKS_AUTH` and the regional default.
+    pub endpoint: Option<String>,
+    /// FIPS endpoint (also set by `AWS_USE_FIPS_ENDPOINT=true`).
+    pub fips: bool,
+    /// Sent in the User-Agent (`app/pod-identity-agent-<node>`), so calls can be traced to a node.
+    pub node_name: Option<String>,
+}
+
 impl EksAuth {
-    /// Builds the client from the default AWS configuration chain (environment, profile, IMDS),
-    /// with `region` and `endpoint` overriding it when given. `AWS_ENDPOINT_URL_EKS_AUTH` is
-    /// honoured by the chain itself.
-    pub async fn new(cluster_name: String, region: Option<String>, endpoint: Option<String>) -> EksAuth {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-        if let Some(region) = region {
+    /// Builds the client from the default AWS configuration chain (environment, profile, IMDS).
+    /// `AWS_ENDPOINT_URL_EKS_AUTH` and `AWS_USE_FIPS_ENDPOINT` are honoured by the chain; the
+    /// HTTP client honours `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`.
+    pub async fn new(options: EksAuthOptions) -> anyhow::Result<EksAuth> {
+        use aws_smithy_http_client::{pool, proxy::ProxyConfig, tls};
+        let pool = pool::ConnectionPool::builder()
+            .proxy_config(ProxyConfig::from_env())
+            .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::AwsLc))
+            .build_https()
+            .map_err(|e| anyhow::anyhow!("building the EKS Auth HTTP client: {e}"))?;
+        let http = pool::Client::new(&pool).map_err(|e| anyhow::anyhow!("building the EKS Auth HTTP client: {e}"))?;
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .http_client(http)
+            .retry_config(aws_config::retry::RetryConfig::disabled());
+        if let Some(region) = options.region {
             loader = loader.region(aws_config::Region::new(region));
         }
-        if let Some(endpoint) = endpoint {
+        if let Some(endpoint) = options.endpoint {
             loader = loader.endpoint_url(endpoint);
         }
+        if options.fips {
+            loader = loader.use_fips(true);
+        }
+        let app = match &options.node_name {
+            Some(node) => format!("pod-identity-agent-{node}"),
+            None => "pod-identity-agent".to_owned(),
+        };
+        if let Ok(app) = aws_config::AppName::new(app) {
+            loader = loader.app_name(app);
+        }
         let config = loader.load().await;
-        EksAuth { client: aws_sdk_eksauth::Client::new(&config), cluster_name }
+        Ok(EksAuth { client: aws_sdk_eksauth::Client::new(&config), cluster_name: options.cluster_name })
     }
+}
 
-    pub async fn assume_role(&self, token: &str) -> Result<AssumedRole, UpstreamError> {
+impl Upstream for EksAuth {
+    async fn assume_role(&self, token: &str) -> Result<AssumedRole, UpstreamError> {
         let out = self
             .client
             .assume_role_for_pod_identity()
