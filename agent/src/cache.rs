@@ -208,7 +208,7 @@ impl<U: Upstream> CredentialCache<U> {
                     }
                     None => {
                         inner.stats.misses.fetch_add(1, Ordering::Relaxed);
-                        (Inner::start_fetch(inner, &mut st, digest, Priority::Request), Outcome::Fetched, has_stale)
+                        (Inner::start_fetch(inner, &mut st, digest, Priority::Request, now), Outcome::Fetched, has_stale)
                     }
                 }
             } else {
@@ -244,7 +244,7 @@ impl<U: Upstream> CredentialCache<U> {
                         retry_at: None,
                     },
                 );
-                (Inner::start_fetch(inner, &mut st, digest, Priority::Request), Outcome::Fetched, false)
+                (Inner::start_fetch(inner, &mut st, digest, Priority::Request, now), Outcome::Fetched, false)
             }
         };
 
@@ -311,7 +311,7 @@ impl<U: Upstream> CredentialCache<U> {
         }
         for digest in &due {
             inner.stats.refreshes.fetch_add(1, Ordering::Relaxed);
-            drop(Inner::start_fetch(inner, &mut st, *digest, Priority::Background));
+            drop(Inner::start_fetch(inner, &mut st, *digest, Priority::Background, now));
         }
         due.len()
     }
@@ -335,12 +335,20 @@ impl<U: Upstream> Inner<U> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts the upstream call for `digest` as its own task; the entry must exist.
-    fn start_fetch(self: &Arc<Self>, st: &mut State, digest: TokenDigest, priority: Priority) -> watch::Receiver<Option<FetchResult>> {
+    /// Starts the upstream call for `digest` as its own task; the entry must exist. `now` is the
+    /// caller's clock reading: a request that triggers the fetch passes the same instant it
+    /// recorded as `last_used`, so its use counts as a use since this fetch began.
+    fn start_fetch(
+        self: &Arc<Self>,
+        st: &mut State,
+        digest: TokenDigest,
+        priority: Priority,
+        now: Instant,
+    ) -> watch::Receiver<Option<FetchResult>> {
         let (tx, rx) = watch::channel(None);
         let e = st.entries.get_mut(&digest).expect("start_fetch on a present entry");
         e.inflight = Some(rx.clone());
-        e.fetch_started = Instant::now();
+        e.fetch_started = now;
         let token = e.token.clone();
         let pod = e.pod.clone();
         let inner = self.clone();

@@ -1,6 +1,9 @@
 //! End-to-end: the real agent binary with its kernel programs attached to a simulated node's
 //! cgroup, simulated pods, real clients (curl, boto3), and the fake EKS Auth API.
 
+mod cache;
+mod sdk_clients;
+
 use std::time::{Duration, Instant};
 
 use pod_identity_e2e::{
@@ -9,8 +12,8 @@ use pod_identity_e2e::{
     jwt,
 };
 
-const V4_URL: &str = "http://169.254.170.23/v1/credentials";
-const V6_URL: &str = "http://[fd00:ec2::23]/v1/credentials";
+pub(crate) const V4_URL: &str = "http://169.254.170.23/v1/credentials";
+pub(crate) const V6_URL: &str = "http://[fd00:ec2::23]/v1/credentials";
 const V4_MAPPED_URL: &str = "http://[::ffff:169.254.170.23]/v1/credentials";
 
 /// A node with the fake EKS Auth and a running agent; pods are added per test.
@@ -22,17 +25,30 @@ struct Setup {
 
 impl Setup {
     fn new() -> Setup {
+        Setup::with_args(&[])
+    }
+
+    /// A setup whose agent gets `args` on top of the harness's own.
+    fn with_args(args: &[&str]) -> Setup {
         let node = Node::new();
         let fake = FakeEksAuth::start_in(&node.netns);
         fake.associate("payments", "api", "payments-api-role");
         fake.associate("search", "indexer", "search-indexer-role");
-        let agent = Agent::start(&node, &fake, &[]);
+        let agent = Agent::start(&node, &fake, args);
         Setup { agent, fake, node }
     }
 
     fn pod(&self, namespace: &str, name: &str, sa: &str, shape: CgroupShape) -> Pod {
         self.node.add_pod(namespace, name, sa, shape)
     }
+}
+
+/// The value of one series in a Prometheus text exposition (0 when absent).
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|v| v.trim().parse().expect("metric value"))
+        .unwrap_or(0.0)
 }
 
 fn assert_credentials(body: &str, namespace: &str, sa: &str) {

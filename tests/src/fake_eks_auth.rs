@@ -7,9 +7,9 @@
 
 use std::{
     collections::HashMap,
-    convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -36,13 +36,34 @@ pub struct Fault {
     pub code: String,
 }
 
-#[derive(Default)]
 struct State {
     /// (namespace, service account) -> role name.
     associations: HashMap<(String, String), String>,
     calls: Vec<Call>,
     fault: Option<Fault>,
+    /// Reset every connection (RST) before answering.
+    reset: bool,
+    /// Connections accepted (and reset) while `reset` was on.
+    resets: u64,
+    latency: Duration,
+    lifetime: Duration,
     issued: u64,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            associations: HashMap::new(),
+            calls: Vec::new(),
+            fault: None,
+            reset: false,
+            resets: 0,
+            latency: Duration::ZERO,
+            // What EKS Auth issues.
+            lifetime: Duration::from_secs(6 * 3600),
+            issued: 0,
+        }
+    }
 }
 
 pub struct FakeEksAuth {
@@ -74,10 +95,30 @@ impl FakeEksAuth {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
+                {
+                    let mut st = served.lock().unwrap();
+                    if st.reset {
+                        st.resets += 1;
+                        // Linger 0: close() sends RST, as a crashed or overloaded endpoint does.
+                        let _ = socket_reset(stream);
+                        continue;
+                    }
+                }
                 let state = served.clone();
                 let service = hyper::service::service_fn(move |req| {
                     let state = state.clone();
-                    async move { Ok::<_, Infallible>(handle(&state, req).await) }
+                    async move {
+                        // Connections opened before the reset mode began (the agent's pooled
+                        // keep-alive ones) are dropped at their next request, with no answer.
+                        {
+                            let mut st = state.lock().unwrap();
+                            if st.reset {
+                                st.resets += 1;
+                                return Err(std::io::Error::other("injected connection reset"));
+                            }
+                        }
+                        Ok(handle(&state, req).await)
+                    }
                 });
                 tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service));
             }
@@ -101,6 +142,47 @@ impl FakeEksAuth {
     pub fn calls(&self) -> Vec<Call> {
         self.state.lock().unwrap().calls.clone()
     }
+
+    /// Calls made for the pod with this UID.
+    pub fn calls_for(&self, pod_uid: &str) -> usize {
+        self.state.lock().unwrap().calls.iter().filter(|c| c.pod_uid == pod_uid).count()
+    }
+
+    /// Resets every new connection while on.
+    pub fn set_reset(&self, on: bool) {
+        self.state.lock().unwrap().reset = on;
+    }
+
+    pub fn resets(&self) -> u64 {
+        self.state.lock().unwrap().resets
+    }
+
+    /// Delay before each answer.
+    pub fn set_latency(&self, latency: Duration) {
+        self.state.lock().unwrap().latency = latency;
+    }
+
+    /// Validity of the credentials issued from now on.
+    pub fn set_lifetime(&self, lifetime: Duration) {
+        self.state.lock().unwrap().lifetime = lifetime;
+    }
+}
+
+fn socket_reset(stream: tokio::net::TcpStream) -> std::io::Result<()> {
+    let std_stream = stream.into_std()?;
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt on a socket we own, with a correctly sized linger struct.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&std_stream),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    drop(std_stream);
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 fn json(status: u16, body: serde_json::Value, extra: &[(&str, &str)]) -> Response<Full<Bytes>> {
@@ -162,6 +244,10 @@ async fn handle(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<B
     let service_account = k8s["serviceaccount"]["name"].as_str().unwrap_or("").to_owned();
     let pod_uid = k8s["pod"]["uid"].as_str().unwrap_or("").to_owned();
 
+    let latency = state.lock().unwrap().latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
     let mut st = state.lock().unwrap();
     let record = |st: &mut State, status: u16| {
         st.calls.push(Call {
@@ -196,7 +282,7 @@ async fn handle(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<B
     record(&mut st, 200);
     st.issued += 1;
     let serial = st.issued;
-    let expiration = jwt::now() + 6 * 3600;
+    let expiration = jwt::now() + st.lifetime.as_secs() as i64;
     let association_id = format!("a-{:016x}", serial.wrapping_mul(0x9e3779b97f4a7c15) >> 8);
     json(
         200,

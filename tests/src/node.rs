@@ -350,7 +350,35 @@ pub struct HttpResult {
     pub body: String,
 }
 
+/// The environment EKS injects into a pod for Pod Identity, with nothing of this machine's AWS
+/// configuration left to fall back on.
+fn sdk_env(cmd: &mut Command, full_uri: &str, token_file: &Path) {
+    cmd.env("AWS_CONTAINER_CREDENTIALS_FULL_URI", full_uri)
+        .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", token_file)
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_REGION", "us-west-2")
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE");
+}
+
+/// Directory of the test crate (node client, helper binaries).
+fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
 impl Pod {
+    /// Deletes the pod as kubelet would: its processes end, its cgroups and network go away.
+    pub fn delete(&self) {
+        let pod_cgroup = self.cgroup.parent().expect("container cgroup has a pod parent");
+        kill_cgroup_tree(pod_cgroup);
+        remove_cgroup_tree(pod_cgroup);
+        assert!(!pod_cgroup.exists(), "pod cgroup {} still exists", pod_cgroup.display());
+    }
+
     pub fn token_spec(&self) -> TokenSpec {
         TokenSpec {
             namespace: self.namespace.clone(),
@@ -401,24 +429,62 @@ if c is None:
 f = c.get_frozen_credentials()
 print(json.dumps([f.access_key, f.secret_key, f.token]))
 "#;
-        let out = self
-            .command("python3")
-            .arg("-c")
-            .arg(script)
-            .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", full_uri)
-            .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", token_file)
-            .env("AWS_CONFIG_FILE", "/nonexistent")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env_remove("AWS_ACCESS_KEY_ID")
-            .env_remove("AWS_SECRET_ACCESS_KEY")
-            .env_remove("AWS_PROFILE")
-            .output()
-            .expect("run python3");
+        let mut cmd = self.command("python3");
+        cmd.arg("-c").arg(script);
+        sdk_env(&mut cmd, full_uri, token_file);
+        let out = cmd.output().expect("run python3");
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
         serde_json::from_slice(&out.stdout).map_err(|e| format!("unexpected boto3 output: {e}"))
+    }
+
+    /// The AWS CLI v1 in the pod: `aws configure list` resolves credentials through the CLI's
+    /// provider chain and shows the access key's last four characters and where it came from.
+    /// Ok(those four characters, when the source is the container provider) or Err(what the CLI
+    /// said).
+    pub fn aws_cli(&self, full_uri: &str, token_file: &Path) -> Result<String, String> {
+        let mut cmd = self.command("python3");
+        cmd.args(["-m", "awscli", "configure", "list"]);
+        sdk_env(&mut cmd, full_uri, token_file);
+        let out = cmd.output().expect("run aws cli");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let said = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        if !out.status.success() {
+            return Err(said);
+        }
+        let line = stdout.lines().find(|l| l.trim_start().starts_with("access_key")).ok_or_else(|| said.clone())?;
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            ["access_key", masked, "container-role", ..] => Ok(masked.trim_start_matches('*').to_owned()),
+            _ => Err(said),
+        }
+    }
+
+    /// The Rust SDK's ECS (container) credentials provider from aws-config, in the pod.
+    pub fn rust_sdk(&self, full_uri: &str, token_file: &Path) -> Result<String, String> {
+        let exe = std::env::var_os("PIA_ECS_CLIENT_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| crate::agent::binary().with_file_name("ecs-credentials"));
+        let mut cmd = self.command(exe.to_str().expect("utf-8 path"));
+        sdk_env(&mut cmd, full_uri, token_file);
+        let out = cmd.output().unwrap_or_else(|e| panic!("run {}: {e}", exe.display()));
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// `@aws-sdk/credential-provider-http` (AWS SDK for JavaScript v3) under Node, in the pod.
+    pub fn node_sdk(&self, full_uri: &str, token_file: &Path) -> Result<String, String> {
+        let mut cmd = self.command("node");
+        cmd.arg(crate_dir().join("node").join("credentials.js"));
+        sdk_env(&mut cmd, full_uri, token_file);
+        let out = cmd.output().expect("run node");
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 }
 

@@ -20,7 +20,8 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
-const PIP_PACKAGES: &[(&str, &str)] = &[("boto3", "boto3")];
+/// (module to import, PyPI package): real SDK clients the end-to-end tests run inside pods.
+const PIP_PACKAGES: &[(&str, &str)] = &[("boto3", "boto3"), ("awscli", "awscli<2")];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -106,6 +107,15 @@ fn setup() -> anyhow::Result<()> {
         if !succeeds(Command::new("python3").args(["-c", &format!("import {module}")])) {
             run(Command::new("python3").args(["-m", "pip", "install", "-q", "--disable-pip-version-check", package]))?;
         }
+    }
+
+    // The AWS SDK for JavaScript v3 credential provider, from tests/node/package-lock.json.
+    let node_dir = workspace_root().join("tests").join("node");
+    if !node_dir.join("node_modules/@aws-sdk/credential-provider-http").is_dir() {
+        if !succeeds(Command::new("npm").arg("--version")) {
+            bail!("npm is missing (the Node SDK client test needs it): apt-get install -y nodejs npm");
+        }
+        run(Command::new("npm").args(["ci", "--no-audit", "--no-fund", "--silent"]).current_dir(&node_dir))?;
     }
     Ok(())
 }
