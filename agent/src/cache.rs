@@ -31,6 +31,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     credentials::TokenDigest,
+    metrics::Metrics,
     ratelimit::{Priority, UpstreamLimiter},
     token::PodUid,
     upstream::{AssumedRole, Upstream, UpstreamError},
@@ -107,6 +108,8 @@ struct Entry {
     /// Kept in memory to refresh ahead; never logged.
     token: Arc<str>,
     pod: PodUid,
+    /// `namespace/pod`, for logs.
+    label: Arc<str>,
     lru_seq: u64,
     last_used: Instant,
     /// When the latest upstream call for this token began.
@@ -160,12 +163,20 @@ struct Inner<U> {
     limiter: UpstreamLimiter,
     state: Mutex<State>,
     stats: CacheStats,
+    metrics: Arc<Metrics>,
 }
 
 impl<U: Upstream> CredentialCache<U> {
-    pub fn new(upstream: U, settings: CacheSettings, limiter: UpstreamLimiter) -> CredentialCache<U> {
+    pub fn new(upstream: U, settings: CacheSettings, limiter: UpstreamLimiter, metrics: Arc<Metrics>) -> CredentialCache<U> {
         CredentialCache {
-            inner: Arc::new(Inner { upstream, settings, limiter, state: Mutex::new(State::default()), stats: CacheStats::default() }),
+            inner: Arc::new(Inner {
+                upstream,
+                settings,
+                limiter,
+                state: Mutex::new(State::default()),
+                stats: CacheStats::default(),
+                metrics,
+            }),
         }
     }
 
@@ -177,8 +188,9 @@ impl<U: Upstream> CredentialCache<U> {
         self.inner.lock().entries.len()
     }
 
-    /// Credentials for `token`, which the caller has bound to `pod`.
-    pub async fn get(&self, token: &str, pod: &PodUid) -> Result<(Arc<AssumedRole>, Outcome), UpstreamError> {
+    /// Credentials for `token`, which the caller has bound to `pod` (`label` is its
+    /// `namespace/name`, for logs).
+    pub async fn get(&self, token: &str, pod: &PodUid, label: &str) -> Result<(Arc<AssumedRole>, Outcome), UpstreamError> {
         let inner = &self.inner;
         let digest = TokenDigest::of(token);
         let now = Instant::now();
@@ -234,6 +246,7 @@ impl<U: Upstream> CredentialCache<U> {
                     Entry {
                         token: Arc::from(token),
                         pod: pod.clone(),
+                        label: Arc::from(label),
                         lru_seq: seq,
                         last_used: now,
                         fetch_started: now,
@@ -350,33 +363,55 @@ impl<U: Upstream> Inner<U> {
         e.inflight = Some(rx.clone());
         e.fetch_started = now;
         let token = e.token.clone();
-        let pod = e.pod.clone();
+        let label = e.label.clone();
         let inner = self.clone();
         tokio::spawn(async move {
-            let result = inner.call_with_retries(&token, priority).await;
-            inner.complete(digest, &pod, &result, priority);
+            let result = inner.call_with_retries(&token, priority, &label).await;
+            inner.complete(digest, &label, &result);
             let _ = tx.send(Some(result));
         });
         rx
     }
 
-    async fn call_with_retries(&self, token: &str, priority: Priority) -> FetchResult {
+    /// One upstream exchange: attempts with backoff until success, a non-transient error, or the
+    /// deadline. Logs one line per HTTP request to EKS Auth.
+    async fn call_with_retries(&self, token: &str, priority: Priority, label: &str) -> FetchResult {
         let timeout = self.settings.upstream_timeout;
         let deadline = Instant::now() + timeout;
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
-            if self.limiter.acquire(priority, deadline).await.is_err() {
-                return Err(UpstreamError::budget_exhausted());
+            match self.limiter.acquire(priority, deadline).await {
+                Ok(waited) => self.metrics.observe_budget_wait(waited),
+                Err(_) => {
+                    warn!(pod = label, ?priority, "no EKS Auth budget left before the deadline");
+                    return Err(UpstreamError::budget_exhausted());
+                }
             }
             self.stats.upstream_calls.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
             let error = match tokio::time::timeout_at(deadline, self.upstream.assume_role(token)).await {
-                Err(_) => return Err(UpstreamError::timeout(timeout)),
-                Ok(Ok(role)) => return Ok(Arc::new(role)),
+                Err(_) => UpstreamError::timeout(timeout),
+                Ok(Ok(role)) => {
+                    self.metrics.observe_upstream(started.elapsed(), None);
+                    info!(
+                        pod = label,
+                        ?priority,
+                        attempt,
+                        role_arn = %role.role_arn,
+                        association_id = %role.association_id,
+                        request_id = role.request_id.as_deref().unwrap_or("-"),
+                        latency_ms = started.elapsed().as_millis() as u64,
+                        "EKS Auth call succeeded"
+                    );
+                    return Ok(Arc::new(role));
+                }
                 Ok(Err(e)) => e,
             };
+            self.metrics.observe_upstream(started.elapsed(), Some(&error.code));
             warn!(
+                pod = label,
+                ?priority,
                 attempt,
                 status = error.status,
                 code = %error.code,
@@ -384,6 +419,9 @@ impl<U: Upstream> Inner<U> {
                 latency_ms = started.elapsed().as_millis() as u64,
                 "EKS Auth call failed"
             );
+            if error.status == 504 {
+                return Err(error);
+            }
             if !error.is_transient() {
                 return Err(error);
             }
@@ -395,11 +433,11 @@ impl<U: Upstream> Inner<U> {
         }
     }
 
-    fn complete(&self, digest: TokenDigest, pod: &PodUid, result: &FetchResult, priority: Priority) {
+    fn complete(&self, digest: TokenDigest, label: &str, result: &FetchResult) {
         let now = Instant::now();
         let mut st = self.lock();
         let Some(e) = st.entries.get_mut(&digest) else {
-            debug!(%pod, "upstream answer for an entry that is gone (superseded, evicted or pod deleted)");
+            debug!(pod = label, "upstream answer for an entry that is gone (superseded, evicted or pod deleted)");
             return;
         };
         e.inflight = None;
@@ -409,9 +447,6 @@ impl<U: Upstream> Inner<U> {
                 e.negative = None;
                 e.failures = 0;
                 e.retry_at = None;
-                if priority == Priority::Background {
-                    info!(%pod, role_arn = %role.role_arn, "refreshed credentials ahead of expiry");
-                }
             }
             Err(err) if err.is_terminal() => {
                 e.value = None;
@@ -510,6 +545,7 @@ mod tests {
                 },
                 role_arn: "arn:aws:iam::123456789012:role/r".into(),
                 association_id: "a-1".into(),
+                request_id: None,
             })
         }
     }
@@ -519,7 +555,7 @@ mod tests {
     }
 
     fn cache(up: &Scripted, settings: CacheSettings) -> Arc<CredentialCache<Scripted>> {
-        Arc::new(CredentialCache::new(up.clone(), settings, UpstreamLimiter::new(1000.0, 1000)))
+        Arc::new(CredentialCache::new(up.clone(), settings, UpstreamLimiter::new(1000.0, 1000), Metrics::new(false)))
     }
 
     fn present(pods: &[&str]) -> HashSet<PodUid> {
@@ -534,7 +570,7 @@ mod tests {
         let tasks: Vec<_> = (0..200)
             .map(|_| {
                 let c = c.clone();
-                tokio::spawn(async move { c.get("tok", &pod(POD_A)).await })
+                tokio::spawn(async move { c.get("tok", &pod(POD_A), "ns/p").await })
             })
             .collect();
         let mut outcomes = Vec::new();
@@ -546,7 +582,7 @@ mod tests {
         assert_eq!(up.calls(), 1);
         assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Fetched).count(), 1);
         assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Coalesced).count(), 199);
-        assert_eq!(c.get("tok", &pod(POD_A)).await.unwrap().1, Outcome::Hit);
+        assert_eq!(c.get("tok", &pod(POD_A), "ns/p").await.unwrap().1, Outcome::Hit);
         assert_eq!(up.calls(), 1);
     }
 
@@ -557,7 +593,7 @@ mod tests {
         up.fail_next(vec![err(404, "ResourceNotFoundException")]);
         let c = cache(&up, CacheSettings::default());
         let a_pod = pod(POD_A);
-        let (a, b) = tokio::join!(c.get("tok", &a_pod), c.get("tok", &a_pod));
+        let (a, b) = tokio::join!(c.get("tok", &a_pod, "ns/p"), c.get("tok", &a_pod, "ns/p"));
         assert_eq!(a.unwrap_err().status, 404);
         assert_eq!(b.unwrap_err().status, 404);
         assert_eq!(up.calls(), 1);
@@ -568,10 +604,10 @@ mod tests {
         let up = Scripted::default();
         up.latency(Duration::from_millis(1500));
         let c = cache(&up, CacheSettings::default());
-        let gave_up = tokio::time::timeout(Duration::from_millis(100), c.get("tok", &pod(POD_A))).await;
+        let gave_up = tokio::time::timeout(Duration::from_millis(100), c.get("tok", &pod(POD_A), "ns/p")).await;
         assert!(gave_up.is_err());
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert_eq!(c.get("tok", &pod(POD_A)).await.unwrap().1, Outcome::Hit);
+        assert_eq!(c.get("tok", &pod(POD_A), "ns/p").await.unwrap().1, Outcome::Hit);
         assert_eq!(up.calls(), 1);
     }
 
@@ -580,7 +616,7 @@ mod tests {
         let up = Scripted::default();
         up.fail_next(vec![err(503, "ServiceUnavailableException"), err(429, "ThrottlingException")]);
         let c = cache(&up, CacheSettings::default());
-        let (role, _) = c.get("tok", &pod(POD_A)).await.unwrap();
+        let (role, _) = c.get("tok", &pod(POD_A), "ns/p").await.unwrap();
         assert_eq!(role.credentials.access_key_id, "ASIA-tok-3");
         assert_eq!(up.calls(), 3);
     }
@@ -592,7 +628,7 @@ mod tests {
         let settings = CacheSettings { upstream_timeout: Duration::from_secs(5), ..Default::default() };
         let c = cache(&up, settings);
         let started = Instant::now();
-        let e = c.get("tok", &pod(POD_A)).await.unwrap_err();
+        let e = c.get("tok", &pod(POD_A), "ns/p").await.unwrap_err();
         assert_eq!(e.status, 504);
         assert!(started.elapsed() >= Duration::from_secs(5) && started.elapsed() < Duration::from_secs(6));
     }
@@ -602,11 +638,11 @@ mod tests {
         let up = Scripted::default();
         up.fail_next(vec![err(404, "ResourceNotFoundException")]);
         let c = cache(&up, CacheSettings::default());
-        assert_eq!(c.get("tok", &pod(POD_A)).await.unwrap_err().status, 404);
-        assert_eq!(c.get("tok", &pod(POD_A)).await.unwrap_err().code, "ResourceNotFoundException");
+        assert_eq!(c.get("tok", &pod(POD_A), "ns/p").await.unwrap_err().status, 404);
+        assert_eq!(c.get("tok", &pod(POD_A), "ns/p").await.unwrap_err().code, "ResourceNotFoundException");
         assert_eq!(up.calls(), 1, "negative hit");
         tokio::time::advance(Duration::from_secs(6)).await;
-        assert!(c.get("tok", &pod(POD_A)).await.is_ok());
+        assert!(c.get("tok", &pod(POD_A), "ns/p").await.is_ok());
         assert_eq!(up.calls(), 2);
     }
 
@@ -615,16 +651,16 @@ mod tests {
         let up = Scripted::default();
         up.lifetime(Duration::from_secs(20 * 60));
         let c = cache(&up, CacheSettings::default());
-        let (first, _) = c.get("tok", &pod(POD_A)).await.unwrap();
+        let (first, _) = c.get("tok", &pod(POD_A), "ns/p").await.unwrap();
         // 6 minutes on, 14 left: no longer fresh, so a refresh is tried; it fails; cached served.
         tokio::time::advance(Duration::from_secs(6 * 60)).await;
         up.fail_next(vec![err(500, "InternalServerException"); 100]);
-        let (served, outcome) = c.get("tok", &pod(POD_A)).await.unwrap();
+        let (served, outcome) = c.get("tok", &pod(POD_A), "ns/p").await.unwrap();
         assert_eq!(outcome, Outcome::Stale);
         assert_eq!(served.credentials.access_key_id, first.credentials.access_key_id);
         // Inside the last minute nothing stale is handed out.
         tokio::time::advance(Duration::from_secs(13 * 60 + 10)).await;
-        let e = c.get("tok", &pod(POD_A)).await.unwrap_err();
+        let e = c.get("tok", &pod(POD_A), "ns/p").await.unwrap_err();
         assert_eq!(e.status, 500);
     }
 
@@ -633,16 +669,16 @@ mod tests {
         let up = Scripted::default();
         let c = cache(&up, CacheSettings::default());
         let all = present(&[POD_A]);
-        c.get("tok", &pod(POD_A)).await.unwrap();
+        c.get("tok", &pod(POD_A), "ns/p").await.unwrap();
         assert_eq!(c.maintain(&all), 0, "not due yet");
         tokio::time::advance(Duration::from_secs(3 * 3600)).await;
         assert_eq!(c.maintain(&all), 1, "half-life passed");
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(up.calls(), 2);
-        let (role, outcome) = c.get("tok", &pod(POD_A)).await.unwrap();
+        let (role, outcome) = c.get("tok", &pod(POD_A), "ns/p").await.unwrap();
         assert_eq!((role.credentials.access_key_id.as_str(), outcome), ("ASIA-tok-2", Outcome::Hit));
         tokio::time::advance(Duration::from_secs(3 * 3600)).await;
-        c.get("other", &pod(POD_B)).await.unwrap();
+        c.get("other", &pod(POD_B), "ns/p").await.unwrap();
         assert_eq!(c.maintain(&present(&[POD_A, POD_B])), 1, "tok was used after its refresh began");
         tokio::time::sleep(Duration::from_millis(10)).await;
         tokio::time::advance(Duration::from_secs(3 * 3600)).await;
@@ -657,7 +693,7 @@ mod tests {
         let up = Scripted::default();
         up.lifetime(Duration::from_secs(16 * 60));
         let c = cache(&up, CacheSettings::default());
-        c.get("tok", &pod(POD_A)).await.unwrap();
+        c.get("tok", &pod(POD_A), "ns/p").await.unwrap();
         tokio::time::advance(Duration::from_secs(59)).await;
         assert_eq!(c.maintain(&present(&[POD_A])), 1, "half-life (8 min) would be too late");
     }
@@ -666,12 +702,12 @@ mod tests {
     async fn gone_pods_lose_their_entries_and_get_no_refresh() {
         let up = Scripted::default();
         let c = cache(&up, CacheSettings::default());
-        c.get("tok-a", &pod(POD_A)).await.unwrap();
-        c.get("tok-b", &pod(POD_B)).await.unwrap();
+        c.get("tok-a", &pod(POD_A), "ns/p").await.unwrap();
+        c.get("tok-b", &pod(POD_B), "ns/p").await.unwrap();
         assert_eq!(c.maintain(&present(&[POD_B])), 0);
         assert_eq!(c.len(), 1);
         tokio::time::advance(Duration::from_secs(4 * 3600)).await;
-        c.get("tok-b", &pod(POD_B)).await.unwrap();
+        c.get("tok-b", &pod(POD_B), "ns/p").await.unwrap();
         assert_eq!(c.maintain(&present(&[POD_B])), 1, "only pod B's token refreshes");
         assert_eq!(c.stats().evicted_pod_gone.load(Ordering::Relaxed), 1);
     }
@@ -680,12 +716,12 @@ mod tests {
     async fn a_rotated_token_supersedes_the_old_one() {
         let up = Scripted::default();
         let c = cache(&up, CacheSettings::default());
-        c.get("old", &pod(POD_A)).await.unwrap();
-        c.get("new", &pod(POD_A)).await.unwrap();
+        c.get("old", &pod(POD_A), "ns/p").await.unwrap();
+        c.get("new", &pod(POD_A), "ns/p").await.unwrap();
         assert_eq!(c.len(), 1);
         assert_eq!(c.stats().evicted_superseded.load(Ordering::Relaxed), 1);
         tokio::time::advance(Duration::from_secs(4 * 3600)).await;
-        c.get("new", &pod(POD_A)).await.unwrap();
+        c.get("new", &pod(POD_A), "ns/p").await.unwrap();
         assert_eq!(c.maintain(&present(&[POD_A])), 1, "only the new token is refreshed");
     }
 
@@ -701,17 +737,17 @@ mod tests {
             "00000000-0000-0000-0000-000000000004",
         ];
         for (i, p) in pods.iter().enumerate().take(3) {
-            c.get(&format!("t{i}"), &pod(p)).await.unwrap();
+            c.get(&format!("t{i}"), &pod(p), "ns/p").await.unwrap();
         }
-        c.get("t0", &pod(pods[0])).await.unwrap(); // t1 is now the least recently used
-        c.get("t3", &pod(pods[3])).await.unwrap();
+        c.get("t0", &pod(pods[0]), "ns/p").await.unwrap(); // t1 is now the least recently used
+        c.get("t3", &pod(pods[3]), "ns/p").await.unwrap();
         assert_eq!(c.len(), 3);
         let calls = up.calls();
-        assert_eq!(c.get("t0", &pod(pods[0])).await.unwrap().1, Outcome::Hit);
-        assert_eq!(c.get("t1", &pod(pods[1])).await.unwrap().1, Outcome::Fetched);
+        assert_eq!(c.get("t0", &pod(pods[0]), "ns/p").await.unwrap().1, Outcome::Hit);
+        assert_eq!(c.get("t1", &pod(pods[1]), "ns/p").await.unwrap().1, Outcome::Fetched);
         assert_eq!(up.calls(), calls + 1);
         for i in 0..1000 {
-            let _ = c.get(&format!("flood-{i}"), &pod(pods[3])).await;
+            let _ = c.get(&format!("flood-{i}"), &pod(pods[3]), "ns/p").await;
         }
         assert!(c.len() <= 3);
     }
@@ -721,7 +757,7 @@ mod tests {
         let up = Scripted::default();
         up.lifetime(Duration::from_secs(20 * 60));
         let c = cache(&up, CacheSettings::default());
-        c.get("tok", &pod(POD_A)).await.unwrap();
+        c.get("tok", &pod(POD_A), "ns/p").await.unwrap();
         tokio::time::advance(Duration::from_secs(21 * 60)).await;
         c.maintain(&present(&[POD_A]));
         assert_eq!(c.len(), 0);

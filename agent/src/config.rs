@@ -23,6 +23,41 @@ pub struct Cli {
 pub enum Command {
     /// Run the node agent: attach the kernel programs and serve credentials.
     Run(RunArgs),
+    /// Show per-pod statistics of a running agent (reads /v1/pods on its probe address).
+    Pods(PodsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PodsArgs {
+    /// The agent's probe address.
+    #[arg(long, default_value = "127.0.0.1:2703")]
+    pub addr: SocketAddr,
+    /// Print the raw JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Redraw every SECONDS until interrupted.
+    #[arg(long, value_name = "SECONDS")]
+    pub watch: Option<f64>,
+    /// Order rows by this column (descending for numbers).
+    #[arg(long, value_enum, default_value_t = SortField::Namespace)]
+    pub sort: SortField,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SortField {
+    Namespace,
+    Pod,
+    Requests,
+    Errors,
+    Upstream,
+    Last,
+    P99,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Args, Debug)]
@@ -93,6 +128,20 @@ pub struct RunArgs {
     /// This node's name, sent in the User-Agent of EKS Auth calls.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// Add per-pod series (namespace, pod labels) to /metrics. One series per pod and status
+    /// code: for small clusters only.
+    #[arg(long)]
+    pub metrics_per_pod: bool,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log level or filter directives (e.g. `info`, `debug`, `info,pod_identity_agent::server=debug`).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_level: String,
+    /// If --cgroup-root does not exist yet (kubelet creates kubepods.slice), wait this long for it,
+    /// not ready meanwhile, before giving up.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub cgroup_root_wait: Duration,
 }
 
 /// Parses `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds.
@@ -132,6 +181,8 @@ pub struct Settings {
     pub pod_burst: u32,
     pub fips: bool,
     pub node_name: Option<String>,
+    pub metrics_per_pod: bool,
+    pub cgroup_root_wait: Duration,
 }
 
 impl Settings {
@@ -185,6 +236,8 @@ impl Settings {
             pod_burst: args.pod_burst,
             fips: args.fips,
             node_name: args.node_name,
+            metrics_per_pod: args.metrics_per_pod,
+            cgroup_root_wait: args.cgroup_root_wait,
         })
     }
 }
@@ -246,6 +299,7 @@ mod tests {
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Run(a) => a,
+            Command::Pods(_) => unreachable!("parsed `run`"),
         }
     }
 

@@ -12,8 +12,10 @@ mod credentials;
 mod kernel;
 mod metrics;
 mod ops;
+mod pods_view;
 mod ratelimit;
 mod server;
+mod stats;
 mod token;
 mod upstream;
 
@@ -28,12 +30,13 @@ use tracing::{error, info, warn};
 use crate::{
     attribution::CgroupIndex,
     cache::CredentialCache,
-    config::{Cli, Command, Settings},
+    config::{Cli, Command, LogFormat, Settings},
     kernel::{RedirectSpec, Redirector},
     metrics::Metrics,
     ops::Readiness,
     ratelimit::{PodRateLimits, UpstreamLimiter},
     server::CredentialServer,
+    stats::PodStatsRegistry,
     upstream::{EksAuth, EksAuthOptions},
 };
 
@@ -43,13 +46,19 @@ const MAINTENANCE_INTERVAL: std::time::Duration = std::time::Duration::from_secs
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let args = match cli.command {
+        Command::Pods(args) => {
+            return match pods_view::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pod-identity-agent pods: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Run(args) => args,
+    };
+    init_logging(args.log_format, &args.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -57,10 +66,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match cli.command {
-        Command::Run(args) => runtime.block_on(async { run(Settings::resolve(args)?).await }),
-    };
-    match result {
+    match runtime.block_on(async { run(Settings::resolve(args)?).await }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
@@ -69,13 +75,26 @@ fn main() -> ExitCode {
     }
 }
 
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|e| {
+        eprintln!("invalid --log-level {level:?} ({e}); using info");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+    }
+}
+
 async fn run(settings: Settings) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let readiness = Readiness::new("kernel programs not attached yet");
-    let metrics = Metrics::new();
+    let metrics = Metrics::new(settings.metrics_per_pod);
+    let stats = Arc::new(PodStatsRegistry::default());
 
     // Probes first, so a kubelet sees "alive, not ready" while the programs load.
-    ops::serve(settings.probe_addr, ops::probes(readiness.clone()), shutdown_rx.clone())
+    ops::serve(settings.probe_addr, ops::probes(readiness.clone(), stats.clone()), shutdown_rx.clone())
         .await
         .with_context(|| format!("binding the probe address {}", settings.probe_addr))?;
 
@@ -89,6 +108,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         listeners.push(listener);
     }
 
+    wait_for_cgroup_root(&cgroup_root, settings.cgroup_root_wait, &readiness).await?;
     let redirector = Arc::new(
         Redirector::attach(&RedirectSpec {
             cgroup_root: cgroup_root.clone(),
@@ -116,8 +136,10 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             upstream,
             settings.cache.clone(),
             UpstreamLimiter::new(settings.upstream_qps, settings.upstream_burst),
+            metrics.clone(),
         ),
         pod_limits: PodRateLimits::new(settings.pod_rps, settings.pod_burst),
+        stats,
         metrics: metrics.clone(),
         allowed_hosts: server::allowed_hosts(&settings.intercept),
     });
@@ -195,7 +217,25 @@ async fn maintain(server: Arc<CredentialServer>) {
         };
         server.cache.maintain(&present);
         server.pod_limits.retain(&present);
+        for (namespace, pod) in server.stats.retain(&present) {
+            server.metrics.forget_pod(&namespace, &pod);
+        }
     }
+}
+
+/// Waits for the attach point to exist (kubelet creates kubepods.slice), reporting not ready
+/// with the reason meanwhile.
+async fn wait_for_cgroup_root(root: &std::path::Path, wait: std::time::Duration, readiness: &Readiness) -> anyhow::Result<()> {
+    let started = tokio::time::Instant::now();
+    while !root.exists() {
+        if started.elapsed() >= wait {
+            anyhow::bail!("cgroup root {} does not exist (waited {wait:?}); check --cgroup-root", root.display());
+        }
+        readiness.set(Some(format!("waiting for cgroup root {} to appear", root.display())));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    readiness.set(Some("kernel programs not attached yet".into()));
+    Ok(())
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

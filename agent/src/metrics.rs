@@ -1,5 +1,8 @@
-//! Prometheus metrics (OpenMetrics text). Label values are bounded: status codes and address
-//! families, never pods or tokens.
+//! Prometheus metrics (OpenMetrics text). Label values are bounded: status codes, reasons, error
+//! codes and address families. Pods appear as labels only with `--metrics-per-pod`.
+//!
+//! Counters that live elsewhere (the kernel's per-CPU counters, the cache's statistics, the
+//! process's figures from /proc) are copied in when /metrics is scraped.
 
 use std::{
     sync::{Arc, atomic::Ordering},
@@ -8,8 +11,13 @@ use std::{
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
-    registry::Registry,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
 };
 
 use crate::{cache::CacheStats, kernel::RedirectCounts};
@@ -34,74 +42,198 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorCodeLabels {
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PodLabels {
+    namespace: String,
+    pod: String,
+    code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<CodeLabels, Counter>,
     request_duration: Histogram,
+    refused: Family<ReasonLabels, Counter>,
+    upstream_duration: Histogram,
+    upstream_errors: Family<ErrorCodeLabels, Counter>,
+    upstream_budget_waits: Counter,
+    upstream_budget_wait_seconds: Counter<f64>,
     kernel_redirects: Family<FamilyLabels, Counter>,
     cache_entries: Gauge,
     cache_lookups: Family<ResultLabels, Counter>,
     cache_evictions: Family<ReasonLabels, Counter>,
     cache_refreshes: Counter,
     upstream_calls: Counter,
+    pod_requests: Option<Family<PodLabels, Counter>>,
+    process: ProcessMetrics,
+}
+
+struct ProcessMetrics {
+    resident_memory_bytes: Gauge,
+    cpu_seconds: Counter<f64>,
+    open_fds: Gauge,
+    max_fds: Gauge,
+    start_time_seconds: Gauge,
 }
 
 impl Metrics {
-    pub fn new() -> Arc<Metrics> {
-        let mut registry = Registry::with_prefix("pod_identity_agent");
+    /// `per_pod` adds a request counter with `namespace` and `pod` labels (small clusters only:
+    /// one series per pod and status code).
+    pub fn new(per_pod: bool) -> Arc<Metrics> {
+        let mut r = Registry::default();
         let requests = Family::<CodeLabels, Counter>::default();
-        registry.register("requests", "Credential endpoint responses by HTTP status code", requests.clone());
-        let request_duration = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.5, 14));
-        registry.register_with_unit(
-            "request_duration",
+        r.register("pod_identity_agent_requests", "Credential endpoint responses by HTTP status code", requests.clone());
+        let request_duration = Histogram::new(exponential_buckets(0.0001, 2.5, 14));
+        r.register_with_unit(
+            "pod_identity_agent_request_duration",
             "Time from request to response on the credential endpoint",
-            prometheus_client::registry::Unit::Seconds,
+            Unit::Seconds,
             request_duration.clone(),
         );
+        let refused = Family::<ReasonLabels, Counter>::default();
+        r.register(
+            "pod_identity_agent_refused_requests",
+            "Requests answered with an error, by reason: not_redirected, cgroup_unknown, not_a_pod (attribution); host_not_allowed; token_invalid, token_pod_mismatch (token binding); pod_rate_limited; upstream_error",
+            refused.clone(),
+        );
+        let upstream_duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
+        r.register_with_unit(
+            "pod_identity_agent_upstream_call_duration",
+            "Duration of each HTTP request to EKS Auth",
+            Unit::Seconds,
+            upstream_duration.clone(),
+        );
+        let upstream_errors = Family::<ErrorCodeLabels, Counter>::default();
+        r.register(
+            "pod_identity_agent_upstream_errors",
+            "Failed EKS Auth requests by error code (ThrottlingException, UpstreamUnreachable, UpstreamTimeout, ...)",
+            upstream_errors.clone(),
+        );
+        let upstream_budget_waits = Counter::default();
+        r.register(
+            "pod_identity_agent_upstream_budget_waits",
+            "EKS Auth calls that waited for the node-wide budget (--upstream-qps/--upstream-burst)",
+            upstream_budget_waits.clone(),
+        );
+        let upstream_budget_wait_seconds = Counter::<f64>::default();
+        r.register_with_unit(
+            "pod_identity_agent_upstream_budget_wait",
+            "Total time EKS Auth calls waited for the node-wide budget",
+            Unit::Seconds,
+            upstream_budget_wait_seconds.clone(),
+        );
         let kernel_redirects = Family::<FamilyLabels, Counter>::default();
-        registry.register(
-            "kernel_redirected_connects",
+        r.register(
+            "pod_identity_agent_kernel_redirected_connects",
             "Connects to the credential address redirected by the kernel programs, by address family",
             kernel_redirects.clone(),
         );
         let cache_entries = Gauge::default();
-        registry.register("cache_entries", "Credentials held in the cache", cache_entries.clone());
+        r.register("pod_identity_agent_cache_entries", "Credentials held in the cache", cache_entries.clone());
         let cache_lookups = Family::<ResultLabels, Counter>::default();
-        registry.register(
-            "cache_lookups",
+        r.register(
+            "pod_identity_agent_cache_lookups",
             "Credential lookups by result: hit, miss (started an upstream call), coalesced (waited for another request's call), stale (served cached credentials while the refresh failed), negative (terminal error answered from memory)",
             cache_lookups.clone(),
         );
         let cache_evictions = Family::<ReasonLabels, Counter>::default();
-        registry.register(
-            "cache_evictions",
+        r.register(
+            "pod_identity_agent_cache_evictions",
             "Cache entries removed, by reason: lru, superseded (the pod's token rotated), pod_gone, expired, terminal (EKS Auth refused the token)",
             cache_evictions.clone(),
         );
         let cache_refreshes = Counter::default();
-        registry.register("cache_refreshes", "Background refreshes started ahead of expiry", cache_refreshes.clone());
+        r.register("pod_identity_agent_cache_refreshes", "Background refreshes started ahead of expiry", cache_refreshes.clone());
         let upstream_calls = Counter::default();
-        registry.register("upstream_calls", "HTTP requests made to EKS Auth (retries included)", upstream_calls.clone());
+        r.register("pod_identity_agent_upstream_calls", "HTTP requests made to EKS Auth (retries included)", upstream_calls.clone());
+        let pod_requests = per_pod.then(|| {
+            let f = Family::<PodLabels, Counter>::default();
+            r.register("pod_identity_agent_pod_requests", "Credential endpoint responses per pod and status code (--metrics-per-pod)", f.clone());
+            f
+        });
+        let build = Family::<BuildLabels, Gauge>::default();
+        build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
+        r.register("pod_identity_agent_build_info", "Version of the running agent (value is always 1)", build);
+        let process = ProcessMetrics {
+            resident_memory_bytes: Gauge::default(),
+            cpu_seconds: Counter::default(),
+            open_fds: Gauge::default(),
+            max_fds: Gauge::default(),
+            start_time_seconds: Gauge::default(),
+        };
+        r.register_with_unit("process_resident_memory", "Resident memory size", Unit::Bytes, process.resident_memory_bytes.clone());
+        r.register_with_unit("process_cpu", "User and system CPU time spent", Unit::Seconds, process.cpu_seconds.clone());
+        r.register("process_open_fds", "Open file descriptors", process.open_fds.clone());
+        r.register("process_max_fds", "Limit on open file descriptors", process.max_fds.clone());
+        r.register_with_unit("process_start_time", "Start time of the process since the Unix epoch", Unit::Seconds, process.start_time_seconds.clone());
         Arc::new(Metrics {
-            registry,
+            registry: r,
             requests,
             request_duration,
+            refused,
+            upstream_duration,
+            upstream_errors,
+            upstream_budget_waits,
+            upstream_budget_wait_seconds,
             kernel_redirects,
             cache_entries,
             cache_lookups,
             cache_evictions,
             cache_refreshes,
             upstream_calls,
+            pod_requests,
+            process,
         })
     }
 
-    pub fn observe_request(&self, code: u16, elapsed: Duration) {
+    /// One response of the credential endpoint; `pod` is (namespace, name) when known.
+    pub fn observe_request(&self, code: u16, elapsed: Duration, refused: Option<&'static str>, pod: Option<(&str, &str)>) {
         self.requests.get_or_create(&CodeLabels { code }).inc();
         self.request_duration.observe(elapsed.as_secs_f64());
+        if let Some(reason) = refused {
+            self.refused.get_or_create(&ReasonLabels { reason }).inc();
+        }
+        if let (Some(family), Some((namespace, pod))) = (&self.pod_requests, pod) {
+            family.get_or_create(&PodLabels { namespace: namespace.to_owned(), pod: pod.to_owned(), code }).inc();
+        }
     }
 
-    /// Renders the registry, after copying in the values that live elsewhere (kernel counters,
-    /// cache size).
+    /// Drops the per-pod series of a pod that is gone.
+    pub fn forget_pod(&self, namespace: &str, pod: &str) {
+        if let Some(family) = &self.pod_requests {
+            for code in [200u16, 400, 403, 404, 405, 429, 500, 502, 503, 504] {
+                family.remove(&PodLabels { namespace: namespace.to_owned(), pod: pod.to_owned(), code });
+            }
+        }
+    }
+
+    /// One HTTP request to EKS Auth; `error` is its error code when it failed.
+    pub fn observe_upstream(&self, elapsed: Duration, error: Option<&str>) {
+        self.upstream_duration.observe(elapsed.as_secs_f64());
+        if let Some(code) = error {
+            self.upstream_errors.get_or_create(&ErrorCodeLabels { code: code.to_owned() }).inc();
+        }
+    }
+
+    /// An EKS Auth call waited `waited` for the node-wide budget.
+    pub fn observe_budget_wait(&self, waited: Duration) {
+        if !waited.is_zero() {
+            self.upstream_budget_waits.inc();
+            self.upstream_budget_wait_seconds.inc_by(waited.as_secs_f64());
+        }
+    }
+
+    /// Renders the registry after copying in the values that live elsewhere.
     pub fn render(&self, redirects: Option<RedirectCounts>, cache_entries: usize, cache: &CacheStats) -> String {
         if let Some(counts) = redirects {
             for (family, value) in [("ipv4", counts.v4), ("ipv6", counts.v6)] {
@@ -130,8 +262,31 @@ impl Metrics {
         }
         copy(&self.cache_refreshes, &cache.refreshes);
         copy(&self.upstream_calls, &cache.upstream_calls);
+        self.read_process();
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+
+    /// Figures about this process from /proc (best effort: a failed read leaves the old value).
+    fn read_process(&self) {
+        let Ok(me) = procfs::process::Process::myself() else { return };
+        let ticks = procfs::ticks_per_second() as f64;
+        if let Ok(stat) = me.stat() {
+            self.process.resident_memory_bytes.set(stat.rss as i64 * procfs::page_size() as i64);
+            let cpu = (stat.utime + stat.stime) as f64 / ticks;
+            self.process.cpu_seconds.inner().store(cpu.to_bits(), Ordering::Relaxed);
+            if let Ok(boot) = procfs::boot_time_secs() {
+                self.process.start_time_seconds.set(boot as i64 + (stat.starttime as f64 / ticks) as i64);
+            }
+        }
+        if let Ok(n) = me.fd_count() {
+            self.process.open_fds.set(n as i64);
+        }
+        if let Ok(limits) = me.limits()
+            && let procfs::process::LimitValue::Value(max) = limits.max_open_files.soft_limit
+        {
+            self.process.max_fds.set(max as i64);
+        }
     }
 }

@@ -14,6 +14,8 @@ use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, sync::watch};
 use tracing::warn;
 
+use crate::stats::PodStatsRegistry;
+
 /// Why the agent cannot do its job yet; `None` once it can.
 pub struct Readiness(Mutex<Option<String>>);
 
@@ -62,13 +64,18 @@ pub async fn serve(addr: SocketAddr, handler: Handler, mut shutdown: watch::Rece
 }
 
 /// `/healthz`: the process serves. `/readyz`: it can do its job, else 503 with the reason.
-pub fn probes(readiness: Arc<Readiness>) -> Handler {
+/// `/v1/pods`: per-pod statistics as JSON (the probe address is loopback by default).
+pub fn probes(readiness: Arc<Readiness>, stats: Arc<PodStatsRegistry>) -> Handler {
     Arc::new(move |path| match path {
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => match readiness.reason() {
             None => (StatusCode::OK, "text/plain", "ready\n".into()),
             Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {reason}\n")),
         },
+        "/v1/pods" => {
+            let body = serde_json::to_string(&stats.snapshot()).expect("stats serialise");
+            (StatusCode::OK, "application/json", body)
+        }
         _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     })
 }

@@ -6,7 +6,10 @@
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -25,8 +28,9 @@ use crate::{
     kernel::Redirector,
     metrics::Metrics,
     ratelimit::PodRateLimits,
-    upstream::EksAuth,
-    token::{self, TokenClaims},
+    stats::{Identity, PodStatsRegistry, RequestClass, RequestRecord, Served},
+    token::{self, PodUid, TokenClaims},
+    upstream::{AssumedRole, EksAuth},
 };
 
 pub const CREDENTIALS_PATH: &str = "/v1/credentials";
@@ -38,6 +42,7 @@ pub struct CredentialServer {
     pub cgroups: CgroupIndex,
     pub cache: CredentialCache<EksAuth>,
     pub pod_limits: PodRateLimits,
+    pub stats: Arc<PodStatsRegistry>,
     pub metrics: Arc<Metrics>,
     /// Host header values a client may send: the intercepted addresses, with and without port.
     pub allowed_hosts: Vec<String>,
@@ -49,6 +54,18 @@ struct Connection {
     attribution: Option<Attribution>,
     /// When the connection was accepted: the caller's cgroup existed before this instant.
     accepted_at: Instant,
+    /// Whether this connection was counted in its pod's kernel-redirect statistics.
+    counted: AtomicBool,
+}
+
+/// What one request revealed, for statistics and metrics.
+#[derive(Default)]
+struct RequestFacts {
+    /// The pod the kernel attributed the caller to.
+    pod: Option<PodUid>,
+    /// The token's claims, once bound to that pod.
+    claims: Option<TokenClaims>,
+    served: Option<(Arc<AssumedRole>, Outcome)>,
 }
 
 /// An answer other than credentials: status and a text body for the client (and the log).
@@ -61,6 +78,19 @@ struct Refusal {
 impl Refusal {
     fn new(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Refusal {
         Refusal { status, reason, message: message.into() }
+    }
+
+    /// The per-pod error class this refusal counts as.
+    fn class(&self) -> RequestClass {
+        match self.reason {
+            "token_invalid" => RequestClass::BadToken,
+            "pod_rate_limited" => RequestClass::RateLimited,
+            "upstream_error" if self.status.is_client_error() && self.status != StatusCode::TOO_MANY_REQUESTS => {
+                RequestClass::UpstreamClient
+            }
+            "upstream_error" => RequestClass::UpstreamServer,
+            _ => RequestClass::Refused,
+        }
     }
 }
 
@@ -92,7 +122,7 @@ impl CredentialServer {
                 Err(_) => None,
             };
             let _ = stream.set_nodelay(true);
-            let conn = Arc::new(Connection { peer, attribution, accepted_at });
+            let conn = Arc::new(Connection { peer, attribution, accepted_at, counted: AtomicBool::new(false) });
             let server = self.clone();
             let service = hyper::service::service_fn(move |req| {
                 let server = server.clone();
@@ -113,29 +143,65 @@ impl CredentialServer {
 
     async fn handle(&self, conn: &Connection, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let started = Instant::now();
-        let response = match (req.method(), req.uri().path()) {
-            (&Method::GET, CREDENTIALS_PATH) => match self.credentials(conn, &req).await {
-                Ok(response) => response,
-                Err(refusal) => {
-                    info!(
-                        peer = %conn.peer,
-                        cgroup_id = conn.attribution.map(|a| a.cgroup_id),
-                        status = refusal.status.as_u16(),
-                        reason = refusal.reason,
-                        detail = %refusal.message,
-                        "refused credential request"
-                    );
-                    text(refusal.status, refusal.message)
-                }
-            },
-            (_, CREDENTIALS_PATH) => text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported"),
-            _ => text(StatusCode::NOT_FOUND, "not found"),
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, CREDENTIALS_PATH) => {}
+            (_, CREDENTIALS_PATH) => return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported"),
+            _ => return text(StatusCode::NOT_FOUND, "not found"),
+        }
+        let mut facts = RequestFacts::default();
+        let result = self.credentials(conn, &req, &mut facts).await;
+        let latency = started.elapsed();
+        let (response, refusal) = match result {
+            Ok(response) => (response, None),
+            Err(refusal) => {
+                info!(
+                    peer = %conn.peer,
+                    cgroup_id = conn.attribution.map(|a| a.cgroup_id),
+                    namespace = facts.claims.as_ref().map(|c| c.namespace.as_str()),
+                    pod = facts.claims.as_ref().map(|c| c.pod_name.as_str()),
+                    status = refusal.status.as_u16(),
+                    reason = refusal.reason,
+                    latency_ms = latency.as_millis() as u64,
+                    detail = %refusal.message,
+                    "refused credential request"
+                );
+                let class = refusal.class();
+                (text(refusal.status, refusal.message), Some((refusal.reason, class)))
+            }
         };
-        self.metrics.observe_request(response.status().as_u16(), started.elapsed());
+        let status = response.status().as_u16();
+        let named = facts.claims.as_ref().map(|c| (c.namespace.as_str(), c.pod_name.as_str()));
+        self.metrics.observe_request(status, latency, refusal.map(|(reason, _)| reason), named);
+        if let Some(pod) = &facts.pod {
+            self.stats.request(
+                pod,
+                RequestRecord {
+                    class: refusal.map_or(RequestClass::Ok, |(_, class)| class),
+                    latency,
+                    identity: facts.claims.as_ref().map(|c| Identity {
+                        namespace: &c.namespace,
+                        pod: &c.pod_name,
+                        service_account: &c.service_account,
+                    }),
+                    served: facts.served.as_ref().map(|(role, outcome)| Served {
+                        role_arn: &role.role_arn,
+                        association_id: &role.association_id,
+                        expiration: role.credentials.expiration,
+                        cache_hit: matches!(outcome, Outcome::Hit | Outcome::Stale),
+                        upstream_call: *outcome == Outcome::Fetched,
+                    }),
+                },
+            );
+        }
         response
     }
 
-    async fn credentials(&self, conn: &Connection, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, Refusal> {
+    async fn credentials(
+        &self,
+        conn: &Connection,
+        req: &Request<Incoming>,
+        facts: &mut RequestFacts,
+    ) -> Result<Response<Full<Bytes>>, Refusal> {
         let Some(attribution) = conn.attribution else {
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
@@ -143,6 +209,28 @@ impl CredentialServer {
                 "connection did not come through the agent's redirect, so its caller cannot be attributed; connect to the credential address instead",
             ));
         };
+        let pod = match self.cgroups.resolve(attribution.cgroup_id, conn.accepted_at) {
+            None => {
+                return Err(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    "cgroup_unknown",
+                    format!("cannot attribute caller: cgroup id {} no longer exists", attribution.cgroup_id),
+                ));
+            }
+            Some(Caller::Host { cgroup }) => {
+                return Err(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    "not_a_pod",
+                    format!("caller runs in cgroup {cgroup}, which belongs to no pod; only pods get pod credentials"),
+                ));
+            }
+            Some(Caller::Pod { uid, .. }) => uid,
+        };
+        if !conn.counted.swap(true, Ordering::Relaxed) {
+            self.stats.connection(&pod);
+        }
+        facts.pod = Some(pod.clone());
+
         let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
         if !self.allowed_hosts.iter().any(|allowed| allowed.eq_ignore_ascii_case(host)) {
             return Err(Refusal::new(
@@ -154,14 +242,25 @@ impl CredentialServer {
         let raw_token = match req.headers().get(header::AUTHORIZATION) {
             None => "",
             Some(value) => value.to_str().map_err(|_| {
-                Refusal::new(StatusCode::BAD_REQUEST, "token_malformed", "Authorization header is not valid text")
+                Refusal::new(StatusCode::BAD_REQUEST, "token_invalid", "Authorization header is not valid text")
             })?,
         };
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let claims = token::parse(raw_token, now)
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "token_invalid", e.to_string()))?;
-        self.check_binding(&attribution, conn.accepted_at, &claims)?;
-        if !self.pod_limits.allow(&claims.pod_uid) {
+        // The token must name the pod the kernel says is calling.
+        if claims.pod_uid != pod {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "token_pod_mismatch",
+                format!(
+                    "token belongs to pod {}/{} (uid {}), but the caller is pod uid {pod}",
+                    claims.namespace, claims.pod_name, claims.pod_uid
+                ),
+            ));
+        }
+        let claims = facts.claims.insert(claims);
+        if !self.pod_limits.allow(&pod) {
             return Err(Refusal::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "pod_rate_limited",
@@ -169,20 +268,11 @@ impl CredentialServer {
             ));
         }
 
-        let (role, outcome) = self.cache.get(raw_token.trim(), &claims.pod_uid).await.map_err(|e| {
+        let label = format!("{}/{}", claims.namespace, claims.pod_name);
+        let (role, outcome) = self.cache.get(raw_token.trim(), &pod, &label).await.map_err(|e| {
             let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_GATEWAY);
             Refusal::new(status, "upstream_error", e.to_string())
         })?;
-        if outcome == Outcome::Fetched {
-            info!(
-                namespace = %claims.namespace,
-                pod = %claims.pod_name,
-                service_account = %claims.service_account,
-                role_arn = %role.role_arn,
-                association_id = %role.association_id,
-                "fetched credentials from EKS Auth"
-            );
-        }
         debug!(
             namespace = %claims.namespace,
             pod = %claims.pod_name,
@@ -191,36 +281,13 @@ impl CredentialServer {
             outcome = ?outcome,
             "served credentials"
         );
+        let body = role.credentials.to_json();
+        facts.served = Some((role, outcome));
         Ok(Response::builder()
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(role.credentials.to_json())))
+            .body(Full::new(Bytes::from(body)))
             .expect("static response parts are valid"))
-    }
-
-    /// The token must name the pod the kernel says is calling.
-    fn check_binding(&self, attribution: &Attribution, accepted_at: Instant, claims: &TokenClaims) -> Result<(), Refusal> {
-        match self.cgroups.resolve(attribution.cgroup_id, accepted_at) {
-            None => Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                "cgroup_unknown",
-                format!("cannot attribute caller: cgroup id {} no longer exists", attribution.cgroup_id),
-            )),
-            Some(Caller::Host { cgroup }) => Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                "not_a_pod",
-                format!("caller runs in cgroup {cgroup}, which belongs to no pod; only pods get pod credentials"),
-            )),
-            Some(Caller::Pod { uid, .. }) if uid != claims.pod_uid => Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                "token_pod_mismatch",
-                format!(
-                    "token belongs to pod {}/{} (uid {}), but the caller is pod uid {uid}",
-                    claims.namespace, claims.pod_name, claims.pod_uid
-                ),
-            )),
-            Some(Caller::Pod { .. }) => Ok(()),
-        }
     }
 }
 

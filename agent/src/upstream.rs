@@ -15,6 +15,8 @@ pub struct AssumedRole {
     pub credentials: Credentials,
     pub role_arn: String,
     pub association_id: String,
+    /// EKS Auth's request id, for logs.
+    pub request_id: Option<String>,
 }
 
 /// An upstream failure, shaped the way the reference agent passes it on to the pod.
@@ -169,6 +171,7 @@ impl Upstream for EksAuth {
             },
             role_arn: role.arn().to_owned(),
             association_id: out.pod_identity_association().map(|a| a.association_id().to_owned()).unwrap_or_default(),
+            request_id: out.request_id().map(str::to_owned),
         })
     }
 }

@@ -14,6 +14,8 @@ use crate::{CLUSTER, REGION, fake_eks_auth::FakeEksAuth, node::Node};
 pub const PORT: u16 = 2704;
 pub const PROBE_ADDR: &str = "127.0.0.1:2703";
 pub const METRICS_ADDR: &str = "127.0.0.1:2705";
+/// The node's own secret key (signs EKS Auth calls); must never be logged either.
+const NODE_SECRET: &str = "node-secret-example-0123456789abcdef";
 
 pub struct Agent {
     child: Option<Child>,
@@ -51,6 +53,7 @@ impl Agent {
         let [listen4, listen6] = node.listen_addrs(PORT);
         let log_path = std::env::temp_dir().join(format!("{}-agent.log", node.netns));
         let log = fs::File::create(&log_path).expect("create agent log");
+        crate::secrets::remember(NODE_SECRET);
         let mut command = node.command(binary().to_str().unwrap(), Some(&node.agent_cgroup));
         command.args(["run", "--cluster-name", CLUSTER, "--region", REGION]);
         if !extra.contains(&"--cgroup-root") {
@@ -64,14 +67,15 @@ impl Agent {
             // The node's own credentials sign the EKS Auth calls; nothing else of this machine's
             // AWS configuration may leak in.
             .env("AWS_ACCESS_KEY_ID", "AKIDNODEEXAMPLE")
-            .env("AWS_SECRET_ACCESS_KEY", "node-secret-example")
+            .env("AWS_SECRET_ACCESS_KEY", NODE_SECRET)
             .env_remove("AWS_SESSION_TOKEN")
             .env_remove("AWS_PROFILE")
             .env_remove("AWS_ENDPOINT_URL_EKS_AUTH")
             .env("AWS_CONFIG_FILE", "/nonexistent")
             .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
             .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("RUST_LOG", std::env::var("PIA_AGENT_LOG").unwrap_or_else(|_| "info".into()))
+            // Our own debug lines are on, so the secret scan at drop covers them too.
+            .env("RUST_LOG", std::env::var("PIA_AGENT_LOG").unwrap_or_else(|_| "info,pod_identity_agent=debug".into()))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -97,6 +101,17 @@ impl Agent {
     /// Everything the agent wrote to stderr so far.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// `pod-identity-agent pods` run in the node, as an operator would through `kubectl exec`.
+    pub fn pods_cli(&self, args: &[&str]) -> String {
+        let out = crate::node::command_in(binary().to_str().unwrap(), None, &self.netns)
+            .args(["pods", "--addr", PROBE_ADDR])
+            .args(args)
+            .output()
+            .expect("run pods");
+        assert!(out.status.success(), "pods failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     pub fn metrics(&self) -> String {
@@ -146,9 +161,12 @@ impl Drop for Agent {
             let _ = child.kill();
             let _ = child.wait();
         }
-        if std::thread::panicking() {
-            eprintln!("--- agent log ({}) ---\n{}", self.log_path.display(), self.log());
-        }
+        let log = self.log();
         let _ = fs::remove_file(&self.log_path);
+        if std::thread::panicking() {
+            eprintln!("--- agent log ({}) ---\n{log}", self.log_path.display());
+        } else if let Some(secret) = crate::secrets::leaked_in(&log) {
+            panic!("the agent's log contains a secret ({secret}); nothing secret may be logged");
+        }
     }
 }

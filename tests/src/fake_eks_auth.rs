@@ -283,6 +283,10 @@ async fn handle(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<B
     st.issued += 1;
     let serial = st.issued;
     let expiration = jwt::now() + st.lifetime.as_secs() as i64;
+    let secret = format!("fakeSecret{serial:08}{}", rand_u32());
+    let session = format!("fakeSession{serial:08}{}", rand_u32());
+    crate::secrets::remember(&secret);
+    crate::secrets::remember(&session);
     let association_id = format!("a-{:016x}", serial.wrapping_mul(0x9e3779b97f4a7c15) >> 8);
     json(
         200,
@@ -299,8 +303,8 @@ async fn handle(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<B
             },
             "credentials": {
                 "accessKeyId": access_key_for(&namespace, &service_account),
-                "secretAccessKey": format!("fakeSecret{serial:08}{}", rand_u32()),
-                "sessionToken": format!("fakeSession{serial:08}{}", rand_u32()),
+                "secretAccessKey": secret,
+                "sessionToken": session,
                 "expiration": expiration,
             }
         }),

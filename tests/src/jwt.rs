@@ -46,12 +46,14 @@ pub fn mint(spec: &TokenSpec) -> String {
         }
     });
     let signature: Vec<u8> = (0..256u32).map(|i| (serial as u32).wrapping_mul(2654435761).wrapping_add(i * 97) as u8).collect();
-    format!(
+    let token = format!(
         "{}.{}.{}",
         URL_SAFE_NO_PAD.encode(header.to_string()),
         URL_SAFE_NO_PAD.encode(claims.to_string()),
         URL_SAFE_NO_PAD.encode(signature)
-    )
+    );
+    crate::secrets::remember(&token);
+    token
 }
 
 /// The `kubernetes.io` claims and `exp`, `aud` of a token, or why it cannot be read.

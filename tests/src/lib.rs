@@ -12,6 +12,7 @@ pub mod agent;
 pub mod fake_eks_auth;
 pub mod jwt;
 pub mod node;
+pub mod secrets;
 
 pub use agent::Agent;
 pub use fake_eks_auth::FakeEksAuth;

@@ -21,7 +21,7 @@ const APT_PACKAGES: &[&str] = &[
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// (module to import, PyPI package): real SDK clients the end-to-end tests run inside pods.
-const PIP_PACKAGES: &[(&str, &str)] = &[("boto3", "boto3"), ("awscli", "awscli<2")];
+const PIP_PACKAGES: &[(&str, &str)] = &[("boto3", "boto3"), ("awscli", "awscli<2"), ("prometheus_client", "prometheus-client")];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -131,22 +131,28 @@ fn agent_binary() -> PathBuf {
     target.join("debug").join("pod-identity-agent")
 }
 
+/// Every cargo invocation names the same packages, so features resolve the same way each time
+/// and no dependency is compiled twice.
+const PACKAGES: &[&str] = &["-p", "pod-identity-common", "-p", "pod-identity-agent", "-p", "pod-identity-e2e"];
+
 fn build() -> anyhow::Result<()> {
-    run(cargo().args(["build", "-p", "pod-identity-agent"]))
+    run(cargo().arg("build").args(PACKAGES))
 }
 
 fn test() -> anyhow::Result<()> {
-    // Explicit targets: no doc-test or empty runs, so the last summary line is the e2e suite's.
-    run(cargo().args(["test", "-p", "pod-identity-common", "-p", "pod-identity-agent", "--lib", "--bins"]))?;
+    // Explicit targets: no doc-test runs, and the last summary line is the e2e suite's.
+    run(cargo().arg("test").args(PACKAGES).args(["--lib", "--bins"]))?;
     if !is_root() {
         bail!("the end-to-end tests create network namespaces, cgroups and BPF programs: run `cargo xtask test` as root");
     }
-    run(cargo().args(["test", "-p", "pod-identity-e2e", "--test", "e2e", "--", "--test-threads", "4"]).env("PIA_AGENT_BIN", agent_binary()))
+    run(cargo().arg("test").args(PACKAGES).args(["--test", "e2e", "--", "--test-threads", "4"]).env("PIA_AGENT_BIN", agent_binary()))
 }
 
 fn demo() -> anyhow::Result<()> {
     if !is_root() {
         bail!("the demo creates network namespaces, cgroups and BPF programs: run `cargo xtask demo` as root");
     }
-    run(cargo().args(["run", "--quiet", "-p", "pod-identity-e2e", "--bin", "demo"]).env("PIA_AGENT_BIN", agent_binary()))
+    // Built by `build` with the shared package set; `cargo run` would resolve features anew.
+    let demo = agent_binary().with_file_name("demo");
+    run(Command::new(&demo).current_dir(workspace_root()).env("PIA_AGENT_BIN", agent_binary()))
 }

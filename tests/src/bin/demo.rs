@@ -88,6 +88,10 @@ fn main() {
             println!("  {}", fields);
         }
     }
+    println!("\nper-pod statistics (`pod-identity-agent pods`, as an operator runs it in the agent's pod):");
+    for line in agent.pods_cli(&[]).lines() {
+        println!("  {line}");
+    }
     let calls = fake.calls();
     println!(
         "\nEKS Auth calls: {} for {} credential responses (one per token; the other requests were served from the agent's cache)",
