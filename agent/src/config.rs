@@ -25,6 +25,24 @@ pub enum Command {
     Run(RunArgs),
     /// Show per-pod statistics of a running agent (reads /v1/pods on its probe address).
     Pods(PodsArgs),
+    /// Remove what `run --pin DIR` left pinned (detaches the programs): for uninstalling.
+    Cleanup {
+        /// The directory given to `run --pin`.
+        #[arg(long)]
+        pin: PathBuf,
+    },
+}
+
+/// How pods' connections reach the agent.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Kernel programs redirect connects and attribute each connection to its pod.
+    Ebpf,
+    /// The credential addresses on a local interface, token-only checks (the reference agent's
+    /// way).
+    Link,
+    /// eBPF when the programs load and attach, else link mode (saying why).
+    Auto,
 }
 
 #[derive(Args, Debug)]
@@ -142,6 +160,13 @@ pub struct RunArgs {
     /// not ready meanwhile, before giving up.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub cgroup_root_wait: Duration,
+    /// How pods' connections reach the agent.
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    pub mode: Mode,
+    /// Pin the programs' links and maps in this bpffs directory, so a restarted agent takes them
+    /// over without a gap in interception (eBPF mode). Without it, exit leaves nothing attached.
+    #[arg(long, value_name = "DIR")]
+    pub pin: Option<PathBuf>,
 }
 
 /// Parses `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds.
@@ -183,6 +208,8 @@ pub struct Settings {
     pub node_name: Option<String>,
     pub metrics_per_pod: bool,
     pub cgroup_root_wait: Duration,
+    pub mode: Mode,
+    pub pin: Option<PathBuf>,
 }
 
 impl Settings {
@@ -238,6 +265,8 @@ impl Settings {
             node_name: args.node_name,
             metrics_per_pod: args.metrics_per_pod,
             cgroup_root_wait: args.cgroup_root_wait,
+            mode: args.mode,
+            pin: args.pin,
         })
     }
 }
@@ -299,7 +328,7 @@ mod tests {
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Run(a) => a,
-            Command::Pods(_) => unreachable!("parsed `run`"),
+            Command::Pods(_) | Command::Cleanup { .. } => unreachable!("parsed `run`"),
         }
     }
 

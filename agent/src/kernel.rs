@@ -1,13 +1,19 @@
 //! Loads the kernel programs (agent-ebpf), configures them, attaches them at the cgroup root, and
 //! answers "who opened this accepted connection?".
 //!
-//! The programs are attached as bpf links owned by this process: when the [`Redirector`] is
-//! dropped, or the process dies, the kernel detaches them.
+//! Without a pin directory the programs are attached as bpf links owned by this process: when the
+//! [`Redirector`] is dropped, or the process dies, the kernel detaches them.
+//!
+//! With a pin directory (`--pin`, on a bpffs) the links and the maps are pinned there and
+//! outlive the process. The next agent reuses the maps and swaps its programs into the pinned
+//! links atomically (`BPF_LINK_UPDATE`), so interception never stops across a restart.
+//! `pod-identity-agent cleanup --pin DIR` removes them for good.
 
 use std::{
-    fs::File,
+    fs::{self, File},
     io,
     net::{IpAddr, SocketAddr},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -16,7 +22,7 @@ use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, ProgramFd, SockOps, links::FdLink},
 };
 use pod_identity_common::{
     Attribution, ConnectionKey, Endpoint, RedirectConfig,
@@ -37,7 +43,23 @@ pub struct RedirectSpec {
     pub target_v6: Option<SocketAddr>,
     /// Connects from this cgroup (the agent's own) are never redirected.
     pub agent_cgroup_id: u64,
+    /// Pin links and maps here (a bpffs directory) so they outlive this process.
+    pub pin: Option<PathBuf>,
 }
+
+/// How the programs got attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    /// Links owned by this process; detached at exit.
+    Owned,
+    /// New links, pinned.
+    Pinned,
+    /// Pinned links of a previous agent, now running this agent's programs.
+    TakenOver,
+}
+
+/// Maps that are pinned with `--pin`, so records survive a handover between agents.
+const PINNED_MAPS: [&str; 4] = [names::INTERCEPTED, names::PENDING, names::CONNECTIONS, names::REDIRECT_COUNTS];
 
 /// Connects redirected by the kernel since the programs were attached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -47,8 +69,9 @@ pub struct RedirectCounts {
 }
 
 pub struct Redirector {
-    /// Owns the programs and their links; dropping it detaches everything.
+    /// Owns the programs and their links; dropping it detaches everything not pinned.
     _ebpf: Ebpf,
+    pub attachment: Attachment,
     connections: Mutex<BpfHashMap<MapData, ConnectionKey, Attribution>>,
     counts: PerCpuArray<MapData, u64>,
     _logger: tokio::task::JoinHandle<()>,
@@ -76,10 +99,20 @@ impl Redirector {
             _pad: [0; 4],
             agent_cgroup_id: spec.agent_cgroup_id,
         };
-        let mut ebpf = EbpfLoader::new()
-            .override_global(names::CONFIG, &config, true)
-            .load(OBJECT)
-            .map_err(|e| explain(anyhow::Error::new(e).context("loading the kernel object")))?;
+        let mut loader = EbpfLoader::new();
+        loader.override_global(names::CONFIG, &config, true);
+        let map_paths: Vec<(&str, PathBuf)> = match &spec.pin {
+            Some(dir) => {
+                check_bpffs(dir)?;
+                fs::create_dir_all(dir.join("maps")).and_then(|()| fs::create_dir_all(dir.join("links"))).with_context(|| format!("creating {}", dir.display()))?;
+                PINNED_MAPS.iter().map(|name| (*name, dir.join("maps").join(name))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path);
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|e| explain(anyhow::Error::new(e).context("loading the kernel object")))?;
         // The log reader must exist before the programs load (they reference its ring buffer).
         let logger = aya_log::EbpfLogger::init(&mut ebpf).context("starting the kernel log reader")?;
         let logger = tokio::spawn(forward_kernel_logs(logger));
@@ -94,21 +127,19 @@ impl Redirector {
             anyhow::anyhow!("cannot open cgroup root {}: {e} (it must be a directory in the cgroup2 hierarchy)", spec.cgroup_root.display())
         })?;
         // sock_ops first: once connect4/6 redirect, every redirected connection gets its record.
+        let pin = spec.pin.as_deref();
         let sock_ops: &mut SockOps = program(&mut ebpf, names::SOCK_OPS)?;
         sock_ops.load().map_err(|e| explain(anyhow::Error::new(e).context("loading the sock_ops program")))?;
-        sock_ops
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|e| explain(anyhow::Error::new(e).context(attach_context(names::SOCK_OPS, &spec.cgroup_root))))?;
+        let mut attachment = install(sock_ops, names::SOCK_OPS, &cgroup, &spec.cgroup_root, pin)?;
         for name in [names::CONNECT4, names::CONNECT6] {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(|e| explain(anyhow::Error::new(e).context(format!("loading the {name} program"))))?;
-            prog.attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|e| explain(anyhow::Error::new(e).context(attach_context(name, &spec.cgroup_root))))?;
+            attachment = install(prog, name, &cgroup, &spec.cgroup_root, pin)?;
         }
 
         let connections = BpfHashMap::try_from(ebpf.take_map(names::CONNECTIONS).context("CONNECTIONS map missing")?)?;
         let counts = PerCpuArray::try_from(ebpf.take_map(names::REDIRECT_COUNTS).context("REDIRECT_COUNTS map missing")?)?;
-        Ok(Redirector { _ebpf: ebpf, connections: Mutex::new(connections), counts, _logger: logger })
+        Ok(Redirector { _ebpf: ebpf, attachment, connections: Mutex::new(connections), counts, _logger: logger })
     }
 
     /// The attribution of an accepted connection, removed from the kernel map: each record is
@@ -137,6 +168,139 @@ where
 
 fn attach_context(name: &str, root: &Path) -> String {
     format!("attaching {name} to {}", root.display())
+}
+
+/// A cgroup program aya can attach and hand its link over.
+trait CgroupProgram {
+    type LinkId;
+    type Link;
+    fn attach_to(&mut self, cgroup: &File) -> Result<Self::LinkId, ProgramError>;
+    fn take(&mut self, id: Self::LinkId) -> Result<Self::Link, ProgramError>;
+    fn program_fd(&self) -> Result<&ProgramFd, ProgramError>;
+}
+
+macro_rules! cgroup_program {
+    ($ty:ty, $id:ty, $link:ty) => {
+        impl CgroupProgram for $ty {
+            type LinkId = $id;
+            type Link = $link;
+            fn attach_to(&mut self, cgroup: &File) -> Result<$id, ProgramError> {
+                // Single is right for links on kernels >= 5.7: they coexist with other programs.
+                self.attach(cgroup, CgroupAttachMode::Single)
+            }
+            fn take(&mut self, id: $id) -> Result<$link, ProgramError> {
+                self.take_link(id)
+            }
+            fn program_fd(&self) -> Result<&ProgramFd, ProgramError> {
+                self.fd()
+            }
+        }
+    };
+}
+
+cgroup_program!(CgroupSockAddr, aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId, aya::programs::cgroup_sock_addr::CgroupSockAddrLink);
+cgroup_program!(SockOps, aya::programs::sock_ops::SockOpsLinkId, aya::programs::sock_ops::SockOpsLink);
+
+/// Attaches `prog`: owned by the program without a pin directory; otherwise into the pinned link
+/// of a previous agent (swapping programs in place) or as a new pinned link.
+fn install<P>(prog: &mut P, name: &str, cgroup: &File, root: &Path, pin: Option<&Path>) -> anyhow::Result<Attachment>
+where
+    P: CgroupProgram,
+    FdLink: TryFrom<P::Link>,
+    <FdLink as TryFrom<P::Link>>::Error: std::error::Error + Send + Sync + 'static,
+{
+    let attach_err = |e: ProgramError| explain(anyhow::Error::new(e).context(attach_context(name, root)));
+    let Some(dir) = pin else {
+        prog.attach_to(cgroup).map_err(attach_err)?;
+        return Ok(Attachment::Owned);
+    };
+    let path = dir.join("links").join(name);
+    if path.exists() {
+        let link = bpf_sys::obj_get(&path).with_context(|| format!("opening pinned link {}", path.display()))?;
+        let prog_fd = prog.program_fd()?;
+        bpf_sys::link_update(link.as_fd(), prog_fd.as_fd())
+            .map_err(|e| explain(anyhow::Error::new(e).context(format!("swapping {name} into pinned link {}", path.display()))))?;
+        return Ok(Attachment::TakenOver);
+    }
+    let id = prog.attach_to(cgroup).map_err(attach_err)?;
+    let link = FdLink::try_from(prog.take(id)?).map_err(|e| anyhow::anyhow!("{name}: link is not a bpf link ({e}); pinning needs Linux >= 5.7"))?;
+    link.pin(&path).map_err(|e| anyhow::anyhow!("pinning {name} at {}: {e}", path.display()))?;
+    Ok(Attachment::Pinned)
+}
+
+/// Fails unless `dir` is on a bpffs (pins elsewhere are refused by the kernel with a vague error).
+fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let probe = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()).context("pin path")?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs writes into `st`, a properly sized struct.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("statfs {}", probe.display()));
+    }
+    if st.f_type as i64 != BPF_FS_MAGIC {
+        anyhow::bail!("--pin {}: not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)", dir.display());
+    }
+    Ok(())
+}
+
+/// Removes what `--pin DIR` left: unpinning the links detaches the programs, unpinning the maps
+/// frees them once nothing uses them.
+pub fn cleanup(dir: &Path) -> anyhow::Result<usize> {
+    let mut removed = 0;
+    for sub in ["links", "maps"] {
+        let Ok(entries) = fs::read_dir(dir.join(sub)) else { continue };
+        for entry in entries.flatten() {
+            fs::remove_file(entry.path()).with_context(|| format!("unpinning {}", entry.path().display()))?;
+            removed += 1;
+        }
+        let _ = fs::remove_dir(dir.join(sub));
+    }
+    Ok(removed)
+}
+
+/// The two bpf(2) commands aya does not expose: open a pinned object, and swap a link's program.
+mod bpf_sys {
+    use super::*;
+
+    // From the kernel's uapi `enum bpf_cmd` (also aya-obj's generated bindings).
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+    }
+
+    #[repr(C)]
+    struct LinkUpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+
+    pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+        let attr = ObjGetAttr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0 };
+        // SAFETY: attr is a valid bpf_attr prefix for BPF_OBJ_GET and outlives the call.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &attr as *const ObjGetAttr, size_of::<ObjGetAttr>()) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel returned a new fd that we now own.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+        let attr = LinkUpdateAttr { link_fd: link.as_raw_fd() as u32, new_prog_fd: prog.as_raw_fd() as u32, flags: 0, old_prog_fd: 0 };
+        // SAFETY: attr is a valid bpf_attr prefix for BPF_LINK_UPDATE and outlives the call.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, &attr as *const LinkUpdateAttr, size_of::<LinkUpdateAttr>()) };
+        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    }
 }
 
 /// Adds the likely cause to an error from the kernel, from the errno deepest in the chain.

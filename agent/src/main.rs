@@ -10,6 +10,7 @@ mod cache;
 mod config;
 mod credentials;
 mod kernel;
+mod link;
 mod metrics;
 mod ops;
 mod pods_view;
@@ -30,8 +31,8 @@ use tracing::{error, info, warn};
 use crate::{
     attribution::CgroupIndex,
     cache::CredentialCache,
-    config::{Cli, Command, LogFormat, Settings},
-    kernel::{RedirectSpec, Redirector},
+    config::{Cli, Command, LogFormat, Mode, Settings},
+    kernel::{Attachment, RedirectSpec, Redirector},
     metrics::Metrics,
     ops::Readiness,
     ratelimit::{PodRateLimits, UpstreamLimiter},
@@ -52,6 +53,18 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("pod-identity-agent pods: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Cleanup { pin } => {
+            return match kernel::cleanup(&pin) {
+                Ok(n) => {
+                    println!("removed {n} pinned objects from {}", pin.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("pod-identity-agent cleanup: {e:#}");
                     ExitCode::FAILURE
                 }
             };
@@ -98,27 +111,13 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the probe address {}", settings.probe_addr))?;
 
+    raise_memlock_limit();
     let mount = attribution::cgroup2_mount()?;
     let cgroup_root = settings.cgroup_root.clone().unwrap_or_else(|| mount.clone());
     let (own_cgroup, agent_cgroup_id) = attribution::own_cgroup(&mount)?;
-
-    let mut listeners = Vec::new();
-    for addr in &settings.listen {
-        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the credential listener {addr}"))?;
-        listeners.push(listener);
-    }
-
-    wait_for_cgroup_root(&cgroup_root, settings.cgroup_root_wait, &readiness).await?;
-    let redirector = Arc::new(
-        Redirector::attach(&RedirectSpec {
-            cgroup_root: cgroup_root.clone(),
-            intercept: settings.intercept.clone(),
-            target_v4: settings.target_v4,
-            target_v6: settings.target_v6,
-            agent_cgroup_id,
-        })
-        .context("cannot intercept pods' connections")?,
-    );
+    let Interception { redirector, listeners, mode, note } =
+        intercept(&settings, &cgroup_root, agent_cgroup_id, &readiness).await?;
+    metrics.set_mode(mode);
     let cgroups = CgroupIndex::build(&mount, &cgroup_root)
         .with_context(|| format!("indexing cgroups below {}", cgroup_root.display()))?;
     let upstream = EksAuth::new(EksAuthOptions {
@@ -150,7 +149,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             "/metrics" => (
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                metrics.render(Some(server.redirector.counts()), server.cache.len(), server.cache.stats()),
+                metrics.render(server.redirector.as_ref().map(|r| r.counts()), server.cache.len(), server.cache.stats()),
             ),
             _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         })
@@ -159,15 +158,19 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the metrics address {}", settings.metrics_addr))?;
 
+    let listen_addrs: Vec<_> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
     let maintenance = tokio::spawn(maintain(server.clone()));
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let mut accept_loops = Vec::new();
     for listener in listeners {
         accept_loops.push(tokio::spawn(server.clone().serve(listener, shutdown_rx.clone(), graceful.clone())));
     }
-    readiness.set(None);
+    readiness.ready(note.clone());
     info!(
-        listen = ?settings.listen,
+        mode,
+        note = %note,
+        attachment = ?redirector.as_ref().map(|r| r.attachment),
+        listen = ?listen_addrs,
         target_v4 = ?settings.target_v4,
         target_v6 = ?settings.target_v6,
         intercept = ?settings.intercept,
@@ -178,7 +181,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 
     wait_for_signal().await?;
     info!("shutting down: no new connections; finishing in-flight requests");
-    readiness.set(Some("shutting down".into()));
+    readiness.not_ready("shutting down");
     let _ = shutdown_tx.send(true);
     maintenance.abort();
     let _ = maintenance.await;
@@ -190,13 +193,88 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         warn!(grace = ?settings.shutdown_grace, "connections still open after the grace period; closing them");
     }
     drop(server);
-    // Dropping the last handle closes the links: the kernel detaches the programs.
-    match Arc::try_unwrap(redirector) {
-        Ok(redirector) => drop(redirector),
-        Err(_) => warn!("kernel programs still referenced at exit; they detach when the process ends"),
+    match redirector.map(Arc::try_unwrap) {
+        // Dropping the last handle closes owned links: the kernel detaches the programs.
+        Some(Ok(redirector)) if redirector.attachment == Attachment::Owned => drop(redirector),
+        Some(Ok(_)) => info!(pin = ?settings.pin, "programs stay attached through their pinned links for the next agent"),
+        Some(Err(_)) => warn!("kernel programs still referenced at exit; they detach when the process ends"),
+        None => {}
     }
     info!("stopped");
     Ok(())
+}
+
+/// How pods' connections reach this agent.
+struct Interception {
+    redirector: Option<Arc<Redirector>>,
+    listeners: Vec<TcpListener>,
+    mode: &'static str,
+    /// Shown in /readyz and the start-up log.
+    note: String,
+}
+
+/// eBPF interception, or link mode: as `--mode` says, `auto` falling back with the reason.
+async fn intercept(settings: &Settings, cgroup_root: &std::path::Path, agent_cgroup_id: u64, readiness: &Readiness) -> anyhow::Result<Interception> {
+    if settings.mode != Mode::Link {
+        let attempt = async {
+            let listeners = bind_all(&settings.listen)?;
+            wait_for_cgroup_root(cgroup_root, settings.cgroup_root_wait, readiness).await?;
+            let redirector = Redirector::attach(&RedirectSpec {
+                cgroup_root: cgroup_root.to_path_buf(),
+                intercept: settings.intercept.clone(),
+                target_v4: settings.target_v4,
+                target_v6: settings.target_v6,
+                agent_cgroup_id,
+                pin: settings.pin.clone(),
+            })?;
+            anyhow::Ok((listeners, redirector))
+        }
+        .await;
+        match attempt {
+            Ok((listeners, redirector)) => {
+                return Ok(Interception { redirector: Some(Arc::new(redirector)), listeners, mode: "ebpf", note: String::new() });
+            }
+            Err(e) if settings.mode == Mode::Ebpf => return Err(e.context("cannot intercept pods' connections")),
+            Err(e) => warn!("eBPF interception unavailable, falling back to link mode: {e:#}"),
+        }
+    }
+    let addresses: Vec<_> = settings.intercept.iter().map(|a| a.ip()).collect();
+    let link = link::ensure(&addresses)?;
+    let on_link: Vec<_> = settings.intercept.iter().copied().filter(|a| link.addresses.contains(&a.ip())).collect();
+    let listeners = bind_all(&on_link)?;
+    warn!(device = %link.device, addresses = ?link.addresses, "link mode: callers are not attributed to pods; requests are checked by their token alone");
+    Ok(Interception {
+        redirector: None,
+        listeners,
+        mode: "link",
+        note: format!("link mode on {}: callers are not attributed; token-only checks", link.device),
+    })
+}
+
+/// Binds each address with SO_REUSEPORT, so an agent starting beside this one during a rolling
+/// update can listen on the same address before this one stops.
+fn bind_all(addrs: &[std::net::SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
+    addrs
+        .iter()
+        .map(|addr| {
+            let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }?;
+            socket.set_reuseaddr(true)?;
+            socket.set_reuseport(true)?;
+            socket.bind(*addr)?;
+            socket.listen(1024)
+        })
+        .zip(addrs)
+        .map(|(result, addr)| result.with_context(|| format!("binding the credential listener {addr}")))
+        .collect()
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the cgroup.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot raise RLIMIT_MEMLOCK (fine on Linux >= 5.11)");
+    }
 }
 
 /// Drops the state of pods that are gone and starts refreshes that are due, every
@@ -231,10 +309,10 @@ async fn wait_for_cgroup_root(root: &std::path::Path, wait: std::time::Duration,
         if started.elapsed() >= wait {
             anyhow::bail!("cgroup root {} does not exist (waited {wait:?}); check --cgroup-root", root.display());
         }
-        readiness.set(Some(format!("waiting for cgroup root {} to appear", root.display())));
+        readiness.not_ready(format!("waiting for cgroup root {} to appear", root.display()));
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    readiness.set(Some("kernel programs not attached yet".into()));
+    readiness.not_ready("kernel programs not attached yet");
     Ok(())
 }
 

@@ -55,6 +55,11 @@ struct PodLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -75,6 +80,7 @@ pub struct Metrics {
     cache_refreshes: Counter,
     upstream_calls: Counter,
     pod_requests: Option<Family<PodLabels, Counter>>,
+    mode: Family<ModeLabels, Gauge>,
     process: ProcessMetrics,
 }
 
@@ -161,6 +167,12 @@ impl Metrics {
             r.register("pod_identity_agent_pod_requests", "Credential endpoint responses per pod and status code (--metrics-per-pod)", f.clone());
             f
         });
+        let mode = Family::<ModeLabels, Gauge>::default();
+        r.register(
+            "pod_identity_agent_mode",
+            "How pods reach the agent: 1 for the active mode, ebpf (attributed) or link (token-only checks)",
+            mode.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
         r.register("pod_identity_agent_build_info", "Version of the running agent (value is always 1)", build);
@@ -192,8 +204,13 @@ impl Metrics {
             cache_refreshes,
             upstream_calls,
             pod_requests,
+            mode,
             process,
         })
+    }
+
+    pub fn set_mode(&self, mode: &'static str) {
+        self.mode.get_or_create(&ModeLabels { mode }).set(1);
     }
 
     /// One response of the credential endpoint; `pod` is (namespace, name) when known.

@@ -16,19 +16,24 @@ use tracing::warn;
 
 use crate::stats::PodStatsRegistry;
 
-/// Why the agent cannot do its job yet; `None` once it can.
-pub struct Readiness(Mutex<Option<String>>);
+/// Whether the agent can do its job: `Ok(note)` when it can (the note qualifies how, e.g. link
+/// mode), `Err(reason)` when it cannot.
+pub struct Readiness(Mutex<Result<String, String>>);
 
 impl Readiness {
     pub fn new(reason: &str) -> Arc<Readiness> {
-        Arc::new(Readiness(Mutex::new(Some(reason.to_owned()))))
+        Arc::new(Readiness(Mutex::new(Err(reason.to_owned()))))
     }
 
-    pub fn set(&self, not_ready: Option<String>) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = not_ready;
+    pub fn not_ready(&self, reason: impl Into<String>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Err(reason.into());
     }
 
-    pub fn reason(&self) -> Option<String> {
+    pub fn ready(&self, note: impl Into<String>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Ok(note.into());
+    }
+
+    fn state(&self) -> Result<String, String> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
@@ -36,8 +41,13 @@ impl Readiness {
 pub type Handler = Arc<dyn Fn(&str) -> (StatusCode, &'static str, String) + Send + Sync>;
 
 /// Serves `handler` (path -> status, content type, body) on `addr` until `shutdown` flips.
+/// SO_REUSEPORT: during a surge roll two agents run on a node (hostNetwork) and share the port.
 pub async fn serve(addr: SocketAddr, handler: Handler, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }?;
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    let listener: TcpListener = socket.listen(128)?;
     tokio::spawn(async move {
         loop {
             let stream = tokio::select! {
@@ -68,9 +78,10 @@ pub async fn serve(addr: SocketAddr, handler: Handler, mut shutdown: watch::Rece
 pub fn probes(readiness: Arc<Readiness>, stats: Arc<PodStatsRegistry>) -> Handler {
     Arc::new(move |path| match path {
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" => match readiness.reason() {
-            None => (StatusCode::OK, "text/plain", "ready\n".into()),
-            Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {reason}\n")),
+        "/readyz" => match readiness.state() {
+            Ok(note) if note.is_empty() => (StatusCode::OK, "text/plain", "ready\n".into()),
+            Ok(note) => (StatusCode::OK, "text/plain", format!("ready ({note})\n")),
+            Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {reason}\n")),
         },
         "/v1/pods" => {
             let body = serde_json::to_string(&stats.snapshot()).expect("stats serialise");

@@ -38,7 +38,9 @@ pub const CREDENTIALS_PATH: &str = "/v1/credentials";
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct CredentialServer {
-    pub redirector: Arc<Redirector>,
+    /// The kernel programs; `None` in link mode, where callers cannot be attributed and requests
+    /// are checked by their token alone.
+    pub redirector: Option<Arc<Redirector>>,
     pub cgroups: CgroupIndex,
     pub cache: CredentialCache<EksAuth>,
     pub pod_limits: PodRateLimits,
@@ -117,9 +119,9 @@ impl CredentialServer {
                 _ = shutdown.changed() => break,
             };
             let accepted_at = Instant::now();
-            let attribution = match stream.local_addr() {
-                Ok(local) => self.redirector.take(peer, local),
-                Err(_) => None,
+            let attribution = match (&self.redirector, stream.local_addr()) {
+                (Some(redirector), Ok(local)) => redirector.take(peer, local),
+                _ => None,
             };
             let _ = stream.set_nodelay(true);
             let conn = Arc::new(Connection { peer, attribution, accepted_at, counted: AtomicBool::new(false) });
@@ -202,34 +204,17 @@ impl CredentialServer {
         req: &Request<Incoming>,
         facts: &mut RequestFacts,
     ) -> Result<Response<Full<Bytes>>, Refusal> {
-        let Some(attribution) = conn.attribution else {
-            return Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                "not_redirected",
-                "connection did not come through the agent's redirect, so its caller cannot be attributed; connect to the credential address instead",
-            ));
+        // In link mode nothing attributes the caller: the pod is whatever the token says.
+        let pod = match &self.redirector {
+            Some(_) => Some(self.attributed_pod(conn)?),
+            None => None,
         };
-        let pod = match self.cgroups.resolve(attribution.cgroup_id, conn.accepted_at) {
-            None => {
-                return Err(Refusal::new(
-                    StatusCode::FORBIDDEN,
-                    "cgroup_unknown",
-                    format!("cannot attribute caller: cgroup id {} no longer exists", attribution.cgroup_id),
-                ));
+        if let Some(pod) = &pod {
+            if !conn.counted.swap(true, Ordering::Relaxed) {
+                self.stats.connection(pod);
             }
-            Some(Caller::Host { cgroup }) => {
-                return Err(Refusal::new(
-                    StatusCode::FORBIDDEN,
-                    "not_a_pod",
-                    format!("caller runs in cgroup {cgroup}, which belongs to no pod; only pods get pod credentials"),
-                ));
-            }
-            Some(Caller::Pod { uid, .. }) => uid,
-        };
-        if !conn.counted.swap(true, Ordering::Relaxed) {
-            self.stats.connection(&pod);
+            facts.pod = Some(pod.clone());
         }
-        facts.pod = Some(pod.clone());
 
         let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
         if !self.allowed_hosts.iter().any(|allowed| allowed.eq_ignore_ascii_case(host)) {
@@ -248,17 +233,24 @@ impl CredentialServer {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let claims = token::parse(raw_token, now)
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "token_invalid", e.to_string()))?;
-        // The token must name the pod the kernel says is calling.
-        if claims.pod_uid != pod {
-            return Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                "token_pod_mismatch",
-                format!(
-                    "token belongs to pod {}/{} (uid {}), but the caller is pod uid {pod}",
-                    claims.namespace, claims.pod_name, claims.pod_uid
-                ),
-            ));
-        }
+        let pod = match pod {
+            // The token must name the pod the kernel says is calling.
+            Some(pod) if claims.pod_uid != pod => {
+                return Err(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    "token_pod_mismatch",
+                    format!(
+                        "token belongs to pod {}/{} (uid {}), but the caller is pod uid {pod}",
+                        claims.namespace, claims.pod_name, claims.pod_uid
+                    ),
+                ));
+            }
+            Some(pod) => pod,
+            None => {
+                facts.pod = Some(claims.pod_uid.clone());
+                claims.pod_uid.clone()
+            }
+        };
         let claims = facts.claims.insert(claims);
         if !self.pod_limits.allow(&pod) {
             return Err(Refusal::new(
@@ -277,7 +269,7 @@ impl CredentialServer {
             namespace = %claims.namespace,
             pod = %claims.pod_name,
             pod_uid = %claims.pod_uid,
-            pid = attribution.pid_tgid >> 32,
+            pid = conn.attribution.map(|a| a.pid_tgid >> 32),
             outcome = ?outcome,
             "served credentials"
         );
@@ -288,6 +280,30 @@ impl CredentialServer {
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
             .expect("static response parts are valid"))
+    }
+
+    /// The pod the kernel attributed this connection to, or why there is none.
+    fn attributed_pod(&self, conn: &Connection) -> Result<PodUid, Refusal> {
+        let Some(attribution) = conn.attribution else {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "not_redirected",
+                "connection did not come through the agent's redirect, so its caller cannot be attributed; connect to the credential address instead",
+            ));
+        };
+        match self.cgroups.resolve(attribution.cgroup_id, conn.accepted_at) {
+            None => Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "cgroup_unknown",
+                format!("cannot attribute caller: cgroup id {} no longer exists", attribution.cgroup_id),
+            )),
+            Some(Caller::Host { cgroup }) => Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "not_a_pod",
+                format!("caller runs in cgroup {cgroup}, which belongs to no pod; only pods get pod credentials"),
+            )),
+            Some(Caller::Pod { uid, .. }) => Ok(uid),
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! cgroup, simulated pods, real clients (curl, boto3), and the fake EKS Auth API.
 
 mod cache;
+mod deploy_modes;
 mod operator;
 mod sdk_clients;
 
@@ -293,7 +294,7 @@ fn attach_failure_is_a_clear_error() {
     let fake = FakeEksAuth::start_in(&node.netns);
     let not_a_cgroup = std::env::temp_dir().join(format!("{}-not-a-cgroup", node.netns));
     std::fs::create_dir_all(&not_a_cgroup).unwrap();
-    let mut agent = Agent::spawn(&node, &fake, &["--cgroup-root", not_a_cgroup.to_str().unwrap()]);
+    let mut agent = Agent::spawn(&node, &fake, &["--mode", "ebpf", "--cgroup-root", not_a_cgroup.to_str().unwrap()]);
     let status = agent.wait_exit(Duration::from_secs(30));
     let log = agent.log();
     let _ = std::fs::remove_dir_all(&not_a_cgroup);

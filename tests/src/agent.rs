@@ -17,6 +17,8 @@ pub const METRICS_ADDR: &str = "127.0.0.1:2705";
 /// The node's own secret key (signs EKS Auth calls); must never be logged either.
 const NODE_SECRET: &str = "node-secret-example-0123456789abcdef";
 
+static NEXT_LOG: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+
 pub struct Agent {
     child: Option<Child>,
     netns: String,
@@ -50,19 +52,46 @@ impl Agent {
 
     /// Starts the agent without waiting for readiness.
     pub fn spawn(node: &Node, fake: &FakeEksAuth, extra: &[&str]) -> Agent {
+        Agent::spawn_wrapped(node, fake, extra, &[])
+    }
+
+    /// Starts the agent and waits for readiness; it runs under `wrapper` (e.g. setpriv with a
+    /// reduced set of capabilities).
+    pub fn start_wrapped(node: &Node, fake: &FakeEksAuth, extra: &[&str], wrapper: &[&str]) -> Agent {
+        let mut agent = Agent::spawn_wrapped(node, fake, extra, wrapper);
+        agent.wait_ready(node);
+        agent
+    }
+
+    /// Starts `wrapper... agent run ...` without waiting. The harness passes the node's cgroup
+    /// root and listen addresses unless `extra` gives its own.
+    pub fn spawn_wrapped(node: &Node, fake: &FakeEksAuth, extra: &[&str], wrapper: &[&str]) -> Agent {
         let [listen4, listen6] = node.listen_addrs(PORT);
-        let log_path = std::env::temp_dir().join(format!("{}-agent.log", node.netns));
+        let log_path = std::env::temp_dir().join(format!("{}-agent-{}.log", node.netns, NEXT_LOG.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
         let log = fs::File::create(&log_path).expect("create agent log");
         crate::secrets::remember(NODE_SECRET);
-        let mut command = node.command(binary().to_str().unwrap(), Some(&node.agent_cgroup));
+        let binary = binary();
+        let (program, prefix) = match wrapper.split_first() {
+            Some((first, rest)) => (*first, rest.to_vec()),
+            None => (binary.to_str().unwrap(), Vec::new()),
+        };
+        let mut command = node.command(program, Some(&node.agent_cgroup));
+        command.args(prefix);
+        if !wrapper.is_empty() {
+            command.arg(&binary);
+        }
         command.args(["run", "--cluster-name", CLUSTER, "--region", REGION]);
         if !extra.contains(&"--cgroup-root") {
             command.arg("--cgroup-root").arg(&node.cgroup_root);
         }
+        if !extra.contains(&"--listen") {
+            command.args(["--listen", &listen4.to_string(), "--listen", &listen6.to_string()]);
+        }
+        if !extra.contains(&"--probe-addr") {
+            command.args(["--probe-addr", PROBE_ADDR, "--metrics-addr", METRICS_ADDR]);
+        }
         let child = command
             .args(["--eks-auth-endpoint", &fake.endpoint()])
-            .args(["--listen", &listen4.to_string(), "--listen", &listen6.to_string()])
-            .args(["--probe-addr", PROBE_ADDR, "--metrics-addr", METRICS_ADDR])
             .args(extra)
             // The node's own credentials sign the EKS Auth calls; nothing else of this machine's
             // AWS configuration may leak in.
@@ -83,7 +112,7 @@ impl Agent {
         Agent { child: Some(child), netns: node.netns.clone(), log_path }
     }
 
-    fn wait_ready(&mut self, node: &Node) {
+    pub fn wait_ready(&mut self, node: &Node) {
         let deadline = Instant::now() + Duration::from_secs(30);
         let probe: SocketAddr = PROBE_ADDR.parse().unwrap();
         loop {

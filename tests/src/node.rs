@@ -45,6 +45,8 @@ pub struct Node {
     pub agent_cgroup: PathBuf,
     pub ip4: Ipv4Addr,
     pub ip6: Ipv6Addr,
+    /// False for a node whose kernel has IPv6 disabled (its namespaces and its pods').
+    pub ipv6: bool,
     pods: Mutex<u32>,
     pod_netns: Mutex<Vec<String>>,
 }
@@ -88,9 +90,15 @@ pub fn sh(program: &str, args: &[&str]) {
 
 /// A connect that is not redirected must fail at once (EHOSTUNREACH) rather than wait for a SYN
 /// to time out, so tests can tell "not redirected" from "slow".
-fn unreachable_credential_addresses(netns: &str) {
+fn unreachable_credential_addresses(netns: &str, ipv6: bool) {
     sh("ip", &["-n", netns, "route", "add", "unreachable", "169.254.170.23/32"]);
-    sh("ip", &["-n", netns, "-6", "route", "add", "unreachable", "fd00:ec2::23/128"]);
+    if ipv6 {
+        sh("ip", &["-n", netns, "-6", "route", "add", "unreachable", "fd00:ec2::23/128"]);
+    }
+}
+
+fn disable_ipv6(netns: &str) {
+    sh("ip", &["netns", "exec", netns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]);
 }
 
 /// Runs `f` on a thread that has joined network namespace `netns` (sockets made there stay there).
@@ -153,6 +161,15 @@ pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> std::io::Result<(u
 
 impl Node {
     pub fn new() -> Node {
+        Node::create(true)
+    }
+
+    /// A node (and pods) with IPv6 disabled, as on nodes booted with ipv6.disable=1.
+    pub fn without_ipv6() -> Node {
+        Node::create(false)
+    }
+
+    fn create(ipv6: bool) -> Node {
         crate::require_root();
         static SWEEP: std::sync::Once = std::sync::Once::new();
         SWEEP.call_once(|| remove_leftovers(|pid| !Path::new(&format!("/proc/{pid}")).exists()));
@@ -168,6 +185,7 @@ impl Node {
             agent_cgroup,
             ip4: Ipv4Addr::new(198, 18, index as u8, 1),
             ip6: format!("2001:2:0:{index:x}::1").parse().unwrap(),
+            ipv6,
             pods: Mutex::new(0),
             pod_netns: Mutex::new(Vec::new()),
         };
@@ -176,8 +194,12 @@ impl Node {
         sh("ip", &["netns", "add", &name]);
         sh("ip", &["-n", &name, "link", "set", "lo", "up"]);
         sh("ip", &["-n", &name, "addr", "add", &format!("{}/32", node.ip4), "dev", "lo"]);
-        sh("ip", &["-n", &name, "-6", "addr", "add", &format!("{}/128", node.ip6), "dev", "lo", "nodad"]);
-        unreachable_credential_addresses(&name);
+        if ipv6 {
+            sh("ip", &["-n", &name, "-6", "addr", "add", &format!("{}/128", node.ip6), "dev", "lo", "nodad"]);
+        } else {
+            disable_ipv6(&name);
+        }
+        unreachable_credential_addresses(&name, ipv6);
         node
     }
 
@@ -203,18 +225,24 @@ impl Node {
         let n = self.netns.as_str();
         sh("ip", &["-n", n, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
         sh("ip", &["-n", n, "link", "set", &veth, "up"]);
-        sh("ip", &["-n", n, "-6", "addr", "add", "fe80::1/64", "dev", &veth, "nodad"]);
         sh("ip", &["-n", n, "route", "add", &format!("{ip4}/32"), "dev", &veth]);
-        sh("ip", &["-n", n, "-6", "route", "add", &format!("{ip6}/128"), "dev", &veth]);
-        sh("ip", &["netns", "exec", &netns, "sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0"]);
         sh("ip", &["-n", &netns, "link", "set", "lo", "up"]);
         sh("ip", &["-n", &netns, "addr", "add", &format!("{ip4}/32"), "dev", "eth0"]);
-        sh("ip", &["-n", &netns, "-6", "addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"]);
+        if self.ipv6 {
+            sh("ip", &["-n", n, "-6", "addr", "add", "fe80::1/64", "dev", &veth, "nodad"]);
+            sh("ip", &["-n", n, "-6", "route", "add", &format!("{ip6}/128"), "dev", &veth]);
+            sh("ip", &["netns", "exec", &netns, "sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0"]);
+            sh("ip", &["-n", &netns, "-6", "addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"]);
+        } else {
+            disable_ipv6(&netns);
+        }
         sh("ip", &["-n", &netns, "link", "set", "eth0", "up"]);
         sh("ip", &["-n", &netns, "route", "add", &format!("{}/32", self.ip4), "dev", "eth0"]);
         sh("ip", &["-n", &netns, "route", "add", "default", "via", &self.ip4.to_string(), "dev", "eth0"]);
-        sh("ip", &["-n", &netns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"]);
-        unreachable_credential_addresses(&netns);
+        if self.ipv6 {
+            sh("ip", &["-n", &netns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"]);
+        }
+        unreachable_credential_addresses(&netns, self.ipv6);
         pod.netns = netns;
         pod.ip4 = Some(ip4);
         pod
@@ -370,7 +398,36 @@ fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A private bpf filesystem for `--pin` tests, unmounted on drop.
+pub struct BpfFs {
+    pub dir: PathBuf,
+}
+
+impl BpfFs {
+    pub fn mount(name: &str) -> BpfFs {
+        let dir = std::env::temp_dir().join(format!("pia-{}-bpffs-{name}", std::process::id()));
+        fs::create_dir_all(&dir).expect("create bpffs dir");
+        sh("mount", &["-t", "bpf", "bpf", dir.to_str().unwrap()]);
+        BpfFs { dir }
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).output();
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
 impl Pod {
+    /// Lets the pod route the credential addresses to the node (link mode serves them there);
+    /// by default they are unreachable in a pod so a connect that is not redirected fails fast.
+    pub fn route_credential_addresses_via_node(&self) {
+        sh("ip", &["-n", &self.netns, "route", "del", "unreachable", "169.254.170.23/32"]);
+        // Absent on pods of a node without IPv6.
+        let _ = Command::new("ip").args(["-n", &self.netns, "-6", "route", "del", "unreachable", "fd00:ec2::23/128"]).output();
+    }
+
     /// Deletes the pod as kubelet would: its processes end, its cgroups and network go away.
     pub fn delete(&self) {
         let pod_cgroup = self.cgroup.parent().expect("container cgroup has a pod parent");
