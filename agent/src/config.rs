@@ -218,7 +218,7 @@ impl Settings {
             bail!("--cluster-name (or CLUSTER_NAME) must not be empty");
         }
         let listen = if args.listen.is_empty() {
-            vec![SocketAddr::new(node_ip()?, DEFAULT_PORT)]
+            node_ips()?.into_iter().map(|ip| SocketAddr::new(ip, DEFAULT_PORT)).collect()
         } else {
             args.listen
         };
@@ -271,14 +271,32 @@ impl Settings {
     }
 }
 
-/// `NODE_IP` (set from the downward API in the DaemonSet), else the address of the interface
-/// that holds the IPv4 default route.
-fn node_ip() -> anyhow::Result<IpAddr> {
+/// `NODE_IP` (from the downward API: `status.hostIP`, or `status.hostIPs` on dual-stack
+/// clusters, comma-separated), else the address of the interface that holds the IPv4 default
+/// route.
+fn node_ips() -> anyhow::Result<Vec<IpAddr>> {
     if let Ok(value) = std::env::var("NODE_IP") {
-        // Dual-stack clusters may pass "v4,v6": the first is the node's primary address.
-        let first = value.split(',').next().unwrap_or("").trim();
-        return first.parse().with_context(|| format!("NODE_IP={value:?} is not an IP address"));
+        return parse_node_ips(&value);
     }
+    Ok(vec![default_route_ip()?])
+}
+
+/// Node addresses from `NODE_IP`, at most one per family (the first of each).
+fn parse_node_ips(value: &str) -> anyhow::Result<Vec<IpAddr>> {
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let ip: IpAddr = part.parse().with_context(|| format!("NODE_IP={value:?}: {part:?} is not an IP address"))?;
+        if !ips.iter().any(|have| have.is_ipv4() == ip.is_ipv4()) {
+            ips.push(ip);
+        }
+    }
+    if ips.is_empty() {
+        bail!("NODE_IP is empty");
+    }
+    Ok(ips)
+}
+
+fn default_route_ip() -> anyhow::Result<IpAddr> {
     let routes = procfs::net::route().context("reading /proc/net/route")?;
     let iface = routes
         .iter()
@@ -338,6 +356,15 @@ mod tests {
         assert_eq!(s.target_v4, Some("198.18.0.1:2704".parse().unwrap()));
         assert_eq!(s.target_v6, Some("[2001:2::1]:2704".parse().unwrap()));
         assert_eq!(s.intercept.len(), 2);
+    }
+
+    #[test]
+    fn node_ip_lists_give_one_address_per_family() {
+        let ips = parse_node_ips("198.18.0.1, 2001:2::1,198.18.0.2").unwrap();
+        assert_eq!(ips, vec!["198.18.0.1".parse::<IpAddr>().unwrap(), "2001:2::1".parse().unwrap()]);
+        assert_eq!(parse_node_ips("2001:2::1").unwrap().len(), 1);
+        assert!(parse_node_ips("").is_err());
+        assert!(parse_node_ips("node-1").is_err());
     }
 
     #[test]

@@ -21,7 +21,14 @@ const APT_PACKAGES: &[&str] = &[
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// (module to import, PyPI package): real SDK clients the end-to-end tests run inside pods.
-const PIP_PACKAGES: &[(&str, &str)] = &[("boto3", "boto3"), ("awscli", "awscli<2"), ("prometheus_client", "prometheus-client")];
+const PIP_PACKAGES: &[(&str, &str)] = &[
+    ("boto3", "boto3"),
+    ("awscli", "awscli<2"),
+    ("prometheus_client", "prometheus-client"),
+    // Deploy tests: manifests against the Kubernetes schemas (kubectl renders them).
+    ("kubernetes_validate", "kubernetes-validate"),
+    ("yaml", "pyyaml"),
+];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
