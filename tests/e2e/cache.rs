@@ -42,6 +42,7 @@ fn two_hundred_concurrent_first_requests_make_one_upstream_call() {
     assert!(codes.iter().all(|c| *c == 200), "{codes:?}");
     assert_eq!(s.fake.calls().len(), 1, "200 concurrent misses for one token must coalesce into one call");
     let m = s.agent.metrics();
+    eprintln!("after 200 concurrent requests: resident memory {} bytes", metric(&m, "process_resident_memory_bytes"));
     assert_eq!(metric(&m, r#"pod_identity_agent_cache_lookups_total{result="miss"}"#), 1.0, "{m}");
     assert_eq!(
         metric(&m, r#"pod_identity_agent_cache_lookups_total{result="coalesced"}"#)
