@@ -140,6 +140,12 @@ pub struct RunArgs {
     /// together fit with room to spare).
     #[arg(long, default_value_t = 200)]
     pub pod_burst: u32,
+    /// Most open connections on the credential listeners; more are closed at accept.
+    #[arg(long, default_value_t = 8192)]
+    pub max_connections: usize,
+    /// Most open connections one pod may hold; more are closed at accept (eBPF mode).
+    #[arg(long, default_value_t = 256)]
+    pub max_connections_per_pod: usize,
     /// Use the FIPS endpoint of EKS Auth (also AWS_USE_FIPS_ENDPOINT=true).
     #[arg(long)]
     pub fips: bool,
@@ -210,6 +216,8 @@ pub struct Settings {
     pub cgroup_root_wait: Duration,
     pub mode: Mode,
     pub pin: Option<PathBuf>,
+    pub max_connections: usize,
+    pub max_connections_per_pod: usize,
 }
 
 impl Settings {
@@ -267,6 +275,8 @@ impl Settings {
             cgroup_root_wait: args.cgroup_root_wait,
             mode: args.mode,
             pin: args.pin,
+            max_connections: args.max_connections.max(1),
+            max_connections_per_pod: args.max_connections_per_pod.max(1),
         })
     }
 }

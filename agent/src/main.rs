@@ -8,6 +8,7 @@
 mod attribution;
 mod cache;
 mod config;
+mod connlimit;
 mod credentials;
 mod kernel;
 mod link;
@@ -138,6 +139,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             metrics.clone(),
         ),
         pod_limits: PodRateLimits::new(settings.pod_rps, settings.pod_burst),
+        connection_limits: connlimit::ConnectionLimits::new(settings.max_connections, settings.max_connections_per_pod),
         stats,
         metrics: metrics.clone(),
         allowed_hosts: server::allowed_hosts(&settings.intercept),
@@ -149,7 +151,12 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             "/metrics" => (
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                metrics.render(server.redirector.as_ref().map(|r| r.counts()), server.cache.len(), server.cache.stats()),
+                metrics.render(
+                    server.redirector.as_ref().map(|r| r.counts()),
+                    server.cache.len(),
+                    server.cache.stats(),
+                    server.connection_limits.open(),
+                ),
             ),
             _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         })

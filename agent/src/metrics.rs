@@ -81,6 +81,8 @@ pub struct Metrics {
     upstream_calls: Counter,
     pod_requests: Option<Family<PodLabels, Counter>>,
     mode: Family<ModeLabels, Gauge>,
+    rejected_connections: Family<ReasonLabels, Counter>,
+    open_connections: Gauge,
     process: ProcessMetrics,
 }
 
@@ -173,6 +175,14 @@ impl Metrics {
             "How pods reach the agent: 1 for the active mode, ebpf (attributed) or link (token-only checks)",
             mode.clone(),
         );
+        let rejected_connections = Family::<ReasonLabels, Counter>::default();
+        r.register(
+            "pod_identity_agent_rejected_connections",
+            "Connections closed at accept, by reason: pod_limit (--max-connections-per-pod), total_limit (--max-connections)",
+            rejected_connections.clone(),
+        );
+        let open_connections = Gauge::default();
+        r.register("pod_identity_agent_open_connections", "Open connections on the credential listeners", open_connections.clone());
         let build = Family::<BuildLabels, Gauge>::default();
         build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
         r.register("pod_identity_agent_build_info", "Version of the running agent (value is always 1)", build);
@@ -205,8 +215,14 @@ impl Metrics {
             upstream_calls,
             pod_requests,
             mode,
+            rejected_connections,
+            open_connections,
             process,
         })
+    }
+
+    pub fn observe_rejected_connection(&self, reason: &'static str) {
+        self.rejected_connections.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     pub fn set_mode(&self, mode: &'static str) {
@@ -251,7 +267,8 @@ impl Metrics {
     }
 
     /// Renders the registry after copying in the values that live elsewhere.
-    pub fn render(&self, redirects: Option<RedirectCounts>, cache_entries: usize, cache: &CacheStats) -> String {
+    pub fn render(&self, redirects: Option<RedirectCounts>, cache_entries: usize, cache: &CacheStats, open_connections: usize) -> String {
+        self.open_connections.set(open_connections as i64);
         if let Some(counts) = redirects {
             for (family, value) in [("ipv4", counts.v4), ("ipv6", counts.v6)] {
                 self.kernel_redirects.get_or_create(&FamilyLabels { family }).inner().store(value, Ordering::Relaxed);

@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 use crate::{
     attribution::{Caller, CgroupIndex},
     cache::{CredentialCache, Outcome},
+    connlimit::{ConnectionLimits, Permit},
     kernel::Redirector,
     metrics::Metrics,
     ratelimit::PodRateLimits,
@@ -44,20 +45,23 @@ pub struct CredentialServer {
     pub cgroups: CgroupIndex,
     pub cache: CredentialCache<EksAuth>,
     pub pod_limits: PodRateLimits,
+    pub connection_limits: Arc<ConnectionLimits>,
     pub stats: Arc<PodStatsRegistry>,
     pub metrics: Arc<Metrics>,
     /// Host header values a client may send: the intercepted addresses, with and without port.
     pub allowed_hosts: Vec<String>,
 }
 
-/// Who is on the other end of one accepted connection.
+/// Who is on the other end of one accepted connection, found once at accept.
 struct Connection {
     peer: SocketAddr,
     attribution: Option<Attribution>,
-    /// When the connection was accepted: the caller's cgroup existed before this instant.
-    accepted_at: Instant,
+    /// The attributed pod, or why there is none (eBPF mode); None in link mode.
+    caller: Option<Result<PodUid, Refusal>>,
     /// Whether this connection was counted in its pod's kernel-redirect statistics.
     counted: AtomicBool,
+    /// Its place under the connection limits, released when the connection ends.
+    _permit: Permit,
 }
 
 /// What one request revealed, for statistics and metrics.
@@ -71,6 +75,7 @@ struct RequestFacts {
 }
 
 /// An answer other than credentials: status and a text body for the client (and the log).
+#[derive(Clone, Debug)]
 struct Refusal {
     status: StatusCode,
     reason: &'static str,
@@ -119,12 +124,25 @@ impl CredentialServer {
                 _ = shutdown.changed() => break,
             };
             let accepted_at = Instant::now();
-            let attribution = match (&self.redirector, stream.local_addr()) {
-                (Some(redirector), Ok(local)) => redirector.take(peer, local),
-                _ => None,
+            let (attribution, caller) = match (&self.redirector, stream.local_addr()) {
+                (Some(redirector), Ok(local)) => {
+                    let attribution = redirector.take(peer, local);
+                    (attribution, Some(self.caller(attribution, accepted_at)))
+                }
+                (Some(_), Err(_)) => (None, Some(self.caller(None, accepted_at))),
+                (None, _) => (None, None),
+            };
+            let pod = caller.as_ref().and_then(|c| c.as_ref().ok());
+            let permit = match self.connection_limits.admit(pod) {
+                Ok(permit) => permit,
+                Err(rejected) => {
+                    // Closed before a byte is read: the cheapest answer to a connection flood.
+                    self.metrics.observe_rejected_connection(rejected.reason());
+                    continue;
+                }
             };
             let _ = stream.set_nodelay(true);
-            let conn = Arc::new(Connection { peer, attribution, accepted_at, counted: AtomicBool::new(false) });
+            let conn = Arc::new(Connection { peer, attribution, caller, counted: AtomicBool::new(false), _permit: permit });
             let server = self.clone();
             let service = hyper::service::service_fn(move |req| {
                 let server = server.clone();
@@ -205,8 +223,9 @@ impl CredentialServer {
         facts: &mut RequestFacts,
     ) -> Result<Response<Full<Bytes>>, Refusal> {
         // In link mode nothing attributes the caller: the pod is whatever the token says.
-        let pod = match &self.redirector {
-            Some(_) => Some(self.attributed_pod(conn)?),
+        let pod = match &conn.caller {
+            Some(Ok(pod)) => Some(pod.clone()),
+            Some(Err(refusal)) => return Err(refusal.clone()),
             None => None,
         };
         if let Some(pod) = &pod {
@@ -282,16 +301,16 @@ impl CredentialServer {
             .expect("static response parts are valid"))
     }
 
-    /// The pod the kernel attributed this connection to, or why there is none.
-    fn attributed_pod(&self, conn: &Connection) -> Result<PodUid, Refusal> {
-        let Some(attribution) = conn.attribution else {
+    /// The pod the kernel attributed a connection to, or why there is none.
+    fn caller(&self, attribution: Option<Attribution>, accepted_at: Instant) -> Result<PodUid, Refusal> {
+        let Some(attribution) = attribution else {
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 "not_redirected",
                 "connection did not come through the agent's redirect, so its caller cannot be attributed; connect to the credential address instead",
             ));
         };
-        match self.cgroups.resolve(attribution.cgroup_id, conn.accepted_at) {
+        match self.cgroups.resolve(attribution.cgroup_id, accepted_at) {
             None => Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 "cgroup_unknown",

@@ -4,6 +4,7 @@
 mod cache;
 mod deploy_manifests;
 mod deploy_modes;
+mod hostile;
 mod operator;
 mod sdk_clients;
 

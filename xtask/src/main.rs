@@ -37,9 +37,10 @@ fn main() -> ExitCode {
         Some("build") => setup().and_then(|()| build()),
         Some("test") => setup().and_then(|()| build()).and_then(|()| test()),
         Some("demo") => setup().and_then(|()| build()).and_then(|()| demo()),
+        Some("bench") => setup().and_then(|()| bench()),
         _ => {
             eprintln!(
-                "usage: cargo xtask <command>\n\n  setup   install what the build and tests need (idempotent)\n  build   setup, then build the agent\n  test    setup, build, run unit and end-to-end tests (root)\n  demo    setup, build, simulated pods get credentials through the eBPF redirect (root)"
+                "usage: cargo xtask <command>\n\n  setup   install what the build and tests need (idempotent)\n  build   setup, then build the agent\n  test    setup, build, run unit and end-to-end tests (root)\n  demo    setup, build, simulated pods get credentials through the eBPF redirect (root)\n  bench   setup, release build, every performance scenario against its baseline (root)"
             );
             return ExitCode::from(2);
         }
@@ -153,6 +154,24 @@ fn test() -> anyhow::Result<()> {
         bail!("the end-to-end tests create network namespaces, cgroups and BPF programs: run `cargo xtask test` as root");
     }
     run(cargo().arg("test").args(PACKAGES).args(["--test", "e2e", "--", "--test-threads", "4"]).env("PIA_AGENT_BIN", agent_binary()))
+}
+
+/// Release build, nginx for the static-file baseline, then every scenario of `tests/src/bin/bench.rs`.
+fn bench() -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the benchmark creates network namespaces, cgroups and BPF programs: run `cargo xtask bench` as root");
+    }
+    if !succeeds(Command::new("nginx").arg("-v")) {
+        run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends", "nginx-light"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    run(cargo().args(["build", "--release"]).args(PACKAGES))?;
+    let release = agent_binary().parent().and_then(|d| d.parent()).expect("target dir").join("release");
+    run(Command::new(release.join("bench"))
+        .current_dir(workspace_root())
+        .env("PIA_AGENT_BIN", release.join("pod-identity-agent"))
+        // Per-request debug lines would be measured too.
+        .env("PIA_AGENT_LOG", "warn")
+        .env("PIA_BENCH_OUT", workspace_root().join("target").join("bench")))
 }
 
 fn demo() -> anyhow::Result<()> {

@@ -1,0 +1,38 @@
+//! The floor for `cargo xtask bench`: a minimal hyper server that answers every request with the
+//! same credential JSON the agent serves, built with the same hyper and tokio as the agent.
+//!
+//! `baseline-server --listen IP:PORT --body-file FILE`
+
+use std::{convert::Infallible, net::SocketAddr};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+
+#[tokio::main]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let (mut listen, mut body): (Option<SocketAddr>, Option<Vec<u8>>) = (None, None);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--listen" => listen = Some(args.next().expect("--listen IP:PORT").parse().expect("IP:PORT")),
+            "--body-file" => body = Some(std::fs::read(args.next().expect("--body-file FILE")).expect("body file")),
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let body = Bytes::from(body.expect("--body-file"));
+    let listener = tokio::net::TcpListener::bind(listen.expect("--listen")).await.expect("bind");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let _ = stream.set_nodelay(true);
+        let body = body.clone();
+        let service = hyper::service::service_fn(move |_req| {
+            let response = hyper::Response::builder()
+                .header("content-type", "application/json")
+                .body(Full::new(body.clone()))
+                .expect("static response");
+            async move { Ok::<_, Infallible>(response) }
+        });
+        tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+    }
+}
