@@ -16,6 +16,7 @@ mod metrics;
 mod ops;
 mod pods_view;
 mod ratelimit;
+mod request;
 mod server;
 mod stats;
 mod token;
@@ -142,7 +143,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         connection_limits: connlimit::ConnectionLimits::new(settings.max_connections, settings.max_connections_per_pod),
         stats,
         metrics: metrics.clone(),
-        allowed_hosts: server::allowed_hosts(&settings.intercept),
+        allowed_hosts: request::allowed_hosts(&settings.intercept),
     });
 
     let metrics_handler: ops::Handler = {

@@ -14,7 +14,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, header};
+use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -29,12 +29,12 @@ use crate::{
     kernel::Redirector,
     metrics::Metrics,
     ratelimit::PodRateLimits,
+    request::{self, Refusal, Route},
     stats::{Identity, PodStatsRegistry, RequestClass, RequestRecord, Served},
-    token::{self, PodUid, TokenClaims},
+    token::{PodUid, TokenClaims},
     upstream::{AssumedRole, EksAuth},
 };
 
-pub const CREDENTIALS_PATH: &str = "/v1/credentials";
 /// Requests whose headers take longer than this are dropped (slow clients hold no resources).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -74,30 +74,16 @@ struct RequestFacts {
     served: Option<(Arc<AssumedRole>, Outcome)>,
 }
 
-/// An answer other than credentials: status and a text body for the client (and the log).
-#[derive(Clone, Debug)]
-struct Refusal {
-    status: StatusCode,
-    reason: &'static str,
-    message: String,
-}
-
-impl Refusal {
-    fn new(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Refusal {
-        Refusal { status, reason, message: message.into() }
-    }
-
-    /// The per-pod error class this refusal counts as.
-    fn class(&self) -> RequestClass {
-        match self.reason {
-            "token_invalid" => RequestClass::BadToken,
-            "pod_rate_limited" => RequestClass::RateLimited,
-            "upstream_error" if self.status.is_client_error() && self.status != StatusCode::TOO_MANY_REQUESTS => {
-                RequestClass::UpstreamClient
-            }
-            "upstream_error" => RequestClass::UpstreamServer,
-            _ => RequestClass::Refused,
+/// The per-pod error class a refusal counts as.
+fn class_of(refusal: &Refusal) -> RequestClass {
+    match refusal.reason {
+        "token_invalid" => RequestClass::BadToken,
+        "pod_rate_limited" => RequestClass::RateLimited,
+        "upstream_error" if refusal.status.is_client_error() && refusal.status != StatusCode::TOO_MANY_REQUESTS => {
+            RequestClass::UpstreamClient
         }
+        "upstream_error" => RequestClass::UpstreamServer,
+        _ => RequestClass::Refused,
     }
 }
 
@@ -163,10 +149,10 @@ impl CredentialServer {
 
     async fn handle(&self, conn: &Connection, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let started = Instant::now();
-        match (req.method(), req.uri().path()) {
-            (&Method::GET, CREDENTIALS_PATH) => {}
-            (_, CREDENTIALS_PATH) => return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported"),
-            _ => return text(StatusCode::NOT_FOUND, "not found"),
+        match request::route(req.method(), req.uri().path()) {
+            Route::Credentials => {}
+            Route::MethodNotAllowed => return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported"),
+            Route::NotFound => return text(StatusCode::NOT_FOUND, "not found"),
         }
         let mut facts = RequestFacts::default();
         let result = self.credentials(conn, &req, &mut facts).await;
@@ -185,7 +171,7 @@ impl CredentialServer {
                     detail = %refusal.message,
                     "refused credential request"
                 );
-                let class = refusal.class();
+                let class = class_of(&refusal);
                 (text(refusal.status, refusal.message), Some((refusal.reason, class)))
             }
         };
@@ -235,23 +221,9 @@ impl CredentialServer {
             facts.pod = Some(pod.clone());
         }
 
-        let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-        if !self.allowed_hosts.iter().any(|allowed| allowed.eq_ignore_ascii_case(host)) {
-            return Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                "host_not_allowed",
-                format!("Host header {host:?} is not a credential address served by this agent"),
-            ));
-        }
-        let raw_token = match req.headers().get(header::AUTHORIZATION) {
-            None => "",
-            Some(value) => value.to_str().map_err(|_| {
-                Refusal::new(StatusCode::BAD_REQUEST, "token_invalid", "Authorization header is not valid text")
-            })?,
-        };
+        request::check_host(req.headers(), &self.allowed_hosts)?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-        let claims = token::parse(raw_token, now)
-            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "token_invalid", e.to_string()))?;
+        let (raw_token, claims) = request::token(req.headers(), now)?;
         let pod = match pod {
             // The token must name the pod the kernel says is calling.
             Some(pod) if claims.pod_uid != pod => {
@@ -280,7 +252,7 @@ impl CredentialServer {
         }
 
         let label = format!("{}/{}", claims.namespace, claims.pod_name);
-        let (role, outcome) = self.cache.get(raw_token.trim(), &pod, &label).await.map_err(|e| {
+        let (role, outcome) = self.cache.get(raw_token, &pod, &label).await.map_err(|e| {
             let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_GATEWAY);
             Refusal::new(status, "upstream_error", e.to_string())
         })?;
@@ -332,38 +304,4 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .body(Full::new(Bytes::from(body.into())))
         .expect("static response parts are valid")
-}
-
-/// The Host header values that name an intercepted address: `a.b.c.d`, `[v6]`, and both with
-/// the port (bare form only when the port is 80, the HTTP default).
-pub fn allowed_hosts(intercept: &[SocketAddr]) -> Vec<String> {
-    let mut hosts = Vec::new();
-    for addr in intercept {
-        let forms: Vec<String> = match addr {
-            SocketAddr::V4(a) => vec![a.ip().to_string(), format!("[{}]", a.ip().to_ipv6_mapped())],
-            SocketAddr::V6(a) => vec![format!("[{}]", a.ip())],
-        };
-        for host in forms {
-            if addr.port() == 80 {
-                hosts.push(host.clone());
-            }
-            hosts.push(format!("{host}:{}", addr.port()));
-        }
-    }
-    hosts
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn allowed_hosts_cover_each_form() {
-        let hosts = allowed_hosts(&["169.254.170.23:80".parse().unwrap(), "[fd00:ec2::23]:80".parse().unwrap()]);
-        for h in ["169.254.170.23", "169.254.170.23:80", "[fd00:ec2::23]", "[fd00:ec2::23]:80", "[::ffff:169.254.170.23]"] {
-            assert!(hosts.iter().any(|x| x == h), "{h} missing from {hosts:?}");
-        }
-        let hosts = allowed_hosts(&["169.254.170.23:8080".parse().unwrap()]);
-        assert_eq!(hosts, vec!["169.254.170.23:8080", "[::ffff:169.254.170.23]:8080"]);
-    }
 }

@@ -38,6 +38,8 @@ fn main() -> ExitCode {
         Some("test") => setup().and_then(|()| build()).and_then(|()| test()),
         Some("demo") => setup().and_then(|()| build()).and_then(|()| demo()),
         Some("bench") => setup().and_then(|()| bench()),
+        Some("fuzz") => setup().and_then(|()| fuzz(number_after(&args, "--seconds").unwrap_or(60.0))),
+        Some("soak") => setup().and_then(|()| build()).and_then(|()| soak(number_after(&args, "--minutes").unwrap_or(10.0))),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n  setup   install what the build and tests need (idempotent)\n  build   setup, then build the agent\n  test    setup, build, run unit and end-to-end tests (root)\n  demo    setup, build, simulated pods get credentials through the eBPF redirect (root)\n  bench   setup, release build, every performance scenario against its baseline (root)"
@@ -52,6 +54,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn number_after(args: &[String], flag: &str) -> Option<f64> {
+    let value = args.iter().skip_while(|a| *a != flag).nth(1)?;
+    value.parse().ok()
 }
 
 fn workspace_root() -> PathBuf {
@@ -147,12 +154,19 @@ fn build() -> anyhow::Result<()> {
     run(cargo().arg("build").args(PACKAGES))
 }
 
+/// Seconds each fuzz target runs within `cargo xtask test`.
+const TEST_FUZZ_SECONDS: f64 = 20.0;
+/// Minutes of the soak within `cargo xtask test`.
+const TEST_SOAK_MINUTES: f64 = 2.0;
+
 fn test() -> anyhow::Result<()> {
     // Explicit targets: no doc-test runs, and the last summary line is the e2e suite's.
     run(cargo().arg("test").args(PACKAGES).args(["--lib", "--bins"]))?;
+    fuzz(TEST_FUZZ_SECONDS)?;
     if !is_root() {
         bail!("the end-to-end tests create network namespaces, cgroups and BPF programs: run `cargo xtask test` as root");
     }
+    soak(TEST_SOAK_MINUTES)?;
     run(cargo().arg("test").args(PACKAGES).args(["--test", "e2e", "--", "--test-threads", "4"]).env("PIA_AGENT_BIN", agent_binary()))
 }
 
@@ -172,6 +186,44 @@ fn bench() -> anyhow::Result<()> {
         // Per-request debug lines would be measured too.
         .env("PIA_AGENT_LOG", "warn")
         .env("PIA_BENCH_OUT", workspace_root().join("target").join("bench")))
+}
+
+const FUZZ_TARGETS: &[&str] = &["token_claims", "cgroup_path", "http_request"];
+
+/// Runs every target of `agent/fuzz` for `seconds` (cargo-fuzz, nightly, AddressSanitizer),
+/// starting from the checked-in seeds. A crash fails the run and leaves its input in
+/// `agent/fuzz/artifacts/`.
+fn fuzz(seconds: f64) -> anyhow::Result<()> {
+    if !succeeds(Command::new("cargo").args(["fuzz", "--version"])) {
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let fuzz_dir = workspace_root().join("agent").join("fuzz");
+    for target in FUZZ_TARGETS {
+        let corpus = fuzz_dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        run(Command::new("rustup")
+            .args(["run", "nightly", "cargo", "fuzz", "run", target])
+            .arg(&corpus)
+            .arg(fuzz_dir.join("seeds").join(target))
+            .arg("--")
+            .arg(format!("-max_total_time={}", seconds.round() as u64))
+            .current_dir(workspace_root().join("agent")))
+        .with_context(|| format!("fuzz target {target} failed: see agent/fuzz/artifacts/{target}/"))?;
+    }
+    Ok(())
+}
+
+/// 100 pods under upstream faults and churn (`tests/src/bin/soak.rs`).
+fn soak(minutes: f64) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the soak creates network namespaces, cgroups and BPF programs: run it as root");
+    }
+    run(Command::new(agent_binary().with_file_name("soak"))
+        .args(["--minutes", &minutes.to_string()])
+        .current_dir(workspace_root())
+        .env("PIA_AGENT_BIN", agent_binary())
+        // Per-request debug lines for 100 pods over minutes are not what the soak is about.
+        .env("PIA_AGENT_LOG", "info"))
 }
 
 fn demo() -> anyhow::Result<()> {

@@ -5,8 +5,12 @@
 //! ```text
 //! loadgen --addr IP:PORT [--token T] [--seconds S] [--concurrency C] [--keepalive]
 //!         [--rate R] [--start-at UNIX_SECONDS] [--once] [--unique-tokens] [--connect-only]
+//!         [--expect-key ACCESS_KEY_ID]
 //! ```
-//! Prints one JSON line: `{"ok":N,"failed":N,"statuses":{"200":N},"latencies_us":[...],"seconds":S}`.
+//! Prints one JSON line: `{"ok":N,"failed":N,"statuses":{"200":N},"latencies_us":[...],"seconds":S,
+//! "wrong":N,"refused_after_ok":N}`. `wrong` counts 200s whose body lacks `--expect-key`;
+//! `refused_after_ok` counts answers other than 200 after the first 200 (the pod then holds
+//! credentials). SIGTERM ends the run early: in-flight requests finish and are counted.
 
 use std::{
     collections::BTreeMap,
@@ -35,12 +39,15 @@ struct Options {
     once: bool,
     unique_tokens: bool,
     connect_only: bool,
+    expect_key: Option<String>,
 }
 
 #[derive(Default)]
 struct Tally {
     ok: u64,
     failed: u64,
+    wrong: u64,
+    refused_after_ok: u64,
     statuses: BTreeMap<u16, u64>,
     latencies_us: Vec<u32>,
 }
@@ -58,6 +65,7 @@ fn parse() -> Options {
         once: false,
         unique_tokens: false,
         connect_only: false,
+        expect_key: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -75,6 +83,7 @@ fn parse() -> Options {
             "--once" => o.once = true,
             "--unique-tokens" => o.unique_tokens = true,
             "--connect-only" => o.connect_only = true,
+            "--expect-key" => o.expect_key = Some(value()),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -109,7 +118,7 @@ async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Re
     }
 }
 
-async fn worker(o: Arc<Options>, id: usize, deadline: Instant, tally: Arc<Mutex<Tally>>) {
+async fn worker(o: Arc<Options>, id: usize, deadline: Instant, stop: tokio::sync::watch::Receiver<bool>, tally: Arc<Mutex<Tally>>) {
     let mut conn: Option<TcpStream> = None;
     let mut buf = Vec::with_capacity(2048);
     let mut local = Tally::default();
@@ -121,7 +130,7 @@ async fn worker(o: Arc<Options>, id: usize, deadline: Instant, tally: Arc<Mutex<
             tokio::time::sleep_until(next).await;
             next += i;
         }
-        if Instant::now() >= deadline {
+        if Instant::now() >= deadline || *stop.borrow() {
             break;
         }
         // Latency from the scheduled send time (open loop) or from now (closed loop).
@@ -156,13 +165,24 @@ async fn worker(o: Arc<Options>, id: usize, deadline: Instant, tally: Arc<Mutex<
                 if status == 200 || o.connect_only {
                     local.ok += 1;
                     local.latencies_us.push(elapsed.as_micros().min(u32::MAX as u128) as u32);
+                    if let Some(key) = &o.expect_key
+                        && !buf.windows(key.len()).any(|w| w == key.as_bytes())
+                    {
+                        local.wrong += 1;
+                    }
                 } else {
                     local.failed += 1;
+                    if local.ok > 0 {
+                        local.refused_after_ok += 1;
+                    }
                 }
             }
             Err(_) => {
                 conn = None;
                 local.failed += 1;
+                if local.ok > 0 {
+                    local.refused_after_ok += 1;
+                }
             }
         }
         if o.once {
@@ -172,6 +192,8 @@ async fn worker(o: Arc<Options>, id: usize, deadline: Instant, tally: Arc<Mutex<
     let mut t = tally.lock().unwrap();
     t.ok += local.ok;
     t.failed += local.failed;
+    t.wrong += local.wrong;
+    t.refused_after_ok += local.refused_after_ok;
     for (k, v) in local.statuses {
         *t.statuses.entry(k).or_default() += v;
     }
@@ -191,7 +213,14 @@ fn main() {
         let started = Instant::now();
         let deadline = started + Duration::from_secs_f64(if o.once { 60.0 } else { o.seconds });
         let tally = Arc::new(Mutex::new(Tally::default()));
-        let workers: Vec<_> = (0..o.concurrency).map(|id| tokio::spawn(worker(o.clone(), id, deadline, tally.clone()))).collect();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                term.recv().await;
+                let _ = stop_tx.send(true);
+            }
+        });
+        let workers: Vec<_> = (0..o.concurrency).map(|id| tokio::spawn(worker(o.clone(), id, deadline, stop_rx.clone(), tally.clone()))).collect();
         for w in workers {
             let _ = w.await;
         }
@@ -205,6 +234,8 @@ fn main() {
                 "statuses": statuses,
                 "latencies_us": t.latencies_us,
                 "seconds": started.elapsed().as_secs_f64(),
+                "wrong": t.wrong,
+                "refused_after_ok": t.refused_after_ok,
             })
         );
     });

@@ -1,0 +1,121 @@
+//! The checks every credential request passes before anything about its caller is consulted:
+//! the route, the Host header and the token. They are pure functions of the request head, so the
+//! fuzz target (`agent/fuzz`) runs exactly what the server runs.
+
+use std::net::SocketAddr;
+
+use http::{HeaderMap, Method, StatusCode, header};
+
+use crate::token::{self, TokenClaims};
+
+pub const CREDENTIALS_PATH: &str = "/v1/credentials";
+
+/// Where a request goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    Credentials,
+    MethodNotAllowed,
+    NotFound,
+}
+
+pub fn route(method: &Method, path: &str) -> Route {
+    match (method, path) {
+        (&Method::GET, CREDENTIALS_PATH) => Route::Credentials,
+        (_, CREDENTIALS_PATH) => Route::MethodNotAllowed,
+        _ => Route::NotFound,
+    }
+}
+
+/// An answer other than credentials: status, a reason (a metrics label) and a text body for the
+/// client and the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal { status, reason, message: message.into() }
+    }
+}
+
+/// The Host header values that name an intercepted address: `a.b.c.d`, `[v6]`, and both with
+/// the port (bare form only when the port is 80, the HTTP default).
+pub fn allowed_hosts(intercept: &[SocketAddr]) -> Vec<String> {
+    let mut hosts = Vec::new();
+    for addr in intercept {
+        let forms: Vec<String> = match addr {
+            SocketAddr::V4(a) => vec![a.ip().to_string(), format!("[{}]", a.ip().to_ipv6_mapped())],
+            SocketAddr::V6(a) => vec![format!("[{}]", a.ip())],
+        };
+        for host in forms {
+            if addr.port() == 80 {
+                hosts.push(host.clone());
+            }
+            hosts.push(format!("{host}:{}", addr.port()));
+        }
+    }
+    hosts
+}
+
+/// The Host header must name a credential address (no DNS rebinding, no proxying).
+pub fn check_host(headers: &HeaderMap, allowed: &[String]) -> Result<(), Refusal> {
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    if allowed.iter().any(|a| a.eq_ignore_ascii_case(host)) {
+        Ok(())
+    } else {
+        Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            "host_not_allowed",
+            format!("Host header {host:?} is not a credential address served by this agent"),
+        ))
+    }
+}
+
+/// The raw token (trimmed) from `Authorization`, and its claims checked at `now` (Unix seconds).
+pub fn token(headers: &HeaderMap, now: u64) -> Result<(&str, TokenClaims), Refusal> {
+    let raw = match headers.get(header::AUTHORIZATION) {
+        None => "",
+        Some(value) => value
+            .to_str()
+            .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "token_invalid", "Authorization header is not valid text"))?,
+    };
+    let claims = token::parse(raw, now).map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "token_invalid", e.to_string()))?;
+    Ok((raw.trim(), claims))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(route(&Method::GET, CREDENTIALS_PATH), Route::Credentials);
+        assert_eq!(route(&Method::POST, CREDENTIALS_PATH), Route::MethodNotAllowed);
+        assert_eq!(route(&Method::GET, "/v1/credentials/"), Route::NotFound);
+    }
+
+    #[test]
+    fn host_and_token_checks() {
+        let allowed = allowed_hosts(&["169.254.170.23:80".parse().unwrap()]);
+        let mut h = HeaderMap::new();
+        assert_eq!(check_host(&h, &allowed).unwrap_err().status, StatusCode::FORBIDDEN);
+        h.insert(header::HOST, "169.254.170.23".parse().unwrap());
+        assert!(check_host(&h, &allowed).is_ok());
+        assert_eq!(token(&h, 0).unwrap_err().reason, "token_invalid");
+        h.insert(header::AUTHORIZATION, http::HeaderValue::from_bytes(b"\xff").unwrap());
+        assert!(token(&h, 0).unwrap_err().message.contains("not valid text"));
+    }
+
+    #[test]
+    fn allowed_hosts_cover_each_form() {
+        let hosts = allowed_hosts(&["169.254.170.23:80".parse().unwrap(), "[fd00:ec2::23]:80".parse().unwrap()]);
+        for h in ["169.254.170.23", "169.254.170.23:80", "[fd00:ec2::23]", "[fd00:ec2::23]:80", "[::ffff:169.254.170.23]"] {
+            assert!(hosts.iter().any(|x| x == h), "{h} missing from {hosts:?}");
+        }
+        let hosts = allowed_hosts(&["169.254.170.23:8080".parse().unwrap()]);
+        assert_eq!(hosts, vec!["169.254.170.23:8080", "[::ffff:169.254.170.23]:8080"]);
+    }
+}
