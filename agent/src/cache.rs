@@ -32,7 +32,7 @@ use tracing::{debug, info, warn};
 use crate::{
     credentials::TokenDigest,
     metrics::Metrics,
-    ratelimit::{Priority, UpstreamLimiter},
+    ratelimit::{PodRateLimits, Priority, UpstreamLimiter},
     token::PodUid,
     upstream::{AssumedRole, Upstream, UpstreamError},
 };
@@ -51,6 +51,11 @@ pub struct CacheSettings {
     pub fresh_for: Duration,
     /// How long a request waits for a refresh when it could be served stale credentials.
     pub stale_wait: Duration,
+    /// Upstream calls one pod's requests may start: sustained per second, and at once. A pod
+    /// needs about one per token; this stops a pod with a stream of distinct tokens from using
+    /// up the node's EKS Auth budget. Coalesced waits and background refreshes are free.
+    pub pod_upstream_qps: f64,
+    pub pod_upstream_burst: u32,
 }
 
 impl Default for CacheSettings {
@@ -62,6 +67,8 @@ impl Default for CacheSettings {
             negative_ttl: Duration::from_secs(5),
             fresh_for: Duration::from_secs(15 * 60),
             stale_wait: Duration::from_millis(500),
+            pod_upstream_qps: 0.2,
+            pod_upstream_burst: 5,
         }
     }
 }
@@ -161,6 +168,7 @@ struct Inner<U> {
     upstream: U,
     settings: CacheSettings,
     limiter: UpstreamLimiter,
+    pod_upstream: PodRateLimits,
     state: Mutex<State>,
     stats: CacheStats,
     metrics: Arc<Metrics>,
@@ -171,6 +179,7 @@ impl<U: Upstream> CredentialCache<U> {
         CredentialCache {
             inner: Arc::new(Inner {
                 upstream,
+                pod_upstream: PodRateLimits::new(settings.pod_upstream_qps, settings.pod_upstream_burst),
                 settings,
                 limiter,
                 state: Mutex::new(State::default()),
@@ -218,12 +227,19 @@ impl<U: Upstream> CredentialCache<U> {
                         inner.stats.coalesced.fetch_add(1, Ordering::Relaxed);
                         (rx.clone(), Outcome::Coalesced, has_stale)
                     }
+                    None if !inner.pod_upstream.allow(pod) => {
+                        drop(st);
+                        return self.serve_stale(&digest).ok_or_else(|| UpstreamError::pod_budget_exhausted(label));
+                    }
                     None => {
                         inner.stats.misses.fetch_add(1, Ordering::Relaxed);
                         (Inner::start_fetch(inner, &mut st, digest, Priority::Request, now), Outcome::Fetched, has_stale)
                     }
                 }
             } else {
+                if !inner.pod_upstream.allow(pod) {
+                    return Err(UpstreamError::pod_budget_exhausted(label));
+                }
                 inner.stats.misses.fetch_add(1, Ordering::Relaxed);
                 // A pod's new token supersedes its previous one: no renewals for the old token.
                 if let Some(old) = st.pods.get(pod).copied()
@@ -317,6 +333,7 @@ impl<U: Upstream> CredentialCache<U> {
                 due.push(*digest);
             }
         }
+        inner.pod_upstream.retain(present);
         for (digest, counter) in drop_list {
             if st.remove(&digest).is_some() {
                 counter.fetch_add(1, Ordering::Relaxed);
@@ -750,6 +767,27 @@ mod tests {
             let _ = c.get(&format!("flood-{i}"), &pod(pods[3]), "ns/p").await;
         }
         assert!(c.len() <= 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pod_with_endless_new_tokens_cannot_drain_the_upstream_budget() {
+        let up = Scripted::default();
+        let c = cache(&up, CacheSettings { pod_upstream_qps: 0.2, pod_upstream_burst: 5, ..Default::default() });
+        let mut refused = 0;
+        for i in 0..100 {
+            match c.get(&format!("flood-{i}"), &pod(POD_A), "ns/p").await {
+                Err(e) => {
+                    assert_eq!((e.status, e.code.as_str()), (429, "PodUpstreamBudgetExhausted"));
+                    refused += 1;
+                }
+                Ok(_) => {}
+            }
+        }
+        assert_eq!((up.calls(), refused), (5, 95), "the burst, then nothing");
+        // Another pod is unaffected; the flooding pod gets one more call after 5 s.
+        assert!(c.get("other", &pod(POD_B), "ns/q").await.is_ok());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(c.get("flood-again", &pod(POD_A), "ns/p").await.is_ok());
     }
 
     #[tokio::test(start_paused = true)]

@@ -140,6 +140,13 @@ pub struct RunArgs {
     /// together fit with room to spare).
     #[arg(long, default_value_t = 200)]
     pub pod_burst: u32,
+    /// EKS Auth calls one pod's requests may start, per second sustained (coalesced waits and
+    /// background refreshes are free): a pod needs about one per token.
+    #[arg(long, default_value_t = 0.2)]
+    pub pod_upstream_qps: f64,
+    /// EKS Auth calls one pod's requests may start at once, before --pod-upstream-qps applies.
+    #[arg(long, default_value_t = 5)]
+    pub pod_upstream_burst: u32,
     /// Most open connections on the credential listeners; more are closed at accept.
     #[arg(long, default_value_t = 8192)]
     pub max_connections: usize,
@@ -263,6 +270,8 @@ impl Settings {
                 upstream_timeout: args.upstream_timeout,
                 min_remaining: args.min_remaining,
                 negative_ttl: args.negative_ttl,
+                pod_upstream_qps: args.pod_upstream_qps,
+                pod_upstream_burst: args.pod_upstream_burst,
                 ..Default::default()
             },
             upstream_qps: args.upstream_qps,

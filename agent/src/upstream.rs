@@ -57,6 +57,17 @@ impl UpstreamError {
         }
     }
 
+    /// The pod's own upstream budget (--pod-upstream-qps/--pod-upstream-burst) is used up: it asked
+    /// for credentials for too many distinct tokens too fast.
+    pub fn pod_budget_exhausted(pod: &str) -> UpstreamError {
+        UpstreamError {
+            status: 429,
+            code: "PodUpstreamBudgetExhausted".into(),
+            message: format!("pod {pod} presented too many new tokens too fast (--pod-upstream-qps, --pod-upstream-burst); retry shortly"),
+            request_id: None,
+        }
+    }
+
     /// Worth another attempt: throttling, server errors, network failures and timeouts.
     pub fn is_transient(&self) -> bool {
         self.status == 429 || self.status >= 500
