@@ -552,18 +552,18 @@ mod tests {
                 return Err(e);
             }
             let lifetime = self.0.lifetime.lock().unwrap().unwrap_or(Duration::from_secs(6 * 3600));
-            Ok(AssumedRole {
-                credentials: Credentials {
+            Ok(AssumedRole::new(
+                Credentials {
                     access_key_id: format!("ASIA-{token}-{n}"),
                     secret_access_key: "s".into(),
                     session_token: "t".into(),
                     account_id: "123456789012".into(),
                     expiration: SystemTime::now() + lifetime,
                 },
-                role_arn: "arn:aws:iam::123456789012:role/r".into(),
-                association_id: "a-1".into(),
-                request_id: None,
-            })
+                "arn:aws:iam::123456789012:role/r".into(),
+                "a-1".into(),
+                None,
+            ))
         }
     }
 

@@ -264,12 +264,12 @@ impl CredentialServer {
             outcome = ?outcome,
             "served credentials"
         );
-        let body = role.credentials.to_json();
+        let body = role.body();
         facts.served = Some((role, outcome));
         Ok(Response::builder()
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
+            .body(Full::new(body))
             .expect("static response parts are valid"))
     }
 

@@ -135,14 +135,20 @@ impl PodStatsRegistry {
                 RequestClass::UpstreamClient => p.errors.upstream_client += 1,
                 RequestClass::UpstreamServer => p.errors.upstream_server += 1,
             }
+            // Assign only on change: the same strings arrive with every request of a pod.
+            let set = |field: &mut String, value: &str| {
+                if field != value {
+                    value.clone_into(field);
+                }
+            };
             if let Some(id) = r.identity {
-                p.namespace = id.namespace.to_owned();
-                p.pod = id.pod.to_owned();
-                p.service_account = id.service_account.to_owned();
+                set(&mut p.namespace, id.namespace);
+                set(&mut p.pod, id.pod);
+                set(&mut p.service_account, id.service_account);
             }
             if let Some(s) = r.served {
-                p.role_arn = s.role_arn.to_owned();
-                p.association_id = s.association_id.to_owned();
+                set(&mut p.role_arn, s.role_arn);
+                set(&mut p.association_id, s.association_id);
                 p.credential_expiry = Some(s.expiration);
                 p.cache_hits += u64::from(s.cache_hit);
                 p.upstream_calls += u64::from(s.upstream_call);

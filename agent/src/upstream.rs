@@ -17,6 +17,19 @@ pub struct AssumedRole {
     pub association_id: String,
     /// EKS Auth's request id, for logs.
     pub request_id: Option<String>,
+    /// The response body, serialised once: every cached answer hands out the same bytes.
+    body: std::sync::OnceLock<bytes::Bytes>,
+}
+
+impl AssumedRole {
+    pub fn new(credentials: Credentials, role_arn: String, association_id: String, request_id: Option<String>) -> AssumedRole {
+        AssumedRole { credentials, role_arn, association_id, request_id, body: std::sync::OnceLock::new() }
+    }
+
+    /// The credentials in the SDK wire format.
+    pub fn body(&self) -> bytes::Bytes {
+        self.body.get_or_init(|| bytes::Bytes::from(self.credentials.to_json())).clone()
+    }
 }
 
 /// An upstream failure, shaped the way the reference agent passes it on to the pod.
@@ -172,18 +185,18 @@ impl Upstream for EksAuth {
         let creds = out.credentials().ok_or_else(|| malformed("credentials"))?;
         let role = out.assumed_role_user().ok_or_else(|| malformed("assumedRoleUser"))?;
         let expiration = SystemTime::try_from(*creds.expiration()).map_err(|_| malformed("valid expiration"))?;
-        Ok(AssumedRole {
-            credentials: Credentials {
+        Ok(AssumedRole::new(
+            Credentials {
                 access_key_id: creds.access_key_id().to_owned(),
                 secret_access_key: creds.secret_access_key().to_owned(),
                 session_token: creds.session_token().to_owned(),
                 account_id: account_from_arn(role.arn()).unwrap_or_default().to_owned(),
                 expiration,
             },
-            role_arn: role.arn().to_owned(),
-            association_id: out.pod_identity_association().map(|a| a.association_id().to_owned()).unwrap_or_default(),
-            request_id: out.request_id().map(str::to_owned),
-        })
+            role.arn().to_owned(),
+            out.pod_identity_association().map(|a| a.association_id().to_owned()).unwrap_or_default(),
+            out.request_id().map(str::to_owned),
+        ))
     }
 }
 

@@ -142,7 +142,10 @@ async fn worker(o: Arc<Options>, id: usize, deadline: Instant, stop: tokio::sync
                 conn = Some(s);
             }
             if o.connect_only {
-                conn = None;
+                // Close with RST (linger 0): no TIME_WAIT pile-up to skew later rounds.
+                if let Some(s) = conn.take() {
+                    let _ = s.set_zero_linger();
+                }
                 return Ok(0);
             }
             let stream = conn.as_mut().expect("connected");
