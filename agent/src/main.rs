@@ -121,8 +121,16 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let Interception { redirector, listeners, mode, note } =
         intercept(&settings, &cgroup_root, agent_cgroup_id, &readiness).await?;
     metrics.set_mode(mode);
-    let cgroups = CgroupIndex::build(&mount, &cgroup_root)
-        .with_context(|| format!("indexing cgroups below {}", cgroup_root.display()))?;
+    let cgroups = match CgroupIndex::build(&mount, &cgroup_root) {
+        Ok(index) => index,
+        // In link mode the index only tells which pods still exist; the whole hierarchy will do
+        // when the configured root is what made eBPF mode impossible.
+        Err(e) if redirector.is_none() => {
+            warn!(error = %e, root = %cgroup_root.display(), "cannot index the cgroup root; indexing the whole cgroup2 hierarchy");
+            CgroupIndex::build(&mount, &mount).with_context(|| format!("indexing cgroups below {}", mount.display()))?
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("indexing cgroups below {}", cgroup_root.display()))),
+    };
     let upstream = EksAuth::new(EksAuthOptions {
         cluster_name: settings.cluster_name.clone(),
         region: settings.region.clone(),

@@ -155,23 +155,12 @@ impl Agent {
 
     /// Sends SIGTERM and waits for the exit status (at most 30 s).
     pub fn stop(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("agent already stopped");
         // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait agent") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("agent did not exit within 30 s of SIGTERM; log:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) };
+        self.wait_exit(Duration::from_secs(30))
     }
 
-    /// Waits for the agent to exit on its own (e.g. after a start-up failure).
+    /// Waits for the agent to exit (on its own, e.g. after a start-up failure, or after SIGTERM).
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("agent already stopped");
         let deadline = Instant::now() + timeout;
