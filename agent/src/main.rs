@@ -268,20 +268,11 @@ async fn intercept(settings: &Settings, cgroup_root: &std::path::Path, agent_cgr
     })
 }
 
-/// Binds each address with SO_REUSEPORT, so an agent starting beside this one during a rolling
-/// update can listen on the same address before this one stops.
+/// The credential listeners, shared with an agent starting beside this one during a roll.
 fn bind_all(addrs: &[std::net::SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
     addrs
         .iter()
-        .map(|addr| {
-            let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }?;
-            socket.set_reuseaddr(true)?;
-            socket.set_reuseport(true)?;
-            socket.bind(*addr)?;
-            socket.listen(1024)
-        })
-        .zip(addrs)
-        .map(|(result, addr)| result.with_context(|| format!("binding the credential listener {addr}")))
+        .map(|addr| ops::shared_listener(*addr, 1024).with_context(|| format!("binding the credential listener {addr}")))
         .collect()
 }
 

@@ -40,14 +40,19 @@ impl Readiness {
 
 pub type Handler = Arc<dyn Fn(&str) -> (StatusCode, &'static str, String) + Send + Sync>;
 
-/// Serves `handler` (path -> status, content type, body) on `addr` until `shutdown` flips.
-/// SO_REUSEPORT: during a surge roll two agents run on a node (hostNetwork) and share the port.
-pub async fn serve(addr: SocketAddr, handler: Handler, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+/// A listener with SO_REUSEPORT: during a surge roll two agents run on a node (hostNetwork)
+/// and share every port, the credential listeners and the probes alike.
+pub fn shared_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }?;
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(true)?;
     socket.bind(addr)?;
-    let listener: TcpListener = socket.listen(128)?;
+    socket.listen(backlog)
+}
+
+/// Serves `handler` (path -> status, content type, body) on `addr` until `shutdown` flips.
+pub async fn serve(addr: SocketAddr, handler: Handler, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+    let listener = shared_listener(addr, 128)?;
     tokio::spawn(async move {
         loop {
             let stream = tokio::select! {

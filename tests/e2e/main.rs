@@ -137,15 +137,7 @@ fn process_outside_any_pod_is_refused() {
     let s = Setup::new();
     let a = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
     let daemon = s.node.host_cgroup("system.slice/node-daemon.service");
-    let out = s
-        .node
-        .command("curl", Some(&daemon))
-        .args(["-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}", "-H"])
-        .arg(format!("Authorization: {}", a.token()))
-        .arg(V4_URL)
-        .output()
-        .unwrap();
-    let r = pod_identity_e2e::node::parse_curl(out);
+    let r = pod_identity_e2e::node::curl(s.node.command("curl", Some(&daemon)), V4_URL, &a.token(), &[]);
     assert_eq!(r.status, 403, "{}", r.body);
     assert!(r.body.contains("belongs to no pod"), "{}", r.body);
 }
@@ -176,14 +168,7 @@ fn malformed_and_expired_tokens_get_400() {
     assert!(expired.body.contains("expired"), "{}", expired.body);
     assert!(s.fake.calls().is_empty());
     // A redirected request that names another host (DNS rebinding, a proxy) is refused.
-    let out = pod
-        .command("curl")
-        .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-H", "Host: attacker.example", "-H"])
-        .arg(format!("Authorization: {}", pod.token()))
-        .arg(V4_URL)
-        .output()
-        .unwrap();
-    let r = pod_identity_e2e::node::parse_curl(out);
+    let r = pod_identity_e2e::node::curl(pod.command("curl"), V4_URL, &pod.token(), &["-H", "Host: attacker.example"]);
     assert_eq!(r.status, 403, "{}", r.body);
     assert!(r.body.contains("not a credential address"), "{}", r.body);
     // Other paths and methods.

@@ -81,14 +81,20 @@ impl Agent {
             command.arg(&binary);
         }
         command.args(["run", "--cluster-name", CLUSTER, "--region", REGION]);
-        if !extra.contains(&"--cgroup-root") {
-            command.arg("--cgroup-root").arg(&node.cgroup_root);
-        }
-        if !extra.contains(&"--listen") {
-            command.args(["--listen", &listen4.to_string(), "--listen", &listen6.to_string()]);
-        }
-        if !extra.contains(&"--probe-addr") {
-            command.args(["--probe-addr", PROBE_ADDR, "--metrics-addr", METRICS_ADDR]);
+        // The node's defaults, each unless `extra` gives that flag itself.
+        let cgroup_root = node.cgroup_root.to_str().unwrap().to_owned();
+        let defaults: [(&str, Vec<String>); 4] = [
+            ("--cgroup-root", vec![cgroup_root]),
+            ("--listen", vec![listen4.to_string(), listen6.to_string()]),
+            ("--probe-addr", vec![PROBE_ADDR.to_owned()]),
+            ("--metrics-addr", vec![METRICS_ADDR.to_owned()]),
+        ];
+        for (flag, values) in &defaults {
+            if !extra.contains(flag) {
+                for value in values {
+                    command.args([flag, value.as_str()]);
+                }
+            }
         }
         let child = command
             .args(["--eks-auth-endpoint", &fake.endpoint()])

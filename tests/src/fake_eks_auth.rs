@@ -99,8 +99,8 @@ impl FakeEksAuth {
                     let mut st = served.lock().unwrap();
                     if st.reset {
                         st.resets += 1;
-                        // Linger 0: close() sends RST, as a crashed or overloaded endpoint does.
-                        let _ = socket_reset(stream);
+                        // Linger 0: dropping the socket sends RST, as a crashed endpoint does.
+                        let _ = stream.set_zero_linger();
                         continue;
                     }
                 }
@@ -166,23 +166,6 @@ impl FakeEksAuth {
     pub fn set_lifetime(&self, lifetime: Duration) {
         self.state.lock().unwrap().lifetime = lifetime;
     }
-}
-
-fn socket_reset(stream: tokio::net::TcpStream) -> std::io::Result<()> {
-    let std_stream = stream.into_std()?;
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: setsockopt on a socket we own, with a correctly sized linger struct.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&std_stream),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    drop(std_stream);
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 fn json(status: u16, body: serde_json::Value, extra: &[(&str, &str)]) -> Response<Full<Bytes>> {

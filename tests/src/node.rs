@@ -465,14 +465,7 @@ impl Pod {
 
     /// `curl` in the pod: GET `url` with the raw token as Authorization.
     pub fn curl(&self, url: &str, token: &str) -> HttpResult {
-        let out = self
-            .command("curl")
-            .args(["-sS", "-g", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}", "-H"])
-            .arg(format!("Authorization: {token}"))
-            .arg(url)
-            .output()
-            .expect("run curl");
-        parse_curl(out)
+        curl(self.command("curl"), url, token, &[])
     }
 
     /// boto3 in the pod, configured only through the variables EKS injects. Ok(access key id,
@@ -545,8 +538,21 @@ print(json.dumps([f.access_key, f.secret_key, f.token]))
     }
 }
 
+/// Runs `cmd` (a `curl` command placed in some cgroup and namespace): GET `url` with the raw
+/// token as Authorization and `extra` curl arguments.
+pub fn curl(mut cmd: Command, url: &str, token: &str, extra: &[&str]) -> HttpResult {
+    let out = cmd
+        .args(["-sS", "-g", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}", "-H"])
+        .arg(format!("Authorization: {token}"))
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("run curl");
+    parse_curl(out)
+}
+
 /// Splits curl's `-w "\n%{http_code}"` trailer off its output.
-pub fn parse_curl(out: Output) -> HttpResult {
+fn parse_curl(out: Output) -> HttpResult {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
     HttpResult { status: code.trim().parse().unwrap_or(0), body: body.to_owned() }
