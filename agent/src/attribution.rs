@@ -97,6 +97,11 @@ impl CgroupIndex {
 }
 
 impl CgroupIndex {
+    /// Cgroups known from the last walk.
+    pub fn len(&self) -> usize {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).by_id.len()
+    }
+
     /// Walks the tree now and returns the pods that have a cgroup: the agent's view of which pods
     /// exist on the node.
     pub fn present_pods(&self) -> std::io::Result<std::collections::HashSet<PodUid>> {

@@ -572,7 +572,7 @@ mod tests {
     }
 
     fn cache(up: &Scripted, settings: CacheSettings) -> Arc<CredentialCache<Scripted>> {
-        Arc::new(CredentialCache::new(up.clone(), settings, UpstreamLimiter::new(1000.0, 1000), Metrics::new(false)))
+        Arc::new(CredentialCache::new(up.clone(), settings, UpstreamLimiter::new(1000.0, 1000), Metrics::new(false, 4096)))
     }
 
     fn present(pods: &[&str]) -> HashSet<PodUid> {

@@ -7,31 +7,10 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::Args;
 
 /// Port of the agent's credential listener when `--listen` is not given.
 pub const DEFAULT_PORT: u16 = 2704;
-
-#[derive(Parser, Debug)]
-#[command(name = "pod-identity-agent", version, about = "Serves EKS Pod Identity credentials to pods through an eBPF redirect")]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum Command {
-    /// Run the node agent: attach the kernel programs and serve credentials.
-    Run(RunArgs),
-    /// Show per-pod statistics of a running agent (reads /v1/pods on its probe address).
-    Pods(PodsArgs),
-    /// Remove what `run --pin DIR` left pinned (detaches the programs): for uninstalling.
-    Cleanup {
-        /// The directory given to `run --pin`.
-        #[arg(long)]
-        pin: PathBuf,
-    },
-}
 
 /// How pods' connections reach the agent.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,33 +22,6 @@ pub enum Mode {
     Link,
     /// eBPF when the programs load and attach, else link mode (saying why).
     Auto,
-}
-
-#[derive(Args, Debug)]
-pub struct PodsArgs {
-    /// The agent's probe address.
-    #[arg(long, default_value = "127.0.0.1:2703")]
-    pub addr: SocketAddr,
-    /// Print the raw JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
-    /// Redraw every SECONDS until interrupted.
-    #[arg(long, value_name = "SECONDS")]
-    pub watch: Option<f64>,
-    /// Order rows by this column (descending for numbers).
-    #[arg(long, value_enum, default_value_t = SortField::Namespace)]
-    pub sort: SortField,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SortField {
-    Namespace,
-    Pod,
-    Requests,
-    Errors,
-    Upstream,
-    Last,
-    P99,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -360,13 +312,16 @@ fn interface_ipv4(name: &str) -> anyhow::Result<Option<Ipv4Addr>> {
 mod tests {
     use super::*;
 
+    #[derive(clap::Parser)]
+    struct Run {
+        #[command(flatten)]
+        args: RunArgs,
+    }
+
     fn args(extra: &[&str]) -> RunArgs {
-        let mut argv = vec!["pod-identity-agent", "run", "--cluster-name", "c"];
+        let mut argv = vec!["run", "--cluster-name", "c"];
         argv.extend_from_slice(extra);
-        match Cli::try_parse_from(argv).unwrap().command {
-            Command::Run(a) => a,
-            Command::Pods(_) | Command::Cleanup { .. } => unreachable!("parsed `run`"),
-        }
+        <Run as clap::Parser>::try_parse_from(argv).unwrap().args
     }
 
     #[test]

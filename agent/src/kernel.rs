@@ -123,19 +123,8 @@ impl Redirector {
             intercepted.insert(endpoint(*addr), 1, 0).context("filling the intercept map")?;
         }
 
-        let cgroup = File::open(&spec.cgroup_root).map_err(|e| {
-            anyhow::anyhow!("cannot open cgroup root {}: {e} (it must be a directory in the cgroup2 hierarchy)", spec.cgroup_root.display())
-        })?;
-        // sock_ops first: once connect4/6 redirect, every redirected connection gets its record.
-        let pin = spec.pin.as_deref();
-        let sock_ops: &mut SockOps = program(&mut ebpf, names::SOCK_OPS)?;
-        sock_ops.load().map_err(|e| explain(anyhow::Error::new(e).context("loading the sock_ops program")))?;
-        let mut attachment = install(sock_ops, names::SOCK_OPS, &cgroup, &spec.cgroup_root, pin)?;
-        for name in [names::CONNECT4, names::CONNECT6] {
-            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            prog.load().map_err(|e| explain(anyhow::Error::new(e).context(format!("loading the {name} program"))))?;
-            attachment = install(prog, name, &cgroup, &spec.cgroup_root, pin)?;
-        }
+        let cgroup = open_cgroup(&spec.cgroup_root)?;
+        let attachment = load_and_attach(&mut ebpf, Some((&cgroup, &spec.cgroup_root)), spec.pin.as_deref())?.unwrap_or(Attachment::Owned);
 
         let connections = BpfHashMap::try_from(ebpf.take_map(names::CONNECTIONS).context("CONNECTIONS map missing")?)?;
         let counts = PerCpuArray::try_from(ebpf.take_map(names::REDIRECT_COUNTS).context("REDIRECT_COUNTS map missing")?)?;
@@ -155,6 +144,50 @@ impl Redirector {
     pub fn counts(&self) -> RedirectCounts {
         let sum = |i: u32| self.counts.get(&i, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0);
         RedirectCounts { v4: sum(REDIRECTED_V4), v6: sum(REDIRECTED_V6) }
+    }
+}
+
+/// Loads the programs and, given a cgroup, attaches them there (sock_ops first: once connect4/6
+/// redirect, every redirected connection gets its record). Returns how they were attached.
+fn load_and_attach(ebpf: &mut Ebpf, cgroup: Option<(&File, &Path)>, pin: Option<&Path>) -> anyhow::Result<Option<Attachment>> {
+    let sock_ops: &mut SockOps = program(ebpf, names::SOCK_OPS)?;
+    sock_ops.load().map_err(|e| explain(anyhow::Error::new(e).context("loading the sock_ops program")))?;
+    let mut attachment = match cgroup {
+        Some((file, path)) => Some(install(sock_ops, names::SOCK_OPS, file, path, pin)?),
+        None => None,
+    };
+    for name in [names::CONNECT4, names::CONNECT6] {
+        let prog: &mut CgroupSockAddr = program(ebpf, name)?;
+        prog.load().map_err(|e| explain(anyhow::Error::new(e).context(format!("loading the {name} program"))))?;
+        if let Some((file, path)) = cgroup {
+            attachment = Some(install(prog, name, file, path, pin)?);
+        }
+    }
+    Ok(attachment)
+}
+
+fn open_cgroup(path: &Path) -> anyhow::Result<File> {
+    File::open(path).map_err(|e| anyhow::anyhow!("cannot open cgroup root {}: {e} (it must be a directory in the cgroup2 hierarchy)", path.display()))
+}
+
+/// Proves the kernel accepts the programs: loads them and, given a cgroup, attaches them there,
+/// then detaches everything. Nothing is redirected meanwhile (no address is intercepted).
+pub fn dry_run(cgroup: Option<&Path>) -> anyhow::Result<()> {
+    let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| explain(anyhow::Error::new(e).context("loading the kernel object")))?;
+    // The programs reference the log ring buffer: its reader must exist while they load.
+    let _logger = aya_log::EbpfLogger::init(&mut ebpf).context("starting the kernel log reader")?;
+    let file = cgroup.map(open_cgroup).transpose()?;
+    load_and_attach(&mut ebpf, file.as_ref().zip(cgroup), None)?;
+    // Dropping `ebpf` closes the links: the kernel detaches the programs.
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the cgroup.
+pub fn raise_memlock_limit() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "cannot raise RLIMIT_MEMLOCK (fine on Linux >= 5.11)");
     }
 }
 

@@ -1,11 +1,14 @@
 //! pod-identity-agent: hands EKS Pod Identity credentials to the pods of one node.
 //!
-//! Rooms: `kernel` (load and attach the eBPF programs, read their records), `attribution`
-//! (cgroup id -> pod), `token` (service-account token claims), `upstream` (EKS Auth),
-//! `credentials` (wire format and cache), `server` (the credential endpoint), `ops` and
-//! `metrics` (probes and Prometheus), `config` (flags and defaults).
+//! The daemon's rooms: `kernel` (load and attach the eBPF programs, read their records),
+//! `attribution` (cgroup id -> pod), `token` (service-account token claims), `upstream` (EKS
+//! Auth), `aws` (the SDK configuration everything shares), `credentials` and `cache` (wire format
+//! and cache), `server` (the credential endpoint), `ops` and `metrics` (probes and Prometheus),
+//! `config` (flags and defaults). The operator's commands (`pods`, `associations`, `doctor`)
+//! live in `operator`, which reads the daemon's rooms and is never read by them.
 
 mod attribution;
+mod aws;
 mod cache;
 mod config;
 mod connlimit;
@@ -13,8 +16,8 @@ mod credentials;
 mod kernel;
 mod link;
 mod metrics;
+mod operator;
 mod ops;
-mod pods_view;
 mod ratelimit;
 mod request;
 mod server;
@@ -22,21 +25,24 @@ mod stats;
 mod token;
 mod upstream;
 
-use std::{process::ExitCode, sync::Arc};
+use std::{
+    process::ExitCode,
+    sync::{Arc, OnceLock},
+};
 
 use anyhow::Context as _;
-use clap::Parser as _;
+use clap::{Parser, Subcommand};
 use http::StatusCode;
-use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
+use tokio::{net::TcpSocket, signal::unix::SignalKind, sync::watch};
 use tracing::{error, info, warn};
 
 use crate::{
     attribution::CgroupIndex,
     cache::CredentialCache,
-    config::{Cli, Command, LogFormat, Mode, Settings},
+    config::{LogFormat, Mode, RunArgs, Settings},
     kernel::{Attachment, RedirectSpec, Redirector},
-    metrics::Metrics,
-    ops::Readiness,
+    metrics::{Live, Metrics},
+    ops::{AgentInfo, Readiness},
     ratelimit::{PodRateLimits, UpstreamLimiter},
     server::CredentialServer,
     stats::PodStatsRegistry,
@@ -47,32 +53,55 @@ use crate::{
 /// pod's state is gone within this) and refreshes that are due are started.
 const MAINTENANCE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
+#[derive(Parser, Debug)]
+#[command(name = "pod-identity-agent", version, about = "Serves EKS Pod Identity credentials to pods through an eBPF redirect")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the node agent: attach the kernel programs and serve credentials.
+    Run(RunArgs),
+    /// Show per-pod statistics of a running agent (reads /v1/pods on its probe address).
+    Pods(operator::pods::PodsArgs),
+    /// List the cluster's pod identity associations (EKS API), join a node's pods to them, or
+    /// create and delete them.
+    Associations(operator::associations::AssociationsArgs),
+    /// Check this node's set-up end to end: cgroups, kernel programs, the running agent, node
+    /// credentials, EKS Auth, the cluster.
+    Doctor(operator::doctor::DoctorArgs),
+    /// Remove what `run --pin DIR` left pinned (detaches the programs): for uninstalling.
+    Cleanup {
+        /// The directory given to `run --pin`.
+        #[arg(long)]
+        pin: std::path::PathBuf,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let args = match cli.command {
-        Command::Pods(args) => {
-            return match pods_view::run(&args) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("pod-identity-agent pods: {e:#}");
-                    ExitCode::FAILURE
-                }
-            };
-        }
-        Command::Cleanup { pin } => {
-            return match kernel::cleanup(&pin) {
-                Ok(n) => {
-                    println!("removed {n} pinned objects from {}", pin.display());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("pod-identity-agent cleanup: {e:#}");
-                    ExitCode::FAILURE
-                }
-            };
-        }
-        Command::Run(args) => args,
+    let (name, result) = match cli.command {
+        Command::Run(args) => return run_daemon(args),
+        Command::Pods(args) => ("pods", operator::pods::run(&args).map(|()| ExitCode::SUCCESS)),
+        Command::Associations(args) => ("associations", operator::associations::run(args)),
+        Command::Doctor(args) => ("doctor", operator::doctor::run(args)),
+        Command::Cleanup { pin } => (
+            "cleanup",
+            kernel::cleanup(&pin).map(|n| {
+                println!("removed {n} pinned objects from {}", pin.display());
+                ExitCode::SUCCESS
+            }),
+        ),
     };
+    result.unwrap_or_else(|e| {
+        eprintln!("pod-identity-agent {name}: {e:#}");
+        ExitCode::FAILURE
+    })
+}
+
+fn run_daemon(args: RunArgs) -> ExitCode {
     init_logging(args.log_format, &args.log_level);
     limit_malloc_arenas();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -106,15 +135,36 @@ fn init_logging(format: LogFormat, level: &str) {
 async fn run(settings: Settings) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let readiness = Readiness::new("kernel programs not attached yet");
-    let metrics = Metrics::new(settings.metrics_per_pod);
+    let metrics = Metrics::new(settings.metrics_per_pod, settings.cache.max_entries);
     let stats = Arc::new(PodStatsRegistry::default());
+    let info = Arc::new(OnceLock::new());
+    let serving: Arc<OnceLock<Arc<CredentialServer>>> = Arc::new(OnceLock::new());
 
-    // Probes first, so a kubelet sees "alive, not ready" while the programs load.
-    ops::serve(settings.probe_addr, ops::probes(readiness.clone(), stats.clone()), shutdown_rx.clone())
+    // Probes and metrics first, so a kubelet and Prometheus see "alive, not ready" while the
+    // programs load or the cgroup root is awaited.
+    ops::serve(settings.probe_addr, ops::probes(readiness.clone(), stats.clone(), info.clone()), shutdown_rx.clone())
         .await
         .with_context(|| format!("binding the probe address {}", settings.probe_addr))?;
+    let metrics_handler: ops::Handler = {
+        let (serving, metrics, readiness) = (serving.clone(), metrics.clone(), readiness.clone());
+        Arc::new(move |path| match path {
+            "/metrics" => {
+                let live = serving.get().map(|server: &Arc<CredentialServer>| Live {
+                    redirects: server.redirector.as_ref().map(|r| r.counts()),
+                    cache_entries: server.cache.len(),
+                    cache: server.cache.stats(),
+                    open_connections: server.connection_limits.open(),
+                });
+                (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render(readiness.is_ready(), live))
+            }
+            _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        })
+    };
+    ops::serve(settings.metrics_addr, metrics_handler, shutdown_rx.clone())
+        .await
+        .with_context(|| format!("binding the metrics address {}", settings.metrics_addr))?;
 
-    raise_memlock_limit();
+    kernel::raise_memlock_limit();
     let mount = attribution::cgroup2_mount()?;
     let cgroup_root = settings.cgroup_root.clone().unwrap_or_else(|| mount.clone());
     let (own_cgroup, agent_cgroup_id) = attribution::own_cgroup(&mount)?;
@@ -139,6 +189,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         node_name: settings.node_name.clone(),
     })
     .await?;
+    let region = upstream.region();
     let server = Arc::new(CredentialServer {
         redirector: redirector.clone(),
         cgroups,
@@ -155,33 +206,36 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         allowed_hosts: request::allowed_hosts(&settings.intercept),
     });
 
-    let metrics_handler: ops::Handler = {
-        let (server, metrics) = (server.clone(), metrics.clone());
-        Arc::new(move |path| match path {
-            "/metrics" => (
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                metrics.render(
-                    server.redirector.as_ref().map(|r| r.counts()),
-                    server.cache.len(),
-                    server.cache.stats(),
-                    server.connection_limits.open(),
-                ),
-            ),
-            _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-        })
-    };
-    ops::serve(settings.metrics_addr, metrics_handler, shutdown_rx.clone())
-        .await
-        .with_context(|| format!("binding the metrics address {}", settings.metrics_addr))?;
+    let _ = serving.set(server.clone());
 
     let listen_addrs: Vec<_> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    // Listening only now: a socket that listens gets a share of the port's connections, and this
+    // agent can serve them from here on.
+    let listeners = listeners
+        .into_iter()
+        .zip(&listen_addrs)
+        .map(|(socket, addr)| socket.listen(1024).with_context(|| format!("listening on {addr}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let maintenance = tokio::spawn(maintain(server.clone()));
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let mut accept_loops = Vec::new();
     for listener in listeners {
         accept_loops.push(tokio::spawn(server.clone().serve(listener, shutdown_rx.clone(), graceful.clone())));
     }
+    let _ = info.set(AgentInfo {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        mode: mode.to_owned(),
+        cluster_name: settings.cluster_name.clone(),
+        region,
+        eks_auth_endpoint: settings.eks_auth_endpoint.clone(),
+        fips: settings.fips,
+        listen: listen_addrs.clone(),
+        intercept: settings.intercept.clone(),
+        cgroup_root: cgroup_root.clone(),
+        cgroup_id: agent_cgroup_id,
+        metrics_addr: settings.metrics_addr,
+        pin: settings.pin.clone(),
+    });
     readiness.ready(note.clone());
     info!(
         mode,
@@ -224,7 +278,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 /// How pods' connections reach this agent.
 struct Interception {
     redirector: Option<Arc<Redirector>>,
-    listeners: Vec<TcpListener>,
+    /// Bound, not yet listening.
+    listeners: Vec<TcpSocket>,
     mode: &'static str,
     /// Shown in /readyz and the start-up log.
     note: String,
@@ -268,11 +323,12 @@ async fn intercept(settings: &Settings, cgroup_root: &std::path::Path, agent_cgr
     })
 }
 
-/// The credential listeners, shared with an agent starting beside this one during a roll.
-fn bind_all(addrs: &[std::net::SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
+/// The credential listeners' sockets, shared with an agent starting beside this one during a
+/// roll; bound, not listening yet.
+fn bind_all(addrs: &[std::net::SocketAddr]) -> anyhow::Result<Vec<TcpSocket>> {
     addrs
         .iter()
-        .map(|addr| ops::shared_listener(*addr, 1024).with_context(|| format!("binding the credential listener {addr}")))
+        .map(|addr| ops::shared_socket(*addr).with_context(|| format!("binding the credential listener {addr}")))
         .collect()
 }
 
@@ -287,15 +343,6 @@ fn limit_malloc_arenas() {
 fn return_freed_memory() {
     // SAFETY: malloc_trim has no preconditions.
     unsafe { libc::malloc_trim(0) };
-}
-
-/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the cgroup.
-fn raise_memlock_limit() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
-    // SAFETY: setrlimit with a valid struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot raise RLIMIT_MEMLOCK (fine on Linux >= 5.11)");
-    }
 }
 
 /// Drops the state of pods that are gone and starts refreshes that are due, every
@@ -346,4 +393,38 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = int.recv() => info!("SIGINT received"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(argv: &[&str]) -> Result<Command, clap::Error> {
+        Cli::try_parse_from(std::iter::once("pod-identity-agent").chain(argv.iter().copied())).map(|cli| cli.command)
+    }
+
+    #[test]
+    fn associations_take_cluster_flags_before_or_after_the_action() {
+        for argv in [
+            &["associations", "--cluster-name", "prod", "create", "--namespace", "ns", "--service-account", "sa", "--role-arn", "arn:aws:iam::1:role/r"][..],
+            &["associations", "create", "--namespace", "ns", "--service-account", "sa", "--role-arn", "arn:aws:iam::1:role/r", "--cluster-name", "prod"][..],
+        ] {
+            match parse(argv).unwrap() {
+                Command::Associations(a) => {
+                    assert_eq!(a.cluster.cluster_name.as_deref(), Some("prod"), "{argv:?}");
+                    assert!(matches!(a.action, Some(operator::associations::Action::Create(ref c)) if c.namespace == "ns"));
+                }
+                other => panic!("parsed {other:?}"),
+            }
+        }
+        match parse(&["associations", "--namespace", "ns", "--json", "--cluster-name", "prod"]).unwrap() {
+            Command::Associations(a) => assert!(a.action.is_none() && a.json && a.namespace.as_deref() == Some("ns")),
+            other => panic!("parsed {other:?}"),
+        }
+        // Listing flags do not mix with an action.
+        match parse(&["associations", "--json", "delete", "a-1"]).unwrap() {
+            Command::Associations(a) => assert!(a.check().unwrap_err().to_string().contains("are for listing")),
+            other => panic!("parsed {other:?}"),
+        }
+    }
 }

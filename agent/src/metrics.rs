@@ -64,6 +64,14 @@ struct BuildLabels {
     version: &'static str,
 }
 
+/// The serving agent's figures that live outside the registry, copied in at each scrape.
+pub struct Live<'a> {
+    pub redirects: Option<RedirectCounts>,
+    pub cache_entries: usize,
+    pub cache: &'a CacheStats,
+    pub open_connections: usize,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<CodeLabels, Counter>,
@@ -75,6 +83,7 @@ pub struct Metrics {
     upstream_budget_wait_seconds: Counter<f64>,
     kernel_redirects: Family<FamilyLabels, Counter>,
     cache_entries: Gauge,
+    ready: Gauge,
     cache_lookups: Family<ResultLabels, Counter>,
     cache_evictions: Family<ReasonLabels, Counter>,
     cache_refreshes: Counter,
@@ -97,7 +106,7 @@ struct ProcessMetrics {
 impl Metrics {
     /// `per_pod` adds a request counter with `namespace` and `pod` labels (small clusters only:
     /// one series per pod and status code).
-    pub fn new(per_pod: bool) -> Arc<Metrics> {
+    pub fn new(per_pod: bool, cache_capacity: usize) -> Arc<Metrics> {
         let mut r = Registry::default();
         let requests = Family::<CodeLabels, Counter>::default();
         r.register("pod_identity_agent_requests", "Credential endpoint responses by HTTP status code", requests.clone());
@@ -148,6 +157,11 @@ impl Metrics {
         );
         let cache_entries = Gauge::default();
         r.register("pod_identity_agent_cache_entries", "Credentials held in the cache", cache_entries.clone());
+        let capacity = Gauge::<i64>::default();
+        capacity.set(cache_capacity as i64);
+        r.register("pod_identity_agent_cache_capacity", "Most credentials the cache holds (--max-cache-entries)", capacity.clone());
+        let ready = Gauge::default();
+        r.register("pod_identity_agent_ready", "1 when /readyz answers ready, else 0 (starting, waiting for the cgroup root, shutting down)", ready.clone());
         let cache_lookups = Family::<ResultLabels, Counter>::default();
         r.register(
             "pod_identity_agent_cache_lookups",
@@ -209,6 +223,7 @@ impl Metrics {
             upstream_budget_wait_seconds,
             kernel_redirects,
             cache_entries,
+            ready,
             cache_lookups,
             cache_evictions,
             cache_refreshes,
@@ -266,8 +281,21 @@ impl Metrics {
         }
     }
 
-    /// Renders the registry after copying in the values that live elsewhere.
-    pub fn render(&self, redirects: Option<RedirectCounts>, cache_entries: usize, cache: &CacheStats, open_connections: usize) -> String {
+    /// Renders the registry after copying in the values that live elsewhere; `live` is `None`
+    /// while the agent is still starting.
+    pub fn render(&self, ready: bool, live: Option<Live<'_>>) -> String {
+        self.ready.set(i64::from(ready));
+        if let Some(live) = live {
+            self.copy_live(live);
+        }
+        self.read_process();
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    fn copy_live(&self, live: Live<'_>) {
+        let Live { redirects, cache_entries, cache, open_connections } = live;
         self.open_connections.set(open_connections as i64);
         if let Some(counts) = redirects {
             for (family, value) in [("ipv4", counts.v4), ("ipv6", counts.v6)] {
@@ -296,10 +324,6 @@ impl Metrics {
         }
         copy(&self.cache_refreshes, &cache.refreshes);
         copy(&self.upstream_calls, &cache.upstream_calls);
-        self.read_process();
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
-        out
     }
 
     /// Figures about this process from /proc (best effort: a failed read leaves the old value).

@@ -4,14 +4,16 @@
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    path::PathBuf,
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::sync::watch;
+use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use crate::stats::PodStatsRegistry;
@@ -36,23 +38,53 @@ impl Readiness {
     fn state(&self) -> Result<String, String> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    pub fn is_ready(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).is_ok()
+    }
+}
+
+/// What a running agent says about itself at `/v1/agent` (probe address): how it was started and
+/// what it resolved, so `doctor` needs no flags.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentInfo {
+    pub version: String,
+    /// `ebpf` or `link`.
+    pub mode: String,
+    pub cluster_name: String,
+    /// The region EKS Auth calls are signed for.
+    pub region: Option<String>,
+    /// `--eks-auth-endpoint`, when given.
+    pub eks_auth_endpoint: Option<String>,
+    pub fips: bool,
+    /// Credential listeners.
+    pub listen: Vec<SocketAddr>,
+    /// Credential addresses whose connects are redirected (eBPF mode) or served (link mode).
+    pub intercept: Vec<SocketAddr>,
+    pub cgroup_root: PathBuf,
+    /// The agent's own cgroup id: its connects are never redirected.
+    pub cgroup_id: u64,
+    pub metrics_addr: SocketAddr,
+    pub pin: Option<PathBuf>,
 }
 
 pub type Handler = Arc<dyn Fn(&str) -> (StatusCode, &'static str, String) + Send + Sync>;
 
-/// A listener with SO_REUSEPORT: during a surge roll two agents run on a node (hostNetwork)
-/// and share every port, the credential listeners and the probes alike.
-pub fn shared_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+/// A socket bound with SO_REUSEPORT: during a surge roll two agents run on a node
+/// (hostNetwork) and share every port, the credential listeners and the probes alike. It joins
+/// the port's group of listeners, and gets a share of its connections, only once it listens: an
+/// agent binds early (a conflict fails fast) and listens when it is ready to accept.
+pub fn shared_socket(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }?;
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(true)?;
     socket.bind(addr)?;
-    socket.listen(backlog)
+    Ok(socket)
 }
 
 /// Serves `handler` (path -> status, content type, body) on `addr` until `shutdown` flips.
 pub async fn serve(addr: SocketAddr, handler: Handler, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
-    let listener = shared_listener(addr, 128)?;
+    let listener = shared_socket(addr)?.listen(128)?;
     tokio::spawn(async move {
         loop {
             let stream = tokio::select! {
@@ -80,7 +112,8 @@ pub async fn serve(addr: SocketAddr, handler: Handler, mut shutdown: watch::Rece
 
 /// `/healthz`: the process serves. `/readyz`: it can do its job, else 503 with the reason.
 /// `/v1/pods`: per-pod statistics as JSON (the probe address is loopback by default).
-pub fn probes(readiness: Arc<Readiness>, stats: Arc<PodStatsRegistry>) -> Handler {
+/// `/v1/agent`: [`AgentInfo`], once the agent has started.
+pub fn probes(readiness: Arc<Readiness>, stats: Arc<PodStatsRegistry>, info: Arc<OnceLock<AgentInfo>>) -> Handler {
     Arc::new(move |path| match path {
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => match readiness.state() {
@@ -92,6 +125,10 @@ pub fn probes(readiness: Arc<Readiness>, stats: Arc<PodStatsRegistry>) -> Handle
             let body = serde_json::to_string(&stats.snapshot()).expect("stats serialise");
             (StatusCode::OK, "application/json", body)
         }
+        "/v1/agent" => match info.get() {
+            Some(info) => (StatusCode::OK, "application/json", serde_json::to_string(info).expect("agent info serialises")),
+            None => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting\n".into()),
+        },
         _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     })
 }

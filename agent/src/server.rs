@@ -72,6 +72,8 @@ struct RequestFacts {
     /// The token's claims, once bound to that pod.
     claims: Option<TokenClaims>,
     served: Option<(Arc<AssumedRole>, Outcome)>,
+    /// EKS Auth's error code, when it refused.
+    upstream_code: Option<String>,
 }
 
 /// The per-pod error class a refusal counts as.
@@ -157,6 +159,7 @@ impl CredentialServer {
         let mut facts = RequestFacts::default();
         let result = self.credentials(conn, &req, &mut facts).await;
         let latency = started.elapsed();
+        let error = result.as_ref().err().map(|r| (r.status.as_u16(), facts.upstream_code.as_deref().unwrap_or(r.reason)));
         let (response, refusal) = match result {
             Ok(response) => (response, None),
             Err(refusal) => {
@@ -196,6 +199,7 @@ impl CredentialServer {
                         cache_hit: matches!(outcome, Outcome::Hit | Outcome::Stale),
                         upstream_call: *outcome == Outcome::Fetched,
                     }),
+                    error,
                 },
             );
         }
@@ -252,10 +256,15 @@ impl CredentialServer {
         }
 
         let label = format!("{}/{}", claims.namespace, claims.pod_name);
-        let (role, outcome) = self.cache.get(raw_token, &pod, &label).await.map_err(|e| {
-            let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_GATEWAY);
-            Refusal::new(status, "upstream_error", e.to_string())
-        })?;
+        let (role, outcome) = match self.cache.get(raw_token, &pod, &label).await {
+            Ok(found) => found,
+            Err(e) => {
+                let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_GATEWAY);
+                let refusal = Refusal::new(status, "upstream_error", e.to_string());
+                facts.upstream_code = Some(e.code);
+                return Err(refusal);
+            }
+        };
         debug!(
             namespace = %claims.namespace,
             pod = %claims.pod_name,

@@ -34,8 +34,10 @@ pub enum RequestClass {
     UpstreamServer,
 }
 
-/// One pod's row: the JSON of `/v1/pods` and the `pods` table.
+/// One pod's row: the JSON of `/v1/pods` and the `pods` table. Fields added later default when
+/// an older agent's JSON lacks them (`associations --pods` reads what any agent printed).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct PodStats {
     pub pod_uid: String,
     pub namespace: String,
@@ -54,9 +56,21 @@ pub struct PodStats {
     pub credential_expiry: Option<String>,
     pub latency_p50_ms: Option<f64>,
     pub latency_p99_ms: Option<f64>,
+    /// The pod's latest refused request: why it got no credentials.
+    pub last_error: Option<LastError>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct LastError {
+    pub status: u16,
+    /// EKS Auth's error code (`ResourceNotFoundException`, ...) when EKS Auth refused, else the
+    /// agent's refusal reason (`token_pod_mismatch`, `pod_rate_limited`, ...).
+    pub code: String,
+    pub age_seconds: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
 pub struct ErrorCounts {
     pub bad_token: u64,
     pub refused: u64,
@@ -81,6 +95,7 @@ struct PodRecord {
     credential_expiry: Option<SystemTime>,
     latencies: Vec<f32>,
     next_sample: usize,
+    last_error: Option<(u16, String, SystemTime)>,
 }
 
 /// What the server learned from one request.
@@ -91,6 +106,9 @@ pub struct RequestRecord<'a> {
     pub identity: Option<Identity<'a>>,
     /// Set when credentials were served.
     pub served: Option<Served<'a>>,
+    /// Set when the request was refused: its status, and EKS Auth's error code or the agent's
+    /// refusal reason.
+    pub error: Option<(u16, &'a str)>,
 }
 
 pub struct Identity<'a> {
@@ -153,6 +171,9 @@ impl PodStatsRegistry {
                 p.cache_hits += u64::from(s.cache_hit);
                 p.upstream_calls += u64::from(s.upstream_call);
             }
+            if let Some((status, code)) = r.error {
+                p.last_error = Some((status, code.to_owned(), SystemTime::now()));
+            }
             let ms = r.latency.as_secs_f32() * 1000.0;
             if p.latencies.len() < LATENCY_SAMPLES {
                 p.latencies.push(ms);
@@ -203,6 +224,11 @@ impl PodStatsRegistry {
                         credential_expiry: p.credential_expiry.map(expiration_string),
                         latency_p50_ms: quantile(&sorted, 0.50),
                         latency_p99_ms: quantile(&sorted, 0.99),
+                        last_error: p.last_error.as_ref().map(|(status, code, at)| LastError {
+                            status: *status,
+                            code: code.clone(),
+                            age_seconds: now.duration_since(*at).unwrap_or_default().as_secs_f64(),
+                        }),
                     }
                 })
                 .collect()
@@ -247,17 +273,23 @@ mod tests {
                         cache_hit: ms > 1,
                         upstream_call: ms == 1,
                     }),
+                    error: None,
                 },
             );
         }
-        reg.request(&a, RequestRecord { class: RequestClass::RateLimited, latency: Duration::ZERO, identity: None, served: None });
-        reg.request(&uid(2), RequestRecord { class: RequestClass::Refused, latency: Duration::ZERO, identity: None, served: None });
+        reg.request(
+            &a,
+            RequestRecord { class: RequestClass::RateLimited, latency: Duration::ZERO, identity: None, served: None, error: Some((429, "pod_rate_limited")) },
+        );
+        reg.request(&uid(2), RequestRecord { class: RequestClass::Refused, latency: Duration::ZERO, identity: None, served: None, error: Some((403, "token_pod_mismatch")) });
         let mut rows = reg.snapshot();
         rows.sort_by(|x, y| x.pod_uid.cmp(&y.pod_uid));
         let p = &rows[0];
         assert_eq!((p.namespace.as_str(), p.pod.as_str(), p.service_account.as_str()), ("ns", "web-0", "sa"));
         assert_eq!((p.requests, p.cache_hits, p.upstream_calls, p.kernel_redirects), (101, 99, 1, 2));
         assert_eq!(p.errors.rate_limited, 1);
+        let last = p.last_error.as_ref().unwrap();
+        assert_eq!((last.status, last.code.as_str()), (429, "pod_rate_limited"));
         assert_eq!(p.credential_expiry.as_deref(), Some("2026-11-29T11:00:00Z"));
         assert_eq!(p.latency_p50_ms, Some(50.0));
         assert_eq!(p.latency_p99_ms, Some(99.0));

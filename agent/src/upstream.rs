@@ -7,6 +7,8 @@ use std::{fmt, future::Future, time::SystemTime};
 
 use aws_sdk_eksauth::{error::SdkError, operation::RequestId as _};
 
+use crate::aws::ApiErrorKind;
+
 use crate::credentials::Credentials;
 
 /// What a successful exchange yields: the pod's credentials and who they are for.
@@ -115,6 +117,31 @@ impl fmt::Display for UpstreamError {
 pub struct EksAuth {
     client: aws_sdk_eksauth::Client,
     cluster_name: String,
+    endpoint: EndpointRecorder,
+}
+
+/// Remembers where the SDK sent the last request (`scheme://host[:port]`): the endpoint as the
+/// SDK resolved it from the flags, the environment, the region and FIPS.
+#[derive(Clone, Debug, Default)]
+struct EndpointRecorder(std::sync::Arc<std::sync::Mutex<Option<String>>>);
+
+impl aws_sdk_eksauth::config::Intercept for EndpointRecorder {
+    fn name(&self) -> &'static str {
+        "EndpointRecorder"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &aws_sdk_eksauth::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _components: &aws_sdk_eksauth::config::RuntimeComponents,
+        _cfg: &mut aws_sdk_eksauth::config::ConfigBag,
+    ) -> Result<(), aws_sdk_eksauth::error::BoxError> {
+        if let Ok(uri) = context.request().uri().parse::<http::Uri>() {
+            let origin = format!("{}://{}", uri.scheme_str().unwrap_or("https"), uri.authority().map(|a| a.as_str()).unwrap_or(""));
+            *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(origin);
+        }
+        Ok(())
+    }
 }
 
 /// How to reach EKS Auth.
@@ -135,34 +162,30 @@ impl EksAuth {
     /// `AWS_ENDPOINT_URL_EKS_AUTH` and `AWS_USE_FIPS_ENDPOINT` are honoured by the chain; the
     /// HTTP client honours `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`.
     pub async fn new(options: EksAuthOptions) -> anyhow::Result<EksAuth> {
-        use aws_smithy_http_client::{pool, proxy::ProxyConfig, tls};
-        let pool = pool::ConnectionPool::builder()
-            .proxy_config(ProxyConfig::from_env())
-            .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::AwsLc))
-            .build_https()
-            .map_err(|e| anyhow::anyhow!("building the EKS Auth HTTP client: {e}"))?;
-        let http = pool::Client::new(&pool).map_err(|e| anyhow::anyhow!("building the EKS Auth HTTP client: {e}"))?;
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .http_client(http)
-            .retry_config(aws_config::retry::RetryConfig::disabled());
-        if let Some(region) = options.region {
-            loader = loader.region(aws_config::Region::new(region));
-        }
-        if let Some(endpoint) = options.endpoint {
-            loader = loader.endpoint_url(endpoint);
-        }
-        if options.fips {
-            loader = loader.use_fips(true);
-        }
-        let app = match &options.node_name {
-            Some(node) => format!("pod-identity-agent-{node}"),
-            None => "pod-identity-agent".to_owned(),
-        };
-        if let Ok(app) = aws_config::AppName::new(app) {
-            loader = loader.app_name(app);
-        }
-        let config = loader.load().await;
-        Ok(EksAuth { client: aws_sdk_eksauth::Client::new(&config), cluster_name: options.cluster_name })
+        let config = crate::aws::sdk_config(&crate::aws::AwsOptions {
+            region: options.region,
+            endpoint: options.endpoint,
+            fips: options.fips,
+            app_name: Some(match &options.node_name {
+                Some(node) => format!("pod-identity-agent-{node}"),
+                None => "pod-identity-agent".to_owned(),
+            }),
+            sdk_retries: false,
+        })
+        .await?;
+        let endpoint = EndpointRecorder::default();
+        let client_config = aws_sdk_eksauth::config::Builder::from(&config).interceptor(endpoint.clone()).build();
+        Ok(EksAuth { client: aws_sdk_eksauth::Client::from_conf(client_config), cluster_name: options.cluster_name, endpoint })
+    }
+
+    /// Where the last call went (`https://eks-auth.us-west-2.api.aws`), once a call was made.
+    pub fn last_endpoint(&self) -> Option<String> {
+        self.endpoint.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The region the client signs for, as the chain resolved it.
+    pub fn region(&self) -> Option<String> {
+        self.client.config().region().map(ToString::to_string)
     }
 }
 
@@ -209,61 +232,17 @@ pub fn account_from_arn(arn: &str) -> Option<&str> {
 fn map_sdk_error<E, R>(err: SdkError<E, R>) -> UpstreamError
 where
     E: aws_sdk_eksauth::error::ProvideErrorMetadata + std::error::Error + 'static,
-    R: fmt::Debug + HttpStatus,
+    R: fmt::Debug + crate::aws::HttpStatus,
 {
-    match &err {
-        SdkError::ServiceError(service) => UpstreamError {
-            status: service.raw().status_code(),
-            code: service.err().code().unwrap_or("UnknownError").to_owned(),
-            message: service.err().message().unwrap_or("no message").to_owned(),
-            request_id: service.err().meta().request_id().map(str::to_owned),
-        },
-        SdkError::TimeoutError(_) => UpstreamError {
-            status: 504,
-            code: "UpstreamTimeout".into(),
-            message: "EKS Auth did not answer in time".into(),
-            request_id: None,
-        },
-        SdkError::DispatchFailure(failure) => UpstreamError {
-            status: 502,
-            code: "UpstreamUnreachable".into(),
-            message: format!("could not reach EKS Auth: {}", error_chain(failure.as_connector_error().map(|e| e as &dyn std::error::Error))),
-            request_id: None,
-        },
-        SdkError::ResponseError(_) => UpstreamError {
-            status: 502,
-            code: "InvalidUpstreamResponse".into(),
-            message: "EKS Auth sent a response that could not be read".into(),
-            request_id: None,
-        },
-        _ => UpstreamError {
-            status: 500,
-            code: "UpstreamRequestFailed".into(),
-            message: format!("could not call EKS Auth: {}", error_chain(Some(&err))),
-            request_id: None,
-        },
-    }
-}
-
-/// Lets [`map_sdk_error`] read the status of the raw HTTP response.
-pub trait HttpStatus {
-    fn status_code(&self) -> u16;
-}
-
-impl HttpStatus for aws_sdk_eksauth::config::http::HttpResponse {
-    fn status_code(&self) -> u16 {
-        self.status().as_u16()
-    }
-}
-
-fn error_chain(err: Option<&dyn std::error::Error>) -> String {
-    let mut parts = Vec::new();
-    let mut next = err;
-    while let Some(e) = next {
-        parts.push(e.to_string());
-        next = e.source();
-    }
-    if parts.is_empty() { "unknown error".into() } else { parts.join(": ") }
+    let e = crate::aws::api_error(err);
+    let (status, code, message) = match e.kind {
+        ApiErrorKind::Service => (e.status.unwrap_or(502), e.code, e.message),
+        ApiErrorKind::Timeout => (504, "UpstreamTimeout".into(), "EKS Auth did not answer in time".into()),
+        ApiErrorKind::Unreachable => (502, "UpstreamUnreachable".into(), format!("could not reach EKS Auth: {}", e.message)),
+        ApiErrorKind::BadResponse => (502, "InvalidUpstreamResponse".into(), "EKS Auth sent a response that could not be read".into()),
+        ApiErrorKind::Other => (500, "UpstreamRequestFailed".into(), format!("could not call EKS Auth: {}", e.message)),
+    };
+    UpstreamError { status, code, message, request_id: e.request_id }
 }
 
 #[cfg(test)]

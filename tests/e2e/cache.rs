@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use pod_identity_e2e::{CgroupShape, fake_eks_auth::Fault};
+use pod_identity_e2e::{CgroupShape, fake_aws::Fault};
 
 use super::{Setup, V4_URL, metric};
 

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use pod_identity_e2e::{
-    Agent, CgroupShape, FakeEksAuth, Node,
+    Agent, CgroupShape, FakeAws, Node,
     agent::{PORT, PROBE_ADDR, binary},
     node::BpfFs,
 };
@@ -36,7 +36,7 @@ fn link_mode_serves_pods_with_token_only_checks() {
 #[test]
 fn link_mode_setup_is_idempotent_across_restarts() {
     let node = Node::new();
-    let fake = FakeEksAuth::start_in(&node.netns);
+    let fake = FakeAws::start_in(&node.netns);
     fake.associate("payments", "api", "payments-api-role");
     let pod = node.add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
     pod.route_credential_addresses_via_node();
@@ -50,7 +50,7 @@ fn link_mode_setup_is_idempotent_across_restarts() {
 #[test]
 fn auto_mode_falls_back_to_link_mode_when_attach_is_impossible() {
     let node = Node::new();
-    let fake = FakeEksAuth::start_in(&node.netns);
+    let fake = FakeAws::start_in(&node.netns);
     fake.associate("payments", "api", "payments-api-role");
     let not_a_cgroup = std::env::temp_dir().join(format!("{}-plain-dir", node.netns));
     std::fs::create_dir_all(&not_a_cgroup).unwrap();
@@ -68,14 +68,14 @@ fn auto_mode_falls_back_to_link_mode_when_attach_is_impossible() {
 #[test]
 fn ipv6_only_node_serves_over_ipv6() {
     let node = Node::new();
-    let fake = FakeEksAuth::start_in(&node.netns);
+    let fake = FakeAws::start_in(&node.netns);
     fake.associate("payments", "api", "payments-api-role");
     let [_, listen6] = node.listen_addrs(PORT);
     let agent = Agent::start(&node, &fake, &["--mode", "ebpf", "--listen", &listen6.to_string()]);
     let pod = node.add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
     let token_file = pod.write_token_file(&pod.token());
     let [key, ..] = pod.boto3(V6_URL, &token_file).unwrap_or_else(|e| panic!("boto3 over IPv6: {e}\n{}", agent.log()));
-    assert_eq!(key, pod_identity_e2e::fake_eks_auth::access_key_for("payments", "api"));
+    assert_eq!(key, pod_identity_e2e::fake_aws::access_key_for("payments", "api"));
     // No IPv4 target: IPv4 connects are left alone (and fail here, where nothing listens).
     let out = pod.command("curl").args(["-sS", "--max-time", "5", V4_URL]).output().unwrap();
     assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stderr));
@@ -85,7 +85,7 @@ fn ipv6_only_node_serves_over_ipv6() {
 #[test]
 fn a_node_without_ipv6_never_makes_the_agent_fail() {
     let node = Node::without_ipv6();
-    let fake = FakeEksAuth::start_in(&node.netns);
+    let fake = FakeAws::start_in(&node.netns);
     fake.associate("payments", "api", "payments-api-role");
     let [listen4, _] = node.listen_addrs(PORT);
     for mode in ["ebpf", "link"] {
@@ -187,7 +187,7 @@ fn twenty_pods(node: &Node) -> Vec<pod_identity_e2e::Pod> {
 #[test]
 fn restart_without_pin_under_load_stays_within_the_sdk_retry_budget() {
     let node = Node::new();
-    let fake = FakeEksAuth::start_in(&node.netns);
+    let fake = FakeAws::start_in(&node.netns);
     fake.associate("payments", "api", "payments-api-role");
     let pods = twenty_pods(&node);
     let mut agent = Agent::start(&node, &fake, &["--mode", "ebpf"]);
@@ -209,7 +209,7 @@ fn pinned_programs_survive_the_agent_and_are_taken_over_without_a_gap() {
     let pin_dir = bpffs.dir.join("pod-identity-agent");
     let pin = pin_dir.to_str().unwrap().to_owned();
     let node = Node::new();
-    let fake = FakeEksAuth::start_in(&node.netns);
+    let fake = FakeAws::start_in(&node.netns);
     fake.associate("payments", "api", "payments-api-role");
     let pods = twenty_pods(&node);
     let mut first = Agent::start(&node, &fake, &["--mode", "ebpf", "--pin", &pin]);

@@ -5,14 +5,16 @@ mod cache;
 mod deploy_manifests;
 mod deploy_modes;
 mod hostile;
+mod monitoring;
 mod operator;
+mod operator_tools;
 mod sdk_clients;
 
 use std::time::{Duration, Instant};
 
 use pod_identity_e2e::{
-    ACCOUNT, Agent, CgroupShape, FakeEksAuth, Node, Pod,
-    fake_eks_auth::{Fault, access_key_for},
+    ACCOUNT, Agent, CgroupShape, FakeAws, Node, Pod,
+    fake_aws::{Fault, access_key_for},
     jwt,
 };
 
@@ -23,7 +25,7 @@ const V4_MAPPED_URL: &str = "http://[::ffff:169.254.170.23]/v1/credentials";
 /// A node with the fake EKS Auth and a running agent; pods are added per test.
 struct Setup {
     agent: Agent,
-    fake: FakeEksAuth,
+    fake: FakeAws,
     node: Node,
 }
 
@@ -35,7 +37,7 @@ impl Setup {
     /// A setup whose agent gets `args` on top of the harness's own.
     fn with_args(args: &[&str]) -> Setup {
         let node = Node::new();
-        let fake = FakeEksAuth::start_in(&node.netns);
+        let fake = FakeAws::start_in(&node.netns);
         fake.associate("payments", "api", "payments-api-role");
         fake.associate("search", "indexer", "search-indexer-role");
         let agent = Agent::start(&node, &fake, args);
@@ -278,7 +280,7 @@ fn sigterm_exits_zero_and_leaves_nothing_attached() {
 #[test]
 fn attach_failure_is_a_clear_error() {
     let node = Node::new();
-    let fake = FakeEksAuth::start_in(&node.netns);
+    let fake = FakeAws::start_in(&node.netns);
     let not_a_cgroup = std::env::temp_dir().join(format!("{}-not-a-cgroup", node.netns));
     std::fs::create_dir_all(&not_a_cgroup).unwrap();
     let mut agent = Agent::spawn(&node, &fake, &["--mode", "ebpf", "--cgroup-root", not_a_cgroup.to_str().unwrap()]);

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use pod_identity_e2e::{Agent, CgroupShape, FakeEksAuth, Node, agent::PROBE_ADDR};
+use pod_identity_e2e::{Agent, CgroupShape, FakeAws, Node, agent::PROBE_ADDR};
 
 use super::{Setup, V4_URL};
 
@@ -111,7 +111,7 @@ fn per_pod_metrics_only_when_asked() {
 #[test]
 fn readyz_fails_before_attach_and_passes_after() {
     let node = Node::new();
-    let fake = FakeEksAuth::start_in(&node.netns);
+    let fake = FakeAws::start_in(&node.netns);
     let late_root = node.cgroup_root.join("kubepods.slice");
     let agent = Agent::spawn(&node, &fake, &["--cgroup-root", late_root.to_str().unwrap()]);
     let probe = PROBE_ADDR.parse().unwrap();

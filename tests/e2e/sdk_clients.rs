@@ -1,7 +1,7 @@
 //! Real AWS SDK clients fetch credentials through the redirect, and handle a 404 (no pod identity
 //! association) as they should: an error, not credentials.
 
-use pod_identity_e2e::{CgroupShape, fake_eks_auth::access_key_for};
+use pod_identity_e2e::{CgroupShape, fake_aws::access_key_for};
 
 use super::{Setup, V4_URL, V6_URL};
 

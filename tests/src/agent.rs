@@ -8,14 +8,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{CLUSTER, REGION, fake_eks_auth::FakeEksAuth, node::Node};
+use crate::{CLUSTER, NODE_ACCESS_KEY, NODE_SECRET, REGION, fake_aws::FakeAws, node::Node};
 
 /// Port of the credential listener in tests (the agent's default).
 pub const PORT: u16 = 2704;
 pub const PROBE_ADDR: &str = "127.0.0.1:2703";
 pub const METRICS_ADDR: &str = "127.0.0.1:2705";
-/// The node's own secret key (signs EKS Auth calls); must never be logged either.
-const NODE_SECRET: &str = "node-secret-example-0123456789abcdef";
 
 static NEXT_LOG: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
@@ -23,6 +21,8 @@ pub struct Agent {
     child: Option<Child>,
     netns: String,
     log_path: PathBuf,
+    /// Its probe address: the harness's, unless the test gave `--probe-addr`.
+    probe: SocketAddr,
 }
 
 /// The agent binary: `PIA_AGENT_BIN`, else next to this test executable's target directory.
@@ -44,20 +44,20 @@ pub fn binary() -> PathBuf {
 impl Agent {
     /// Starts the agent in `node` (its network namespace and own cgroup) against `fake`, with
     /// `extra` arguments appended, and waits until /readyz says ready.
-    pub fn start(node: &Node, fake: &FakeEksAuth, extra: &[&str]) -> Agent {
+    pub fn start(node: &Node, fake: &FakeAws, extra: &[&str]) -> Agent {
         let mut agent = Agent::spawn(node, fake, extra);
         agent.wait_ready(node);
         agent
     }
 
     /// Starts the agent without waiting for readiness.
-    pub fn spawn(node: &Node, fake: &FakeEksAuth, extra: &[&str]) -> Agent {
+    pub fn spawn(node: &Node, fake: &FakeAws, extra: &[&str]) -> Agent {
         Agent::spawn_wrapped(node, fake, extra, &[])
     }
 
     /// Starts the agent and waits for readiness; it runs under `wrapper` (e.g. setpriv with a
     /// reduced set of capabilities).
-    pub fn start_wrapped(node: &Node, fake: &FakeEksAuth, extra: &[&str], wrapper: &[&str]) -> Agent {
+    pub fn start_wrapped(node: &Node, fake: &FakeAws, extra: &[&str], wrapper: &[&str]) -> Agent {
         let mut agent = Agent::spawn_wrapped(node, fake, extra, wrapper);
         agent.wait_ready(node);
         agent
@@ -65,7 +65,7 @@ impl Agent {
 
     /// Starts `wrapper... agent run ...` without waiting. The harness passes the node's cgroup
     /// root and listen addresses unless `extra` gives its own.
-    pub fn spawn_wrapped(node: &Node, fake: &FakeEksAuth, extra: &[&str], wrapper: &[&str]) -> Agent {
+    pub fn spawn_wrapped(node: &Node, fake: &FakeAws, extra: &[&str], wrapper: &[&str]) -> Agent {
         let [listen4, listen6] = node.listen_addrs(PORT);
         let log_path = std::env::temp_dir().join(format!("{}-agent-{}.log", node.netns, NEXT_LOG.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
         let log = fs::File::create(&log_path).expect("create agent log");
@@ -101,7 +101,7 @@ impl Agent {
             .args(extra)
             // The node's own credentials sign the EKS Auth calls; nothing else of this machine's
             // AWS configuration may leak in.
-            .env("AWS_ACCESS_KEY_ID", "AKIDNODEEXAMPLE")
+            .env("AWS_ACCESS_KEY_ID", NODE_ACCESS_KEY)
             .env("AWS_SECRET_ACCESS_KEY", NODE_SECRET)
             .env_remove("AWS_SESSION_TOKEN")
             .env_remove("AWS_PROFILE")
@@ -115,14 +115,20 @@ impl Agent {
             .stderr(log)
             .spawn()
             .expect("start agent");
-        Agent { child: Some(child), netns: node.netns.clone(), log_path }
+        let probe = extra
+            .iter()
+            .position(|a| *a == "--probe-addr")
+            .and_then(|i| extra.get(i + 1))
+            .unwrap_or(&PROBE_ADDR)
+            .parse()
+            .expect("--probe-addr IP:PORT");
+        Agent { child: Some(child), netns: node.netns.clone(), log_path, probe }
     }
 
     pub fn wait_ready(&mut self, node: &Node) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let probe: SocketAddr = PROBE_ADDR.parse().unwrap();
         loop {
-            if let Ok((200, _)) = node.http_get(probe, "/readyz") {
+            if let Ok((200, _)) = node.http_get(self.probe, "/readyz") {
                 return;
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -197,4 +203,104 @@ impl Drop for Agent {
             panic!("the agent's log contains a secret ({secret}); nothing secret may be logged");
         }
     }
+}
+
+/// What a run of the agent's CLI printed, and how it exited.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    /// Panics with everything printed unless the command exited 0.
+    pub fn ok(self) -> CliOutput {
+        assert_eq!(self.code, 0, "command failed:\n{}{}", self.stdout, self.stderr);
+        self
+    }
+}
+
+/// Whose AWS credentials a CLI run carries.
+#[derive(Clone, Copy, Debug)]
+pub enum Caller {
+    /// An operator on a laptop (`associations`).
+    Operator,
+    /// The node itself (`doctor` on the node or in the agent's pod).
+    Node,
+    /// No credentials at all.
+    Nobody,
+}
+
+/// `pod-identity-agent ARGS` in `node`'s network namespace and `cgroup` (or the test's own),
+/// reaching `fake` for every AWS API through the standard `AWS_ENDPOINT_URL_*` variables, with
+/// `caller`'s credentials and nothing else of this machine's AWS configuration.
+pub fn cli(node: &Node, cgroup: Option<&std::path::Path>, fake: &FakeAws, caller: Caller, args: &[&str]) -> CliOutput {
+    cli_wrapped(node, cgroup, fake, caller, &[], args)
+}
+
+/// Like [`cli`], run under `wrapper` (e.g. setpriv with fewer privileges).
+pub fn cli_wrapped(node: &Node, cgroup: Option<&std::path::Path>, fake: &FakeAws, caller: Caller, wrapper: &[&str], args: &[&str]) -> CliOutput {
+    run_cli(node, cgroup, fake, caller, wrapper, args, None)
+}
+
+/// Like [`cli`], with `stdin` as the command's standard input.
+pub fn cli_with_stdin(node: &Node, fake: &FakeAws, caller: Caller, args: &[&str], stdin: &str) -> CliOutput {
+    run_cli(node, None, fake, caller, &[], args, Some(stdin))
+}
+
+fn run_cli(
+    node: &Node,
+    cgroup: Option<&std::path::Path>,
+    fake: &FakeAws,
+    caller: Caller,
+    wrapper: &[&str],
+    args: &[&str],
+    stdin: Option<&str>,
+) -> CliOutput {
+    crate::secrets::remember(NODE_SECRET);
+    crate::secrets::remember(crate::OPERATOR_SECRET);
+    let binary = binary();
+    let mut command = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = node.command(first, cgroup);
+            c.args(rest).arg(&binary);
+            c
+        }
+        None => node.command(binary.to_str().unwrap(), cgroup),
+    };
+    command
+        .args(args)
+        .env("AWS_ENDPOINT_URL_EKS", fake.endpoint())
+        .env("AWS_ENDPOINT_URL_EKS_AUTH", fake.endpoint())
+        .env("AWS_REGION", REGION)
+        .env("CLUSTER_NAME", CLUSTER)
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE");
+    match caller {
+        Caller::Operator => command.env("AWS_ACCESS_KEY_ID", crate::OPERATOR_ACCESS_KEY).env("AWS_SECRET_ACCESS_KEY", crate::OPERATOR_SECRET),
+        Caller::Node => command.env("AWS_ACCESS_KEY_ID", NODE_ACCESS_KEY).env("AWS_SECRET_ACCESS_KEY", NODE_SECRET),
+        Caller::Nobody => command.env_remove("AWS_ACCESS_KEY_ID").env_remove("AWS_SECRET_ACCESS_KEY"),
+    };
+    let out = match stdin {
+        None => command.output().expect("run the agent's CLI"),
+        Some(input) => {
+            use std::io::Write as _;
+            let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run the agent's CLI");
+            child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write stdin");
+            child.wait_with_output().expect("wait for the agent's CLI")
+        }
+    };
+    let output = CliOutput {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    if let Some(secret) = crate::secrets::leaked_in(&format!("{}{}", output.stdout, output.stderr)) {
+        panic!("`pod-identity-agent {}` printed a secret ({secret})", args.join(" "));
+    }
+    output
 }

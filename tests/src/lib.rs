@@ -9,19 +9,25 @@
 //! Needs root (network namespaces, cgroups, BPF).
 
 pub mod agent;
-pub mod fake_eks_auth;
+pub mod fake_aws;
 pub mod jwt;
 pub mod node;
 pub mod secrets;
 
 pub use agent::Agent;
-pub use fake_eks_auth::FakeEksAuth;
+pub use fake_aws::FakeAws;
 pub use node::{CgroupShape, Node, Pod};
 
 /// The region the fake EKS Auth serves and the agent is configured with.
 pub const REGION: &str = "us-west-2";
 pub const CLUSTER: &str = "e2e-cluster";
 pub const ACCOUNT: &str = "123456789012";
+/// The node's own credentials: they sign the agent's EKS Auth calls (and the doctor's).
+pub const NODE_ACCESS_KEY: &str = "AKIDNODEEXAMPLE";
+pub const NODE_SECRET: &str = "node-secret-example-0123456789abcdef";
+/// An operator's credentials, for the `associations` command run from a laptop.
+pub const OPERATOR_ACCESS_KEY: &str = "AKIDOPERATOREXAMPLE";
+pub const OPERATOR_SECRET: &str = "operator-secret-example-0123456789ab";
 
 /// Fails early, with the reason, when the harness cannot work here.
 pub fn require_root() {

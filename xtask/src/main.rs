@@ -18,6 +18,8 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "curl",
     "bpftool",
+    // Monitoring tests: promtool for the alert rules, a real Prometheus server to query.
+    "prometheus",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// (module to import, PyPI package): real SDK clients the end-to-end tests run inside pods.

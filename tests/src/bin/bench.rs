@@ -14,7 +14,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use pod_identity_e2e::{Agent, CgroupShape, FakeEksAuth, Node, Pod, agent::binary};
+use pod_identity_e2e::{Agent, CgroupShape, FakeAws, Node, Pod, agent::binary};
 use serde_json::json;
 
 const SECONDS: f64 = 5.0;
@@ -143,7 +143,7 @@ fn main() {
     let mut rows: Vec<Row> = Vec::new();
 
     let node = Node::new();
-    let fake = FakeEksAuth::start_in(&node.netns);
+    let fake = FakeAws::start_in(&node.netns);
     fake.associate("bench", "app", "bench-role");
     eprintln!("bench: creating 100 simulated pods");
     let pods: Vec<Pod> = (0..100).map(|i| node.add_pod("bench", &format!("app-{i}"), "app", CgroupShape::SystemdBurstable)).collect();
@@ -305,7 +305,7 @@ fn main() {
     // 5: 250 pods' first requests at once, upstream latency 50 ms.
     eprintln!("bench: 250 first requests at once");
     let burst_node = Node::new();
-    let burst_fake = FakeEksAuth::start_in(&burst_node.netns);
+    let burst_fake = FakeAws::start_in(&burst_node.netns);
     burst_fake.associate("bench", "app", "bench-role");
     burst_fake.set_latency(Duration::from_millis(50));
     let burst_pods: Vec<Pod> = (0..250).map(|i| burst_node.add_host_network_pod("bench", &format!("burst-{i}"), "app")).collect();
@@ -329,7 +329,7 @@ fn main() {
     burst_fake.set_latency(Duration::ZERO);
     let idle_kib = {
         let n = Node::new();
-        let f = FakeEksAuth::start_in(&n.netns);
+        let f = FakeAws::start_in(&n.netns);
         let a = Agent::start(&n, &f, &["--mode", "ebpf"]);
         rss_kib(a.pid())
     };

@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use pod_identity_e2e::{
-    Agent, CgroupShape, FakeEksAuth, Node, Pod,
+    Agent, CgroupShape, FakeAws, Node, Pod,
+    agent::{Caller, cli, cli_with_stdin},
     node::{HttpResult, remove_leftovers},
 };
 
@@ -28,7 +29,7 @@ fn main() {
     });
 
     let node = Node::new();
-    let fake = FakeEksAuth::start_in(&node.netns);
+    let fake = FakeAws::start_in(&node.netns);
     fake.associate("payments", "api", "payments-api");
     fake.associate("payments", "worker", "payments-worker");
     fake.associate("search", "indexer", "search-indexer");
@@ -37,6 +38,8 @@ fn main() {
         node.add_pod("payments", "worker-0", "worker", CgroupShape::SystemdGuaranteed),
         node.add_pod("search", "indexer-5c6b7-q8w2e", "indexer", CgroupShape::CgroupfsBestEffort),
     ];
+    // A service account nobody created an association for.
+    let crawler = node.add_pod("search", "crawler-0", "crawler", CgroupShape::SystemdBurstable);
     println!("pod-identity-agent demo: real eBPF redirect, real agent, fake EKS Auth\n");
     println!("node: network namespace {}, addresses {} and {}", node.netns, node.ip4, node.ip6);
     println!("      programs attach at cgroup {}\n", node.cgroup_root.display());
@@ -79,6 +82,9 @@ fn main() {
         r.body.trim()
     );
 
+    let r = crawler.curl(V4_URL, &crawler.token());
+    println!("  {:<30} curl   {:<40} -> {} {}", who(&crawler), V4_URL, r.status, r.body.trim());
+
     // Let the agent's log catch up before reading it.
     std::thread::sleep(Duration::from_millis(200));
     println!("\nwhom the agent attributed each request to (its log, debug level):");
@@ -102,10 +108,24 @@ fn main() {
     for line in metrics.lines().filter(|l| l.starts_with("pod_identity_agent_kernel_redirected_connects_total")) {
         println!("kernel: {line}");
     }
+
+    println!("\nthe cluster's associations (`pod-identity-agent associations`, an operator's credentials, the fake EKS API):");
+    indent(&cli(&node, None, &fake, Caller::Operator, &["associations"]).stdout);
+    println!("\nthis node's pods joined to them (`pod-identity-agent pods --json | pod-identity-agent associations --pods -`):");
+    indent(&cli_with_stdin(&node, &fake, Caller::Operator, &["associations", "--pods", "-"], &agent.pods_cli(&["--json"])).stdout);
+    println!("\nthe node's set-up checked (`pod-identity-agent doctor`, run on the node):");
+    let doctor = cli(&node, Some(&node.host_cgroup("system.slice/doctor.scope")), &fake, Caller::Node, &["doctor"]);
+    indent(&doctor.stdout);
     drop(agent);
     drop(fake);
     drop(node);
     println!("\ncleaned up: agent stopped, programs detached, namespaces and cgroups removed");
+}
+
+fn indent(text: &str) {
+    for line in text.lines() {
+        println!("  {line}");
+    }
 }
 
 fn who(pod: &Pod) -> String {

@@ -17,9 +17,9 @@ use std::{
 };
 
 use pod_identity_e2e::{
-    Agent, CgroupShape, FakeEksAuth, Node, Pod,
+    Agent, CgroupShape, FakeAws, Node, Pod,
     agent::binary,
-    fake_eks_auth::{Fault, access_key_for},
+    fake_aws::{Fault, access_key_for},
 };
 
 struct Client {
@@ -79,7 +79,7 @@ fn main() {
     let minutes: f64 = std::env::args().skip_while(|a| a != "--minutes").nth(1).map(|m| m.parse().expect("--minutes N")).unwrap_or(2.0);
     let total = Duration::from_secs_f64(minutes * 60.0);
     let node = Node::new();
-    let fake = FakeEksAuth::start_in(&node.netns);
+    let fake = FakeAws::start_in(&node.netns);
     for i in 0..10 {
         fake.associate(&format!("team-{i}"), "app", &format!("team-{i}-role"));
     }

@@ -1,18 +1,40 @@
 //! `pod-identity-agent pods`: the per-pod statistics of a running agent as a table (or JSON),
 //! for an operator who ran `kubectl exec` into the agent's pod.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, bail};
+use clap::Args;
 
-use crate::{
-    config::{PodsArgs, SortField},
-    stats::PodStats,
-};
+use super::{or_dash, table};
+use crate::stats::PodStats;
+
+#[derive(Args, Debug)]
+pub struct PodsArgs {
+    /// The agent's probe address.
+    #[arg(long, default_value = "127.0.0.1:2703")]
+    pub addr: SocketAddr,
+    /// Print the raw JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Redraw every SECONDS until interrupted.
+    #[arg(long, value_name = "SECONDS")]
+    pub watch: Option<f64>,
+    /// Order rows by this column (descending for numbers).
+    #[arg(long, value_enum, default_value_t = SortField::Namespace)]
+    pub sort: SortField,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SortField {
+    Namespace,
+    Pod,
+    Requests,
+    Errors,
+    Upstream,
+    Last,
+    P99,
+}
 
 pub fn run(args: &PodsArgs) -> anyhow::Result<()> {
     loop {
@@ -25,7 +47,7 @@ pub fn run(args: &PodsArgs) -> anyhow::Result<()> {
                 // Clear the screen and home the cursor, like watch(1).
                 print!("\x1b[2J\x1b[H");
             }
-            print!("{}", table(&pods));
+            print!("{}", render(&pods));
         }
         match args.watch {
             Some(seconds) => std::thread::sleep(Duration::from_secs_f64(seconds.max(0.1))),
@@ -34,36 +56,15 @@ pub fn run(args: &PodsArgs) -> anyhow::Result<()> {
     }
 }
 
-fn fetch(addr: SocketAddr) -> anyhow::Result<(String, Vec<PodStats>)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-        .with_context(|| format!("cannot reach the agent's probe address {addr} (is the agent running? pass --addr)"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET /v1/pods HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw)?;
-    let (head, body) = raw.split_once("\r\n\r\n").context("malformed HTTP response from the agent")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("agent answered {}", head.lines().next().unwrap_or(""));
+/// `/v1/pods` of the agent whose probe address is `addr`: the raw JSON and its rows.
+pub fn fetch(addr: SocketAddr) -> anyhow::Result<(String, Vec<PodStats>)> {
+    let (status, body) =
+        super::http_get(addr, "/v1/pods").with_context(|| format!("cannot reach the agent's probe address {addr} (is the agent running? pass --addr)"))?;
+    if status != 200 {
+        bail!("agent answered {status}: {}", body.trim());
     }
-    let body = dechunk(body);
     let pods = serde_json::from_str(&body).context("unexpected /v1/pods body")?;
     Ok((body, pods))
-}
-
-/// Undoes chunked transfer encoding if the body uses it.
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    loop {
-        let Some((size, after)) = rest.split_once("\r\n") else { return body.to_owned() };
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { return body.to_owned() };
-        if n == 0 {
-            return out;
-        }
-        let Some(chunk) = after.get(..n) else { return body.to_owned() };
-        out.push_str(chunk);
-        rest = after[n..].trim_start_matches("\r\n");
-    }
 }
 
 fn errors(p: &PodStats) -> u64 {
@@ -103,71 +104,57 @@ fn ms(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.1}ms"))
 }
 
-fn or_dash(s: &str) -> &str {
-    if s.is_empty() { "-" } else { s }
+/// The last refusal: `CODE (STATUS, AGE ago)`.
+fn last_error_cell(p: &PodStats) -> String {
+    match &p.last_error {
+        None => "-".into(),
+        Some(e) => format!("{} ({}, {} ago)", e.code, e.status, age(Some(e.age_seconds))),
+    }
 }
 
-pub fn table(pods: &[PodStats]) -> String {
-    let header = [
-        "NAMESPACE",
-        "POD",
-        "SERVICE-ACCOUNT",
-        "REQUESTS",
-        "HITS",
-        "UPSTREAM",
-        "ERRORS(tok/ref/429/up4/up5)",
-        "REDIRECTS",
-        "LAST",
-        "EXPIRES",
-        "P50",
-        "P99",
-        "ASSOCIATION",
-        "ROLE-ARN",
-    ];
-    let rows: Vec<[String; 14]> = pods
+pub fn render(pods: &[PodStats]) -> String {
+    let rows: Vec<[String; 15]> = pods
         .iter()
         .map(|p| {
             [
-                or_dash(&p.namespace).to_owned(),
+                or_dash(&p.namespace),
                 if p.pod.is_empty() { format!("uid:{}", p.pod_uid) } else { p.pod.clone() },
-                or_dash(&p.service_account).to_owned(),
+                or_dash(&p.service_account),
                 p.requests.to_string(),
                 p.cache_hits.to_string(),
                 p.upstream_calls.to_string(),
                 error_cell(p),
+                last_error_cell(p),
                 p.kernel_redirects.to_string(),
                 age(p.last_request_age_seconds),
                 p.credential_expiry.clone().unwrap_or_else(|| "-".into()),
                 ms(p.latency_p50_ms),
                 ms(p.latency_p99_ms),
-                or_dash(&p.association_id).to_owned(),
-                or_dash(&p.role_arn).to_owned(),
+                or_dash(&p.association_id),
+                or_dash(&p.role_arn),
             ]
         })
         .collect();
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: Vec<&str>| {
-        let mut l = String::new();
-        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
-            if i + 1 == cells.len() {
-                l.push_str(cell);
-            } else {
-                l.push_str(&format!("{cell:<w$}  "));
-            }
-        }
-        out.push_str(l.trim_end());
-        out.push('\n');
-    };
-    line(header.to_vec());
-    for row in &rows {
-        line(row.iter().map(String::as_str).collect());
-    }
+    let mut out = table(
+        [
+            "NAMESPACE",
+            "POD",
+            "SERVICE-ACCOUNT",
+            "REQUESTS",
+            "HITS",
+            "UPSTREAM",
+            "ERRORS(tok/ref/429/up4/up5)",
+            "LAST-ERROR",
+            "REDIRECTS",
+            "LAST",
+            "EXPIRES",
+            "P50",
+            "P99",
+            "ASSOCIATION",
+            "ROLE-ARN",
+        ],
+        &rows,
+    );
     if rows.is_empty() {
         out.push_str("(no pod has asked for credentials yet)\n");
     }
@@ -179,12 +166,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dechunk_handles_chunked_and_plain_bodies() {
-        assert_eq!(dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"), "hello world");
-        assert_eq!(dechunk("[{\"a\":1}]"), "[{\"a\":1}]");
-    }
-
-    #[test]
     fn table_has_a_row_per_pod() {
         let p = PodStats {
             pod_uid: "u".into(),
@@ -193,11 +174,11 @@ mod tests {
             requests: 3,
             ..Default::default()
         };
-        let t = table(&[p]);
+        let t = render(&[p]);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("NAMESPACE"));
         assert!(lines[1].starts_with("payments") && lines[1].contains("api-0"));
         assert_eq!(lines.len(), 2);
-        assert!(table(&[]).contains("no pod has asked"));
+        assert!(render(&[]).contains("no pod has asked"));
     }
 }

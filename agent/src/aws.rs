@@ -1,0 +1,166 @@
+//! The one way this program builds its AWS SDK configuration: the default chain for credentials
+//! and region (environment, profile, `credential_process`, SSO, IMDS), an HTTPS client that
+//! honours `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`, and the standard `AWS_ENDPOINT_URL_<SERVICE>`
+//! and `AWS_USE_FIPS_ENDPOINT` variables. The daemon's EKS Auth client and the operator commands
+//! both start here.
+
+use aws_config::SdkConfig;
+use aws_credential_types::credential_feature::AwsCredentialFeature;
+use aws_types::request_id::RequestId as _;
+
+/// What the caller may set on top of the default chain.
+#[derive(Clone, Debug, Default)]
+pub struct AwsOptions {
+    pub region: Option<String>,
+    /// Endpoint of the one service this configuration is for (overrides the environment).
+    pub endpoint: Option<String>,
+    pub fips: bool,
+    /// Sent in the User-Agent (`app/<name>`), so calls can be traced to a node or tool.
+    pub app_name: Option<String>,
+    /// Let the SDK retry on its own. Off for EKS Auth: the cache retries with its own deadline
+    /// and budget, so one upstream attempt is one HTTP request.
+    pub sdk_retries: bool,
+}
+
+pub async fn sdk_config(options: &AwsOptions) -> anyhow::Result<SdkConfig> {
+    use aws_smithy_http_client::{pool, proxy::ProxyConfig, tls};
+    let pool = pool::ConnectionPool::builder()
+        .proxy_config(ProxyConfig::from_env())
+        .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::AwsLc))
+        .build_https()
+        .map_err(|e| anyhow::anyhow!("building the AWS HTTP client: {e}"))?;
+    let http = pool::Client::new(&pool).map_err(|e| anyhow::anyhow!("building the AWS HTTP client: {e}"))?;
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http);
+    if !options.sdk_retries {
+        loader = loader.retry_config(aws_config::retry::RetryConfig::disabled());
+    }
+    if let Some(region) = &options.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some(endpoint) = &options.endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    if options.fips {
+        loader = loader.use_fips(true);
+    }
+    if let Some(app) = options.app_name.as_ref().and_then(|a| aws_config::AppName::new(a.clone()).ok()) {
+        loader = loader.app_name(app);
+    }
+    Ok(loader.load().await)
+}
+
+/// Where the default chain found a set of credentials, in an operator's words.
+pub fn credential_source(credentials: &aws_credential_types::Credentials) -> &'static str {
+    let features = credentials.get_property::<Vec<AwsCredentialFeature>>().map(Vec::as_slice).unwrap_or_default();
+    // The last feature recorded is the provider that produced these credentials; earlier ones
+    // are the sources it was configured from (e.g. a profile that assumes a role).
+    match features.last() {
+        Some(AwsCredentialFeature::CredentialsEnvVars) => "environment variables (AWS_ACCESS_KEY_ID)",
+        Some(AwsCredentialFeature::CredentialsProfile) => "a shared credentials or config file profile",
+        Some(AwsCredentialFeature::CredentialsProfileProcess | AwsCredentialFeature::CredentialsProcess) => {
+            "a credential_process in the config file"
+        }
+        Some(AwsCredentialFeature::CredentialsImds) => "the instance metadata service (IMDS)",
+        Some(AwsCredentialFeature::CredentialsHttp) => "a container credentials endpoint",
+        Some(
+            AwsCredentialFeature::CredentialsEnvVarsStsWebIdToken
+            | AwsCredentialFeature::CredentialsProfileStsWebIdToken
+            | AwsCredentialFeature::CredentialsStsAssumeRoleWebId,
+        ) => "a web identity token (STS AssumeRoleWithWebIdentity)",
+        Some(AwsCredentialFeature::CredentialsStsAssumeRole | AwsCredentialFeature::CredentialsProfileSourceProfile) => {
+            "a role assumed through STS"
+        }
+        Some(AwsCredentialFeature::CredentialsSso | AwsCredentialFeature::CredentialsProfileSso) => "an SSO session",
+        _ => "the default credential chain",
+    }
+}
+
+/// A failed AWS API call, with what an operator needs to act on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiError {
+    pub kind: ApiErrorKind,
+    /// HTTP status of the service's answer (service errors only).
+    pub status: Option<u16>,
+    /// The service's error code (`AccessDeniedException`, ...) or a local one.
+    pub code: String,
+    pub message: String,
+    pub request_id: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApiErrorKind {
+    /// The service answered with an error.
+    Service,
+    /// No answer in time.
+    Timeout,
+    /// The request never got an answer: DNS, connect, TLS, proxy, or node credentials.
+    Unreachable,
+    /// An answer that could not be read.
+    BadResponse,
+    /// The request could not be built or signed.
+    Other,
+}
+
+pub fn api_error<E, R>(err: aws_smithy_runtime_api::client::result::SdkError<E, R>) -> ApiError
+where
+    E: aws_smithy_types::error::metadata::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + HttpStatus,
+{
+    use aws_smithy_runtime_api::client::result::SdkError;
+    let local = |kind, code: &str, message: String| ApiError { kind, status: None, code: code.to_owned(), message, request_id: None };
+    match &err {
+        SdkError::ServiceError(service) => ApiError {
+            kind: ApiErrorKind::Service,
+            status: Some(service.raw().status_code()),
+            code: service.err().code().unwrap_or("UnknownError").to_owned(),
+            message: service.err().message().unwrap_or("no message").to_owned(),
+            request_id: service.err().meta().request_id().map(str::to_owned),
+        },
+        SdkError::TimeoutError(_) => local(ApiErrorKind::Timeout, "Timeout", "no answer in time".into()),
+        SdkError::DispatchFailure(failure) => local(
+            ApiErrorKind::Unreachable,
+            "Unreachable",
+            error_chain(failure.as_connector_error().map(|e| e as &dyn std::error::Error)),
+        ),
+        SdkError::ResponseError(_) => local(ApiErrorKind::BadResponse, "InvalidResponse", error_chain(Some(&err))),
+        _ => local(ApiErrorKind::Other, "RequestFailed", error_chain(Some(&err))),
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.kind, &self.request_id) {
+            (ApiErrorKind::Service, Some(id)) => write!(f, "{}: {} (request id {id})", self.code, self.message),
+            (ApiErrorKind::Service, None) => write!(f, "{}: {}", self.code, self.message),
+            _ => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// Lets [`api_error`] read the status of the raw HTTP response.
+pub trait HttpStatus {
+    fn status_code(&self) -> u16;
+}
+
+impl HttpStatus for aws_smithy_runtime_api::http::Response {
+    fn status_code(&self) -> u16 {
+        self.status().as_u16()
+    }
+}
+
+/// An error and its sources, joined: `a: b: c`.
+pub fn error_chain(err: Option<&dyn std::error::Error>) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = err;
+    while let Some(e) = next {
+        let text = e.to_string();
+        // Wrappers often repeat their source's text; say each thing once.
+        if !parts.last().is_some_and(|last| last.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    if parts.is_empty() { "unknown error".into() } else { parts.join(": ") }
+}

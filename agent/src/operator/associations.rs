@@ -1,0 +1,404 @@
+//! `pod-identity-agent associations`: the cluster's pod identity associations (EKS API, the
+//! caller's own credentials, so it runs from a laptop as well as a node), joined to a node's pods
+//! on request, and the create/delete steps of setting Pod Identity up.
+
+use std::{collections::BTreeMap, io::Read as _, process::ExitCode};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+use super::{
+    eks::{Association, ClusterArgs, Eks, NewAssociation},
+    or_dash, table,
+};
+use crate::stats::PodStats;
+
+const APP_NAME: &str = "pod-identity-agent-associations";
+
+#[derive(Args, Debug)]
+pub struct AssociationsArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(subcommand)]
+    pub action: Option<Action>,
+    /// Only associations in this namespace.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Only associations for this service account.
+    #[arg(long)]
+    pub service_account: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Join a node's pods to the associations: the output of `pod-identity-agent pods --json`,
+    /// from a file or `-` for standard input.
+    #[arg(long, value_name = "FILE|-")]
+    pub pods: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Action {
+    /// Let a service account's pods assume a role: CreatePodIdentityAssociation. Prints the new
+    /// association's ID.
+    Create(CreateArgs),
+    /// Delete an association by its ID: DeletePodIdentityAssociation.
+    Delete {
+        /// The association ID (`a-...`).
+        id: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    #[arg(long)]
+    pub namespace: String,
+    #[arg(long)]
+    pub service_account: String,
+    /// The IAM role the pods get.
+    #[arg(long)]
+    pub role_arn: String,
+    /// A role in another account, assumed from `--role-arn` (cross-account access).
+    #[arg(long)]
+    pub target_role_arn: Option<String>,
+    /// A tag on the association; repeatable.
+    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+    pub tags: Vec<(String, String)>,
+}
+
+fn parse_tag(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+impl AssociationsArgs {
+    /// The listing flags mean nothing to `create` and `delete`: say so rather than ignore them.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let listing = self.namespace.is_some() || self.service_account.is_some() || self.json || self.pods.is_some();
+        if self.action.is_some() && listing {
+            bail!("--namespace, --service-account, --json and --pods are for listing; give create's own flags after `create`");
+        }
+        Ok(())
+    }
+}
+
+pub fn run(args: AssociationsArgs) -> anyhow::Result<ExitCode> {
+    args.check()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let eks = Eks::connect(&args.cluster, APP_NAME).await?;
+        match &args.action {
+            Some(Action::Create(create)) => create_one(&eks, create).await,
+            Some(Action::Delete { id }) => delete_one(&eks, id).await,
+            None => list(&eks, &args).await,
+        }
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn create_one(eks: &Eks, args: &CreateArgs) -> anyhow::Result<()> {
+    let new = NewAssociation {
+        namespace: args.namespace.clone(),
+        service_account: args.service_account.clone(),
+        role_arn: args.role_arn.clone(),
+        target_role_arn: args.target_role_arn.clone(),
+        tags: args.tags.iter().cloned().collect(),
+    };
+    let created = eks
+        .create(&new)
+        .await
+        .with_context(|| format!("creating the association for {}/{} in cluster {}", args.namespace, args.service_account, eks.cluster))?;
+    // The ID alone on standard output, for scripts; the sentence for people on standard error.
+    eprintln!(
+        "created association {} in cluster {}: pods of {}/{} get {}",
+        created.association_id, eks.cluster, created.namespace, created.service_account, created.role_arn
+    );
+    println!("{}", created.association_id);
+    Ok(())
+}
+
+async fn delete_one(eks: &Eks, id: &str) -> anyhow::Result<()> {
+    let deleted = eks.delete(id).await.with_context(|| format!("deleting association {id} in cluster {}", eks.cluster))?;
+    println!(
+        "deleted association {} in cluster {} ({}/{} -> {})",
+        deleted.association_id, eks.cluster, deleted.namespace, deleted.service_account, deleted.role_arn
+    );
+    Ok(())
+}
+
+async fn list(eks: &Eks, args: &AssociationsArgs) -> anyhow::Result<()> {
+    let pods = args.pods.as_deref().map(read_pods).transpose()?;
+    let associations = eks
+        .associations(args.namespace.as_deref(), args.service_account.as_deref())
+        .await
+        .with_context(|| format!("listing the pod identity associations of cluster {}", eks.cluster))?;
+    match (pods, args.json) {
+        (None, true) => println!("{}", serde_json::to_string_pretty(&associations)?),
+        (None, false) => print!("{}", render_associations(&eks.cluster, &associations)),
+        (Some(pods), json) => {
+            let joined = join(&pods, &associations, &eks.cluster, eks.region.as_deref());
+            if json {
+                println!("{}", serde_json::to_string_pretty(&joined)?);
+            } else {
+                print!("{}", render_join(&joined));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_pods(source: &str) -> anyhow::Result<Vec<PodStats>> {
+    let mut text = String::new();
+    if source == "-" {
+        std::io::stdin().read_to_string(&mut text).context("reading the pods JSON from standard input")?;
+    } else {
+        text = std::fs::read_to_string(source).with_context(|| format!("reading {source}"))?;
+    }
+    let pods: Vec<PodStats> = serde_json::from_str(&text)
+        .with_context(|| format!("{source} is not the output of `pod-identity-agent pods --json`"))?;
+    if pods.is_empty() && text.trim() != "[]" {
+        bail!("{source}: no pods");
+    }
+    Ok(pods)
+}
+
+fn render_associations(cluster: &str, associations: &[Association]) -> String {
+    if associations.is_empty() {
+        return format!("(no pod identity associations in cluster {cluster})\n");
+    }
+    let rows: Vec<[String; 6]> = associations
+        .iter()
+        .map(|a| {
+            [
+                a.association_id.clone(),
+                a.namespace.clone(),
+                a.service_account.clone(),
+                a.role_arn.clone(),
+                or_dash(a.target_role_arn.as_deref().unwrap_or_default()),
+                or_dash(&a.tags.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")),
+            ]
+        })
+        .collect();
+    table(["ASSOCIATION", "NAMESPACE", "SERVICE-ACCOUNT", "ROLE-ARN", "TARGET-ROLE-ARN", "TAGS"], &rows)
+}
+
+/// How one pod of the node stands with the cluster's associations.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodJoin {
+    pub namespace: String,
+    pub pod: String,
+    pub service_account: String,
+    pub state: JoinState,
+    /// The association that serves (or served) the pod.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub association_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role_arn: Option<String>,
+    /// What the state means, in a sentence.
+    pub detail: String,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum JoinState {
+    /// Credentials were served under an association that still exists.
+    Served,
+    /// EKS Auth found no association for the service account.
+    NoAssociation,
+    /// The pod was served under an association that no longer exists.
+    AssociationGone,
+    /// The pod got no association, but one exists now.
+    AssociationNew,
+    /// Refused for another reason.
+    Failing,
+    /// Nothing asked yet, or nothing known.
+    Unknown,
+}
+
+impl JoinState {
+    fn label(self) -> &'static str {
+        match self {
+            JoinState::Served => "served",
+            JoinState::NoAssociation => "no association",
+            JoinState::AssociationGone => "association deleted",
+            JoinState::AssociationNew => "association created since",
+            JoinState::Failing => "failing",
+            JoinState::Unknown => "-",
+        }
+    }
+}
+
+/// The command that creates the missing association for one service account.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Fix {
+    pub namespace: String,
+    pub service_account: String,
+    pub command: String,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Joined {
+    pub pods: Vec<PodJoin>,
+    pub fixes: Vec<Fix>,
+}
+
+const NOT_FOUND: &str = "ResourceNotFoundException";
+
+pub fn join(pods: &[PodStats], associations: &[Association], cluster: &str, region: Option<&str>) -> Joined {
+    let mut by_account: BTreeMap<(&str, &str), Vec<&Association>> = BTreeMap::new();
+    for a in associations {
+        by_account.entry((a.namespace.as_str(), a.service_account.as_str())).or_default().push(a);
+    }
+    // Roles in the account the cluster's associations already use, for the fix's placeholder.
+    let account = associations.iter().find_map(|a| crate::upstream::account_from_arn(&a.role_arn)).unwrap_or("ACCOUNT_ID");
+    let mut rows = Vec::new();
+    let mut fixes: BTreeMap<(String, String), Fix> = BTreeMap::new();
+    for p in pods {
+        let matching = by_account.get(&(p.namespace.as_str(), p.service_account.as_str())).cloned().unwrap_or_default();
+        let last_code = p.last_error.as_ref().map(|e| e.code.as_str());
+        let served_by = (!p.association_id.is_empty()).then(|| associations.iter().find(|a| a.association_id == p.association_id));
+        let (state, association, detail) = match (served_by, last_code) {
+            (_, Some(NOT_FOUND)) if matching.is_empty() => {
+                fixes.entry((p.namespace.clone(), p.service_account.clone())).or_insert_with(|| Fix {
+                    namespace: p.namespace.clone(),
+                    service_account: p.service_account.clone(),
+                    command: fix_command(cluster, region, &p.namespace, &p.service_account, account),
+                });
+                (
+                    JoinState::NoAssociation,
+                    None,
+                    format!("EKS Auth found no association for service account {}/{}", p.namespace, p.service_account),
+                )
+            }
+            (_, Some(NOT_FOUND)) => (
+                JoinState::AssociationNew,
+                matching.first().copied(),
+                "the pod's last request found no association, but one exists now: its next request gets credentials".to_owned(),
+            ),
+            (Some(Some(a)), _) => (JoinState::Served, Some(a), format!("served under association {}", a.association_id)),
+            (Some(None), _) => (
+                JoinState::AssociationGone,
+                None,
+                format!(
+                    "served under association {}, which no longer exists: the pod loses access when its credentials are next refreshed",
+                    p.association_id
+                ),
+            ),
+            (None, Some(code)) => (JoinState::Failing, matching.first().copied(), format!("last request refused: {code}")),
+            (None, None) => (JoinState::Unknown, matching.first().copied(), "no credentials served yet".to_owned()),
+        };
+        rows.push(PodJoin {
+            namespace: p.namespace.clone(),
+            pod: if p.pod.is_empty() { format!("uid:{}", p.pod_uid) } else { p.pod.clone() },
+            service_account: p.service_account.clone(),
+            state,
+            association_id: association.map(|a| a.association_id.clone()).or_else(|| (state == JoinState::AssociationGone).then(|| p.association_id.clone())),
+            role_arn: association.map(|a| a.role_arn.clone()).or_else(|| (!p.role_arn.is_empty()).then(|| p.role_arn.clone())),
+            detail,
+        });
+    }
+    rows.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)));
+    Joined { pods: rows, fixes: fixes.into_values().collect() }
+}
+
+fn fix_command(cluster: &str, region: Option<&str>, namespace: &str, service_account: &str, account: &str) -> String {
+    let region = region.map(|r| format!(" --region {r}")).unwrap_or_default();
+    format!(
+        "aws eks create-pod-identity-association --cluster-name {cluster}{region} --namespace {namespace} --service-account {service_account} --role-arn arn:aws:iam::{account}:role/ROLE_NAME"
+    )
+}
+
+fn render_join(joined: &Joined) -> String {
+    let rows: Vec<[String; 6]> = joined
+        .pods
+        .iter()
+        .map(|p| {
+            [
+                or_dash(&p.namespace),
+                p.pod.clone(),
+                or_dash(&p.service_account),
+                p.state.label().to_owned(),
+                or_dash(p.association_id.as_deref().unwrap_or_default()),
+                or_dash(p.role_arn.as_deref().unwrap_or_default()),
+            ]
+        })
+        .collect();
+    let mut out = table(["NAMESPACE", "POD", "SERVICE-ACCOUNT", "STATE", "ASSOCIATION", "ROLE-ARN"], &rows);
+    if rows.is_empty() {
+        out.push_str("(the node has no pods that asked for credentials)\n");
+    }
+    for fix in &joined.fixes {
+        out.push_str(&format!(
+            "\nno association for service account {}/{}; create one (choose the role):\n  {}\n",
+            fix.namespace, fix.service_account, fix.command
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::LastError;
+
+    fn assoc(id: &str, ns: &str, sa: &str) -> Association {
+        Association {
+            association_id: id.into(),
+            namespace: ns.into(),
+            service_account: sa.into(),
+            role_arn: "arn:aws:iam::123456789012:role/app".into(),
+            ..Default::default()
+        }
+    }
+
+    fn pod(ns: &str, name: &str, sa: &str, association: &str, last: Option<&str>) -> PodStats {
+        PodStats {
+            pod_uid: format!("uid-{name}"),
+            namespace: ns.into(),
+            pod: name.into(),
+            service_account: sa.into(),
+            association_id: association.into(),
+            last_error: last.map(|code| LastError { status: 404, code: code.into(), age_seconds: 1.0 }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn join_names_each_pods_state_and_one_fix_per_service_account() {
+        let associations = [assoc("a-1", "payments", "api"), assoc("a-3", "batch", "late")];
+        let pods = [
+            pod("payments", "api-0", "api", "a-1", None),
+            pod("search", "idx-0", "indexer", "", Some(NOT_FOUND)),
+            pod("search", "idx-1", "indexer", "", Some(NOT_FOUND)),
+            pod("web", "old-0", "old", "a-2", None),
+            pod("batch", "job-0", "late", "", Some(NOT_FOUND)),
+            pod("web", "bad-0", "web", "", Some("token_pod_mismatch")),
+        ];
+        let j = join(&pods, &associations, "prod", Some("eu-west-1"));
+        let state = |name: &str| j.pods.iter().find(|p| p.pod == name).unwrap().state;
+        assert_eq!(state("api-0"), JoinState::Served);
+        assert_eq!(state("idx-0"), JoinState::NoAssociation);
+        assert_eq!(state("old-0"), JoinState::AssociationGone);
+        assert_eq!(state("job-0"), JoinState::AssociationNew);
+        assert_eq!(state("bad-0"), JoinState::Failing);
+        assert_eq!(j.fixes.len(), 1, "one fix per service account: {:?}", j.fixes);
+        assert_eq!(
+            j.fixes[0].command,
+            "aws eks create-pod-identity-association --cluster-name prod --region eu-west-1 --namespace search --service-account indexer --role-arn arn:aws:iam::123456789012:role/ROLE_NAME"
+        );
+        let text = render_join(&j);
+        assert!(text.contains("no association for service account search/indexer"), "{text}");
+    }
+
+    #[test]
+    fn tags_parse_as_key_value() {
+        assert_eq!(parse_tag("team=payments"), Ok(("team".into(), "payments".into())));
+        assert_eq!(parse_tag("k="), Ok(("k".into(), String::new())));
+        assert!(parse_tag("novalue").is_err());
+        assert!(parse_tag("=v").is_err());
+    }
+}

@@ -1,0 +1,470 @@
+//! `pod-identity-agent doctor`: checks a node's set-up end to end, on the node or in the agent's
+//! pod. Each check prints `ok`, `warn` or `fail` with what it found and, when it is not ok, one
+//! sentence on how to fix it. Any `fail` makes the exit status non-zero.
+//!
+//! What the running agent reports about itself (`/v1/agent` on its probe address) fills in what
+//! the flags do not give, so `kubectl exec ... -- pod-identity-agent doctor` needs no flags.
+
+use std::{
+    fs,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::{Duration, SystemTime},
+};
+
+use clap::Args;
+
+use super::eks::{ClusterArgs, Eks};
+use crate::{
+    attribution,
+    aws::{self, ApiErrorKind},
+    kernel,
+    ops::AgentInfo,
+    upstream::{EksAuth, EksAuthOptions, Upstream as _},
+};
+
+/// The stock add-on that serves the same addresses.
+const STOCK_ADDON: &str = "eks-pod-identity-agent";
+/// Sent to EKS Auth to prove the path works without a pod's token: it must come back refused as
+/// an invalid token, which EKS Auth only says after it has checked the signature and the caller's
+/// permission.
+const PROBE_TOKEN: &str = "pod-identity-agent-doctor.invalid.token";
+
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    /// The running agent's probe address.
+    #[arg(long, default_value = "127.0.0.1:2703")]
+    pub probe_addr: SocketAddr,
+    /// EKS cluster name (default: CLUSTER_NAME, else what the running agent reports).
+    #[arg(long, env = "CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
+    /// AWS region (default: the running agent's, else the AWS SDK chain).
+    #[arg(long)]
+    pub region: Option<String>,
+    /// EKS Auth endpoint URL (default: the running agent's, else AWS_ENDPOINT_URL_EKS_AUTH or the
+    /// regional endpoint).
+    #[arg(long, value_name = "URL")]
+    pub eks_auth_endpoint: Option<String>,
+    /// EKS API endpoint URL for the cluster and add-on checks (default: AWS_ENDPOINT_URL_EKS, else
+    /// the regional endpoint).
+    #[arg(long, value_name = "URL")]
+    pub eks_endpoint: Option<String>,
+    /// Use the FIPS endpoints.
+    #[arg(long)]
+    pub fips: bool,
+    /// cgroup2 directory where the agent attaches (default: the running agent's, else the cgroup2
+    /// mount).
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    Warn,
+    Fail,
+}
+
+/// One check's verdict.
+#[derive(Debug)]
+pub struct Check {
+    pub name: &'static str,
+    pub status: Status,
+    /// What was found.
+    pub detail: String,
+    /// How to fix it, when not ok.
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn ok(name: &'static str, detail: impl Into<String>) -> Check {
+        Check { name, status: Status::Ok, detail: detail.into(), fix: None }
+    }
+
+    fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+        Check { name, status: Status::Warn, detail: detail.into(), fix: Some(fix.into()) }
+    }
+
+    fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+        Check { name, status: Status::Fail, detail: detail.into(), fix: Some(fix.into()) }
+    }
+
+    fn print(&self) {
+        let status = match self.status {
+            Status::Ok => "ok",
+            Status::Warn => "warn",
+            Status::Fail => "fail",
+        };
+        println!("{status:<5} {:<17} {}", self.name, self.detail);
+        if let Some(fix) = &self.fix {
+            println!("{:<23} fix: {fix}", "");
+        }
+        let _ = std::io::stdout().flush();
+    }
+}
+
+pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let failed = runtime.block_on(async move {
+        let mut failed = false;
+        let mut report = |check: Check| {
+            check.print();
+            failed |= check.status == Status::Fail;
+        };
+        check_all(&args, &mut report).await;
+        failed
+    });
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// Runs every check in order, handing each verdict to `report` as soon as it is known.
+pub async fn check_all(args: &DoctorArgs, report: &mut dyn FnMut(Check)) {
+    let agent = running_agent(args.probe_addr);
+    let mount = attribution::cgroup2_mount().ok();
+    let cgroup_root = args
+        .cgroup_root
+        .clone()
+        .or_else(|| agent.as_ref().ok().map(|a| a.cgroup_root.clone()))
+        .or_else(|| mount.clone());
+
+    report(check_cgroup_root(cgroup_root.as_deref()));
+    report(check_kernel(cgroup_root.as_deref()).await);
+    let agent = match agent {
+        Ok(agent) => {
+            report(Check::ok("agent", format!("{}: ready, {} mode, version {}", args.probe_addr, agent.mode, agent.version)));
+            report(check_listeners(&agent));
+            report(check_redirect(&agent, mount.as_deref()));
+            report(check_metrics(&agent));
+            Some(agent)
+        }
+        Err(check) => {
+            report(check);
+            None
+        }
+    };
+
+    let cluster = args.cluster_name.clone().or_else(|| agent.as_ref().map(|a| a.cluster_name.clone())).filter(|c| !c.is_empty());
+    let region = args.region.clone().or_else(|| agent.as_ref().and_then(|a| a.region.clone()));
+    let fips = args.fips || agent.as_ref().is_some_and(|a| a.fips);
+    let endpoint = args.eks_auth_endpoint.clone().or_else(|| agent.as_ref().and_then(|a| a.eks_auth_endpoint.clone()));
+    let credentials_found = check_node_credentials(region.as_deref(), report).await;
+    let Some(cluster) = cluster else {
+        report(Check::fail("EKS Auth", "no cluster name to ask about", "pass --cluster-name or set CLUSTER_NAME"));
+        return;
+    };
+    if credentials_found {
+        report(check_eks_auth(&cluster, region.clone(), endpoint, fips).await);
+    } else {
+        report(Check::fail("EKS Auth", "not tried: no node credentials to sign with", "fix the node credentials first"));
+    }
+    let eks = Eks::connect(&ClusterArgs { cluster_name: Some(cluster), region, eks_endpoint: args.eks_endpoint.clone() }, "pod-identity-agent-doctor").await;
+    match eks {
+        Ok(eks) => {
+            report(check_cluster(&eks).await);
+            report(check_addon(&eks).await);
+        }
+        Err(e) => report(Check::warn("cluster", format!("cannot build an EKS client: {e:#}"), "set a region (--region or AWS_REGION)")),
+    }
+}
+
+/// The running agent's own account of itself, if it is alive and ready; else the failed check
+/// that says what is wrong.
+fn running_agent(probe: SocketAddr) -> Result<AgentInfo, Check> {
+    const NAME: &str = "agent";
+    match super::http_get(probe, "/healthz") {
+        Ok((200, _)) => {}
+        other => {
+            return Err(Check::fail(
+                NAME,
+                format!("no agent answers on {probe} ({})", describe(&other)),
+                "start the agent (kubectl -n kube-system get pods -l app.kubernetes.io/name=pod-identity-agent), or pass --probe-addr",
+            ));
+        }
+    }
+    match super::http_get(probe, "/readyz") {
+        Ok((200, _)) => {}
+        other => {
+            return Err(Check::fail(NAME, format!("{probe}: alive but {}", describe(&other)), "read the agent's log: it says why it is not ready"));
+        }
+    }
+    let info = super::http_get(probe, "/v1/agent").and_then(|(status, body)| {
+        anyhow::ensure!(status == 200, "/v1/agent answered {status}: {}", body.trim());
+        Ok(serde_json::from_str::<AgentInfo>(&body)?)
+    });
+    info.map_err(|e| Check::fail(NAME, format!("{probe}: cannot read /v1/agent: {e:#}"), "run a doctor of the same version as the agent"))
+}
+
+fn check_cgroup_root(root: Option<&Path>) -> Check {
+    const NAME: &str = "cgroup root";
+    let Some(root) = root else {
+        return Check::fail(NAME, "no cgroup2 filesystem is mounted", "the agent needs cgroup v2: boot the node with the unified hierarchy");
+    };
+    match attribution::CgroupIndex::build(root, root).and_then(|index| index.present_pods().map(|pods| (index.len(), pods.len()))) {
+        Ok((cgroups, pods)) => Check::ok(NAME, format!("{} is readable: {cgroups} cgroups, {pods} pods", root.display())),
+        Err(e) => Check::fail(
+            NAME,
+            format!("cannot read {}: {e}", root.display()),
+            "mount the host's /sys/fs/cgroup (read-only is enough) and pass it as --cgroup-root",
+        ),
+    }
+}
+
+/// Loads the programs and attaches them to a scratch cgroup, detached after; where no cgroup can
+/// be created (a read-only mount in the agent's pod) it loads them only.
+async fn check_kernel(root: Option<&Path>) -> Check {
+    const NAME: &str = "kernel programs";
+    kernel::raise_memlock_limit();
+    let scratch = root.map(|r| r.join(format!("pod-identity-doctor-{}", std::process::id())));
+    let created = scratch.as_ref().map(|dir| fs::create_dir(dir).map(|()| dir.clone()));
+    let result = match &created {
+        Some(Ok(dir)) => kernel::dry_run(Some(dir)),
+        _ => kernel::dry_run(None),
+    };
+    if let Some(Ok(dir)) = &created {
+        let _ = fs::remove_dir(dir);
+    }
+    match (result, created) {
+        (Ok(()), Some(Ok(dir))) => Check::ok(NAME, format!("connect4, connect6 and sock_ops load and attach (dry run on {}, detached)", dir.display())),
+        (Ok(()), other) => {
+            let why = match other {
+                Some(Err(e)) => format!("cannot create a scratch cgroup: {e}"),
+                _ => "no cgroup root".to_owned(),
+            };
+            Check::warn(
+                NAME,
+                format!("connect4, connect6 and sock_ops load (the verifier accepts them); attaching not tried: {why}"),
+                "run the doctor on the node as root to try attaching too",
+            )
+        }
+        (Err(e), _) => Check::fail(
+            NAME,
+            format!("{e:#}"),
+            "run the agent with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN on Linux >= 5.7 with cgroup v2, or use --mode link",
+        ),
+    }
+}
+
+/// A direct request to each credential listener: the agent must answer (a refusal is the right
+/// answer, since a direct connection carries no kernel record or no token).
+fn check_listeners(agent: &AgentInfo) -> Check {
+    const NAME: &str = "listeners";
+    let mut answered = Vec::new();
+    for addr in &agent.listen {
+        match raw_get(*addr, &addr.to_string(), "/v1/credentials") {
+            Ok((status, _)) if status == 400 || status == 403 => answered.push(addr.to_string()),
+            other => {
+                return Check::fail(
+                    NAME,
+                    format!("the credential listener {addr} did not answer as the agent does ({})", describe(&other)),
+                    "check that nothing else holds the port and that NODE_IP is the node's address",
+                );
+            }
+        }
+    }
+    if answered.is_empty() {
+        return Check::fail(NAME, "the agent reports no credential listener", "read the agent's log");
+    }
+    Check::ok(NAME, format!("{} answer", answered.join(", ")))
+}
+
+/// A connect to the credential address from this process must reach the agent, unless this
+/// process is the agent's own cgroup (kubectl exec), whose connects are never redirected.
+fn check_redirect(agent: &AgentInfo, mount: Option<&Path>) -> Check {
+    const NAME: &str = "redirect";
+    let Some(target) = agent.intercept.iter().find(|a| a.is_ipv4()).or(agent.intercept.first()).copied() else {
+        return Check::warn(NAME, "the agent intercepts no address", "check --intercept");
+    };
+    if agent.mode != "ebpf" {
+        return Check::warn(
+            NAME,
+            format!("{} mode: connects are not redirected, the addresses are served on a local interface", agent.mode),
+            "eBPF mode attributes callers to pods; see the agent's log for why it fell back",
+        );
+    }
+    let own = mount.and_then(|m| attribution::own_cgroup(m).ok()).map(|(_, id)| id);
+    if own == Some(agent.cgroup_id) {
+        return Check::warn(
+            NAME,
+            "not tried: the doctor runs in the agent's own cgroup, whose connects are deliberately not redirected",
+            "run the doctor on the node (or in any other pod) to test the redirect",
+        );
+    }
+    let host = if target.port() == 80 { target.ip().to_string() } else { target.to_string() };
+    match raw_get(target, &host, "/v1/credentials") {
+        // A host process gets "belongs to no pod", a pod without a token "empty token": either
+        // way the agent answered a connect to the credential address.
+        Ok((status, body)) if status == 400 || status == 403 => {
+            Check::ok(NAME, format!("a connect to {target} reached the agent ({status}: {})", first_sentence(&body)))
+        }
+        other => Check::fail(
+            NAME,
+            format!("a connect to {target} did not reach the agent ({})", describe(&other)),
+            format!("check that the programs are attached to a cgroup above this process: bpftool cgroup tree {}", agent.cgroup_root.display()),
+        ),
+    }
+}
+
+fn check_metrics(agent: &AgentInfo) -> Check {
+    const NAME: &str = "metrics";
+    let mut addr = agent.metrics_addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() { std::net::Ipv4Addr::LOCALHOST.into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+    }
+    match super::http_get(addr, "/metrics") {
+        Ok((200, body)) if body.contains("pod_identity_agent_build_info") => {
+            Check::ok(NAME, format!("{addr}/metrics answers ({} series)", body.lines().filter(|l| !l.starts_with('#')).count()))
+        }
+        other => Check::fail(NAME, format!("{addr}/metrics did not answer with the agent's metrics ({})", describe(&other)), "check --metrics-addr"),
+    }
+}
+
+/// The node's own credentials, as the default chain finds them. Returns whether it found any.
+async fn check_node_credentials(region: Option<&str>, report: &mut dyn FnMut(Check)) -> bool {
+    let config = match aws::sdk_config(&aws::AwsOptions { region: region.map(str::to_owned), ..Default::default() }).await {
+        Ok(c) => c,
+        Err(e) => {
+            report(Check::fail("node credentials", format!("{e:#}"), "check the AWS configuration of the node"));
+            return false;
+        }
+    };
+    match config.region() {
+        Some(r) => report(Check::ok("region", r.to_string())),
+        None => report(Check::fail(
+            "region",
+            "no region found (flags, AWS_REGION, the profile and IMDS have none)",
+            "set AWS_REGION, or --region; on EC2 make sure IMDS answers",
+        )),
+    }
+    const NAME: &str = "node credentials";
+    let Some(provider) = config.credentials_provider() else {
+        report(Check::fail(NAME, "no credential provider is configured", "give the node an instance role, or set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"));
+        return false;
+    };
+    match aws_credential_types::provider::ProvideCredentials::provide_credentials(&provider).await {
+        Ok(creds) => {
+            let key = creds.access_key_id();
+            let tail = &key[key.len().saturating_sub(4)..];
+            let expiry = match creds.expiry().and_then(|t| t.duration_since(SystemTime::now()).ok()) {
+                Some(left) => format!("expire in {}", human(left)),
+                None if creds.expiry().is_some() => "expired".to_owned(),
+                None => "do not expire".to_owned(),
+            };
+            report(Check::ok(NAME, format!("found through {}: access key ****{tail}, {expiry}", aws::credential_source(&creds))));
+            true
+        }
+        Err(e) => {
+            report(Check::fail(
+                NAME,
+                format!("none found: {}", aws::error_chain(Some(&e))),
+                "give the node an instance role (IMDS), or on hybrid nodes a credentials file or credential_process profile",
+            ));
+            false
+        }
+    }
+}
+
+async fn check_eks_auth(cluster: &str, region: Option<String>, endpoint: Option<String>, fips: bool) -> Check {
+    const NAME: &str = "EKS Auth";
+    let client = match EksAuth::new(EksAuthOptions { cluster_name: cluster.to_owned(), region, endpoint, fips, node_name: Some("doctor".into()) }).await {
+        Ok(c) => c,
+        Err(e) => return Check::fail(NAME, format!("{e:#}"), "check the AWS configuration of the node"),
+    };
+    let result = client.assume_role(PROBE_TOKEN).await;
+    let at = client.last_endpoint().unwrap_or_else(|| "its endpoint".into());
+    match result {
+        Ok(_) => Check::fail(NAME, format!("{at} accepted a deliberately invalid token"), "this is not EKS Auth: check --eks-auth-endpoint"),
+        Err(e) if e.code == "InvalidTokenException" => Check::ok(
+            NAME,
+            format!("{at} is reachable, signed requests are accepted and the node may call AssumeRoleForPodIdentity (a probe token came back InvalidTokenException)"),
+        ),
+        Err(e) if e.code == "AccessDeniedException" => Check::fail(
+            NAME,
+            format!("{at} refused the node: {e}"),
+            "grant the node role eks-auth:AssumeRoleForPodIdentity (AmazonEKSWorkerNodePolicy includes it)",
+        ),
+        Err(e) if matches!(e.code.as_str(), "UnrecognizedClientException" | "InvalidSignatureException" | "SignatureDoesNotMatch" | "IncompleteSignatureException") => {
+            Check::fail(NAME, format!("{at} rejected the node's signature: {e}"), "the node credentials are invalid or expired: check the instance role or the credentials source")
+        }
+        Err(e) if e.code == "ResourceNotFoundException" => {
+            Check::fail(NAME, format!("{at} does not know cluster {cluster}: {e}"), "check CLUSTER_NAME and the region")
+        }
+        Err(e) if e.status == 502 || e.status == 504 => Check::fail(
+            NAME,
+            format!("cannot reach {at}: {}", e.message),
+            "check DNS, the proxy (HTTPS_PROXY, NO_PROXY), the CA bundle, and that the node may reach eks-auth (security groups, VPC endpoint)",
+        ),
+        Err(e) => Check::fail(NAME, format!("{at} answered {}: {e}", e.status), "read the message; it is EKS Auth's own"),
+    }
+}
+
+async fn check_cluster(eks: &Eks) -> Check {
+    const NAME: &str = "cluster";
+    match eks.cluster().await {
+        Ok(c) if c.status == "ACTIVE" => Check::ok(NAME, format!("{} is ACTIVE (Kubernetes {})", eks.cluster, c.version)),
+        Ok(c) => Check::fail(NAME, format!("{} is {}", eks.cluster, c.status), "wait for the cluster to become ACTIVE, or check CLUSTER_NAME"),
+        Err(e) => not_checked(NAME, &eks.cluster, e, "eks:DescribeCluster", || {
+            Check::fail(NAME, format!("no cluster {} in {}", eks.cluster, eks.region.as_deref().unwrap_or("this region")), "check CLUSTER_NAME and the region")
+        }),
+    }
+}
+
+async fn check_addon(eks: &Eks) -> Check {
+    const NAME: &str = "stock add-on";
+    match eks.addon(STOCK_ADDON).await {
+        Ok(None) => Check::ok(NAME, format!("the {STOCK_ADDON} add-on is not installed in {}", eks.cluster)),
+        Ok(Some(addon)) => Check::fail(
+            NAME,
+            format!("the {STOCK_ADDON} add-on is installed ({}, {}): it serves the same addresses as this agent", addon.status, addon.version),
+            format!("remove it: aws eks delete-addon --cluster-name {} --addon-name {STOCK_ADDON}", eks.cluster),
+        ),
+        Err(e) => not_checked(NAME, &eks.cluster, e, "eks:DescribeAddon", || {
+            Check::fail(NAME, format!("no cluster {}", eks.cluster), "check CLUSTER_NAME and the region")
+        }),
+    }
+}
+
+/// A control-plane check the node may not be allowed to make: a warning, not a failure.
+fn not_checked(name: &'static str, cluster: &str, e: aws::ApiError, action: &str, not_found: impl FnOnce() -> Check) -> Check {
+    match (e.kind, e.code.as_str()) {
+        (ApiErrorKind::Service, "AccessDeniedException") => {
+            Check::warn(name, format!("not checked: the caller may not call {action} on {cluster}"), format!("grant {action} to check this (optional)"))
+        }
+        (ApiErrorKind::Service, "ResourceNotFoundException") => not_found(),
+        _ => Check::warn(name, format!("not checked: {e}"), "check the node's access to the EKS API (optional)"),
+    }
+}
+
+/// GET with a chosen Host header, no Authorization: what a client without a token sends.
+fn raw_get(addr: SocketAddr, host: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw)?;
+    let status = raw.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| anyhow::anyhow!("not an HTTP answer"))?;
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+fn describe(result: &anyhow::Result<(u16, String)>) -> String {
+    match result {
+        Ok((status, body)) => format!("{status}: {}", first_sentence(body)),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+fn first_sentence(body: &str) -> String {
+    let line = body.lines().next().unwrap_or("").trim();
+    if line.len() > 120 { format!("{}...", &line[..line.floor_char_boundary(120)]) } else { line.to_owned() }
+}
+
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..120 => format!("{s}s"),
+        120..7200 => format!("{}m", s / 60),
+        _ => format!("{}h {}m", s / 3600, s % 3600 / 60),
+    }
+}

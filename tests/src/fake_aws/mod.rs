@@ -1,0 +1,344 @@
+//! Fake AWS APIs the agent and its operator commands talk to, on one listener inside the node's
+//! network namespace, with one shared state (no public emulator implements these APIs):
+//!
+//! * EKS Auth (`eks_auth`): `POST /clusters/{cluster}/assume-role-for-pod-identity`.
+//! * The EKS control plane (`eks`): the cluster, its add-ons, and pod identity associations
+//!   (list with pagination, describe, create, delete).
+//!
+//! Every request must carry a valid SigV4 signature (`sigv4`) for its service (`eks-auth` or
+//! `eks`) and the fake's region, made with a key the fake knows. An association created through
+//! the control plane is what EKS Auth then serves, as in EKS. Faults can be injected into EKS
+//! Auth: error statuses, latency and connection resets.
+
+mod eks;
+mod eks_auth;
+pub mod sigv4;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Request, Response, body::Incoming};
+use hyper_util::rt::TokioIo;
+
+use crate::{ACCOUNT, CLUSTER, NODE_ACCESS_KEY, NODE_SECRET, OPERATOR_ACCESS_KEY, OPERATOR_SECRET, REGION, jwt};
+
+/// One EKS Auth call the fake answered.
+#[derive(Clone, Debug)]
+pub struct Call {
+    pub cluster: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub pod_uid: String,
+    pub status: u16,
+    /// The access key that signed the call.
+    pub signed_by: String,
+}
+
+/// One EKS control-plane call: its operation and who signed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiCall {
+    pub operation: &'static str,
+    pub signed_by: String,
+    pub status: u16,
+}
+
+/// What the fake EKS Auth answers instead of credentials while set.
+#[derive(Clone, Debug)]
+pub struct Fault {
+    pub status: u16,
+    pub code: String,
+}
+
+/// A pod identity association as EKS keeps it.
+#[derive(Clone, Debug)]
+pub struct Association {
+    pub id: String,
+    pub arn: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub role_arn: String,
+    pub target_role_arn: Option<String>,
+    pub tags: BTreeMap<String, String>,
+    pub created_at: i64,
+}
+
+struct State {
+    associations: Vec<Association>,
+    serial: u64,
+    /// Status of the fake's cluster (`CLUSTER`); `None`: it does not exist.
+    cluster_status: Option<String>,
+    /// Installed add-ons and their status.
+    addons: HashMap<String, String>,
+    keys: HashMap<String, sigv4::Key>,
+    /// Access keys EKS Auth answers AccessDeniedException (a node role without the permission).
+    denied: HashSet<String>,
+    calls: Vec<Call>,
+    api_calls: Vec<ApiCall>,
+    fault: Option<Fault>,
+    /// Reset every connection (RST) before answering.
+    reset: bool,
+    /// Connections accepted (and reset) while `reset` was on.
+    resets: u64,
+    latency: Duration,
+    lifetime: Duration,
+    issued: u64,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        let key = |secret: &str| sigv4::Key { secret: secret.to_owned(), session_token: None };
+        State {
+            associations: Vec::new(),
+            serial: 0,
+            cluster_status: Some("ACTIVE".into()),
+            addons: HashMap::new(),
+            keys: HashMap::from([(NODE_ACCESS_KEY.to_owned(), key(NODE_SECRET)), (OPERATOR_ACCESS_KEY.to_owned(), key(OPERATOR_SECRET))]),
+            denied: HashSet::new(),
+            calls: Vec::new(),
+            api_calls: Vec::new(),
+            fault: None,
+            reset: false,
+            resets: 0,
+            latency: Duration::ZERO,
+            // What EKS Auth issues.
+            lifetime: Duration::from_secs(6 * 3600),
+            issued: 0,
+        }
+    }
+}
+
+impl State {
+    /// A new id-like string: `prefix` and 17 lowercase letters and digits, as EKS's IDs look.
+    fn next_id(&mut self, prefix: &str) -> String {
+        self.serial += 1;
+        let mut n = self.serial.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(rand_u32());
+        let alphabet = b"abcdefghijklmnopqrstuvwxyz0123456789";
+        let mut id = String::from(prefix);
+        for _ in 0..17 {
+            id.push(alphabet[(n % 36) as usize] as char);
+            n /= 36;
+            if n == 0 {
+                n = self.serial.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1;
+            }
+        }
+        id
+    }
+
+    fn add_association(&mut self, namespace: &str, service_account: &str, role_arn: &str, target_role_arn: Option<String>, tags: BTreeMap<String, String>) -> Association {
+        let id = self.next_id("a-");
+        let association = Association {
+            arn: format!("arn:aws:eks:{REGION}:{ACCOUNT}:podidentityassociation/{CLUSTER}/{id}"),
+            id,
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+            role_arn: role_arn.to_owned(),
+            target_role_arn,
+            tags,
+            created_at: jwt::now(),
+        };
+        self.associations.push(association.clone());
+        association
+    }
+
+    fn lookup_key(&self, akid: &str) -> Option<sigv4::Key> {
+        self.keys.get(akid).cloned()
+    }
+}
+
+pub struct FakeAws {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+/// The credentials the fake issues for an association: stable per (namespace, service account)
+/// for the access key, unique per call for the secret and session token.
+pub fn access_key_for(namespace: &str, service_account: &str) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in format!("{namespace}/{service_account}").bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
+    }
+    format!("ASIA{:016X}", h)
+}
+
+/// The IAM role ARN of role `name` in the fake's account.
+pub fn role_arn(name: &str) -> String {
+    format!("arn:aws:iam::{ACCOUNT}:role/{name}")
+}
+
+impl FakeAws {
+    /// Starts the fake on 127.0.0.1 inside network namespace `netns` (the node's).
+    pub fn start_in(netns: &str) -> FakeAws {
+        let listener = crate::node::in_netns(netns, || std::net::TcpListener::bind("127.0.0.1:0").expect("bind fake AWS"));
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let state = Arc::new(Mutex::new(State::default()));
+        let served = state.clone();
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                {
+                    let mut st = served.lock().unwrap();
+                    if st.reset {
+                        st.resets += 1;
+                        // Linger 0: dropping the socket sends RST, as a crashed endpoint does.
+                        let _ = stream.set_zero_linger();
+                        continue;
+                    }
+                }
+                let state = served.clone();
+                let service = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move {
+                        // Connections opened before the reset mode began (the agent's pooled
+                        // keep-alive ones) are dropped at their next request, with no answer.
+                        {
+                            let mut st = state.lock().unwrap();
+                            if st.reset {
+                                st.resets += 1;
+                                return Err(std::io::Error::other("injected connection reset"));
+                            }
+                        }
+                        Ok(route(&state, req).await)
+                    }
+                });
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+            }
+        });
+        FakeAws { addr, state, _runtime: runtime }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Lets pods of `namespace` running as `service_account` assume role `role` (a role name in
+    /// the fake's account), as an association created through EKS would. Returns its ID.
+    pub fn associate(&self, namespace: &str, service_account: &str, role: &str) -> String {
+        self.state.lock().unwrap().add_association(namespace, service_account, &role_arn(role), None, BTreeMap::new()).id
+    }
+
+    pub fn associations(&self) -> Vec<Association> {
+        self.state.lock().unwrap().associations.clone()
+    }
+
+    /// The cluster's status (`ACTIVE`, `CREATING`, ...), or `None` to make it not exist.
+    pub fn set_cluster_status(&self, status: Option<&str>) {
+        self.state.lock().unwrap().cluster_status = status.map(str::to_owned);
+    }
+
+    /// Installs (`Some(status)`) or removes an add-on of the cluster.
+    pub fn set_addon(&self, name: &str, status: Option<&str>) {
+        let mut st = self.state.lock().unwrap();
+        match status {
+            Some(s) => st.addons.insert(name.to_owned(), s.to_owned()),
+            None => st.addons.remove(name),
+        };
+    }
+
+    /// Accepts signatures made with this key from now on.
+    pub fn allow_key(&self, access_key_id: &str, secret: &str, session_token: Option<&str>) {
+        let key = sigv4::Key { secret: secret.to_owned(), session_token: session_token.map(str::to_owned) };
+        self.state.lock().unwrap().keys.insert(access_key_id.to_owned(), key);
+    }
+
+    /// Refuses signatures made with this key from now on.
+    pub fn revoke_key(&self, access_key_id: &str) {
+        self.state.lock().unwrap().keys.remove(access_key_id);
+    }
+
+    /// EKS Auth answers AccessDeniedException to calls signed with this key (a node role
+    /// without `eks-auth:AssumeRoleForPodIdentity`).
+    pub fn deny_eks_auth(&self, access_key_id: &str) {
+        self.state.lock().unwrap().denied.insert(access_key_id.to_owned());
+    }
+
+    pub fn set_fault(&self, fault: Option<Fault>) {
+        self.state.lock().unwrap().fault = fault;
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.state.lock().unwrap().calls.clone()
+    }
+
+    /// Calls made for the pod with this UID.
+    pub fn calls_for(&self, pod_uid: &str) -> usize {
+        self.state.lock().unwrap().calls.iter().filter(|c| c.pod_uid == pod_uid).count()
+    }
+
+    /// EKS control-plane calls so far.
+    pub fn api_calls(&self) -> Vec<ApiCall> {
+        self.state.lock().unwrap().api_calls.clone()
+    }
+
+    /// Resets every new connection while on.
+    pub fn set_reset(&self, on: bool) {
+        self.state.lock().unwrap().reset = on;
+    }
+
+    pub fn resets(&self) -> u64 {
+        self.state.lock().unwrap().resets
+    }
+
+    /// Delay before each EKS Auth answer.
+    pub fn set_latency(&self, latency: Duration) {
+        self.state.lock().unwrap().latency = latency;
+    }
+
+    /// Validity of the credentials issued from now on.
+    pub fn set_lifetime(&self, lifetime: Duration) {
+        self.state.lock().unwrap().lifetime = lifetime;
+    }
+}
+
+fn json(status: u16, body: serde_json::Value, extra: &[(&str, &str)]) -> Response<Full<Bytes>> {
+    let mut b = Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("x-amzn-requestid", format!("fake-{:08x}", rand_u32()));
+    for (k, v) in extra {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(Bytes::from(body.to_string()))).unwrap()
+}
+
+fn error(status: u16, code: &str, message: &str) -> Response<Full<Bytes>> {
+    json(status, serde_json::json!({ "message": message }), &[("x-amzn-errortype", code)])
+}
+
+fn rand_u32() -> u32 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    t.subsec_nanos() ^ (t.as_secs() as u32).rotate_left(13)
+}
+
+async fn route(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return error(400, "InvalidRequestException", "unreadable body"),
+    };
+    let path = parts.uri.path().to_owned();
+    if let Some(cluster) = path.strip_prefix("/clusters/").and_then(|rest| rest.strip_suffix("/assume-role-for-pod-identity")) {
+        return eks_auth::handle(state, cluster, &parts, &body).await;
+    }
+    if path.starts_with("/clusters/") {
+        return eks::handle(state, &parts, &body);
+    }
+    error(404, "UnknownOperationException", &format!("no operation at {path}"))
+}
+
+/// Verifies the request's signature for `service`, answering the rejection if it is not valid.
+fn authenticate(state: &Mutex<State>, parts: &http::request::Parts, body: &[u8], service: &str) -> Result<String, Response<Full<Bytes>>> {
+    let st = state.lock().unwrap();
+    sigv4::verify(parts, body, service, REGION, |akid| st.lookup_key(akid))
+        .map(|signed| signed.access_key_id)
+        .map_err(|(status, code, message)| error(status, code, &message))
+}
