@@ -302,14 +302,24 @@ async fn intercept(settings: &Settings, cgroup_root: &std::path::Path, agent_cgr
             anyhow::Ok((listeners, redirector))
         }
         .await;
-        match attempt {
+        let fallback_reason = match attempt {
             Ok((listeners, redirector)) => {
                 return Ok(Interception { redirector: Some(Arc::new(redirector)), listeners, mode: "ebpf", note: String::new() });
             }
             Err(e) if settings.mode == Mode::Ebpf => return Err(e.context("cannot intercept pods' connections")),
-            Err(e) => warn!("eBPF interception unavailable, falling back to link mode: {e:#}"),
-        }
+            Err(e) => {
+                warn!("eBPF interception unavailable, falling back to link mode: {e:#}");
+                Some(e.to_string())
+            }
+        };
+        return link_mode(settings, fallback_reason);
     }
+    link_mode(settings, None)
+}
+
+/// Link mode: the credential addresses on a local interface. `fallback_reason` says why eBPF
+/// mode was not possible, when `auto` fell back.
+fn link_mode(settings: &Settings, fallback_reason: Option<String>) -> anyhow::Result<Interception> {
     let addresses: Vec<_> = settings.intercept.iter().map(|a| a.ip()).collect();
     let link = link::ensure(&addresses)?;
     let on_link: Vec<_> = settings.intercept.iter().copied().filter(|a| link.addresses.contains(&a.ip())).collect();
@@ -319,7 +329,10 @@ async fn intercept(settings: &Settings, cgroup_root: &std::path::Path, agent_cgr
         redirector: None,
         listeners,
         mode: "link",
-        note: format!("link mode on {}: callers are not attributed; token-only checks", link.device),
+        note: match fallback_reason {
+            Some(reason) => format!("link mode on {}: callers are not attributed; token-only checks; eBPF mode unavailable: {reason}", link.device),
+            None => format!("link mode on {}: callers are not attributed; token-only checks", link.device),
+        },
     })
 }
 

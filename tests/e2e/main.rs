@@ -6,6 +6,7 @@ mod deploy_manifests;
 mod deploy_modes;
 mod hostile;
 mod monitoring;
+mod neighbours;
 mod operator;
 mod operator_tools;
 mod sdk_clients;
@@ -120,6 +121,31 @@ fn host_network_pod_gets_credentials() {
     let r = pod.curl(V4_URL, &pod.token());
     assert_eq!(r.status, 200, "{}\n{}", r.body, s.agent.log());
     assert_credentials(&r.body, "payments", "api");
+}
+
+#[test]
+fn every_cgroup_shape_is_attributed_to_its_pod() {
+    let s = Setup::new();
+    let shapes = [CgroupShape::SystemdBurstable, CgroupShape::SystemdGuaranteed, CgroupShape::CgroupfsBestEffort];
+    for (i, shape) in shapes.into_iter().enumerate() {
+        let pod = s.pod("payments", &format!("api-{i}"), "api", shape);
+        let r = pod.curl(V4_URL, &pod.token());
+        assert_eq!(r.status, 200, "{shape:?}: {}\n{}", r.body, s.agent.log());
+        // A process in a cgroup nested below the container's is still that pod.
+        let nested = pod.cgroup.join("workers/w-1");
+        std::fs::create_dir_all(&nested).unwrap();
+        let cmd = pod_identity_e2e::node::command_in("curl", Some(&nested), &pod.netns);
+        let r = pod_identity_e2e::node::curl(cmd, V4_URL, &pod.token(), &[]);
+        assert_eq!(r.status, 200, "{shape:?}, nested: {}", r.body);
+        // And another pod's token is refused from either.
+        let other = s.pod("payments", &format!("other-{i}"), "api", shape);
+        assert_eq!(pod.curl(V4_URL, &other.token()).status, 403, "{shape:?}");
+    }
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&s.agent.pods_cli(&["--json"])).unwrap();
+    for i in 0..3 {
+        let row = rows.iter().find(|r| r["pod"] == format!("api-{i}")).unwrap_or_else(|| panic!("api-{i} not attributed: {rows:?}"));
+        assert_eq!(row["requests"], 3, "{row}");
+    }
 }
 
 #[test]
@@ -265,16 +291,8 @@ fn sigterm_exits_zero_and_leaves_nothing_attached() {
     // route there, so curl fails to connect (exit 7) instead of reaching an agent.
     let out = pod.command("curl").args(["-sS", "--max-time", "5", V4_URL]).output().unwrap();
     assert_eq!(out.status.code(), Some(7), "curl: {}", String::from_utf8_lossy(&out.stderr));
-    let out = std::process::Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(&s.node.cgroup_root)
-        .output()
-        .expect("bpftool (installed by cargo xtask setup)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let listing = String::from_utf8_lossy(&out.stdout);
-    for name in ["connect4", "connect6", "record_connection"] {
-        assert!(!listing.contains(name), "{name} still attached:\n{listing}");
-    }
+    let left = pod_identity_e2e::bpf::attached(&s.node.cgroup_root);
+    assert!(left.is_empty(), "still attached: {left:?}");
 }
 
 #[test]

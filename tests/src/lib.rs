@@ -9,6 +9,7 @@
 //! Needs root (network namespaces, cgroups, BPF).
 
 pub mod agent;
+pub mod bpf;
 pub mod fake_aws;
 pub mod jwt;
 pub mod node;

@@ -340,10 +340,31 @@ pub fn remove_leftovers(owner_gone: impl Fn(u32) -> bool) {
     }
 }
 
-/// Kills every process in a cgroup subtree (cgroup.kill, Linux >= 5.14).
+/// Kills every process in a cgroup subtree: `cgroup.kill` (Linux >= 5.14), else each pid listed
+/// in the subtree's `cgroup.procs` files (older kernels, e.g. 5.10).
 pub fn kill_cgroup_tree(root: &Path) {
     if root.join("cgroup.kill").exists() {
         let _ = fs::write(root.join("cgroup.kill"), "1");
+        return;
+    }
+    fn kill_in(dir: &Path) {
+        if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                // SAFETY: kill has no memory preconditions.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    kill_in(&e.path());
+                }
+            }
+        }
+    }
+    // A process forked while the walk ran is caught by the next pass.
+    for _ in 0..3 {
+        kill_in(root);
     }
 }
 

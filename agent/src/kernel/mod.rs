@@ -13,7 +13,7 @@ use std::{
     fs::{self, File},
     io,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -30,6 +30,11 @@ use pod_identity_common::{
     names,
 };
 use tokio::io::unix::AsyncFd;
+
+mod bpf_sys;
+mod diagnose;
+
+use diagnose::{AttachSite, explain};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pod-identity-ebpf"));
 
@@ -93,6 +98,10 @@ impl Redirector {
     /// Loads, configures and attaches the programs. Must run inside a tokio runtime (the kernel
     /// log reader is a task).
     pub fn attach(spec: &RedirectSpec) -> anyhow::Result<Redirector> {
+        // Fail before attaching anything, rather than halfway (sock_ops in, connect4 refused).
+        if let Some(in_the_way) = diagnose::exclusive_in_the_way(&spec.cgroup_root) {
+            anyhow::bail!("{}: {in_the_way}", attach_context("the programs", &spec.cgroup_root));
+        }
         let config = RedirectConfig {
             target_v4: spec.target_v4.map_or(Endpoint::NONE, endpoint),
             target_v6: spec.target_v6.map_or(Endpoint::NONE, endpoint),
@@ -112,7 +121,7 @@ impl Redirector {
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path);
         }
-        let mut ebpf = loader.load(OBJECT).map_err(|e| explain(anyhow::Error::new(e).context("loading the kernel object")))?;
+        let mut ebpf = loader.load(OBJECT).map_err(|e| explain(anyhow::Error::new(e).context("loading the kernel object"), None))?;
         // The log reader must exist before the programs load (they reference its ring buffer).
         let logger = aya_log::EbpfLogger::init(&mut ebpf).context("starting the kernel log reader")?;
         let logger = tokio::spawn(forward_kernel_logs(logger));
@@ -151,14 +160,14 @@ impl Redirector {
 /// redirect, every redirected connection gets its record). Returns how they were attached.
 fn load_and_attach(ebpf: &mut Ebpf, cgroup: Option<(&File, &Path)>, pin: Option<&Path>) -> anyhow::Result<Option<Attachment>> {
     let sock_ops: &mut SockOps = program(ebpf, names::SOCK_OPS)?;
-    sock_ops.load().map_err(|e| explain(anyhow::Error::new(e).context("loading the sock_ops program")))?;
+    sock_ops.load().map_err(|e| explain(anyhow::Error::new(e).context("loading the sock_ops program"), None))?;
     let mut attachment = match cgroup {
         Some((file, path)) => Some(install(sock_ops, names::SOCK_OPS, file, path, pin)?),
         None => None,
     };
     for name in [names::CONNECT4, names::CONNECT6] {
         let prog: &mut CgroupSockAddr = program(ebpf, name)?;
-        prog.load().map_err(|e| explain(anyhow::Error::new(e).context(format!("loading the {name} program"))))?;
+        prog.load().map_err(|e| explain(anyhow::Error::new(e).context(format!("loading the {name} program")), None))?;
         if let Some((file, path)) = cgroup {
             attachment = Some(install(prog, name, file, path, pin)?);
         }
@@ -173,7 +182,7 @@ fn open_cgroup(path: &Path) -> anyhow::Result<File> {
 /// Proves the kernel accepts the programs: loads them and, given a cgroup, attaches them there,
 /// then detaches everything. Nothing is redirected meanwhile (no address is intercepted).
 pub fn dry_run(cgroup: Option<&Path>) -> anyhow::Result<()> {
-    let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| explain(anyhow::Error::new(e).context("loading the kernel object")))?;
+    let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| explain(anyhow::Error::new(e).context("loading the kernel object"), None))?;
     // The programs reference the log ring buffer: its reader must exist while they load.
     let _logger = aya_log::EbpfLogger::init(&mut ebpf).context("starting the kernel log reader")?;
     let file = cgroup.map(open_cgroup).transpose()?;
@@ -242,7 +251,7 @@ where
     FdLink: TryFrom<P::Link>,
     <FdLink as TryFrom<P::Link>>::Error: std::error::Error + Send + Sync + 'static,
 {
-    let attach_err = |e: ProgramError| explain(anyhow::Error::new(e).context(attach_context(name, root)));
+    let attach_err = |e: ProgramError| explain(anyhow::Error::new(e).context(attach_context(name, root)), Some(AttachSite { cgroup: root, program: name }));
     let Some(dir) = pin else {
         prog.attach_to(cgroup).map_err(attach_err)?;
         return Ok(Attachment::Owned);
@@ -252,7 +261,7 @@ where
         let link = bpf_sys::obj_get(&path).with_context(|| format!("opening pinned link {}", path.display()))?;
         let prog_fd = prog.program_fd()?;
         bpf_sys::link_update(link.as_fd(), prog_fd.as_fd())
-            .map_err(|e| explain(anyhow::Error::new(e).context(format!("swapping {name} into pinned link {}", path.display()))))?;
+            .map_err(|e| explain(anyhow::Error::new(e).context(format!("swapping {name} into pinned link {}", path.display())), None))?;
         return Ok(Attachment::TakenOver);
     }
     let id = prog.attach_to(cgroup).map_err(attach_err)?;
@@ -290,67 +299,6 @@ pub fn cleanup(dir: &Path) -> anyhow::Result<usize> {
         let _ = fs::remove_dir(dir.join(sub));
     }
     Ok(removed)
-}
-
-/// The two bpf(2) commands aya does not expose: open a pinned object, and swap a link's program.
-mod bpf_sys {
-    use super::*;
-
-    // From the kernel's uapi `enum bpf_cmd` (also aya-obj's generated bindings).
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_LINK_UPDATE: libc::c_long = 29;
-
-    #[repr(C)]
-    struct ObjGetAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-    }
-
-    #[repr(C)]
-    struct LinkUpdateAttr {
-        link_fd: u32,
-        new_prog_fd: u32,
-        flags: u32,
-        old_prog_fd: u32,
-    }
-
-    pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
-        let attr = ObjGetAttr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0 };
-        // SAFETY: attr is a valid bpf_attr prefix for BPF_OBJ_GET and outlives the call.
-        let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &attr as *const ObjGetAttr, size_of::<ObjGetAttr>()) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the kernel returned a new fd that we now own.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-    }
-
-    pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
-        let attr = LinkUpdateAttr { link_fd: link.as_raw_fd() as u32, new_prog_fd: prog.as_raw_fd() as u32, flags: 0, old_prog_fd: 0 };
-        // SAFETY: attr is a valid bpf_attr prefix for BPF_LINK_UPDATE and outlives the call.
-        let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, &attr as *const LinkUpdateAttr, size_of::<LinkUpdateAttr>()) };
-        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
-    }
-}
-
-/// Adds the likely cause to an error from the kernel, from the errno deepest in the chain.
-fn explain(err: anyhow::Error) -> anyhow::Error {
-    let errno = err.chain().find_map(|e| e.downcast_ref::<io::Error>()).and_then(io::Error::raw_os_error);
-    let hint = match errno {
-        Some(libc::EPERM) | Some(libc::EACCES) => {
-            "permission denied: the agent needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (or CAP_SYS_ADMIN), i.e. run it privileged or as root"
-        }
-        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
-            "the kernel rejected the program or attachment: it needs Linux >= 5.7 with cgroup v2 BPF (cgroup/connect4, connect6, sock_ops) and bpf links"
-        }
-        Some(libc::ENOENT) => "not found: is the kernel built with CONFIG_CGROUP_BPF and is the path a cgroup2 directory?",
-        Some(libc::EBADF) => "the cgroup root is not a cgroup2 directory",
-        _ => return err,
-    };
-    err.context(hint.to_string())
 }
 
 /// Forwards records written by the kernel programs (aya-log) to the agent's log.
