@@ -118,6 +118,8 @@ struct Entry {
     /// `namespace/pod`, for logs.
     label: Arc<str>,
     lru_seq: u64,
+    /// When the entry last moved in the LRU order.
+    lru_moved: Instant,
     last_used: Instant,
     /// When the latest upstream call for this token began.
     fetch_started: Instant,
@@ -138,16 +140,25 @@ struct State {
     next_seq: u64,
 }
 
+/// How stale an entry's place in the LRU order may get before a use moves it: moving is a
+/// remove and an insert in a tree, too much for every cached request, and eviction order at a
+/// one-second grain is as good.
+const LRU_GRAIN: Duration = Duration::from_secs(1);
+
 impl State {
     fn touch(&mut self, digest: TokenDigest, now: Instant) {
+        let Some(e) = self.entries.get_mut(&digest) else { return };
+        let moved_recently = now.saturating_duration_since(e.lru_moved) < LRU_GRAIN;
+        e.last_used = now;
+        if moved_recently {
+            return;
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
-        if let Some(e) = self.entries.get_mut(&digest) {
-            self.lru.remove(&e.lru_seq);
-            e.lru_seq = seq;
-            e.last_used = now;
-            self.lru.insert(seq, digest);
-        }
+        self.lru.remove(&e.lru_seq);
+        e.lru_seq = seq;
+        e.lru_moved = now;
+        self.lru.insert(seq, digest);
     }
 
     fn remove(&mut self, digest: &TokenDigest) -> Option<Entry> {
@@ -197,11 +208,10 @@ impl<U: Upstream> CredentialCache<U> {
         self.inner.lock().entries.len()
     }
 
-    /// Credentials for `token`, which the caller has bound to `pod` (`label` is its
-    /// `namespace/name`, for logs).
-    pub async fn get(&self, token: &str, pod: &PodUid, label: &str) -> Result<(Arc<AssumedRole>, Outcome), UpstreamError> {
+    /// Credentials for `token` (whose SHA-256 is `digest`), which the caller has bound to `pod`
+    /// (`label` is its `namespace/name`, for logs).
+    pub async fn get(&self, token: &str, digest: TokenDigest, pod: &PodUid, label: &str) -> Result<(Arc<AssumedRole>, Outcome), UpstreamError> {
         let inner = &self.inner;
-        let digest = TokenDigest::of(token);
         let now = Instant::now();
         let (mut rx, outcome, has_stale) = {
             let mut st = inner.lock();
@@ -264,6 +274,7 @@ impl<U: Upstream> CredentialCache<U> {
                         pod: pod.clone(),
                         label: Arc::from(label),
                         lru_seq: seq,
+                        lru_moved: now,
                         last_used: now,
                         fetch_started: now,
                         value: None,
@@ -587,7 +598,7 @@ mod tests {
         let tasks: Vec<_> = (0..200)
             .map(|_| {
                 let c = c.clone();
-                tokio::spawn(async move { c.get("tok", &pod(POD_A), "ns/p").await })
+                tokio::spawn(async move { c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await })
             })
             .collect();
         let mut outcomes = Vec::new();
@@ -599,7 +610,7 @@ mod tests {
         assert_eq!(up.calls(), 1);
         assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Fetched).count(), 1);
         assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Coalesced).count(), 199);
-        assert_eq!(c.get("tok", &pod(POD_A), "ns/p").await.unwrap().1, Outcome::Hit);
+        assert_eq!(c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap().1, Outcome::Hit);
         assert_eq!(up.calls(), 1);
     }
 
@@ -610,7 +621,7 @@ mod tests {
         up.fail_next(vec![err(404, "ResourceNotFoundException")]);
         let c = cache(&up, CacheSettings::default());
         let a_pod = pod(POD_A);
-        let (a, b) = tokio::join!(c.get("tok", &a_pod, "ns/p"), c.get("tok", &a_pod, "ns/p"));
+        let (a, b) = tokio::join!(c.get("tok", TokenDigest::of("tok"), &a_pod, "ns/p"), c.get("tok", TokenDigest::of("tok"), &a_pod, "ns/p"));
         assert_eq!(a.unwrap_err().status, 404);
         assert_eq!(b.unwrap_err().status, 404);
         assert_eq!(up.calls(), 1);
@@ -621,10 +632,10 @@ mod tests {
         let up = Scripted::default();
         up.latency(Duration::from_millis(1500));
         let c = cache(&up, CacheSettings::default());
-        let gave_up = tokio::time::timeout(Duration::from_millis(100), c.get("tok", &pod(POD_A), "ns/p")).await;
+        let gave_up = tokio::time::timeout(Duration::from_millis(100), c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")).await;
         assert!(gave_up.is_err());
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert_eq!(c.get("tok", &pod(POD_A), "ns/p").await.unwrap().1, Outcome::Hit);
+        assert_eq!(c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap().1, Outcome::Hit);
         assert_eq!(up.calls(), 1);
     }
 
@@ -633,7 +644,7 @@ mod tests {
         let up = Scripted::default();
         up.fail_next(vec![err(503, "ServiceUnavailableException"), err(429, "ThrottlingException")]);
         let c = cache(&up, CacheSettings::default());
-        let (role, _) = c.get("tok", &pod(POD_A), "ns/p").await.unwrap();
+        let (role, _) = c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap();
         assert_eq!(role.credentials.access_key_id, "ASIA-tok-3");
         assert_eq!(up.calls(), 3);
     }
@@ -645,7 +656,7 @@ mod tests {
         let settings = CacheSettings { upstream_timeout: Duration::from_secs(5), ..Default::default() };
         let c = cache(&up, settings);
         let started = Instant::now();
-        let e = c.get("tok", &pod(POD_A), "ns/p").await.unwrap_err();
+        let e = c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap_err();
         assert_eq!(e.status, 504);
         assert!(started.elapsed() >= Duration::from_secs(5) && started.elapsed() < Duration::from_secs(6));
     }
@@ -655,11 +666,11 @@ mod tests {
         let up = Scripted::default();
         up.fail_next(vec![err(404, "ResourceNotFoundException")]);
         let c = cache(&up, CacheSettings::default());
-        assert_eq!(c.get("tok", &pod(POD_A), "ns/p").await.unwrap_err().status, 404);
-        assert_eq!(c.get("tok", &pod(POD_A), "ns/p").await.unwrap_err().code, "ResourceNotFoundException");
+        assert_eq!(c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap_err().status, 404);
+        assert_eq!(c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap_err().code, "ResourceNotFoundException");
         assert_eq!(up.calls(), 1, "negative hit");
         tokio::time::advance(Duration::from_secs(6)).await;
-        assert!(c.get("tok", &pod(POD_A), "ns/p").await.is_ok());
+        assert!(c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.is_ok());
         assert_eq!(up.calls(), 2);
     }
 
@@ -668,16 +679,16 @@ mod tests {
         let up = Scripted::default();
         up.lifetime(Duration::from_secs(20 * 60));
         let c = cache(&up, CacheSettings::default());
-        let (first, _) = c.get("tok", &pod(POD_A), "ns/p").await.unwrap();
+        let (first, _) = c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap();
         // 6 minutes on, 14 left: no longer fresh, so a refresh is tried; it fails; cached served.
         tokio::time::advance(Duration::from_secs(6 * 60)).await;
         up.fail_next(vec![err(500, "InternalServerException"); 100]);
-        let (served, outcome) = c.get("tok", &pod(POD_A), "ns/p").await.unwrap();
+        let (served, outcome) = c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap();
         assert_eq!(outcome, Outcome::Stale);
         assert_eq!(served.credentials.access_key_id, first.credentials.access_key_id);
         // Inside the last minute nothing stale is handed out.
         tokio::time::advance(Duration::from_secs(13 * 60 + 10)).await;
-        let e = c.get("tok", &pod(POD_A), "ns/p").await.unwrap_err();
+        let e = c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap_err();
         assert_eq!(e.status, 500);
     }
 
@@ -686,16 +697,16 @@ mod tests {
         let up = Scripted::default();
         let c = cache(&up, CacheSettings::default());
         let all = present(&[POD_A]);
-        c.get("tok", &pod(POD_A), "ns/p").await.unwrap();
+        c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap();
         assert_eq!(c.maintain(&all), 0, "not due yet");
         tokio::time::advance(Duration::from_secs(3 * 3600)).await;
         assert_eq!(c.maintain(&all), 1, "half-life passed");
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(up.calls(), 2);
-        let (role, outcome) = c.get("tok", &pod(POD_A), "ns/p").await.unwrap();
+        let (role, outcome) = c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap();
         assert_eq!((role.credentials.access_key_id.as_str(), outcome), ("ASIA-tok-2", Outcome::Hit));
         tokio::time::advance(Duration::from_secs(3 * 3600)).await;
-        c.get("other", &pod(POD_B), "ns/p").await.unwrap();
+        c.get("other", TokenDigest::of("other"), &pod(POD_B), "ns/p").await.unwrap();
         assert_eq!(c.maintain(&present(&[POD_A, POD_B])), 1, "tok was used after its refresh began");
         tokio::time::sleep(Duration::from_millis(10)).await;
         tokio::time::advance(Duration::from_secs(3 * 3600)).await;
@@ -710,7 +721,7 @@ mod tests {
         let up = Scripted::default();
         up.lifetime(Duration::from_secs(16 * 60));
         let c = cache(&up, CacheSettings::default());
-        c.get("tok", &pod(POD_A), "ns/p").await.unwrap();
+        c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap();
         tokio::time::advance(Duration::from_secs(59)).await;
         assert_eq!(c.maintain(&present(&[POD_A])), 1, "half-life (8 min) would be too late");
     }
@@ -719,12 +730,12 @@ mod tests {
     async fn gone_pods_lose_their_entries_and_get_no_refresh() {
         let up = Scripted::default();
         let c = cache(&up, CacheSettings::default());
-        c.get("tok-a", &pod(POD_A), "ns/p").await.unwrap();
-        c.get("tok-b", &pod(POD_B), "ns/p").await.unwrap();
+        c.get("tok-a", TokenDigest::of("tok-a"), &pod(POD_A), "ns/p").await.unwrap();
+        c.get("tok-b", TokenDigest::of("tok-b"), &pod(POD_B), "ns/p").await.unwrap();
         assert_eq!(c.maintain(&present(&[POD_B])), 0);
         assert_eq!(c.len(), 1);
         tokio::time::advance(Duration::from_secs(4 * 3600)).await;
-        c.get("tok-b", &pod(POD_B), "ns/p").await.unwrap();
+        c.get("tok-b", TokenDigest::of("tok-b"), &pod(POD_B), "ns/p").await.unwrap();
         assert_eq!(c.maintain(&present(&[POD_B])), 1, "only pod B's token refreshes");
         assert_eq!(c.stats().evicted_pod_gone.load(Ordering::Relaxed), 1);
     }
@@ -733,12 +744,12 @@ mod tests {
     async fn a_rotated_token_supersedes_the_old_one() {
         let up = Scripted::default();
         let c = cache(&up, CacheSettings::default());
-        c.get("old", &pod(POD_A), "ns/p").await.unwrap();
-        c.get("new", &pod(POD_A), "ns/p").await.unwrap();
+        c.get("old", TokenDigest::of("old"), &pod(POD_A), "ns/p").await.unwrap();
+        c.get("new", TokenDigest::of("new"), &pod(POD_A), "ns/p").await.unwrap();
         assert_eq!(c.len(), 1);
         assert_eq!(c.stats().evicted_superseded.load(Ordering::Relaxed), 1);
         tokio::time::advance(Duration::from_secs(4 * 3600)).await;
-        c.get("new", &pod(POD_A), "ns/p").await.unwrap();
+        c.get("new", TokenDigest::of("new"), &pod(POD_A), "ns/p").await.unwrap();
         assert_eq!(c.maintain(&present(&[POD_A])), 1, "only the new token is refreshed");
     }
 
@@ -754,17 +765,21 @@ mod tests {
             "00000000-0000-0000-0000-000000000004",
         ];
         for (i, p) in pods.iter().enumerate().take(3) {
-            c.get(&format!("t{i}"), &pod(p), "ns/p").await.unwrap();
+            let token = format!("t{i}");
+            c.get(&token, TokenDigest::of(&token), &pod(p), "ns/p").await.unwrap();
         }
-        c.get("t0", &pod(pods[0]), "ns/p").await.unwrap(); // t1 is now the least recently used
-        c.get("t3", &pod(pods[3]), "ns/p").await.unwrap();
+        // Uses within LRU_GRAIN of an entry's last move do not reorder it.
+        tokio::time::advance(LRU_GRAIN + Duration::from_millis(1)).await;
+        c.get("t0", TokenDigest::of("t0"), &pod(pods[0]), "ns/p").await.unwrap(); // t1 is now the least recently used
+        c.get("t3", TokenDigest::of("t3"), &pod(pods[3]), "ns/p").await.unwrap();
         assert_eq!(c.len(), 3);
         let calls = up.calls();
-        assert_eq!(c.get("t0", &pod(pods[0]), "ns/p").await.unwrap().1, Outcome::Hit);
-        assert_eq!(c.get("t1", &pod(pods[1]), "ns/p").await.unwrap().1, Outcome::Fetched);
+        assert_eq!(c.get("t0", TokenDigest::of("t0"), &pod(pods[0]), "ns/p").await.unwrap().1, Outcome::Hit);
+        assert_eq!(c.get("t1", TokenDigest::of("t1"), &pod(pods[1]), "ns/p").await.unwrap().1, Outcome::Fetched);
         assert_eq!(up.calls(), calls + 1);
         for i in 0..1000 {
-            let _ = c.get(&format!("flood-{i}"), &pod(pods[3]), "ns/p").await;
+            let token = format!("flood-{i}");
+            let _ = c.get(&token, TokenDigest::of(&token), &pod(pods[3]), "ns/p").await;
         }
         assert!(c.len() <= 3);
     }
@@ -775,7 +790,8 @@ mod tests {
         let c = cache(&up, CacheSettings { pod_upstream_qps: 0.2, pod_upstream_burst: 5, ..Default::default() });
         let mut refused = 0;
         for i in 0..100 {
-            match c.get(&format!("flood-{i}"), &pod(POD_A), "ns/p").await {
+            let token = format!("flood-{i}");
+            match c.get(&token, TokenDigest::of(&token), &pod(POD_A), "ns/p").await {
                 Err(e) => {
                     assert_eq!((e.status, e.code.as_str()), (429, "PodUpstreamBudgetExhausted"));
                     refused += 1;
@@ -785,9 +801,9 @@ mod tests {
         }
         assert_eq!((up.calls(), refused), (5, 95), "the burst, then nothing");
         // Another pod is unaffected; the flooding pod gets one more call after 5 s.
-        assert!(c.get("other", &pod(POD_B), "ns/q").await.is_ok());
+        assert!(c.get("other", TokenDigest::of("other"), &pod(POD_B), "ns/q").await.is_ok());
         tokio::time::advance(Duration::from_secs(5)).await;
-        assert!(c.get("flood-again", &pod(POD_A), "ns/p").await.is_ok());
+        assert!(c.get("flood-again", TokenDigest::of("flood-again"), &pod(POD_A), "ns/p").await.is_ok());
     }
 
     #[tokio::test(start_paused = true)]
@@ -795,7 +811,7 @@ mod tests {
         let up = Scripted::default();
         up.lifetime(Duration::from_secs(20 * 60));
         let c = cache(&up, CacheSettings::default());
-        c.get("tok", &pod(POD_A), "ns/p").await.unwrap();
+        c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap();
         tokio::time::advance(Duration::from_secs(21 * 60)).await;
         c.maintain(&present(&[POD_A]));
         assert_eq!(c.len(), 0);

@@ -10,13 +10,8 @@ use std::{
 };
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{Histogram, exponential_buckets},
-    },
+    encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet},
+    metrics::{MetricType, TypedMetric, counter::Counter, family::Family, gauge::Gauge},
     registry::{Registry, Unit},
 };
 
@@ -75,9 +70,12 @@ pub struct Live<'a> {
 pub struct Metrics {
     registry: Registry,
     requests: Family<CodeLabels, Counter>,
-    request_duration: Histogram,
+    /// The counters of the statuses the endpoint answers, resolved once: counting a response
+    /// touches no lock.
+    requests_by_status: [(u16, Counter); 10],
+    request_duration: AtomicHistogram,
     refused: Family<ReasonLabels, Counter>,
-    upstream_duration: Histogram,
+    upstream_duration: AtomicHistogram,
     upstream_errors: Family<ErrorCodeLabels, Counter>,
     upstream_budget_waits: Counter,
     upstream_budget_wait_seconds: Counter<f64>,
@@ -110,7 +108,9 @@ impl Metrics {
         let mut r = Registry::default();
         let requests = Family::<CodeLabels, Counter>::default();
         r.register("pod_identity_agent_requests", "Credential endpoint responses by HTTP status code", requests.clone());
-        let request_duration = Histogram::new(exponential_buckets(0.0001, 2.5, 14));
+        let requests_by_status = [200u16, 400, 403, 404, 405, 429, 500, 502, 503, 504]
+            .map(|code| (code, requests.get_or_create_owned(&CodeLabels { code })));
+        let request_duration = AtomicHistogram::exponential(0.0001, 2.5, 14);
         r.register_with_unit(
             "pod_identity_agent_request_duration",
             "Time from request to response on the credential endpoint",
@@ -123,7 +123,7 @@ impl Metrics {
             "Requests answered with an error, by reason: not_redirected, cgroup_unknown, not_a_pod (attribution); host_not_allowed; token_invalid, token_pod_mismatch (token binding); pod_rate_limited; upstream_error",
             refused.clone(),
         );
-        let upstream_duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
+        let upstream_duration = AtomicHistogram::exponential(0.005, 2.0, 12);
         r.register_with_unit(
             "pod_identity_agent_upstream_call_duration",
             "Duration of each HTTP request to EKS Auth",
@@ -215,6 +215,7 @@ impl Metrics {
         Arc::new(Metrics {
             registry: r,
             requests,
+            requests_by_status,
             request_duration,
             refused,
             upstream_duration,
@@ -246,8 +247,11 @@ impl Metrics {
 
     /// One response of the credential endpoint; `pod` is (namespace, name) when known.
     pub fn observe_request(&self, code: u16, elapsed: Duration, refused: Option<&'static str>, pod: Option<(&str, &str)>) {
-        self.requests.get_or_create(&CodeLabels { code }).inc();
-        self.request_duration.observe(elapsed.as_secs_f64());
+        match self.requests_by_status.iter().find(|(c, _)| *c == code) {
+            Some((_, counter)) => counter.inc(),
+            None => self.requests.get_or_create(&CodeLabels { code }).inc(),
+        };
+        self.request_duration.observe(elapsed);
         if let Some(reason) = refused {
             self.refused.get_or_create(&ReasonLabels { reason }).inc();
         }
@@ -267,7 +271,7 @@ impl Metrics {
 
     /// One HTTP request to EKS Auth; `error` is its error code when it failed.
     pub fn observe_upstream(&self, elapsed: Duration, error: Option<&str>) {
-        self.upstream_duration.observe(elapsed.as_secs_f64());
+        self.upstream_duration.observe(elapsed);
         if let Some(code) = error {
             self.upstream_errors.get_or_create(&ErrorCodeLabels { code: code.to_owned() }).inc();
         }
@@ -346,5 +350,61 @@ impl Metrics {
         {
             self.process.max_fds.set(max as i64);
         }
+    }
+}
+
+/// A histogram of durations whose observations are atomic adds: no lock is shared by the
+/// requests that observe it (prometheus-client's own histogram takes a write lock per
+/// observation). Encoded like any OpenMetrics histogram.
+#[derive(Clone, Debug)]
+pub struct AtomicHistogram(Arc<HistogramCells>);
+
+#[derive(Debug)]
+struct HistogramCells {
+    /// Upper bounds in nanoseconds, increasing; the last is `u64::MAX` (+Inf).
+    bounds: Vec<u64>,
+    /// Observations per bucket (not cumulative).
+    counts: Vec<std::sync::atomic::AtomicU64>,
+    sum_nanos: std::sync::atomic::AtomicU64,
+}
+
+impl AtomicHistogram {
+    /// `count` buckets from `start` seconds, each `factor` times the one before, and +Inf.
+    pub fn exponential(start: f64, factor: f64, count: u16) -> AtomicHistogram {
+        let mut bounds: Vec<u64> = (0..i32::from(count)).map(|i| (start * factor.powi(i) * 1e9) as u64).collect();
+        bounds.push(u64::MAX);
+        let counts = bounds.iter().map(|_| std::sync::atomic::AtomicU64::new(0)).collect();
+        AtomicHistogram(Arc::new(HistogramCells { bounds, counts, sum_nanos: std::sync::atomic::AtomicU64::new(0) }))
+    }
+
+    pub fn observe(&self, elapsed: Duration) {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        let cells = &self.0;
+        let bucket = cells.bounds.partition_point(|bound| *bound < nanos);
+        cells.counts[bucket.min(cells.counts.len() - 1)].fetch_add(1, Ordering::Relaxed);
+        cells.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for AtomicHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for AtomicHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let cells = &self.0;
+        let buckets: Vec<(f64, u64)> = cells
+            .bounds
+            .iter()
+            .zip(&cells.counts)
+            .map(|(bound, count)| (if *bound == u64::MAX { f64::MAX } else { *bound as f64 / 1e9 }, count.load(Ordering::Relaxed)))
+            .collect();
+        let count = buckets.iter().map(|(_, c)| c).sum();
+        let sum = cells.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
     }
 }

@@ -5,7 +5,7 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::{
-        Mutex,
+        Arc, Mutex, RwLock,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
@@ -114,23 +114,26 @@ impl Drop for WaitingGuard<'_> {
     }
 }
 
-/// One request bucket per pod, so one noisy pod cannot starve the others.
+/// One request bucket per pod, so one noisy pod cannot starve the others. Each bucket has its
+/// own lock: a connection finds its pod's bucket once, and its requests touch nothing shared.
 pub struct PodRateLimits {
     rate: f64,
     burst: f64,
-    buckets: Mutex<HashMap<PodUid, Bucket>>,
+    buckets: RwLock<HashMap<PodUid, Arc<PodBucket>>>,
 }
 
-impl PodRateLimits {
-    pub fn new(rps: f64, burst: u32) -> PodRateLimits {
-        PodRateLimits { rate: rps.max(0.001), burst: f64::from(burst.max(1)), buckets: Mutex::new(HashMap::new()) }
-    }
+/// One pod's request bucket.
+pub struct PodBucket {
+    rate: f64,
+    burst: f64,
+    bucket: Mutex<Bucket>,
+}
 
-    /// Takes a token for `pod`; false when the pod is over its limit.
-    pub fn allow(&self, pod: &PodUid) -> bool {
+impl PodBucket {
+    /// Takes a token; false when the pod is over its limit.
+    pub fn allow(&self) -> bool {
         let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        let bucket = buckets.entry(pod.clone()).or_insert_with(|| Bucket::full(self.burst, now));
+        let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
         bucket.refill(self.rate, self.burst, now);
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
@@ -139,15 +142,40 @@ impl PodRateLimits {
             false
         }
     }
+}
+
+impl PodRateLimits {
+    pub fn new(rps: f64, burst: u32) -> PodRateLimits {
+        PodRateLimits { rate: rps.max(0.001), burst: f64::from(burst.max(1)), buckets: RwLock::new(HashMap::new()) }
+    }
+
+    /// The pod's bucket, created full on first use.
+    pub fn bucket(&self, pod: &PodUid) -> Arc<PodBucket> {
+        if let Some(b) = self.buckets.read().unwrap_or_else(|e| e.into_inner()).get(pod) {
+            return b.clone();
+        }
+        let (rate, burst) = (self.rate, self.burst);
+        self.buckets
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(pod.clone())
+            .or_insert_with(|| Arc::new(PodBucket { rate, burst, bucket: Mutex::new(Bucket::full(burst, Instant::now())) }))
+            .clone()
+    }
+
+    /// Takes a token for `pod`; false when the pod is over its limit.
+    pub fn allow(&self, pod: &PodUid) -> bool {
+        self.bucket(pod).allow()
+    }
 
     /// Forgets pods that no longer exist.
     pub fn retain(&self, present: &HashSet<PodUid>) {
-        self.buckets.lock().unwrap_or_else(|e| e.into_inner()).retain(|pod, _| present.contains(pod));
+        self.buckets.write().unwrap_or_else(|e| e.into_inner()).retain(|pod, _| present.contains(pod));
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.buckets.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.buckets.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 

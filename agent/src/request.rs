@@ -86,6 +86,12 @@ pub fn token(headers: &HeaderMap, now: u64) -> Result<(&str, TokenClaims), Refus
     Ok((raw.trim(), claims))
 }
 
+/// Whether the request presents `token` (as [`token`] returned it): a byte comparison, the
+/// check a connection's remembered token needs before its claims are reused.
+pub fn same_token(headers: &HeaderMap, token: &str) -> bool {
+    headers.get(header::AUTHORIZATION).is_some_and(|value| value.as_bytes().trim_ascii() == token.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +111,8 @@ mod tests {
         h.insert(header::HOST, "169.254.170.23".parse().unwrap());
         assert!(check_host(&h, &allowed).is_ok());
         assert_eq!(token(&h, 0).unwrap_err().reason, "token_invalid");
+        h.insert(header::AUTHORIZATION, http::HeaderValue::from_static(" a.b.c "));
+        assert!(same_token(&h, "a.b.c") && !same_token(&h, "a.b.d"));
         h.insert(header::AUTHORIZATION, http::HeaderValue::from_bytes(b"\xff").unwrap());
         assert!(token(&h, 0).unwrap_err().message.contains("not valid text"));
     }

@@ -2,14 +2,15 @@
 //!
 //! Each accepted connection is attributed once, right after `accept()`, from the record the
 //! kernel programs left for its 4-tuple; every request on it is then checked against that record.
+//! The pod's statistics and rate bucket are found at accept too, and each connection remembers
+//! the last token it presented (its claims, digest and binding), so a keep-alive client pays
+//! for decoding and hashing once per token: a cached request touches no lock shared with other
+//! pods' requests but the cache's own.
 
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -26,11 +27,12 @@ use crate::{
     attribution::{Caller, CgroupIndex},
     cache::{CredentialCache, Outcome},
     connlimit::{ConnectionLimits, Permit},
+    credentials::TokenDigest,
     kernel::Redirector,
     metrics::Metrics,
-    ratelimit::PodRateLimits,
+    ratelimit::{PodBucket, PodRateLimits},
     request::{self, Refusal, Route},
-    stats::{Identity, PodStatsRegistry, RequestClass, RequestRecord, Served},
+    stats::{Identity, PodEntry, PodStatsRegistry, RequestClass, RequestRecord, Served},
     token::{PodUid, TokenClaims},
     upstream::{AssumedRole, EksAuth},
 };
@@ -56,22 +58,53 @@ pub struct CredentialServer {
 struct Connection {
     peer: SocketAddr,
     attribution: Option<Attribution>,
-    /// The attributed pod, or why there is none (eBPF mode); None in link mode.
-    caller: Option<Result<PodUid, Refusal>>,
-    /// Whether this connection was counted in its pod's kernel-redirect statistics.
-    counted: AtomicBool,
+    /// The attributed pod, or why there is none (eBPF mode); `None` in link mode.
+    caller: Option<Result<Pod, Refusal>>,
+    /// What the previous request on this connection left to reuse. Only this connection's own
+    /// requests, which come one after another, take the lock.
+    memo: Mutex<Memo>,
     /// Its place under the connection limits, released when the connection ends.
     _permit: Permit,
+}
+
+/// A pod and its per-pod state, found once.
+#[derive(Clone)]
+struct Pod {
+    uid: PodUid,
+    stats: Arc<PodEntry>,
+    bucket: Arc<PodBucket>,
+}
+
+#[derive(Default)]
+struct Memo {
+    /// The last token presented on this connection and bound to its caller.
+    token: Option<Arc<BoundToken>>,
+    /// The credentials last served on it: their role goes to the pod's statistics once.
+    served: Option<Arc<AssumedRole>>,
+}
+
+/// A token whose claims, digest and binding are known.
+struct BoundToken {
+    /// The Authorization header's value as sent (trimmed): the memo's key.
+    raw: Box<str>,
+    claims: TokenClaims,
+    digest: TokenDigest,
+    /// `namespace/pod`, for logs.
+    label: Box<str>,
 }
 
 /// What one request revealed, for statistics and metrics.
 #[derive(Default)]
 struct RequestFacts {
-    /// The pod the kernel attributed the caller to.
-    pod: Option<PodUid>,
-    /// The token's claims, once bound to that pod.
-    claims: Option<TokenClaims>,
+    /// The pod the caller was attributed to (or, in link mode, its token names).
+    pod: Option<Pod>,
+    /// The token, once bound to that pod.
+    token: Option<Arc<BoundToken>>,
+    /// Whether the token is new on this connection (its identity goes to the statistics).
+    new_token: bool,
     served: Option<(Arc<AssumedRole>, Outcome)>,
+    /// Whether the served credentials are new on this connection.
+    new_role: bool,
     /// EKS Auth's error code, when it refused.
     upstream_code: Option<String>,
 }
@@ -120,8 +153,8 @@ impl CredentialServer {
                 (Some(_), Err(_)) => (None, Some(self.caller(None, accepted_at))),
                 (None, _) => (None, None),
             };
-            let pod = caller.as_ref().and_then(|c| c.as_ref().ok());
-            let permit = match self.connection_limits.admit(pod) {
+            let uid = caller.as_ref().and_then(|c| c.as_ref().ok());
+            let permit = match self.connection_limits.admit(uid) {
                 Ok(permit) => permit,
                 Err(rejected) => {
                     // Closed before a byte is read: the cheapest answer to a connection flood.
@@ -130,7 +163,11 @@ impl CredentialServer {
                 }
             };
             let _ = stream.set_nodelay(true);
-            let conn = Arc::new(Connection { peer, attribution, caller, counted: AtomicBool::new(false), _permit: permit });
+            let caller = caller.map(|c| c.map(|uid| self.pod(uid)));
+            if let Some(Ok(pod)) = &caller {
+                pod.stats.connection();
+            }
+            let conn = Arc::new(Connection { peer, attribution, caller, memo: Mutex::default(), _permit: permit });
             let server = self.clone();
             let service = hyper::service::service_fn(move |req| {
                 let server = server.clone();
@@ -159,6 +196,7 @@ impl CredentialServer {
         let mut facts = RequestFacts::default();
         let result = self.credentials(conn, &req, &mut facts).await;
         let latency = started.elapsed();
+        let claims = facts.token.as_ref().map(|t| &t.claims);
         let error = result.as_ref().err().map(|r| (r.status.as_u16(), facts.upstream_code.as_deref().unwrap_or(r.reason)));
         let (response, refusal) = match result {
             Ok(response) => (response, None),
@@ -166,8 +204,8 @@ impl CredentialServer {
                 info!(
                     peer = %conn.peer,
                     cgroup_id = conn.attribution.map(|a| a.cgroup_id),
-                    namespace = facts.claims.as_ref().map(|c| c.namespace.as_str()),
-                    pod = facts.claims.as_ref().map(|c| c.pod_name.as_str()),
+                    namespace = claims.map(|c| c.namespace.as_str()),
+                    pod = claims.map(|c| c.pod_name.as_str()),
                     status = refusal.status.as_u16(),
                     reason = refusal.reason,
                     latency_ms = latency.as_millis() as u64,
@@ -179,29 +217,25 @@ impl CredentialServer {
             }
         };
         let status = response.status().as_u16();
-        let named = facts.claims.as_ref().map(|c| (c.namespace.as_str(), c.pod_name.as_str()));
+        let named = claims.map(|c| (c.namespace.as_str(), c.pod_name.as_str()));
         self.metrics.observe_request(status, latency, refusal.map(|(reason, _)| reason), named);
         if let Some(pod) = &facts.pod {
-            self.stats.request(
-                pod,
-                RequestRecord {
-                    class: refusal.map_or(RequestClass::Ok, |(_, class)| class),
-                    latency,
-                    identity: facts.claims.as_ref().map(|c| Identity {
-                        namespace: &c.namespace,
-                        pod: &c.pod_name,
-                        service_account: &c.service_account,
-                    }),
-                    served: facts.served.as_ref().map(|(role, outcome)| Served {
-                        role_arn: &role.role_arn,
-                        association_id: &role.association_id,
-                        expiration: role.credentials.expiration,
-                        cache_hit: matches!(outcome, Outcome::Hit | Outcome::Stale),
-                        upstream_call: *outcome == Outcome::Fetched,
-                    }),
-                    error,
-                },
-            );
+            pod.stats.request(RequestRecord {
+                class: refusal.map_or(RequestClass::Ok, |(_, class)| class),
+                latency,
+                identity: claims.filter(|_| facts.new_token).map(|c| Identity {
+                    namespace: &c.namespace,
+                    pod: &c.pod_name,
+                    service_account: &c.service_account,
+                }),
+                served: facts.served.as_ref().map(|(role, outcome)| Served {
+                    role: facts.new_role.then_some((role.role_arn.as_str(), role.association_id.as_str())),
+                    expiration: role.credentials.expiration,
+                    cache_hit: matches!(outcome, Outcome::Hit | Outcome::Stale),
+                    upstream_call: *outcome == Outcome::Fetched,
+                }),
+                error,
+            });
         }
         response
     }
@@ -213,50 +247,62 @@ impl CredentialServer {
         facts: &mut RequestFacts,
     ) -> Result<Response<Full<Bytes>>, Refusal> {
         // In link mode nothing attributes the caller: the pod is whatever the token says.
-        let pod = match &conn.caller {
+        let attributed = match &conn.caller {
             Some(Ok(pod)) => Some(pod.clone()),
             Some(Err(refusal)) => return Err(refusal.clone()),
             None => None,
         };
-        if let Some(pod) = &pod {
-            if !conn.counted.swap(true, Ordering::Relaxed) {
-                self.stats.connection(pod);
-            }
-            facts.pod = Some(pod.clone());
-        }
+        facts.pod = attributed.clone();
 
         request::check_host(req.headers(), &self.allowed_hosts)?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-        let (raw_token, claims) = request::token(req.headers(), now)?;
-        let pod = match pod {
-            // The token must name the pod the kernel says is calling.
-            Some(pod) if claims.pod_uid != pod => {
-                return Err(Refusal::new(
-                    StatusCode::FORBIDDEN,
-                    "token_pod_mismatch",
-                    format!(
-                        "token belongs to pod {}/{} (uid {}), but the caller is pod uid {pod}",
-                        claims.namespace, claims.pod_name, claims.pod_uid
-                    ),
-                ));
-            }
-            Some(pod) => pod,
+        let remembered = conn.memo.lock().unwrap_or_else(|e| e.into_inner()).token.clone();
+        let token = match remembered.filter(|t| t.claims.expires_at > now && request::same_token(req.headers(), &t.raw)) {
+            Some(token) => token,
             None => {
-                facts.pod = Some(claims.pod_uid.clone());
-                claims.pod_uid.clone()
+                let (raw, claims) = request::token(req.headers(), now)?;
+                // The token must name the pod the kernel says is calling.
+                if let Some(pod) = &attributed
+                    && claims.pod_uid != pod.uid
+                {
+                    return Err(Refusal::new(
+                        StatusCode::FORBIDDEN,
+                        "token_pod_mismatch",
+                        format!(
+                            "token belongs to pod {}/{} (uid {}), but the caller is pod uid {}",
+                            claims.namespace, claims.pod_name, claims.pod_uid, pod.uid
+                        ),
+                    ));
+                }
+                let token = Arc::new(BoundToken {
+                    digest: TokenDigest::of(raw),
+                    label: format!("{}/{}", claims.namespace, claims.pod_name).into_boxed_str(),
+                    raw: Box::from(raw),
+                    claims,
+                });
+                conn.memo.lock().unwrap_or_else(|e| e.into_inner()).token = Some(token.clone());
+                facts.new_token = true;
+                token
             }
         };
-        let claims = facts.claims.insert(claims);
-        if !self.pod_limits.allow(&pod) {
+        facts.token = Some(token.clone());
+        let pod = match attributed {
+            Some(pod) => pod,
+            None => {
+                let pod = self.pod(token.claims.pod_uid.clone());
+                facts.pod = Some(pod.clone());
+                pod
+            }
+        };
+        if !pod.bucket.allow() {
             return Err(Refusal::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "pod_rate_limited",
-                format!("pod {}/{} exceeded its request rate limit (--pod-rps, --pod-burst); retry shortly", claims.namespace, claims.pod_name),
+                format!("pod {} exceeded its request rate limit (--pod-rps, --pod-burst); retry shortly", token.label),
             ));
         }
 
-        let label = format!("{}/{}", claims.namespace, claims.pod_name);
-        let (role, outcome) = match self.cache.get(raw_token, &pod, &label).await {
+        let (role, outcome) = match self.cache.get(&token.raw, token.digest, &pod.uid, &token.label).await {
             Ok(found) => found,
             Err(e) => {
                 let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -266,20 +312,32 @@ impl CredentialServer {
             }
         };
         debug!(
-            namespace = %claims.namespace,
-            pod = %claims.pod_name,
-            pod_uid = %claims.pod_uid,
+            namespace = %token.claims.namespace,
+            pod = %token.claims.pod_name,
+            pod_uid = %token.claims.pod_uid,
             pid = conn.attribution.map(|a| a.pid_tgid >> 32),
             outcome = ?outcome,
             "served credentials"
         );
         let body = role.body();
+        {
+            let mut memo = conn.memo.lock().unwrap_or_else(|e| e.into_inner());
+            facts.new_role = !memo.served.as_ref().is_some_and(|last| Arc::ptr_eq(last, &role));
+            if facts.new_role {
+                memo.served = Some(role.clone());
+            }
+        }
         facts.served = Some((role, outcome));
         Ok(Response::builder()
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(body))
             .expect("static response parts are valid"))
+    }
+
+    /// A pod's per-pod state, created on first sight.
+    fn pod(&self, uid: PodUid) -> Pod {
+        Pod { stats: self.stats.entry(&uid), bucket: self.pod_limits.bucket(&uid), uid }
     }
 
     /// The pod the kernel attributed a connection to, or why there is none.

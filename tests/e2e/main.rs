@@ -72,13 +72,20 @@ fn assert_credentials(body: &str, namespace: &str, sa: &str) {
 fn curl_in_pod_gets_its_credentials() {
     let s = Setup::new();
     let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
-    let r = pod.curl(V4_URL, &pod.token());
-    assert_eq!(r.status, 200, "{}\n{}", r.body, s.agent.log());
-    assert_credentials(&r.body, "payments", "api");
+    let token = pod.token();
+    for url in [V4_URL, V6_URL] {
+        let r = pod.curl(url, &token);
+        assert_eq!(r.status, 200, "{url}: {}\n{}", r.body, s.agent.log());
+        assert_credentials(&r.body, "payments", "api");
+    }
     let calls = s.fake.calls();
-    assert_eq!(calls.len(), 1);
+    assert_eq!(calls.len(), 1, "the second request is a cache hit");
     assert_eq!(calls[0].pod_uid, pod.uid);
     assert_eq!(calls[0].cluster, pod_identity_e2e::CLUSTER);
+    let m = s.agent.metrics();
+    for family in ["ipv4", "ipv6"] {
+        assert_eq!(metric(&m, &format!("pod_identity_agent_kernel_redirected_connects_total{{family=\"{family}\"}}")), 1.0, "{m}");
+    }
 }
 
 #[test]
@@ -236,9 +243,13 @@ fn agents_own_cgroup_is_not_redirected() {
     // Something really listening on the credential address inside the pod's namespace: a
     // connect that is not redirected reaches it.
     pod_identity_e2e::node::sh("ip", &["-n", &pod.netns, "addr", "add", "169.254.170.23/32", "dev", "lo"]);
+    let body = std::env::temp_dir().join(format!("{}-direct", s.node.netns));
+    std::fs::write(&body, "direct").unwrap();
+    let server_bin = pod_identity_e2e::agent::binary().with_file_name("baseline-server");
     let mut server = pod
-        .command("python3")
-        .args(["-c", DIRECT_SERVER])
+        .command(server_bin.to_str().unwrap())
+        .args(["--listen", "169.254.170.23:80", "--body-file"])
+        .arg(&body)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -263,22 +274,11 @@ fn agents_own_cgroup_is_not_redirected() {
     assert_credentials(&r.body, "payments", "api");
     let _ = server.kill();
     let _ = server.wait();
+    let _ = std::fs::remove_file(&body);
 }
 
 /// Answers "direct" on the credential address itself. Plain sockets: http.server would first do a
 /// reverse DNS lookup, which has nowhere to go inside a simulated pod.
-const DIRECT_SERVER: &str = r#"
-import socket
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("169.254.170.23", 80))
-s.listen()
-while True:
-    c, _ = s.accept()
-    c.recv(65536)
-    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\ndirect")
-    c.close()
-"#;
 
 #[test]
 fn sigterm_exits_zero_and_leaves_nothing_attached() {

@@ -30,7 +30,19 @@ pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 pub const BPF_CGROUP_INET6_CONNECT: u32 = 11;
 pub const BPF_F_ALLOW_MULTI: u32 = 2;
 
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK (64 KiB by default): lift it once for
+/// this process, as the agent does for itself.
+fn lift_memlock() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+        // SAFETY: setrlimit with a valid struct; failure leaves the limit as it was.
+        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+    });
+}
+
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
+    lift_memlock();
     // SAFETY: `attr` is a valid, zero-padded bpf_attr prefix for `cmd` that outlives the call.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }

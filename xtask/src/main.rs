@@ -8,6 +8,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+mod vm;
+
 const APT_PACKAGES: &[&str] = &[
     // bpf-linker links the kernel programs with LLVM 22.
     "llvm-22-dev",
@@ -42,9 +44,10 @@ fn main() -> ExitCode {
         Some("bench") => setup().and_then(|()| bench()),
         Some("fuzz") => setup().and_then(|()| fuzz(number_after(&args, "--seconds").unwrap_or(60.0))),
         Some("soak") => setup().and_then(|()| build()).and_then(|()| soak(number_after(&args, "--minutes").unwrap_or(10.0))),
+        Some("matrix") => setup().and_then(|()| build()).and_then(|()| matrix(value_after(&args, "--kernel"))),
         _ => {
             eprintln!(
-                "usage: cargo xtask <command>\n\n  setup   install what the build and tests need (idempotent)\n  build   setup, then build the agent\n  test    setup, build, run unit and end-to-end tests (root)\n  demo    setup, build, simulated pods get credentials through the eBPF redirect (root)\n  bench   setup, release build, every performance scenario against its baseline (root)"
+                "usage: cargo xtask <command>\n\n  setup   install what the build and tests need (idempotent)\n  build   setup, then build the agent\n  test    setup, build, run unit and end-to-end tests (root)\n  demo    setup, build, simulated pods get credentials through the eBPF redirect (root)\n  bench   setup, release build, every performance scenario against its baseline (root)\n  matrix  setup, build, the kernel-facing end-to-end tests inside VMs of 5.10, 6.1 and 6.12 [--kernel SERIES] (root)"
             );
             return ExitCode::from(2);
         }
@@ -59,8 +62,11 @@ fn main() -> ExitCode {
 }
 
 fn number_after(args: &[String], flag: &str) -> Option<f64> {
-    let value = args.iter().skip_while(|a| *a != flag).nth(1)?;
-    value.parse().ok()
+    value_after(args, flag)?.parse().ok()
+}
+
+fn value_after<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.iter().skip_while(|a| *a != flag).nth(1).map(String::as_str)
 }
 
 fn workspace_root() -> PathBuf {
@@ -88,9 +94,9 @@ fn is_root() -> bool {
     output(Command::new("id").arg("-u")).trim() == "0"
 }
 
-/// Installs only what is missing: Debian packages, rust-src for nightly, bpf-linker, pip packages.
-fn setup() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+/// Installs the Debian packages of `packages` that are missing (without recommends).
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p])).contains("install ok installed"))
@@ -102,6 +108,14 @@ fn setup() -> anyhow::Result<()> {
         run(Command::new("apt-get").args(["update", "-qq"]))?;
         run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
+    Ok(())
+}
+
+/// Installs only what is missing: Debian packages, rust-src for nightly, bpf-linker, pip packages,
+/// the VM tooling of the kernel matrix.
+fn setup() -> anyhow::Result<()> {
+    apt_install(APT_PACKAGES)?;
+    vm::setup()?;
 
     if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
         run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))
@@ -143,9 +157,12 @@ fn cargo() -> Command {
     cmd
 }
 
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+}
+
 fn agent_binary() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
-    target.join("debug").join("pod-identity-agent")
+    target_dir().join("debug").join("pod-identity-agent")
 }
 
 /// Every cargo invocation names the same packages, so features resolve the same way each time
@@ -169,7 +186,36 @@ fn test() -> anyhow::Result<()> {
         bail!("the end-to-end tests create network namespaces, cgroups and BPF programs: run `cargo xtask test` as root");
     }
     soak(TEST_SOAK_MINUTES)?;
-    run(cargo().arg("test").args(PACKAGES).args(["--test", "e2e", "--", "--test-threads", "4"]).env("PIA_AGENT_BIN", agent_binary()))
+    run(cargo().arg("test").args(PACKAGES).args(["--test", "e2e", "--", "--test-threads", "4"]).env("PIA_AGENT_BIN", agent_binary()))?;
+    matrix(None)
+}
+
+/// The kernel-facing end-to-end tests on every kernel of the matrix (or one `series`).
+fn matrix(series: Option<&str>) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the kernel matrix boots VMs that create namespaces, cgroups and BPF programs: run it as root");
+    }
+    let e2e = e2e_binary()?;
+    match series {
+        None => vm::run_matrix(&e2e, &agent_binary()).map(drop),
+        Some(series) => {
+            let kernel = vm::KERNELS.iter().find(|k| k.series == series).with_context(|| format!("no kernel {series} in the matrix"))?;
+            let outcome = vm::run_matrix_on(kernel, &e2e, &agent_binary())?;
+            eprintln!("xtask: {}: {} passed, {} failed in {:.0}s", outcome.version, outcome.passed.len(), outcome.failed.len(), outcome.took.as_secs_f64());
+            if outcome.failed.is_empty() { Ok(()) } else { bail!("failed on {}: {:?}", outcome.version, outcome.failed) }
+        }
+    }
+}
+
+/// The end-to-end test executable, built with the shared package set.
+fn e2e_binary() -> anyhow::Result<PathBuf> {
+    let out = cargo().arg("test").args(PACKAGES).args(["--test", "e2e", "--no-run", "--message-format=json"]).stderr(std::process::Stdio::inherit()).output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .filter(|l| l.contains("\"name\":\"e2e\"") && l.contains("\"test\":true"))
+        .find_map(|l| l.split("\"executable\":\"").nth(1)?.split('"').next().map(PathBuf::from))
+        .context("cargo did not report the e2e test executable")
 }
 
 /// Release build, nginx for the static-file baseline, then every scenario of `tests/src/bin/bench.rs`.

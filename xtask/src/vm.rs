@@ -1,0 +1,310 @@
+//! The kernel matrix: the end-to-end tests that touch the kernel, run inside QEMU VMs booted with
+//! Debian's builds of the kernels EKS nodes run (5.10 for Amazon Linux 2, 6.1 and 6.12 for
+//! Amazon Linux 2023 and Bottlerocket).
+//!
+//! How, as measured on this machine kind:
+//! * Kernels come from Debian's archive through a private apt configuration (its own sources
+//!   list, lists and cache under `target/vm/apt`), so the machine's apt state is untouched. They
+//!   are unpacked under `target/vm/kernels` and kept there.
+//! * virtme-ng boots each one with the host's root filesystem shared read-only over 9p, so the
+//!   binaries built on the host run unchanged inside. KVM fails on this machine kind (`failed to
+//!   set MSR 0x10a`), so QEMU emulates (TCG). virtme-ng needs the host's `udev` to reach the
+//!   guest's console ports; without it no output or exit status comes back.
+//! * Build once on the host, boot once per kernel, run the tests in one go inside, one VM at a
+//!   time (two at once are slower than one after the other on two cores).
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{output, run, succeeds};
+
+/// The kernels of the matrix: what EKS nodes run, as Debian builds them.
+pub const KERNELS: &[Kernel] = &[
+    Kernel { series: "5.10", distributions: "Amazon Linux 2", package: Pattern::Exact("linux-image-5.10.0-32-amd64-unsigned") },
+    Kernel { series: "6.1", distributions: "Amazon Linux 2023, Bottlerocket", package: Pattern::Newest("linux-image-6.1.0-", "-amd64-unsigned") },
+    Kernel { series: "6.12", distributions: "Amazon Linux 2023, Bottlerocket", package: Pattern::Newest("linux-image-6.12.", "+deb12-amd64-unsigned") },
+];
+
+/// The end-to-end tests that run on every kernel: each redirect family (curl over IPv4 and IPv6,
+/// v4-mapped), attribution for every cgroup shape, every refusal the kernel decides, hostNetwork,
+/// a real SDK (boto3), SIGTERM detach, link mode and the auto fallback, least privilege, the
+/// neighbours (which also hand pinned programs over between agents), and the doctor's dry run.
+pub const TESTS: &[&str] = &[
+    "curl_in_pod_gets_its_credentials",
+    "boto3_resolves_credentials_over_ipv4_link_local",
+    "v4_mapped_address_on_a_dual_stack_socket_is_redirected",
+    "every_cgroup_shape_is_attributed_to_its_pod",
+    "host_network_pod_gets_credentials",
+    "token_of_another_pod_is_refused",
+    "process_outside_any_pod_is_refused",
+    "direct_connection_to_the_listener_is_refused",
+    "agents_own_cgroup_is_not_redirected",
+    "sigterm_exits_zero_and_leaves_nothing_attached",
+    "attach_failure_is_a_clear_error",
+    "deploy_modes::link_mode_serves_pods_with_token_only_checks",
+    "deploy_modes::auto_mode_falls_back_to_link_mode_when_attach_is_impossible",
+    "deploy_modes::the_listed_capabilities_are_enough_as_non_root",
+    "neighbours::a_neighbour_attached_as_a_link_and_the_agent_both_redirect",
+    "neighbours::a_neighbour_attached_with_allow_multi_and_the_agent_both_redirect",
+    "neighbours::an_exclusive_neighbour_is_never_displaced_and_is_named",
+    "operator_tools::doctor_passes_every_check_on_a_healthy_node",
+];
+
+pub struct Kernel {
+    pub series: &'static str,
+    pub distributions: &'static str,
+    package: Pattern,
+}
+
+/// Which Debian package holds a kernel.
+enum Pattern {
+    Exact(&'static str),
+    /// The newest package named `prefix<version>suffix`.
+    Newest(&'static str, &'static str),
+}
+
+/// virtme-ng, pinned: the version these steps were measured with.
+const VIRTME_NG: &str = "virtme-ng==1.42";
+/// Host packages the VMs need (qemu without recommends: a backported qemu-utils conflicts).
+const VM_PACKAGES: &[&str] = &["qemu-system-x86", "kmod", "busybox-static", "udev", "python3-venv"];
+const SOURCES: &str = "\
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bullseye main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bullseye-security main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-backports main
+";
+/// Time one VM may take, boot and tests included (5.10 under TCG is the slowest).
+const VM_TIMEOUT: Duration = Duration::from_secs(25 * 60);
+
+/// One kernel's result.
+pub struct Outcome {
+    pub series: &'static str,
+    pub version: String,
+    pub passed: Vec<String>,
+    pub failed: Vec<String>,
+    pub took: Duration,
+}
+
+fn vm_dir() -> PathBuf {
+    crate::target_dir().join("vm")
+}
+
+/// Installs what the VMs need, idempotently.
+pub fn setup() -> anyhow::Result<()> {
+    crate::apt_install(VM_PACKAGES)?;
+    let venv = vm_dir().join("venv");
+    if !output(Command::new(venv.join("bin/vng")).arg("--version")).contains("1.42") {
+        run(Command::new("/usr/bin/python3").arg("-m").arg("venv").arg(&venv))?;
+        run(Command::new(venv.join("bin/pip")).args(["install", "-q", "--disable-pip-version-check", VIRTME_NG]))?;
+    }
+    Ok(())
+}
+
+/// `program` (apt-get or apt-cache) on the private apt configuration under `target/vm/apt`.
+fn apt(program: &str, args: &[&str]) -> Command {
+    let apt = vm_dir().join("apt");
+    let mut cmd = Command::new(program);
+    for option in [
+        format!("Dir::Etc::SourceList={}", apt.join("sources.list").display()),
+        "Dir::Etc::SourceParts=/dev/null".to_owned(),
+        format!("Dir::State::Lists={}", apt.join("lists").display()),
+        format!("Dir::Cache={}", apt.join("cache").display()),
+        "APT::Sandbox::User=root".to_owned(),
+        "Acquire::Languages=none".to_owned(),
+        "APT::Architecture=amd64".to_owned(),
+    ] {
+        cmd.arg("-o").arg(option);
+    }
+    cmd.arg("-q").args(args);
+    cmd
+}
+
+/// The kernel's package, fetched and unpacked once: its version and directory.
+fn fetch(kernel: &Kernel) -> anyhow::Result<(String, PathBuf)> {
+    let kernels = vm_dir().join("kernels");
+    let chosen = kernels.join(format!("{}.package", kernel.series));
+    if let Ok(package) = fs::read_to_string(&chosen) {
+        let version = version_of(package.trim());
+        let dir = kernels.join(&version);
+        if dir.join(".ok").exists() {
+            return Ok((version, dir));
+        }
+    }
+    let apt_dir = vm_dir().join("apt");
+    fs::create_dir_all(apt_dir.join("lists/partial"))?;
+    fs::create_dir_all(apt_dir.join("cache/archives/partial"))?;
+    fs::write(apt_dir.join("sources.list"), SOURCES)?;
+    if !apt_dir.join("lists").read_dir()?.flatten().any(|e| e.file_name().to_string_lossy().ends_with("_Packages")) {
+        run(&mut apt("apt-get", &["update"])).context("updating the private apt lists (Debian's archive)")?;
+    }
+    let package = match kernel.package {
+        Pattern::Exact(name) => name.to_owned(),
+        Pattern::Newest(prefix, suffix) => {
+            let listing = output(&mut apt("apt-cache", &["pkgnames", prefix]));
+            listing
+                .lines()
+                .filter(|p| p.ends_with(suffix) && p[prefix.len()..p.len() - suffix.len()].chars().all(|c| c.is_ascii_digit() || c == '.' || c == '-'))
+                .max_by(|a, b| compare_versions(a, b))
+                .with_context(|| format!("no {prefix}*{suffix} package in Debian's archive"))?
+                .to_owned()
+        }
+    };
+    let debs = vm_dir().join("debs");
+    fs::create_dir_all(&debs)?;
+    if !fs::read_dir(&debs)?.flatten().any(|e| e.file_name().to_string_lossy().starts_with(&format!("{package}_"))) {
+        run(apt("apt-get", &["download", &package]).current_dir(&debs)).with_context(|| format!("downloading {package}"))?;
+    }
+    let deb = fs::read_dir(&debs)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_"))))
+        .context("downloaded package not found")?;
+    let version = version_of(&package);
+    let dir = kernels.join(&version);
+    let unpacking = kernels.join(format!("{version}.tmp"));
+    let _ = fs::remove_dir_all(&unpacking);
+    fs::create_dir_all(&unpacking)?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacking))?;
+    // The packages ship no modules.dep; the guest's modprobe needs it.
+    run(Command::new("depmod").arg("-a").arg("-b").arg(&unpacking).arg(&version))?;
+    let _ = fs::remove_dir_all(&dir);
+    fs::rename(&unpacking, &dir)?;
+    fs::write(dir.join(".ok"), "")?;
+    fs::write(&chosen, &package)?;
+    Ok((version, dir))
+}
+
+/// `linux-image-6.1.0-57-amd64-unsigned` -> `6.1.0-57-amd64`.
+fn version_of(package: &str) -> String {
+    package.trim_start_matches("linux-image-").trim_end_matches("-unsigned").to_owned()
+}
+
+/// Orders dotted and dashed version strings by their numbers.
+fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    let numbers = |s: &str| s.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty()).map(|p| p.parse::<u64>().unwrap_or(0)).collect::<Vec<_>>();
+    numbers(a).cmp(&numbers(b))
+}
+
+/// Boots `kernel` and runs the end-to-end binary `e2e` inside with the [`TESTS`].
+pub fn run_matrix_on(kernel: &Kernel, e2e: &Path, agent: &Path) -> anyhow::Result<Outcome> {
+    let (version, dir) = fetch(kernel)?;
+    let out_dir = vm_dir().join("results");
+    fs::create_dir_all(&out_dir)?;
+    let results = out_dir.join(format!("{}.txt", kernel.series));
+    let _ = fs::remove_file(&results);
+    // The host's Python (boto3 and the rest of the test clients are installed there) and tools.
+    let python = output(Command::new("python3").args(["-c", "import sys, os; print(os.path.dirname(sys.executable))"]));
+    let script = vm_dir().join(format!("guest-{}.sh", kernel.series));
+    let names: Vec<String> = TESTS.iter().map(|t| format!("'{t}'")).collect();
+    fs::write(
+        &script,
+        format!(
+            "set -u\n\
+             export PATH={python}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
+             export PIA_AGENT_BIN={agent}\n\
+             export RUST_BACKTRACE=0\n\
+             ulimit -l unlimited 2>/dev/null\n\
+             cd {tests}\n\
+             echo \"kernel $(uname -r)\"\n\
+             {e2e} --exact --test-threads 2 {names} > {results} 2>&1\n\
+             status=$?\n\
+             cat {results}\n\
+             exit $status\n",
+            python = python.trim(),
+            agent = agent.display(),
+            tests = crate::workspace_root().join("tests").display(),
+            e2e = e2e.display(),
+            names = names.join(" "),
+            results = results.display(),
+        ),
+    )?;
+    let kernel_image = dir.join("boot").join(format!("vmlinuz-{version}"));
+    eprintln!("xtask: booting {version} under QEMU (TCG) for {} tests", TESTS.len());
+    let started = Instant::now();
+    let venv_bin = vm_dir().join("venv/bin");
+    let path = format!("{}:{}", venv_bin.display(), std::env::var("PATH").unwrap_or_default());
+    let status = Command::new("timeout")
+        .args(["-k", "20", &VM_TIMEOUT.as_secs().to_string()])
+        .arg(venv_bin.join("vng"))
+        .args(["--disable-kvm", "--cpus", "2", "--memory", "2G", "--run"])
+        .arg(&kernel_image)
+        .arg("--rwdir")
+        .arg(&out_dir)
+        .arg("--exec")
+        .arg(format!("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf; sh {}", script.display()))
+        .env("PATH", path)
+        .stdin(Stdio::null())
+        // Pipes, not files: QEMU reopens its stdout and stderr with O_TRUNC.
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .context("running vng (cargo xtask setup installs it)")?;
+    let took = started.elapsed();
+    let report = fs::read_to_string(&results).unwrap_or_default();
+    let mut passed = Vec::new();
+    let mut failed = Vec::new();
+    for line in report.lines() {
+        let Some(rest) = line.strip_prefix("test ") else { continue };
+        if let Some(name) = rest.strip_suffix(" ... ok") {
+            passed.push(name.to_owned());
+        } else if let Some(name) = rest.strip_suffix(" ... FAILED") {
+            failed.push(name.to_owned());
+        }
+    }
+    let ran = passed.len() + failed.len();
+    if ran < TESTS.len() {
+        eprintln!(
+            "xtask: {version}: {ran} of {} tests reported (vng exit {:?}); guest output:\n{}{}",
+            TESTS.len(),
+            status.status.code(),
+            String::from_utf8_lossy(&status.stdout),
+            String::from_utf8_lossy(&status.stderr)
+        );
+        for name in TESTS {
+            if !passed.iter().chain(&failed).any(|n| n == name) {
+                failed.push(format!("{name} (did not report)"));
+            }
+        }
+    } else if !failed.is_empty() {
+        eprintln!("xtask: {version}: failures:\n{report}");
+    }
+    Ok(Outcome { series: kernel.series, version, passed, failed, took })
+}
+
+/// Runs the matrix on every kernel, one VM after the other; fails if any test failed anywhere.
+pub fn run_matrix(e2e: &Path, agent: &Path) -> anyhow::Result<Vec<Outcome>> {
+    if !succeeds(Command::new(vm_dir().join("venv/bin/vng")).arg("--version")) {
+        bail!("virtme-ng is missing: run `cargo xtask setup`");
+    }
+    let mut outcomes = Vec::new();
+    for kernel in KERNELS {
+        outcomes.push(run_matrix_on(kernel, e2e, agent)?);
+    }
+    let mut table = String::from("\nkernel matrix (the same tests on each kernel, inside QEMU):\n");
+    table.push_str(&format!("  {:<6} {:<24} {:<34} {:>6} {:>6} {:>8}\n", "series", "kernel", "runs on", "passed", "failed", "time"));
+    for (o, k) in outcomes.iter().zip(KERNELS) {
+        table.push_str(&format!(
+            "  {:<6} {:<24} {:<34} {:>6} {:>6} {:>7.0}s\n",
+            o.series,
+            o.version,
+            k.distributions,
+            o.passed.len(),
+            o.failed.len(),
+            o.took.as_secs_f64()
+        ));
+    }
+    eprintln!("{table}");
+    fs::write(vm_dir().join("results/matrix.txt"), &table)?;
+    let failures: Vec<String> = outcomes.iter().flat_map(|o| o.failed.iter().map(move |t| format!("{} on {}", t, o.version))).collect();
+    if !failures.is_empty() {
+        bail!("kernel matrix failures:\n  {}", failures.join("\n  "));
+    }
+    Ok(outcomes)
+}
