@@ -492,7 +492,7 @@ impl<U: Upstream> Inner<U> {
 }
 
 fn cached(role: Arc<AssumedRole>, now: Instant, settings: &CacheSettings) -> Cached {
-    let lifetime = role.credentials.expiration.duration_since(SystemTime::now()).unwrap_or_default();
+    let lifetime = role.expiration.duration_since(SystemTime::now()).unwrap_or_default();
     let half = lifetime / 2;
     // Refresh at half-life, and early enough that what we hand out keeps `fresh_for` left.
     let latest_fresh = lifetime.saturating_sub(settings.fresh_for + Duration::from_secs(1));
@@ -604,7 +604,7 @@ mod tests {
         let mut outcomes = Vec::new();
         for t in tasks {
             let (role, outcome) = t.await.unwrap().unwrap();
-            assert_eq!(role.credentials.access_key_id, "ASIA-tok-1");
+            assert_eq!(role.access_key_id(), "ASIA-tok-1");
             outcomes.push(outcome);
         }
         assert_eq!(up.calls(), 1);
@@ -645,7 +645,7 @@ mod tests {
         up.fail_next(vec![err(503, "ServiceUnavailableException"), err(429, "ThrottlingException")]);
         let c = cache(&up, CacheSettings::default());
         let (role, _) = c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap();
-        assert_eq!(role.credentials.access_key_id, "ASIA-tok-3");
+        assert_eq!(role.access_key_id(), "ASIA-tok-3");
         assert_eq!(up.calls(), 3);
     }
 
@@ -685,7 +685,7 @@ mod tests {
         up.fail_next(vec![err(500, "InternalServerException"); 100]);
         let (served, outcome) = c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap();
         assert_eq!(outcome, Outcome::Stale);
-        assert_eq!(served.credentials.access_key_id, first.credentials.access_key_id);
+        assert_eq!(served.access_key_id(), first.access_key_id());
         // Inside the last minute nothing stale is handed out.
         tokio::time::advance(Duration::from_secs(13 * 60 + 10)).await;
         let e = c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap_err();
@@ -704,7 +704,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(up.calls(), 2);
         let (role, outcome) = c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap();
-        assert_eq!((role.credentials.access_key_id.as_str(), outcome), ("ASIA-tok-2", Outcome::Hit));
+        assert_eq!((role.access_key_id().as_str(), outcome), ("ASIA-tok-2", Outcome::Hit));
         tokio::time::advance(Duration::from_secs(3 * 3600)).await;
         c.get("other", TokenDigest::of("other"), &pod(POD_B), "ns/p").await.unwrap();
         assert_eq!(c.maintain(&present(&[POD_A, POD_B])), 1, "tok was used after its refresh began");

@@ -7,6 +7,8 @@
 //! `config` (flags and defaults). The operator's commands (`pods`, `associations`, `doctor`)
 //! live in `operator`, which reads the daemon's rooms and is never read by them.
 
+#[cfg(feature = "count-allocations")]
+mod alloc_count;
 mod attribution;
 mod aws;
 mod cache;

@@ -76,6 +76,7 @@ pub struct Metrics {
     request_duration: AtomicHistogram,
     refused: Family<ReasonLabels, Counter>,
     upstream_duration: AtomicHistogram,
+    attribution_duration: AtomicHistogram,
     upstream_errors: Family<ErrorCodeLabels, Counter>,
     upstream_budget_waits: Counter,
     upstream_budget_wait_seconds: Counter<f64>,
@@ -94,6 +95,10 @@ pub struct Metrics {
 }
 
 struct ProcessMetrics {
+    #[cfg(feature = "count-allocations")]
+    allocations: Counter,
+    #[cfg(feature = "count-allocations")]
+    live_bytes: Gauge,
     resident_memory_bytes: Gauge,
     cpu_seconds: Counter<f64>,
     open_fds: Gauge,
@@ -124,6 +129,13 @@ impl Metrics {
             refused.clone(),
         );
         let upstream_duration = AtomicHistogram::exponential(0.005, 2.0, 12);
+        let attribution_duration = AtomicHistogram::exponential(0.000_000_5, 2.0, 16);
+        r.register_with_unit(
+            "pod_identity_agent_attribution_duration",
+            "Time to take an accepted connection's record from the kernel map: one lookup-and-delete (two map commands before Linux 5.14)",
+            Unit::Seconds,
+            attribution_duration.clone(),
+        );
         r.register_with_unit(
             "pod_identity_agent_upstream_call_duration",
             "Duration of each HTTP request to EKS Auth",
@@ -201,6 +213,10 @@ impl Metrics {
         build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
         r.register("pod_identity_agent_build_info", "Version of the running agent (value is always 1)", build);
         let process = ProcessMetrics {
+            #[cfg(feature = "count-allocations")]
+            allocations: Counter::default(),
+            #[cfg(feature = "count-allocations")]
+            live_bytes: Gauge::default(),
             resident_memory_bytes: Gauge::default(),
             cpu_seconds: Counter::default(),
             open_fds: Gauge::default(),
@@ -211,6 +227,11 @@ impl Metrics {
         r.register_with_unit("process_cpu", "User and system CPU time spent", Unit::Seconds, process.cpu_seconds.clone());
         r.register("process_open_fds", "Open file descriptors", process.open_fds.clone());
         r.register("process_max_fds", "Limit on open file descriptors", process.max_fds.clone());
+        #[cfg(feature = "count-allocations")]
+        {
+            r.register("process_heap_allocations", "Heap allocations since start (count-allocations builds only)", process.allocations.clone());
+            r.register_with_unit("process_heap_live", "Heap bytes in use (count-allocations builds only)", Unit::Bytes, process.live_bytes.clone());
+        }
         r.register_with_unit("process_start_time", "Start time of the process since the Unix epoch", Unit::Seconds, process.start_time_seconds.clone());
         Arc::new(Metrics {
             registry: r,
@@ -219,6 +240,7 @@ impl Metrics {
             request_duration,
             refused,
             upstream_duration,
+            attribution_duration,
             upstream_errors,
             upstream_budget_waits,
             upstream_budget_wait_seconds,
@@ -277,6 +299,11 @@ impl Metrics {
         }
     }
 
+    /// Taking an accepted connection's kernel record took `elapsed`.
+    pub fn observe_attribution(&self, elapsed: Duration) {
+        self.attribution_duration.observe(elapsed);
+    }
+
     /// An EKS Auth call waited `waited` for the node-wide budget.
     pub fn observe_budget_wait(&self, waited: Duration) {
         if !waited.is_zero() {
@@ -332,6 +359,11 @@ impl Metrics {
 
     /// Figures about this process from /proc (best effort: a failed read leaves the old value).
     fn read_process(&self) {
+        #[cfg(feature = "count-allocations")]
+        {
+            self.process.allocations.inner().store(crate::alloc_count::allocations(), Ordering::Relaxed);
+            self.process.live_bytes.set(crate::alloc_count::live_bytes() as i64);
+        }
         let Ok(me) = procfs::process::Process::myself() else { return };
         let ticks = procfs::ticks_per_second() as f64;
         if let Ok(stat) = me.stat() {

@@ -148,6 +148,7 @@ impl CredentialServer {
             let (attribution, caller) = match (&self.redirector, stream.local_addr()) {
                 (Some(redirector), Ok(local)) => {
                     let attribution = redirector.take(peer, local);
+                    self.metrics.observe_attribution(accepted_at.elapsed());
                     (attribution, Some(self.caller(attribution, accepted_at)))
                 }
                 (Some(_), Err(_)) => (None, Some(self.caller(None, accepted_at))),
@@ -230,7 +231,7 @@ impl CredentialServer {
                 }),
                 served: facts.served.as_ref().map(|(role, outcome)| Served {
                     role: facts.new_role.then_some((role.role_arn.as_str(), role.association_id.as_str())),
-                    expiration: role.credentials.expiration,
+                    expiration: role.expiration,
                     cache_hit: matches!(outcome, Outcome::Hit | Outcome::Stale),
                     upstream_call: *outcome == Outcome::Fetched,
                 }),

@@ -12,25 +12,45 @@ use crate::aws::ApiErrorKind;
 use crate::credentials::Credentials;
 
 /// What a successful exchange yields: the pod's credentials and who they are for.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AssumedRole {
-    pub credentials: Credentials,
+    /// The credentials in the SDK wire format, serialised once: every cached answer hands out
+    /// the same bytes, and the secrets are kept nowhere else.
+    body: bytes::Bytes,
+    pub expiration: SystemTime,
     pub role_arn: String,
     pub association_id: String,
-    /// EKS Auth's request id, for logs.
+    /// The upstream's request id, for logs.
     pub request_id: Option<String>,
-    /// The response body, serialised once: every cached answer hands out the same bytes.
-    body: std::sync::OnceLock<bytes::Bytes>,
 }
 
 impl AssumedRole {
     pub fn new(credentials: Credentials, role_arn: String, association_id: String, request_id: Option<String>) -> AssumedRole {
-        AssumedRole { credentials, role_arn, association_id, request_id, body: std::sync::OnceLock::new() }
+        AssumedRole { body: bytes::Bytes::from(credentials.to_json()), expiration: credentials.expiration, role_arn, association_id, request_id }
     }
 
     /// The credentials in the SDK wire format.
     pub fn body(&self) -> bytes::Bytes {
-        self.body.get_or_init(|| bytes::Bytes::from(self.credentials.to_json())).clone()
+        self.body.clone()
+    }
+
+    /// The access key id of the credentials (not a secret; for tests).
+    #[cfg(test)]
+    pub fn access_key_id(&self) -> String {
+        let v: serde_json::Value = serde_json::from_slice(&self.body).expect("the body is JSON");
+        v["AccessKeyId"].as_str().unwrap_or_default().to_owned()
+    }
+}
+
+impl fmt::Debug for AssumedRole {
+    // The body holds the secrets: never print it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AssumedRole")
+            .field("expiration", &crate::credentials::expiration_string(self.expiration))
+            .field("role_arn", &self.role_arn)
+            .field("association_id", &self.association_id)
+            .field("request_id", &self.request_id)
+            .finish_non_exhaustive()
     }
 }
 

@@ -66,11 +66,22 @@ impl Agent {
     /// Starts `wrapper... agent run ...` without waiting. The harness passes the node's cgroup
     /// root and listen addresses unless `extra` gives its own.
     pub fn spawn_wrapped(node: &Node, fake: &FakeAws, extra: &[&str], wrapper: &[&str]) -> Agent {
+        Agent::spawn_binary(node, fake, extra, wrapper, &binary())
+    }
+
+    /// Starts another build of the agent (e.g. the bench's allocation-counting one) under
+    /// `wrapper`, and waits for readiness.
+    pub fn start_binary(node: &Node, fake: &FakeAws, extra: &[&str], wrapper: &[&str], binary: &std::path::Path) -> Agent {
+        let mut agent = Agent::spawn_binary(node, fake, extra, wrapper, binary);
+        agent.wait_ready(node);
+        agent
+    }
+
+    fn spawn_binary(node: &Node, fake: &FakeAws, extra: &[&str], wrapper: &[&str], binary: &std::path::Path) -> Agent {
         let [listen4, listen6] = node.listen_addrs(PORT);
         let log_path = std::env::temp_dir().join(format!("{}-agent-{}.log", node.netns, NEXT_LOG.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
         let log = fs::File::create(&log_path).expect("create agent log");
         crate::secrets::remember(NODE_SECRET);
-        let binary = binary();
         let (program, prefix) = match wrapper.split_first() {
             Some((first, rest)) => (*first, rest.to_vec()),
             None => (binary.to_str().unwrap(), Vec::new()),

@@ -41,13 +41,13 @@ fn main() -> ExitCode {
         Some("build") => setup().and_then(|()| build()),
         Some("test") => setup().and_then(|()| build()).and_then(|()| test()),
         Some("demo") => setup().and_then(|()| build()).and_then(|()| demo()),
-        Some("bench") => setup().and_then(|()| bench()),
+        Some("bench") => setup().and_then(|()| bench(args.iter().any(|a| a == "--profile"))),
         Some("fuzz") => setup().and_then(|()| fuzz(number_after(&args, "--seconds").unwrap_or(60.0))),
         Some("soak") => setup().and_then(|()| build()).and_then(|()| soak(number_after(&args, "--minutes").unwrap_or(10.0))),
         Some("matrix") => setup().and_then(|()| build()).and_then(|()| matrix(value_after(&args, "--kernel"))),
         _ => {
             eprintln!(
-                "usage: cargo xtask <command>\n\n  setup   install what the build and tests need (idempotent)\n  build   setup, then build the agent\n  test    setup, build, run unit and end-to-end tests (root)\n  demo    setup, build, simulated pods get credentials through the eBPF redirect (root)\n  bench   setup, release build, every performance scenario against its baseline (root)\n  matrix  setup, build, the kernel-facing end-to-end tests inside VMs of 5.10, 6.1 and 6.12 [--kernel SERIES] (root)"
+                "usage: cargo xtask <command>\n\n  setup   install what the build and tests need (idempotent)\n  build   setup, then build the agent\n  test    setup, build, run unit and end-to-end tests (root)\n  demo    setup, build, simulated pods get credentials through the eBPF redirect (root)\n  bench   setup, release build, every performance scenario against its baseline (root) [--profile: flame graph of the keep-alive run]\n  matrix  setup, build, the kernel-facing end-to-end tests inside VMs of 5.10, 6.1 and 6.12 [--kernel SERIES] (root)"
             );
             return ExitCode::from(2);
         }
@@ -218,22 +218,37 @@ fn e2e_binary() -> anyhow::Result<PathBuf> {
         .context("cargo did not report the e2e test executable")
 }
 
-/// Release build, nginx for the static-file baseline, then every scenario of `tests/src/bin/bench.rs`.
-fn bench() -> anyhow::Result<()> {
+/// Release builds (the agent, and the agent with a counting allocator), nginx for the
+/// static-file baseline, then every scenario of `tests/src/bin/bench.rs`. With `profile`, perf and
+/// inferno as well, for a flame graph of the keep-alive scenario.
+fn bench(profile: bool) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmark creates network namespaces, cgroups and BPF programs: run `cargo xtask bench` as root");
     }
-    if !succeeds(Command::new("nginx").arg("-v")) {
-        run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends", "nginx-light"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    apt_install(&["nginx-light", "util-linux"])?;
+    if profile {
+        apt_install(&["linux-perf"])?;
+        if !succeeds(Command::new("inferno-flamegraph").arg("--version")) {
+            run(Command::new("cargo").args(["install", "inferno", "--locked"]))?;
+        }
     }
+    let release = target_dir().join("release");
+    // The counting build first, kept aside under its own name; then the one that is measured.
+    run(cargo().args(["build", "--release"]).args(PACKAGES).args(["--features", "pod-identity-agent/count-allocations"]))?;
+    std::fs::copy(release.join("pod-identity-agent"), release.join("pod-identity-agent-counting")).context("keeping the counting build")?;
     run(cargo().args(["build", "--release"]).args(PACKAGES))?;
-    let release = agent_binary().parent().and_then(|d| d.parent()).expect("target dir").join("release");
-    run(Command::new(release.join("bench"))
+    let mut bench = Command::new(release.join("bench"));
+    bench
         .current_dir(workspace_root())
         .env("PIA_AGENT_BIN", release.join("pod-identity-agent"))
+        .env("PIA_AGENT_COUNTING_BIN", release.join("pod-identity-agent-counting"))
         // Per-request debug lines would be measured too.
         .env("PIA_AGENT_LOG", "warn")
-        .env("PIA_BENCH_OUT", workspace_root().join("target").join("bench")))
+        .env("PIA_BENCH_OUT", target_dir().join("bench"));
+    if profile {
+        bench.env("PIA_BENCH_PROFILE", "1");
+    }
+    run(&mut bench)
 }
 
 const FUZZ_TARGETS: &[&str] = &["token_claims", "cgroup_path", "http_request"];

@@ -82,3 +82,57 @@ pub fn prog_query(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<(u32, 
     ids.truncate(attr.prog_cnt as usize);
     Ok((attr.attach_flags, ids))
 }
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+/// Hash maps support it from Linux 5.14.
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+/// The `map_elem` member of `union bpf_attr`.
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// What a lookup found.
+pub enum Lookup {
+    Found,
+    Missing,
+    /// The kernel does not offer the command for this map type.
+    Unsupported,
+}
+
+fn map_elem<K, V>(cmd: libc::c_long, map: BorrowedFd<'_>, key: &K, value: Option<&mut V>) -> io::Result<Lookup> {
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as *const K as u64,
+        value: value.map_or(0, |v| v as *mut V as u64),
+        flags: 0,
+    };
+    match bpf(cmd, &mut attr) {
+        Ok(_) => Ok(Lookup::Found),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Lookup::Missing),
+        // ENOTSUPP (524, kernel-internal) or EINVAL from kernels without the command.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(524) | Some(libc::EOPNOTSUPP)) => Ok(Lookup::Unsupported),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads and removes `key` in one command; `value` is written when found. The key and value
+/// must be the map's `#[repr(C)]` types, with padding zeroed.
+pub fn map_lookup_and_delete<K, V>(map: BorrowedFd<'_>, key: &K, value: &mut V) -> io::Result<Lookup> {
+    map_elem(BPF_MAP_LOOKUP_AND_DELETE_ELEM, map, key, Some(value))
+}
+
+pub fn map_lookup<K, V>(map: BorrowedFd<'_>, key: &K, value: &mut V) -> io::Result<Lookup> {
+    map_elem(BPF_MAP_LOOKUP_ELEM, map, key, Some(value))
+}
+
+pub fn map_delete<K>(map: BorrowedFd<'_>, key: &K) -> io::Result<Lookup> {
+    map_elem::<K, u8>(BPF_MAP_DELETE_ELEM, map, key, None)
+}

@@ -15,13 +15,13 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::fd::AsFd as _,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::atomic::{AtomicBool, Ordering},
 };
 
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
+    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray},
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, ProgramFd, SockOps, links::FdLink},
 };
 use pod_identity_common::{
@@ -77,7 +77,11 @@ pub struct Redirector {
     /// Owns the programs and their links; dropping it detaches everything not pinned.
     _ebpf: Ebpf,
     pub attachment: Attachment,
-    connections: Mutex<BpfHashMap<MapData, ConnectionKey, Attribution>>,
+    /// 4-tuple -> attribution, read with raw map commands (no lock: each is one syscall).
+    connections: MapData,
+    /// Whether the kernel has lookup-and-delete for hash maps (Linux >= 5.14); else a lookup
+    /// and a delete.
+    lookup_and_delete: AtomicBool,
     counts: PerCpuArray<MapData, u64>,
     _logger: tokio::task::JoinHandle<()>,
 }
@@ -135,19 +139,38 @@ impl Redirector {
         let cgroup = open_cgroup(&spec.cgroup_root)?;
         let attachment = load_and_attach(&mut ebpf, Some((&cgroup, &spec.cgroup_root)), spec.pin.as_deref())?.unwrap_or(Attachment::Owned);
 
-        let connections = BpfHashMap::try_from(ebpf.take_map(names::CONNECTIONS).context("CONNECTIONS map missing")?)?;
+        let connections = match ebpf.take_map(names::CONNECTIONS).context("CONNECTIONS map missing")? {
+            Map::LruHashMap(data) | Map::HashMap(data) => data,
+            other => anyhow::bail!("CONNECTIONS is a {other:?}, not a hash map"),
+        };
         let counts = PerCpuArray::try_from(ebpf.take_map(names::REDIRECT_COUNTS).context("REDIRECT_COUNTS map missing")?)?;
-        Ok(Redirector { _ebpf: ebpf, attachment, connections: Mutex::new(connections), counts, _logger: logger })
+        Ok(Redirector { _ebpf: ebpf, attachment, connections, lookup_and_delete: AtomicBool::new(true), counts, _logger: logger })
     }
 
     /// The attribution of an accepted connection, removed from the kernel map: each record is
     /// read exactly once. `None` when the connection did not come through the redirect.
     pub fn take(&self, peer: SocketAddr, local: SocketAddr) -> Option<Attribution> {
         let key = ConnectionKey { client: endpoint(peer), server: endpoint(local) };
-        let mut map = self.connections.lock().unwrap_or_else(|e| e.into_inner());
-        let found = map.get(&key, 0).ok()?;
-        let _ = map.remove(&key);
-        Some(found)
+        let map = self.connections.fd().as_fd();
+        // SAFETY: Attribution is plain #[repr(C)] integers and bytes: all zeroes is a value.
+        let mut found: Attribution = unsafe { std::mem::zeroed() };
+        if self.lookup_and_delete.load(Ordering::Relaxed) {
+            match bpf_sys::map_lookup_and_delete(map, &key, &mut found) {
+                Ok(bpf_sys::Lookup::Found) => return Some(found),
+                Ok(bpf_sys::Lookup::Missing) | Err(_) => return None,
+                Ok(bpf_sys::Lookup::Unsupported) => {
+                    tracing::info!("this kernel has no lookup-and-delete for hash maps (Linux < 5.14): two map commands per accepted connection");
+                    self.lookup_and_delete.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+        match bpf_sys::map_lookup(map, &key, &mut found) {
+            Ok(bpf_sys::Lookup::Found) => {
+                let _ = bpf_sys::map_delete(map, &key);
+                Some(found)
+            }
+            _ => None,
+        }
     }
 
     pub fn counts(&self) -> RedirectCounts {

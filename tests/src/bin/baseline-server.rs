@@ -2,8 +2,15 @@
 //! same credential JSON the agent serves, built with the same hyper and tokio as the agent.
 //!
 //! `baseline-server --listen IP:PORT --body-file FILE`
+//!
+//! It counts its heap allocations with the agent's own counting allocator, and answers
+//! `GET /allocations` with the count, so the bench compares allocations per request with the
+//! agent's (two relaxed atomic adds per allocation: a few nanoseconds per request).
 
 use std::{convert::Infallible, net::SocketAddr};
+
+#[path = "../../../agent/src/alloc_count.rs"]
+mod alloc_count;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -26,10 +33,15 @@ async fn main() {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let _ = stream.set_nodelay(true);
         let body = body.clone();
-        let service = hyper::service::service_fn(move |_req| {
+        let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let body = if req.uri().path() == "/allocations" {
+                Bytes::from(format!("{} {}", alloc_count::allocations(), alloc_count::live_bytes()))
+            } else {
+                body.clone()
+            };
             let response = hyper::Response::builder()
                 .header("content-type", "application/json")
-                .body(Full::new(body.clone()))
+                .body(Full::new(body))
                 .expect("static response");
             async move { Ok::<_, Infallible>(response) }
         });
