@@ -167,21 +167,31 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .with_context(|| format!("binding the metrics address {}", settings.metrics_addr))?;
 
     kernel::raise_memlock_limit();
-    let mount = attribution::cgroup2_mount()?;
-    let cgroup_root = settings.cgroup_root.clone().unwrap_or_else(|| mount.clone());
-    let (own_cgroup, agent_cgroup_id) = attribution::own_cgroup(&mount)?;
-    let Interception { redirector, listeners, mode, note } =
-        intercept(&settings, &cgroup_root, agent_cgroup_id, &readiness).await?;
+    // cgroup v2 is where the programs attach and how callers are attributed. A node without it
+    // (cgroup v1: Amazon Linux 2 unless booted with systemd.unified_cgroup_hierarchy=1) can
+    // only be served in link mode.
+    let cgroup2 = attribution::cgroup2_mount().and_then(|mount| {
+        let (own, id) = attribution::own_cgroup(&mount)?;
+        let root = settings.cgroup_root.clone().unwrap_or_else(|| mount.clone());
+        anyhow::Ok(Cgroup2 { mount, root, own, id })
+    });
+    let Interception { redirector, listeners, mode, note } = intercept(&settings, cgroup2.as_ref(), &readiness).await?;
     metrics.set_mode(mode);
-    let cgroups = match CgroupIndex::build(&mount, &cgroup_root) {
-        Ok(index) => index,
-        // In link mode the index only tells which pods still exist; the whole hierarchy will do
-        // when the configured root is what made eBPF mode impossible.
-        Err(e) if redirector.is_none() => {
-            warn!(error = %e, root = %cgroup_root.display(), "cannot index the cgroup root; indexing the whole cgroup2 hierarchy");
-            CgroupIndex::build(&mount, &mount).with_context(|| format!("indexing cgroups below {}", mount.display()))?
+    let cgroups = match &cgroup2 {
+        Ok(c) => Some(match CgroupIndex::build(&c.mount, &c.root) {
+            Ok(index) => index,
+            // In link mode the index only tells which pods still exist; the whole hierarchy will
+            // do when the configured root is what made eBPF mode impossible.
+            Err(e) if redirector.is_none() => {
+                warn!(error = %e, root = %c.root.display(), "cannot index the cgroup root; indexing the whole cgroup2 hierarchy");
+                CgroupIndex::build(&c.mount, &c.mount).with_context(|| format!("indexing cgroups below {}", c.mount.display()))?
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("indexing cgroups below {}", c.root.display()))),
+        }),
+        Err(e) => {
+            warn!("{e:#}: deleted pods are not noticed; their cached credentials expire or age out (--max-cache-entries)");
+            None
         }
-        Err(e) => return Err(anyhow::Error::new(e).context(format!("indexing cgroups below {}", cgroup_root.display()))),
     };
     let upstream = EksAuth::new(EksAuthOptions {
         cluster_name: settings.cluster_name.clone(),
@@ -233,8 +243,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         fips: settings.fips,
         listen: listen_addrs.clone(),
         intercept: settings.intercept.clone(),
-        cgroup_root: cgroup_root.clone(),
-        cgroup_id: agent_cgroup_id,
+        cgroup_root: cgroup2.as_ref().ok().map(|c| c.root.clone()),
+        cgroup_id: cgroup2.as_ref().ok().map(|c| c.id),
         metrics_addr: settings.metrics_addr,
         pin: settings.pin.clone(),
     });
@@ -247,8 +257,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         target_v4 = ?settings.target_v4,
         target_v6 = ?settings.target_v6,
         intercept = ?settings.intercept,
-        cgroup_root = %cgroup_root.display(),
-        own_cgroup = %own_cgroup.display(),
+        cgroup_root = ?cgroup2.as_ref().ok().map(|c| c.root.display()),
+        own_cgroup = ?cgroup2.as_ref().ok().map(|c| c.own.display()),
         "serving credentials"
     );
 
@@ -277,6 +287,16 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The cgroup2 hierarchy as this agent sees it.
+struct Cgroup2 {
+    mount: std::path::PathBuf,
+    /// Where the programs attach (`--cgroup-root`, else the mount).
+    root: std::path::PathBuf,
+    /// The agent's own cgroup, and its id: its connects are never redirected.
+    own: std::path::PathBuf,
+    id: u64,
+}
+
 /// How pods' connections reach this agent.
 struct Interception {
     redirector: Option<Arc<Redirector>>,
@@ -288,17 +308,20 @@ struct Interception {
 }
 
 /// eBPF interception, or link mode: as `--mode` says, `auto` falling back with the reason.
-async fn intercept(settings: &Settings, cgroup_root: &std::path::Path, agent_cgroup_id: u64, readiness: &Readiness) -> anyhow::Result<Interception> {
+async fn intercept(settings: &Settings, cgroup2: Result<&Cgroup2, &anyhow::Error>, readiness: &Readiness) -> anyhow::Result<Interception> {
     if settings.mode != Mode::Link {
         let attempt = async {
+            let cgroup2 = cgroup2.map_err(|e| {
+                anyhow::anyhow!("{e:#}: eBPF mode attributes callers by their cgroup v2 and attaches its programs there (cgroup v1 nodes, such as Amazon Linux 2 by default, have none)")
+            })?;
             let listeners = bind_all(&settings.listen)?;
-            wait_for_cgroup_root(cgroup_root, settings.cgroup_root_wait, readiness).await?;
+            wait_for_cgroup_root(&cgroup2.root, settings.cgroup_root_wait, readiness).await?;
             let redirector = Redirector::attach(&RedirectSpec {
-                cgroup_root: cgroup_root.to_path_buf(),
+                cgroup_root: cgroup2.root.clone(),
                 intercept: settings.intercept.clone(),
                 target_v4: settings.target_v4,
                 target_v6: settings.target_v6,
-                agent_cgroup_id,
+                agent_cgroup_id: cgroup2.id,
                 pin: settings.pin.clone(),
             })?;
             anyhow::Ok((listeners, redirector))
@@ -368,7 +391,7 @@ async fn maintain(server: Arc<CredentialServer>) {
     loop {
         tick.tick().await;
         let walker = server.clone();
-        let present = match tokio::task::spawn_blocking(move || walker.cgroups.present_pods()).await {
+        let present = match tokio::task::spawn_blocking(move || walker.cgroups.as_ref().map(CgroupIndex::present_pods).transpose()).await {
             Ok(Ok(present)) => present,
             Ok(Err(e)) => {
                 warn!(error = %e, "cannot walk the cgroup tree; keeping cached state until the next try");
@@ -376,10 +399,12 @@ async fn maintain(server: Arc<CredentialServer>) {
             }
             Err(_) => continue,
         };
-        server.cache.maintain(&present);
-        server.pod_limits.retain(&present);
-        for (namespace, pod) in server.stats.retain(&present) {
-            server.metrics.forget_pod(&namespace, &pod);
+        server.cache.maintain(present.as_ref());
+        if let Some(present) = &present {
+            server.pod_limits.retain(present);
+            for (namespace, pod) in server.stats.retain(present) {
+                server.metrics.forget_pod(&namespace, &pod);
+            }
         }
         return_freed_memory();
     }

@@ -61,9 +61,10 @@ pub struct AgentInfo {
     pub listen: Vec<SocketAddr>,
     /// Credential addresses whose connects are redirected (eBPF mode) or served (link mode).
     pub intercept: Vec<SocketAddr>,
-    pub cgroup_root: PathBuf,
+    /// `None` on a node without cgroup v2 (link mode).
+    pub cgroup_root: Option<PathBuf>,
     /// The agent's own cgroup id: its connects are never redirected.
-    pub cgroup_id: u64,
+    pub cgroup_id: Option<u64>,
     pub metrics_addr: SocketAddr,
     pub pin: Option<PathBuf>,
 }

@@ -44,7 +44,8 @@ pub struct CredentialServer {
     /// The kernel programs; `None` in link mode, where callers cannot be attributed and requests
     /// are checked by their token alone.
     pub redirector: Option<Arc<Redirector>>,
-    pub cgroups: CgroupIndex,
+    /// `None` where the node has no cgroup2 hierarchy (link mode only).
+    pub cgroups: Option<CgroupIndex>,
     pub cache: CredentialCache<EksAuth>,
     pub pod_limits: PodRateLimits,
     pub connection_limits: Arc<ConnectionLimits>,
@@ -350,7 +351,7 @@ impl CredentialServer {
                 "connection did not come through the agent's redirect, so its caller cannot be attributed; connect to the credential address instead",
             ));
         };
-        match self.cgroups.resolve(attribution.cgroup_id, accepted_at) {
+        match self.cgroups.as_ref().and_then(|index| index.resolve(attribution.cgroup_id, accepted_at)) {
             None => Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 "cgroup_unknown",

@@ -65,6 +65,40 @@ fn auto_mode_falls_back_to_link_mode_when_attach_is_impossible() {
     assert_eq!(pod.curl(V4_URL, &pod.token()).status, 200);
 }
 
+/// Runs the agent in a mount namespace where no cgroup2 filesystem is mounted: a cgroup v1 node
+/// (Amazon Linux 2's default).
+const WITHOUT_CGROUP2: [&str; 7] = [
+    "unshare",
+    "-m",
+    "--propagation",
+    "private",
+    "sh",
+    "-c",
+    "for m in $(findmnt -rn -t cgroup2 -o TARGET); do umount -l \"$m\"; done; exec \"$0\" \"$@\"",
+];
+
+#[test]
+fn a_node_without_cgroup_v2_is_served_in_link_mode_and_says_why() {
+    let node = Node::new();
+    let fake = FakeAws::start_in(&node.netns);
+    fake.associate("payments", "api", "payments-api-role");
+    let mut strict = Agent::spawn_wrapped(&node, &fake, &["--mode", "ebpf"], &WITHOUT_CGROUP2);
+    assert!(!strict.wait_exit(Duration::from_secs(30)).success());
+    let log = strict.log();
+    assert!(log.contains("no cgroup2 filesystem is mounted") && log.contains("cgroup v1 nodes, such as Amazon Linux 2"), "{log}");
+    drop(strict);
+
+    let agent = Agent::start_wrapped(&node, &fake, &["--mode", "auto"], &WITHOUT_CGROUP2);
+    let (status, ready) = readyz(&node);
+    assert_eq!(status, 200);
+    assert!(ready.contains("link mode") && ready.contains("no cgroup2 filesystem"), "{ready}");
+    assert!(agent.log().contains("deleted pods are not noticed"), "{}", agent.log());
+    let pod = node.add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+    pod.route_credential_addresses_via_node();
+    let r = pod.curl(V4_URL, &pod.token());
+    assert_eq!(r.status, 200, "{}\n{}", r.body, agent.log());
+}
+
 #[test]
 fn ipv6_only_node_serves_over_ipv6() {
     let node = Node::new();

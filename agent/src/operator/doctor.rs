@@ -126,7 +126,7 @@ pub async fn check_all(args: &DoctorArgs, report: &mut dyn FnMut(Check)) {
     let cgroup_root = args
         .cgroup_root
         .clone()
-        .or_else(|| agent.as_ref().ok().map(|a| a.cgroup_root.clone()))
+        .or_else(|| agent.as_ref().ok().and_then(|a| a.cgroup_root.clone()))
         .or_else(|| mount.clone());
 
     report(check_cgroup_root(cgroup_root.as_deref()));
@@ -284,7 +284,7 @@ fn check_redirect(agent: &AgentInfo, mount: Option<&Path>) -> Check {
         );
     }
     let own = mount.and_then(|m| attribution::own_cgroup(m).ok()).map(|(_, id)| id);
-    if own == Some(agent.cgroup_id) {
+    if own.is_some() && own == agent.cgroup_id {
         return Check::warn(
             NAME,
             "not tried: the doctor runs in the agent's own cgroup, whose connects are deliberately not redirected",
@@ -301,7 +301,10 @@ fn check_redirect(agent: &AgentInfo, mount: Option<&Path>) -> Check {
         other => Check::fail(
             NAME,
             format!("a connect to {target} did not reach the agent ({})", describe(&other)),
-            format!("check that the programs are attached to a cgroup above this process: bpftool cgroup tree {}", agent.cgroup_root.display()),
+            format!(
+                "check that the programs are attached to a cgroup above this process: bpftool cgroup tree {}",
+                agent.cgroup_root.as_deref().unwrap_or(Path::new("/sys/fs/cgroup")).display()
+            ),
         ),
     }
 }
