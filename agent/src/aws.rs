@@ -4,8 +4,17 @@
 //! and `AWS_USE_FIPS_ENDPOINT` variables. The daemon's EKS Auth client and the operator commands
 //! both start here.
 
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
 use aws_config::SdkConfig;
-use aws_credential_types::credential_feature::AwsCredentialFeature;
+use aws_credential_types::{
+    Credentials,
+    credential_feature::AwsCredentialFeature,
+    provider::{ProvideCredentials, error::CredentialsError, future},
+};
 use aws_types::request_id::RequestId as _;
 
 /// What the caller may set on top of the default chain.
@@ -20,6 +29,9 @@ pub struct AwsOptions {
     /// Let the SDK retry on its own. Off for EKS Auth: the cache retries with its own deadline
     /// and budget, so one upstream attempt is one HTTP request.
     pub sdk_retries: bool,
+    /// The daemon's own credentials, cached by it rather than the SDK (see [`NodeCredentials`]);
+    /// `None`: the default chain with the SDK's cache (the operator commands).
+    pub node_credentials: Option<NodeCredentials>,
 }
 
 pub async fn sdk_config(options: &AwsOptions) -> anyhow::Result<SdkConfig> {
@@ -27,6 +39,7 @@ pub async fn sdk_config(options: &AwsOptions) -> anyhow::Result<SdkConfig> {
     let pool = pool::ConnectionPool::builder()
         .proxy_config(ProxyConfig::from_env())
         .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::AwsLc))
+        .tls_context(tls_context()?)
         .build_https()
         .map_err(|e| anyhow::anyhow!("building the AWS HTTP client: {e}"))?;
     let http = pool::Client::new(&pool).map_err(|e| anyhow::anyhow!("building the AWS HTTP client: {e}"))?;
@@ -46,7 +59,78 @@ pub async fn sdk_config(options: &AwsOptions) -> anyhow::Result<SdkConfig> {
     if let Some(app) = options.app_name.as_ref().and_then(|a| aws_config::AppName::new(a.clone()).ok()) {
         loader = loader.app_name(app);
     }
+    if let Some(node) = &options.node_credentials {
+        loader = loader.credentials_provider(node.clone()).identity_cache(aws_config::identity::IdentityCache::no_cache());
+    }
     Ok(loader.load().await)
+}
+
+/// `AWS_CA_BUNDLE` (the AWS CLI's and other SDKs' variable): a PEM file of certificate
+/// authorities trusted besides the system's (which `SSL_CERT_FILE` and `SSL_CERT_DIR` replace).
+pub const CA_BUNDLE_ENV: &str = "AWS_CA_BUNDLE";
+
+fn tls_context() -> anyhow::Result<aws_smithy_http_client::tls::TlsContext> {
+    use aws_smithy_http_client::tls::{TlsContext, TrustStore};
+    let mut store = TrustStore::empty().with_native_roots(true);
+    if let Some(path) = std::env::var_os(CA_BUNDLE_ENV).filter(|p| !p.is_empty()) {
+        let pem = std::fs::read(&path).map_err(|e| anyhow::anyhow!("{CA_BUNDLE_ENV}={}: {e}", path.to_string_lossy()))?;
+        store = store.with_pem_certificate(pem);
+    }
+    Ok(TlsContext::builder().with_trust_store(store).build().map_err(|e| anyhow::anyhow!("{CA_BUNDLE_ENV}: {e}"))?)
+}
+
+/// The node's own credentials, from the default chain (environment, profile files with
+/// `credential_process`, IMDS, ...), held here instead of in the SDK's identity cache so that
+/// they can be dropped the moment a service rejects them: IMDS rotated the keys, or a hybrid
+/// node's credentials file was rewritten. Reloading builds the chain anew, which re-reads the
+/// profile files. Expiring credentials are reloaded 5 minutes before they expire; credentials
+/// without an expiry (a credentials file) every 5 minutes.
+#[derive(Clone, Debug, Default)]
+pub struct NodeCredentials(Arc<Mutex<NodeCredentialsState>>);
+
+#[derive(Debug, Default)]
+struct NodeCredentialsState {
+    cached: Option<(Credentials, SystemTime)>,
+}
+
+const NODE_CREDENTIALS_MARGIN: Duration = Duration::from_secs(300);
+
+impl NodeCredentials {
+    /// Drops what is cached: the next use loads anew.
+    pub fn invalidate(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).cached = None;
+    }
+
+    fn cached(&self) -> Option<Credentials> {
+        let now = SystemTime::now();
+        let state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (creds, loaded) = state.cached.as_ref()?;
+        let fresh = match creds.expiry() {
+            Some(expiry) => expiry.duration_since(now).is_ok_and(|left| left > NODE_CREDENTIALS_MARGIN),
+            None => now.duration_since(*loaded).is_ok_and(|age| age < NODE_CREDENTIALS_MARGIN),
+        };
+        fresh.then(|| creds.clone())
+    }
+
+    /// The credentials: cached, or loaded from a new default chain.
+    pub async fn get(&self) -> Result<Credentials, CredentialsError> {
+        if let Some(creds) = self.cached() {
+            return Ok(creds);
+        }
+        let chain = aws_config::default_provider::credentials::DefaultCredentialsChain::builder().build().await;
+        let creds = chain.provide_credentials().await?;
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).cached = Some((creds.clone(), SystemTime::now()));
+        Ok(creds)
+    }
+}
+
+impl ProvideCredentials for NodeCredentials {
+    fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        future::ProvideCredentials::new(self.get())
+    }
 }
 
 /// Where the default chain found a set of credentials, in an operator's words.

@@ -445,6 +445,7 @@ impl<U: Upstream> Inner<U> {
                 attempt,
                 status = error.status,
                 code = %error.code,
+                message = %error.message,
                 request_id = error.request_id.as_deref().unwrap_or("-"),
                 latency_ms = started.elapsed().as_millis() as u64,
                 "EKS Auth call failed"

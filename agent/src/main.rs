@@ -201,7 +201,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         node_name: settings.node_name.clone(),
     })
     .await?;
-    let region = upstream.region();
+    let region = upstream.region().await;
     let server = Arc::new(CredentialServer {
         redirector: redirector.clone(),
         cgroups,

@@ -7,7 +7,7 @@ use std::{fmt, future::Future, time::SystemTime};
 
 use aws_sdk_eksauth::{error::SdkError, operation::RequestId as _};
 
-use crate::aws::ApiErrorKind;
+use crate::aws::{ApiErrorKind, NodeCredentials};
 
 use crate::credentials::Credentials;
 
@@ -135,10 +135,22 @@ impl fmt::Display for UpstreamError {
 }
 
 pub struct EksAuth {
-    client: aws_sdk_eksauth::Client,
-    cluster_name: String,
+    options: EksAuthOptions,
+    node: NodeCredentials,
     endpoint: EndpointRecorder,
+    /// The client, once the region is known: it can come from IMDS, which may not answer yet
+    /// when the agent starts, so it is looked for again until it does.
+    client: tokio::sync::Mutex<Client>,
 }
+
+enum Client {
+    Ready(aws_sdk_eksauth::Client),
+    /// No region yet: why, and when it was last looked for.
+    NoRegion { since: tokio::time::Instant, why: String },
+}
+
+/// How often a missing region is looked for again.
+const REGION_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Remembers where the SDK sent the last request (`scheme://host[:port]`): the endpoint as the
 /// SDK resolved it from the flags, the environment, the region and FIPS.
@@ -180,22 +192,77 @@ pub struct EksAuthOptions {
 impl EksAuth {
     /// Builds the client from the default AWS configuration chain (environment, profile, IMDS).
     /// `AWS_ENDPOINT_URL_EKS_AUTH` and `AWS_USE_FIPS_ENDPOINT` are honoured by the chain; the
-    /// HTTP client honours `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`.
+    /// HTTP client honours `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` and `AWS_CA_BUNDLE`. Without a
+    /// region yet (IMDS not answering), calls fail with that reason until one is found.
     pub async fn new(options: EksAuthOptions) -> anyhow::Result<EksAuth> {
+        let auth = EksAuth {
+            options,
+            node: NodeCredentials::default(),
+            endpoint: EndpointRecorder::default(),
+            client: tokio::sync::Mutex::new(Client::NoRegion { since: tokio::time::Instant::now(), why: String::new() }),
+        };
+        let client = auth.build().await?;
+        if let Client::NoRegion { why, .. } = &client {
+            tracing::warn!("{why}; EKS Auth calls fail until it is found (looked for again every {REGION_RETRY:?})");
+        }
+        *auth.client.lock().await = client;
+        Ok(auth)
+    }
+
+    async fn build(&self) -> anyhow::Result<Client> {
+        let o = &self.options;
         let config = crate::aws::sdk_config(&crate::aws::AwsOptions {
-            region: options.region,
-            endpoint: options.endpoint,
-            fips: options.fips,
-            app_name: Some(match &options.node_name {
+            region: o.region.clone(),
+            endpoint: o.endpoint.clone(),
+            fips: o.fips,
+            app_name: Some(match &o.node_name {
                 Some(node) => format!("pod-identity-agent-{node}"),
                 None => "pod-identity-agent".to_owned(),
             }),
             sdk_retries: false,
+            node_credentials: Some(self.node.clone()),
         })
         .await?;
-        let endpoint = EndpointRecorder::default();
-        let client_config = aws_sdk_eksauth::config::Builder::from(&config).interceptor(endpoint.clone()).build();
-        Ok(EksAuth { client: aws_sdk_eksauth::Client::from_conf(client_config), cluster_name: options.cluster_name, endpoint })
+        if config.region().is_none() {
+            return Ok(Client::NoRegion {
+                since: tokio::time::Instant::now(),
+                why: "no AWS region found (--region, AWS_REGION, the profile and IMDS gave none)".to_owned(),
+            });
+        }
+        let client_config = aws_sdk_eksauth::config::Builder::from(&config).interceptor(self.endpoint.clone()).build();
+        Ok(Client::Ready(aws_sdk_eksauth::Client::from_conf(client_config)))
+    }
+
+    /// The client, or why there is none yet.
+    async fn client(&self) -> Result<aws_sdk_eksauth::Client, UpstreamError> {
+        let mut client = self.client.lock().await;
+        if let Client::NoRegion { since, .. } = &*client
+            && since.elapsed() >= REGION_RETRY
+        {
+            match self.build().await {
+                Ok(built) => *client = built,
+                Err(e) => tracing::warn!("cannot build the EKS Auth client: {e:#}"),
+            }
+            if matches!(&*client, Client::Ready(_)) {
+                tracing::info!(region = ?self.region_of(&client), "AWS region found; EKS Auth calls can start");
+            }
+        }
+        match &*client {
+            Client::Ready(c) => Ok(c.clone()),
+            Client::NoRegion { why, .. } => Err(UpstreamError {
+                status: 502,
+                code: "NodeRegionUnavailable".into(),
+                message: format!("{why}: is IMDS reachable from the node? set AWS_REGION or --region otherwise"),
+                request_id: None,
+            }),
+        }
+    }
+
+    fn region_of(&self, client: &Client) -> Option<String> {
+        match client {
+            Client::Ready(c) => c.config().region().map(ToString::to_string),
+            Client::NoRegion { .. } => None,
+        }
     }
 
     /// Where the last call went (`https://eks-auth.us-west-2.api.aws`), once a call was made.
@@ -203,22 +270,56 @@ impl EksAuth {
         self.endpoint.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// The region the client signs for, as the chain resolved it.
-    pub fn region(&self) -> Option<String> {
-        self.client.config().region().map(ToString::to_string)
+    /// The region the client signs for, as the chain resolved it (`None` until found).
+    pub async fn region(&self) -> Option<String> {
+        self.region_of(&*self.client.lock().await)
     }
+}
+
+/// EKS Auth's answers that mean the node's own credentials were refused (HTTP 403), as opposed
+/// to the pod's token (400): the keys rotated, expired, or were replaced on disk.
+fn node_credentials_rejected(e: &UpstreamError) -> bool {
+    e.status == 403
+        && matches!(
+            e.code.as_str(),
+            "UnrecognizedClientException"
+                | "InvalidSignatureException"
+                | "ExpiredTokenException"
+                | "InvalidClientTokenId"
+                | "SignatureDoesNotMatch"
+                | "IncompleteSignature"
+                | "MissingAuthenticationTokenException"
+        )
 }
 
 impl Upstream for EksAuth {
     async fn assume_role(&self, token: &str) -> Result<AssumedRole, UpstreamError> {
-        let out = self
-            .client
-            .assume_role_for_pod_identity()
-            .cluster_name(&self.cluster_name)
-            .token(token)
-            .send()
-            .await
-            .map_err(map_sdk_error)?;
+        let client = self.client().await?;
+        // Credentials first, so that their failure is named as such (the SDK would only say it
+        // could not sign).
+        self.node.get().await.map_err(|e| UpstreamError {
+            status: 502,
+            code: "NodeCredentialsUnavailable".into(),
+            message: format!("cannot get the node's own AWS credentials: {}", crate::aws::error_chain(Some(&e))),
+            request_id: None,
+        })?;
+        let out = match client.assume_role_for_pod_identity().cluster_name(&self.options.cluster_name).token(token).send().await {
+            Ok(out) => out,
+            Err(e) => {
+                let e = map_sdk_error(e);
+                if node_credentials_rejected(&e) {
+                    // Reloaded for the next attempt, which the cache makes: a transient error.
+                    self.node.invalidate();
+                    return Err(UpstreamError {
+                        status: 502,
+                        code: "NodeCredentialsRejected".into(),
+                        message: format!("EKS Auth refused the node's own credentials ({}: {}); they are reloaded", e.code, e.message),
+                        request_id: e.request_id,
+                    });
+                }
+                return Err(e);
+            }
+        };
         let malformed = |what: &str| UpstreamError {
             status: 502,
             code: "InvalidUpstreamResponse".into(),

@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod bpf;
 pub mod fake_aws;
+pub mod fake_imds;
 pub mod jwt;
 pub mod node;
 pub mod secrets;
