@@ -68,6 +68,13 @@ mod programs {
         unsafe { read_volatile(&raw const CONFIG) }
     }
 
+    /// The intercepted ports alone: read per connect, so not the whole configuration.
+    #[inline(always)]
+    fn intercept_ports() -> [[u8; 2]; 4] {
+        // SAFETY: as in config(), for one field.
+        unsafe { read_volatile(&raw const CONFIG.intercept_ports) }
+    }
+
     #[inline(always)]
     fn count(index: u32) {
         if let Some(slot) = REDIRECT_COUNTS.get_ptr_mut(index) {
@@ -116,9 +123,12 @@ mod programs {
             if read_volatile(&raw const (*sa).protocol) != IPPROTO_TCP {
                 return ALLOW;
             }
-            let ip = read_volatile(&raw const (*sa).user_ip4);
             // user_port holds the big-endian port in its low 16 bits.
             let port = read_volatile(&raw const (*sa).user_port) as u16;
+            if !RedirectConfig::may_intercept(&intercept_ports(), port.to_ne_bytes()) {
+                return ALLOW;
+            }
+            let ip = read_volatile(&raw const (*sa).user_ip4);
             let dst = Endpoint::v4(ip.to_ne_bytes(), port.to_ne_bytes());
             let Some((target, cgroup_id)) = redirect_target(&dst) else {
                 return ALLOW;
@@ -153,13 +163,16 @@ mod programs {
             if read_volatile(&raw const (*sa).protocol) != IPPROTO_TCP {
                 return ALLOW;
             }
+            let port = read_volatile(&raw const (*sa).user_port) as u16;
+            if !RedirectConfig::may_intercept(&intercept_ports(), port.to_ne_bytes()) {
+                return ALLOW;
+            }
             let ip = [
                 read_volatile(&raw const (*sa).user_ip6[0]),
                 read_volatile(&raw const (*sa).user_ip6[1]),
                 read_volatile(&raw const (*sa).user_ip6[2]),
                 read_volatile(&raw const (*sa).user_ip6[3]),
             ];
-            let port = read_volatile(&raw const (*sa).user_port) as u16;
             let dst = Endpoint { addr: words_to_bytes(ip), port: port.to_ne_bytes() };
             // A v4-mapped destination gets the v4-mapped IPv4 target, which is how target_v4 is
             // stored, so the same bytes serve both cases.

@@ -11,7 +11,7 @@ use std::{
     fs,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::Instant,
 };
 
@@ -61,7 +61,9 @@ pub struct CgroupIndex {
 }
 
 struct IndexState {
-    by_id: HashMap<u64, String>,
+    /// Each cgroup's caller, worked out once per walk: resolving is a lookup and a clone of a
+    /// pointer.
+    by_id: HashMap<u64, Arc<Caller>>,
     /// When the walk that produced `by_id` began.
     walked_at: Instant,
 }
@@ -80,7 +82,7 @@ impl CgroupIndex {
 
     /// Resolves the cgroup id of a connection accepted at `accepted_at`; `None` when no cgroup
     /// with that id exists below the root (it was removed since the connect).
-    pub fn resolve(&self, cgroup_id: u64, accepted_at: Instant) -> Option<Caller> {
+    pub fn resolve(&self, cgroup_id: u64, accepted_at: Instant) -> Option<Arc<Caller>> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if !state.by_id.contains_key(&cgroup_id) && state.walked_at <= accepted_at {
             let walked_at = Instant::now();
@@ -88,11 +90,7 @@ impl CgroupIndex {
                 *state = IndexState { by_id, walked_at };
             }
         }
-        let path = state.by_id.get(&cgroup_id)?.clone();
-        Some(match pod_uid_from_cgroup_path(&path) {
-            Some(uid) => Caller::Pod { uid, cgroup: path },
-            None => Caller::Host { cgroup: path },
-        })
+        state.by_id.get(&cgroup_id).cloned()
     }
 }
 
@@ -107,18 +105,32 @@ impl CgroupIndex {
     pub fn present_pods(&self) -> std::io::Result<std::collections::HashSet<PodUid>> {
         let walked_at = Instant::now();
         let by_id = walk(&self.mount, &self.root)?;
-        let pods = by_id.values().filter_map(|path| pod_uid_from_cgroup_path(path)).collect();
+        let pods = by_id
+            .values()
+            .filter_map(|caller| match &**caller {
+                Caller::Pod { uid, .. } => Some(uid.clone()),
+                Caller::Host { .. } => None,
+            })
+            .collect();
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = IndexState { by_id, walked_at };
         Ok(pods)
     }
 }
 
-/// Every cgroup directory at or below `root`, by inode number, as paths relative to `mount`.
-fn walk(mount: &Path, root: &Path) -> std::io::Result<HashMap<u64, String>> {
+/// The caller behind a cgroup path (relative to the mount).
+fn caller_of(path: String) -> Arc<Caller> {
+    Arc::new(match pod_uid_from_cgroup_path(&path) {
+        Some(uid) => Caller::Pod { uid, cgroup: path },
+        None => Caller::Host { cgroup: path },
+    })
+}
+
+/// Every cgroup directory at or below `root`, by inode number, with its caller.
+fn walk(mount: &Path, root: &Path) -> std::io::Result<HashMap<u64, Arc<Caller>>> {
     let mut out = HashMap::new();
     let mut stack = vec![root.to_path_buf()];
     let root_meta = fs::metadata(root)?;
-    out.insert(root_meta.ino(), display_path(mount, root));
+    out.insert(root_meta.ino(), caller_of(display_path(mount, root)));
     while let Some(dir) = stack.pop() {
         // A cgroup can vanish mid-walk: skip it rather than fail the walk.
         let Ok(entries) = fs::read_dir(&dir) else { continue };
@@ -129,7 +141,7 @@ fn walk(mount: &Path, root: &Path) -> std::io::Result<HashMap<u64, String>> {
             }
             let path = entry.path();
             if let Ok(meta) = entry.metadata() {
-                out.insert(meta.ino(), display_path(mount, &path));
+                out.insert(meta.ino(), caller_of(display_path(mount, &path)));
                 stack.push(path);
             }
         }
@@ -224,10 +236,10 @@ mod tests {
         fs::create_dir_all(&pod).unwrap();
         let index = CgroupIndex::build(&dir, &dir).unwrap();
         let pod_ino = fs::metadata(&pod).unwrap().ino();
-        match index.resolve(pod_ino, Instant::now()) {
+        match index.resolve(pod_ino, Instant::now()).as_deref() {
             Some(Caller::Pod { uid, cgroup }) => {
                 assert_eq!(uid.as_str(), UID);
-                assert_eq!(cgroup, format!("/kubepods/burstable/pod{UID}/ctr"));
+                assert_eq!(*cgroup, format!("/kubepods/burstable/pod{UID}/ctr"));
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -235,16 +247,16 @@ mod tests {
         let host = dir.join("system.slice");
         fs::create_dir_all(&host).unwrap();
         let host_ino = fs::metadata(&host).unwrap().ino();
-        assert_eq!(index.resolve(host_ino, Instant::now()), Some(Caller::Host { cgroup: "/system.slice".into() }));
+        assert_eq!(index.resolve(host_ino, Instant::now()).as_deref(), Some(&Caller::Host { cgroup: "/system.slice".into() }));
         // A miss for a connection accepted before the last walk does not walk again; one accepted
         // after it does.
         let before = Instant::now();
-        assert_eq!(index.resolve(u64::MAX, Instant::now()), None);
+        assert!(index.resolve(u64::MAX, Instant::now()).is_none());
         let late = dir.join("late.slice");
         fs::create_dir_all(&late).unwrap();
         let late_ino = fs::metadata(&late).unwrap().ino();
-        assert_eq!(index.resolve(late_ino, before), None);
-        assert_eq!(index.resolve(late_ino, Instant::now()), Some(Caller::Host { cgroup: "/late.slice".into() }));
+        assert!(index.resolve(late_ino, before).is_none());
+        assert_eq!(index.resolve(late_ino, Instant::now()).as_deref(), Some(&Caller::Host { cgroup: "/late.slice".into() }));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

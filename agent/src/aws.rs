@@ -204,7 +204,7 @@ where
         SdkError::DispatchFailure(failure) => local(
             ApiErrorKind::Unreachable,
             "Unreachable",
-            error_chain(failure.as_connector_error().map(|e| e as &dyn std::error::Error)),
+            with_proxy(error_chain(failure.as_connector_error().map(|e| e as &dyn std::error::Error))),
         ),
         SdkError::ResponseError(_) => local(ApiErrorKind::BadResponse, "InvalidResponse", error_chain(Some(&err))),
         _ => local(ApiErrorKind::Other, "RequestFailed", error_chain(Some(&err))),
@@ -234,6 +234,27 @@ impl HttpStatus for aws_smithy_runtime_api::http::Response {
     }
 }
 
+/// A connection failure through an HTTPS proxy says "tunnel error"; name the proxy, without any
+/// credentials its URL holds.
+fn with_proxy(message: String) -> String {
+    if !message.contains("tunnel") {
+        return message;
+    }
+    let Some(proxy) = ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"].iter().find_map(|v| std::env::var(v).ok().filter(|p| !p.is_empty())) else {
+        return message;
+    };
+    format!("{message} (through the proxy {})", without_userinfo(&proxy))
+}
+
+/// A URL without the `user:password@` part.
+fn without_userinfo(url: &str) -> String {
+    let shown = match url.split_once("://") {
+        Some((scheme, rest)) => format!("{scheme}://{}", rest.rsplit_once('@').map_or(rest, |(_, host)| host)),
+        None => url.rsplit_once('@').map_or(url, |(_, host)| host).to_owned(),
+    };
+    shown.trim_end_matches('/').to_owned()
+}
+
 /// An error and its sources, joined: `a: b: c`.
 pub fn error_chain(err: Option<&dyn std::error::Error>) -> String {
     let mut parts: Vec<String> = Vec::new();
@@ -247,4 +268,16 @@ pub fn error_chain(err: Option<&dyn std::error::Error>) -> String {
         next = e.source();
     }
     if parts.is_empty() { "unknown error".into() } else { parts.join(": ") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_urls_are_shown_without_credentials() {
+        assert_eq!(without_userinfo("http://user:secret@proxy.corp:3128/"), "http://proxy.corp:3128");
+        assert_eq!(without_userinfo("http://127.0.0.1:1"), "http://127.0.0.1:1");
+        assert_eq!(without_userinfo("user:pw@proxy:8080"), "proxy:8080");
+    }
 }

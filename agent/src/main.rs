@@ -216,6 +216,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         stats,
         metrics: metrics.clone(),
         allowed_hosts: request::allowed_hosts(&settings.intercept),
+        pods: Default::default(),
     });
 
     let _ = serving.set(server.clone());
@@ -401,10 +402,7 @@ async fn maintain(server: Arc<CredentialServer>) {
         };
         server.cache.maintain(present.as_ref());
         if let Some(present) = &present {
-            server.pod_limits.retain(present);
-            for (namespace, pod) in server.stats.retain(present) {
-                server.metrics.forget_pod(&namespace, &pod);
-            }
+            server.forget_gone_pods(present);
         }
         return_freed_memory();
     }

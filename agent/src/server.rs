@@ -2,20 +2,21 @@
 //!
 //! Each accepted connection is attributed once, right after `accept()`, from the record the
 //! kernel programs left for its 4-tuple; every request on it is then checked against that record.
-//! The pod's statistics and rate bucket are found at accept too, and each connection remembers
-//! the last token it presented (its claims, digest and binding), so a keep-alive client pays
-//! for decoding and hashing once per token: a cached request touches no lock shared with other
+//! The pod's state is found at accept too: its statistics, its rate bucket, and the last token it
+//! presented with its claims, digest and binding, so decoding and hashing are paid once per
+//! token, not per request or per connection. A cached request touches no lock shared with other
 //! pods' requests but the cache's own.
 
 use std::{
+    collections::{HashMap, HashSet},
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, header};
+use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -53,6 +54,8 @@ pub struct CredentialServer {
     pub metrics: Arc<Metrics>,
     /// Host header values a client may send: the intercepted addresses, with and without port.
     pub allowed_hosts: Vec<String>,
+    /// Each pod's serving state, created on its first connection.
+    pub pods: RwLock<HashMap<PodUid, Arc<PodState>>>,
 }
 
 /// Who is on the other end of one accepted connection, found once at accept.
@@ -60,27 +63,25 @@ struct Connection {
     peer: SocketAddr,
     attribution: Option<Attribution>,
     /// The attributed pod, or why there is none (eBPF mode); `None` in link mode.
-    caller: Option<Result<Pod, Refusal>>,
-    /// What the previous request on this connection left to reuse. Only this connection's own
-    /// requests, which come one after another, take the lock.
-    memo: Mutex<Memo>,
+    caller: Option<Result<Arc<PodState>, Refusal>>,
     /// Its place under the connection limits, released when the connection ends.
     _permit: Permit,
 }
 
-/// A pod and its per-pod state, found once.
-#[derive(Clone)]
-struct Pod {
+/// One pod's serving state.
+pub struct PodState {
     uid: PodUid,
     stats: Arc<PodEntry>,
     bucket: Arc<PodBucket>,
+    /// What the pod's last request left to reuse. Only the pod's own requests take the lock.
+    memo: Mutex<Memo>,
 }
 
 #[derive(Default)]
 struct Memo {
-    /// The last token presented on this connection and bound to its caller.
+    /// The last token the pod presented and bound to it.
     token: Option<Arc<BoundToken>>,
-    /// The credentials last served on it: their role goes to the pod's statistics once.
+    /// The credentials last served to it: their role goes to the pod's statistics once.
     served: Option<Arc<AssumedRole>>,
 }
 
@@ -98,13 +99,13 @@ struct BoundToken {
 #[derive(Default)]
 struct RequestFacts {
     /// The pod the caller was attributed to (or, in link mode, its token names).
-    pod: Option<Pod>,
+    pod: Option<Arc<PodState>>,
     /// The token, once bound to that pod.
     token: Option<Arc<BoundToken>>,
-    /// Whether the token is new on this connection (its identity goes to the statistics).
+    /// Whether the token is new for the pod (its identity goes to the statistics).
     new_token: bool,
     served: Option<(Arc<AssumedRole>, Outcome)>,
-    /// Whether the served credentials are new on this connection.
+    /// Whether the served credentials are new for the pod.
     new_role: bool,
     /// EKS Auth's error code, when it refused.
     upstream_code: Option<String>,
@@ -169,7 +170,7 @@ impl CredentialServer {
             if let Some(Ok(pod)) = &caller {
                 pod.stats.connection();
             }
-            let conn = Arc::new(Connection { peer, attribution, caller, memo: Mutex::default(), _permit: permit });
+            let conn = Arc::new(Connection { peer, attribution, caller, _permit: permit });
             let server = self.clone();
             let service = hyper::service::service_fn(move |req| {
                 let server = server.clone();
@@ -258,7 +259,7 @@ impl CredentialServer {
 
         request::check_host(req.headers(), &self.allowed_hosts)?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-        let remembered = conn.memo.lock().unwrap_or_else(|e| e.into_inner()).token.clone();
+        let remembered = attributed.as_ref().and_then(|pod| pod.memo.lock().unwrap_or_else(|e| e.into_inner()).token.clone());
         let token = match remembered.filter(|t| t.claims.expires_at > now && request::same_token(req.headers(), &t.raw)) {
             Some(token) => token,
             None => {
@@ -282,7 +283,9 @@ impl CredentialServer {
                     raw: Box::from(raw),
                     claims,
                 });
-                conn.memo.lock().unwrap_or_else(|e| e.into_inner()).token = Some(token.clone());
+                if let Some(pod) = &attributed {
+                    pod.memo.lock().unwrap_or_else(|e| e.into_inner()).token = Some(token.clone());
+                }
                 facts.new_token = true;
                 token
             }
@@ -323,23 +326,35 @@ impl CredentialServer {
         );
         let body = role.body();
         {
-            let mut memo = conn.memo.lock().unwrap_or_else(|e| e.into_inner());
+            let mut memo = pod.memo.lock().unwrap_or_else(|e| e.into_inner());
             facts.new_role = !memo.served.as_ref().is_some_and(|last| Arc::ptr_eq(last, &role));
             if facts.new_role {
                 memo.served = Some(role.clone());
             }
         }
         facts.served = Some((role, outcome));
-        Ok(Response::builder()
-            .status(StatusCode::OK)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
-            .expect("static response parts are valid"))
+        let mut response = Response::new(Full::new(body));
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        Ok(response)
     }
 
-    /// A pod's per-pod state, created on first sight.
-    fn pod(&self, uid: PodUid) -> Pod {
-        Pod { stats: self.stats.entry(&uid), bucket: self.pod_limits.bucket(&uid), uid }
+    /// A pod's serving state, created on first sight.
+    fn pod(&self, uid: PodUid) -> Arc<PodState> {
+        if let Some(pod) = self.pods.read().unwrap_or_else(|e| e.into_inner()).get(&uid) {
+            return pod.clone();
+        }
+        let state = PodState { stats: self.stats.entry(&uid), bucket: self.pod_limits.bucket(&uid), memo: Mutex::default(), uid: uid.clone() };
+        self.pods.write().unwrap_or_else(|e| e.into_inner()).entry(uid).or_insert_with(|| Arc::new(state)).clone()
+    }
+
+    /// Drops the state of pods not in `present` (those whose cgroups are gone): serving state,
+    /// statistics, rate buckets and per-pod metrics.
+    pub fn forget_gone_pods(&self, present: &HashSet<PodUid>) {
+        self.pods.write().unwrap_or_else(|e| e.into_inner()).retain(|uid, _| present.contains(uid));
+        self.pod_limits.retain(present);
+        for (namespace, pod) in self.stats.retain(present) {
+            self.metrics.forget_pod(&namespace, &pod);
+        }
     }
 
     /// The pod the kernel attributed a connection to, or why there is none.
@@ -351,7 +366,7 @@ impl CredentialServer {
                 "connection did not come through the agent's redirect, so its caller cannot be attributed; connect to the credential address instead",
             ));
         };
-        match self.cgroups.as_ref().and_then(|index| index.resolve(attribution.cgroup_id, accepted_at)) {
+        match self.cgroups.as_ref().and_then(|index| index.resolve(attribution.cgroup_id, accepted_at)).as_deref() {
             None => Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 "cgroup_unknown",
@@ -362,7 +377,7 @@ impl CredentialServer {
                 "not_a_pod",
                 format!("caller runs in cgroup {cgroup}, which belongs to no pod; only pods get pod credentials"),
             )),
-            Some(Caller::Pod { uid, .. }) => Ok(uid),
+            Some(Caller::Pod { uid, .. }) => Ok(uid.clone()),
         }
     }
 }

@@ -7,6 +7,7 @@ mod deploy_modes;
 mod hostile;
 mod monitoring;
 mod neighbours;
+mod node_credentials;
 mod operator;
 mod operator_tools;
 mod sdk_clients;

@@ -17,6 +17,38 @@ pub const METRICS_ADDR: &str = "127.0.0.1:2705";
 
 static NEXT_LOG: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
+/// Where the agent's own AWS credentials and region come from.
+#[derive(Clone, Debug, Default)]
+pub enum NodeAws {
+    /// Static keys in the environment, and `--region` (the harness's default).
+    #[default]
+    StaticKeys,
+    /// Nothing configured: the default chain finds IMDS, which also gives the region.
+    Imds,
+    /// A hybrid node: a shared credentials file and/or a config file (e.g. with a
+    /// `credential_process`), and `--region`.
+    Files { credentials: Option<PathBuf>, config: Option<PathBuf> },
+}
+
+/// How to start the agent, beyond its arguments.
+pub struct Launch<'a> {
+    /// A command the agent runs under (setpriv, taskset, unshare ...).
+    pub wrapper: &'a [&'a str],
+    /// Another build of the agent.
+    pub binary: Option<&'a std::path::Path>,
+    pub aws: NodeAws,
+    /// Pass `--eks-auth-endpoint` of the fake (else the SDK resolves the endpoint itself).
+    pub endpoint: bool,
+    /// More environment (after the harness's own).
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for Launch<'_> {
+    fn default() -> Self {
+        Launch { wrapper: &[], binary: None, aws: NodeAws::StaticKeys, endpoint: true, env: Vec::new() }
+    }
+}
+
 pub struct Agent {
     child: Option<Child>,
     netns: String,
@@ -66,40 +98,50 @@ impl Agent {
     /// Starts `wrapper... agent run ...` without waiting. The harness passes the node's cgroup
     /// root and listen addresses unless `extra` gives its own.
     pub fn spawn_wrapped(node: &Node, fake: &FakeAws, extra: &[&str], wrapper: &[&str]) -> Agent {
-        Agent::spawn_binary(node, fake, extra, wrapper, &binary())
+        Agent::launch(node, fake, extra, &Launch { wrapper, ..Launch::default() })
     }
 
     /// Starts another build of the agent (e.g. the bench's allocation-counting one) under
     /// `wrapper`, and waits for readiness.
     pub fn start_binary(node: &Node, fake: &FakeAws, extra: &[&str], wrapper: &[&str], binary: &std::path::Path) -> Agent {
-        let mut agent = Agent::spawn_binary(node, fake, extra, wrapper, binary);
+        let mut agent = Agent::launch(node, fake, extra, &Launch { wrapper, binary: Some(binary), ..Launch::default() });
         agent.wait_ready(node);
         agent
     }
 
-    fn spawn_binary(node: &Node, fake: &FakeAws, extra: &[&str], wrapper: &[&str], binary: &std::path::Path) -> Agent {
+    /// Starts the agent as `launch` describes, without waiting for readiness.
+    pub fn launch(node: &Node, fake: &FakeAws, extra: &[&str], launch: &Launch<'_>) -> Agent {
         let [listen4, listen6] = node.listen_addrs(PORT);
         let log_path = std::env::temp_dir().join(format!("{}-agent-{}.log", node.netns, NEXT_LOG.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
         let log = fs::File::create(&log_path).expect("create agent log");
         crate::secrets::remember(NODE_SECRET);
-        let (program, prefix) = match wrapper.split_first() {
+        let default_binary = binary();
+        let binary = launch.binary.unwrap_or(&default_binary);
+        let (program, prefix) = match launch.wrapper.split_first() {
             Some((first, rest)) => (*first, rest.to_vec()),
             None => (binary.to_str().unwrap(), Vec::new()),
         };
         let mut command = node.command(program, Some(&node.agent_cgroup));
         command.args(prefix);
-        if !wrapper.is_empty() {
-            command.arg(&binary);
+        if !launch.wrapper.is_empty() {
+            command.arg(binary);
         }
-        command.args(["run", "--cluster-name", CLUSTER, "--region", REGION]);
+        command.args(["run", "--cluster-name", CLUSTER]);
         // The node's defaults, each unless `extra` gives that flag itself.
         let cgroup_root = node.cgroup_root.to_str().unwrap().to_owned();
-        let defaults: [(&str, Vec<String>); 4] = [
+        let mut defaults: Vec<(&str, Vec<String>)> = vec![
             ("--cgroup-root", vec![cgroup_root]),
             ("--listen", vec![listen4.to_string(), listen6.to_string()]),
             ("--probe-addr", vec![PROBE_ADDR.to_owned()]),
             ("--metrics-addr", vec![METRICS_ADDR.to_owned()]),
         ];
+        if launch.endpoint {
+            defaults.push(("--eks-auth-endpoint", vec![fake.endpoint()]));
+        }
+        if !matches!(launch.aws, NodeAws::Imds) {
+            // Everywhere but on EC2 the region is configured.
+            defaults.push(("--region", vec![REGION.to_owned()]));
+        }
         for (flag, values) in &defaults {
             if !extra.contains(flag) {
                 for value in values {
@@ -107,19 +149,53 @@ impl Agent {
                 }
             }
         }
+        command.args(extra);
+        // Nothing of this machine's AWS or TLS configuration may leak in.
+        for var in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+            "AWS_REGION",
+            "AWS_DEFAULT_REGION",
+            "AWS_ENDPOINT_URL",
+            "AWS_ENDPOINT_URL_EKS_AUTH",
+            "AWS_USE_FIPS_ENDPOINT",
+            "AWS_CA_BUNDLE",
+            "SSL_CERT_FILE",
+            "SSL_CERT_DIR",
+            "HTTPS_PROXY",
+            "https_proxy",
+            "HTTP_PROXY",
+            "http_proxy",
+            "NO_PROXY",
+            "no_proxy",
+            "ALL_PROXY",
+        ] {
+            command.env_remove(var);
+        }
+        command.env("AWS_CONFIG_FILE", "/nonexistent").env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent").env("AWS_EC2_METADATA_DISABLED", "true");
+        match &launch.aws {
+            // The node's own credentials sign the EKS Auth calls.
+            NodeAws::StaticKeys => {
+                command.env("AWS_ACCESS_KEY_ID", NODE_ACCESS_KEY).env("AWS_SECRET_ACCESS_KEY", NODE_SECRET);
+            }
+            NodeAws::Imds => {
+                command.env_remove("AWS_EC2_METADATA_DISABLED");
+            }
+            NodeAws::Files { credentials, config } => {
+                if let Some(file) = credentials {
+                    command.env("AWS_SHARED_CREDENTIALS_FILE", file);
+                }
+                if let Some(file) = config {
+                    command.env("AWS_CONFIG_FILE", file);
+                }
+            }
+        }
+        for (k, v) in &launch.env {
+            command.env(k, v);
+        }
         let child = command
-            .args(["--eks-auth-endpoint", &fake.endpoint()])
-            .args(extra)
-            // The node's own credentials sign the EKS Auth calls; nothing else of this machine's
-            // AWS configuration may leak in.
-            .env("AWS_ACCESS_KEY_ID", NODE_ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", NODE_SECRET)
-            .env_remove("AWS_SESSION_TOKEN")
-            .env_remove("AWS_PROFILE")
-            .env_remove("AWS_ENDPOINT_URL_EKS_AUTH")
-            .env("AWS_CONFIG_FILE", "/nonexistent")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
             // Our own debug lines are on, so the secret scan at drop covers them too.
             .env("RUST_LOG", std::env::var("PIA_AGENT_LOG").unwrap_or_else(|_| "info,pod_identity_agent=debug".into()))
             .stdout(Stdio::null())

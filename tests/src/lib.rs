@@ -14,6 +14,8 @@ pub mod fake_aws;
 pub mod fake_imds;
 pub mod jwt;
 pub mod node;
+pub mod pki;
+pub mod proxy;
 pub mod secrets;
 
 pub use agent::Agent;

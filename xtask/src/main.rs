@@ -22,6 +22,9 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     // Monitoring tests: promtool for the alert rules, a real Prometheus server to query.
     "prometheus",
+    // Production-path tests: a real forward proxy, certificates for TLS.
+    "tinyproxy-bin",
+    "openssl",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// (module to import, PyPI package): real SDK clients the end-to-end tests run inside pods.

@@ -69,6 +69,10 @@ pub struct RedirectConfig {
     pub _pad: [u8; 4],
     /// The agent's own cgroup id: its connects are never redirected.
     pub agent_cgroup_id: u64,
+    /// The ports of the intercepted addresses, in network byte order, unused slots zero: a
+    /// connect to any other port is let through before any map lookup (the common case, and the
+    /// one every connect on the node pays for). All zero: no port filter, the map decides.
+    pub intercept_ports: [[u8; 2]; 4],
 }
 
 impl RedirectConfig {
@@ -77,7 +81,15 @@ impl RedirectConfig {
         target_v6: Endpoint::NONE,
         _pad: [0; 4],
         agent_cgroup_id: 0,
+        intercept_ports: [[0; 2]; 4],
     };
+
+    /// Whether a connect to `port` (network byte order) may be to an intercepted address.
+    #[inline(always)]
+    pub fn may_intercept(ports: &[[u8; 2]; 4], port: [u8; 2]) -> bool {
+        let unfiltered = ports[0] == [0, 0];
+        unfiltered || ports[0] == port || ports[1] == port || ports[2] == port || ports[3] == port
+    }
 }
 
 /// Who opened a redirected connection, as the kernel saw it at `connect()`.
@@ -146,7 +158,19 @@ mod tests {
         assert_eq!(size_of::<Endpoint>(), 18);
         assert_eq!(size_of::<ConnectionKey>(), 36);
         assert_eq!(size_of::<Attribution>(), 8 + 8 + 18 + 6);
-        assert_eq!(size_of::<RedirectConfig>(), 18 + 18 + 4 + 8);
+        assert_eq!(size_of::<RedirectConfig>(), 18 + 18 + 4 + 8 + 8);
+    }
+
+    #[test]
+    fn the_port_filter_passes_only_intercepted_ports() {
+        let p80 = 80u16.to_be_bytes();
+        let ports = [p80, [0, 0], [0, 0], [0, 0]];
+        assert!(RedirectConfig::may_intercept(&ports, p80));
+        assert!(!RedirectConfig::may_intercept(&ports, 443u16.to_be_bytes()));
+        // A zero port is never an intercepted one when the filter is on.
+        assert!(!RedirectConfig::may_intercept(&[p80, 8080u16.to_be_bytes(), [0, 0], [0, 0]], [1, 0]));
+        // No filter: the map decides.
+        assert!(RedirectConfig::may_intercept(&[[0, 0]; 4], 443u16.to_be_bytes()));
     }
 
     #[test]

@@ -98,6 +98,19 @@ pub fn endpoint(addr: SocketAddr) -> Endpoint {
     }
 }
 
+/// The intercepted addresses' distinct ports for the programs' first check; all zero (no
+/// filter) when there are more than it holds.
+fn port_filter(intercept: &[SocketAddr]) -> [[u8; 2]; 4] {
+    let mut ports: Vec<[u8; 2]> = intercept.iter().map(|a| a.port().to_be_bytes()).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    let mut filter = [[0u8; 2]; 4];
+    if ports.len() <= filter.len() {
+        filter[..ports.len()].copy_from_slice(&ports);
+    }
+    filter
+}
+
 impl Redirector {
     /// Loads, configures and attaches the programs. Must run inside a tokio runtime (the kernel
     /// log reader is a task).
@@ -111,6 +124,7 @@ impl Redirector {
             target_v6: spec.target_v6.map_or(Endpoint::NONE, endpoint),
             _pad: [0; 4],
             agent_cgroup_id: spec.agent_cgroup_id,
+            intercept_ports: port_filter(&spec.intercept),
         };
         let mut loader = EbpfLoader::new();
         loader.override_global(names::CONFIG, &config, true);
@@ -335,5 +349,18 @@ async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>)
         let Ok(mut guard) = fd.readable_mut().await else { return };
         guard.get_inner_mut().flush();
         guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_port_filter_lists_each_port_once_or_stands_aside() {
+        let a: Vec<SocketAddr> = ["169.254.170.23:80", "[fd00:ec2::23]:80"].iter().map(|s| s.parse().unwrap()).collect();
+        assert_eq!(port_filter(&a), [[0, 80], [0, 0], [0, 0], [0, 0]]);
+        let many: Vec<SocketAddr> = (1..=5).map(|p| SocketAddr::from(([169, 254, 170, 23], p))).collect();
+        assert_eq!(port_filter(&many), [[0, 0]; 4], "more ports than slots: no filter, the map decides");
     }
 }

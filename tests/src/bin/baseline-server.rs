@@ -1,7 +1,10 @@
 //! The floor for `cargo xtask bench`: a minimal hyper server that answers every request with the
 //! same credential JSON the agent serves, built with the same hyper and tokio as the agent.
 //!
-//! `baseline-server --listen IP:PORT --body-file FILE`
+//! `baseline-server --listen IP:PORT --body-file FILE [--delay-ms MS]`
+//!
+//! With `--delay-ms`, every answer waits that long first: the floor of the bench's burst
+//! scenario, where the agent's upstream takes as long.
 //!
 //! It counts its heap allocations with the agent's own counting allocator, and answers
 //! `GET /allocations` with the count, so the bench compares allocations per request with the
@@ -20,10 +23,12 @@ use hyper_util::rt::TokioIo;
 async fn main() {
     let mut args = std::env::args().skip(1);
     let (mut listen, mut body): (Option<SocketAddr>, Option<Vec<u8>>) = (None, None);
+    let mut delay = std::time::Duration::ZERO;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--listen" => listen = Some(args.next().expect("--listen IP:PORT").parse().expect("IP:PORT")),
             "--body-file" => body = Some(std::fs::read(args.next().expect("--body-file FILE")).expect("body file")),
+            "--delay-ms" => delay = std::time::Duration::from_millis(args.next().expect("--delay-ms MS").parse().expect("milliseconds")),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -39,11 +44,14 @@ async fn main() {
             } else {
                 body.clone()
             };
-            let response = hyper::Response::builder()
-                .header("content-type", "application/json")
-                .body(Full::new(body))
-                .expect("static response");
-            async move { Ok::<_, Infallible>(response) }
+            let mut response = hyper::Response::new(Full::new(body));
+            response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+            async move {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                Ok::<_, Infallible>(response)
+            }
         });
         tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service));
     }

@@ -38,6 +38,7 @@ pub(super) async fn handle(state: &Mutex<State>, cluster: &str, parts: &http::re
     let namespace = k8s["namespace"].as_str().unwrap_or("").to_owned();
     let service_account = k8s["serviceaccount"]["name"].as_str().unwrap_or("").to_owned();
     let pod_uid = k8s["pod"]["uid"].as_str().unwrap_or("").to_owned();
+    let host = parts.headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
 
     let latency = state.lock().unwrap().latency;
     if !latency.is_zero() {
@@ -52,6 +53,7 @@ pub(super) async fn handle(state: &Mutex<State>, cluster: &str, parts: &http::re
             pod_uid: pod_uid.clone(),
             status,
             signed_by: signed_by.clone(),
+            host: host.clone(),
         })
     };
     if let Some(fault) = st.fault.clone() {

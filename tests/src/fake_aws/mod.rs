@@ -38,6 +38,8 @@ pub struct Call {
     pub status: u16,
     /// The access key that signed the call.
     pub signed_by: String,
+    /// The Host header: which endpoint name the caller resolved.
+    pub host: String,
 }
 
 /// One EKS control-plane call: its operation and who signed it.
@@ -153,6 +155,7 @@ impl State {
 
 pub struct FakeAws {
     pub addr: SocketAddr,
+    scheme: &'static str,
     state: Arc<Mutex<State>>,
     _runtime: tokio::runtime::Runtime,
 }
@@ -173,14 +176,36 @@ pub fn role_arn(name: &str) -> String {
 }
 
 impl FakeAws {
-    /// Starts the fake on 127.0.0.1 inside network namespace `netns` (the node's).
+    /// Starts the fake on 127.0.0.1 inside network namespace `netns` (the node's), plain HTTP.
     pub fn start_in(netns: &str) -> FakeAws {
-        let listener = crate::node::in_netns(netns, || std::net::TcpListener::bind("127.0.0.1:0").expect("bind fake AWS"));
+        FakeAws::start(netns, "127.0.0.1:0".parse().unwrap(), None)
+    }
+
+    /// Starts the fake on `addr` inside `netns`, serving HTTPS with `pki`'s server certificate.
+    pub fn start_tls_in(netns: &str, addr: SocketAddr, pki: &crate::pki::Pki) -> FakeAws {
+        use tokio_rustls::rustls::{
+            self,
+            pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+        };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pki.cert).unwrap().map(Result::unwrap).collect();
+        let key = PrivateKeyDer::from_pem_file(&pki.key).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        FakeAws::start(netns, addr, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+    }
+
+    fn start(netns: &str, addr: SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>) -> FakeAws {
+        let listener = crate::node::in_netns(netns, move || std::net::TcpListener::bind(addr).expect("bind fake AWS"));
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let state = Arc::new(Mutex::new(State::default()));
         let served = state.clone();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             loop {
@@ -195,29 +220,44 @@ impl FakeAws {
                     }
                 }
                 let state = served.clone();
-                let service = hyper::service::service_fn(move |req| {
-                    let state = state.clone();
-                    async move {
-                        // Connections opened before the reset mode began (the agent's pooled
-                        // keep-alive ones) are dropped at their next request, with no answer.
-                        {
-                            let mut st = state.lock().unwrap();
-                            if st.reset {
-                                st.resets += 1;
-                                return Err(std::io::Error::other("injected connection reset"));
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let state = state.clone();
+                        async move {
+                            // Connections opened before the reset mode began (the agent's pooled
+                            // keep-alive ones) are dropped at their next request, with no answer.
+                            {
+                                let mut st = state.lock().unwrap();
+                                if st.reset {
+                                    st.resets += 1;
+                                    return Err(std::io::Error::other("injected connection reset"));
+                                }
+                            }
+                            Ok(route(&state, req).await)
+                        }
+                    });
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        Some(acceptor) => {
+                            // A failed handshake (a client that does not trust the certificate)
+                            // ends here: nothing is answered.
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), service).await;
                             }
                         }
-                        Ok(route(&state, req).await)
                     }
                 });
-                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service));
             }
         });
-        FakeAws { addr, state, _runtime: runtime }
+        FakeAws { addr, scheme, state, _runtime: runtime }
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// Lets pods of `namespace` running as `service_account` assume role `role` (a role name in
