@@ -7,7 +7,7 @@
 //! misses therefore share one walk, and a miss never waits on a timer.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
@@ -64,6 +64,9 @@ struct IndexState {
     /// Each cgroup's caller, worked out once per walk: resolving is a lookup and a clone of a
     /// pointer.
     by_id: HashMap<u64, Arc<Caller>>,
+    /// Each pod's own cgroup directory (relative to the mount), to tell whether it still exists
+    /// with one `stat` rather than a walk.
+    pod_dirs: HashMap<PodUid, String>,
     /// When the walk that produced `by_id` began.
     walked_at: Instant,
 }
@@ -73,11 +76,7 @@ impl CgroupIndex {
     pub fn build(mount: &Path, root: &Path) -> std::io::Result<CgroupIndex> {
         let walked_at = Instant::now();
         let by_id = walk(mount, root)?;
-        Ok(CgroupIndex {
-            mount: mount.to_path_buf(),
-            root: root.to_path_buf(),
-            state: Mutex::new(IndexState { by_id, walked_at }),
-        })
+        Ok(CgroupIndex { mount: mount.to_path_buf(), root: root.to_path_buf(), state: Mutex::new(IndexState::new(by_id, walked_at)) })
     }
 
     /// Resolves the cgroup id of a connection accepted at `accepted_at`; `None` when no cgroup
@@ -87,7 +86,7 @@ impl CgroupIndex {
         if !state.by_id.contains_key(&cgroup_id) && state.walked_at <= accepted_at {
             let walked_at = Instant::now();
             if let Ok(by_id) = walk(&self.mount, &self.root) {
-                *state = IndexState { by_id, walked_at };
+                *state = IndexState::new(by_id, walked_at);
             }
         }
         state.by_id.get(&cgroup_id).cloned()
@@ -100,21 +99,68 @@ impl CgroupIndex {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).by_id.len()
     }
 
-    /// Walks the tree now and returns the pods that have a cgroup: the agent's view of which pods
-    /// exist on the node.
-    pub fn present_pods(&self) -> std::io::Result<std::collections::HashSet<PodUid>> {
-        let walked_at = Instant::now();
-        let by_id = walk(&self.mount, &self.root)?;
-        let pods = by_id
-            .values()
-            .filter_map(|caller| match &**caller {
-                Caller::Pod { uid, .. } => Some(uid.clone()),
-                Caller::Host { .. } => None,
-            })
-            .collect();
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = IndexState { by_id, walked_at };
-        Ok(pods)
+    /// Pods the last walk saw.
+    pub fn pods(&self) -> usize {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).pod_dirs.len()
     }
+
+    /// Of `pods`, those whose cgroups still exist: one `stat` per pod the index knows, and one
+    /// walk at most for pods it does not know yet. This runs every few seconds on a node of
+    /// hundreds of pods, where walking the whole tree each time would cost a core's share.
+    pub fn still_present(&self, pods: &HashSet<PodUid>) -> std::io::Result<HashSet<PodUid>> {
+        let unknown = {
+            let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            pods.iter().any(|p| !state.pod_dirs.contains_key(p))
+        };
+        if unknown {
+            let walked_at = Instant::now();
+            let by_id = walk(&self.mount, &self.root)?;
+            *self.state.lock().unwrap_or_else(|e| e.into_inner()) = IndexState::new(by_id, walked_at);
+        }
+        let dirs: Vec<(PodUid, PathBuf)> = {
+            let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            pods.iter().filter_map(|p| state.pod_dirs.get(p).map(|d| (p.clone(), self.mount.join(d.trim_start_matches('/'))))).collect()
+        };
+        let (present, gone): (Vec<_>, Vec<_>) = dirs.into_iter().partition(|(_, dir)| dir.exists());
+        if !gone.is_empty() {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            for (uid, _) in &gone {
+                state.pod_dirs.remove(uid);
+            }
+            state.by_id.retain(|_, caller| !matches!(&**caller, Caller::Pod { uid, .. } if gone.iter().any(|(g, _)| g == uid)));
+        }
+        Ok(present.into_iter().map(|(uid, _)| uid).collect())
+    }
+}
+
+impl IndexState {
+    fn new(by_id: HashMap<u64, Arc<Caller>>, walked_at: Instant) -> IndexState {
+        let mut pod_dirs = HashMap::new();
+        for caller in by_id.values() {
+            if let Caller::Pod { uid, cgroup } = &**caller {
+                let dir = pod_dir(cgroup);
+                // The shortest path naming the pod is its own directory.
+                let entry = pod_dirs.entry(uid.clone()).or_insert_with(|| dir.to_owned());
+                if dir.len() < entry.len() {
+                    dir.clone_into(entry);
+                }
+            }
+        }
+        IndexState { by_id, pod_dirs, walked_at }
+    }
+}
+
+/// The path up to and including the segment that names the pod.
+fn pod_dir(path: &str) -> &str {
+    let mut end = 0;
+    for segment in path.split('/') {
+        end += segment.len();
+        if pod_uid_in_segment(segment).is_some() {
+            return &path[..end];
+        }
+        end += 1;
+    }
+    path
 }
 
 /// The caller behind a cgroup path (relative to the mount).
@@ -156,26 +202,58 @@ fn display_path(mount: &Path, path: &Path) -> String {
     }
 }
 
-/// The cgroup2 mount point, from /proc/self/mountinfo.
-pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
-    let mounts = procfs::process::Process::myself()?.mountinfo()?;
-    mounts
-        .into_iter()
-        .find(|m| m.fs_type == "cgroup2")
-        .map(|m| m.mount_point)
+/// The cgroup2 mount point, from /proc/self/mountinfo: the one that holds `root` when it is
+/// given (in a container, the first cgroup2 mount is often the container's own view of its
+/// cgroup namespace, not the host hierarchy mounted at `--cgroup-root`), else the first.
+pub fn cgroup2_mount(root: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let mounts: Vec<PathBuf> =
+        procfs::process::Process::myself()?.mountinfo()?.into_iter().filter(|m| m.fs_type == "cgroup2").map(|m| m.mount_point).collect();
+    let holding = root.and_then(|root| mounts.iter().filter(|m| root.starts_with(m)).max_by_key(|m| m.components().count()));
+    holding
+        .or(mounts.first())
+        .cloned()
         .ok_or_else(|| anyhow::anyhow!("no cgroup2 filesystem is mounted (see /proc/self/mountinfo); the agent needs cgroup v2"))
 }
 
-/// The directory and id of the cgroup this process runs in.
+/// The directory and id of the cgroup this process runs in, below `mount`.
+///
+/// `/proc/self/cgroup` names it relative to the process's cgroup namespace; in a container
+/// with a private cgroup namespace (containerd's default on cgroup v2) that is `/`, which says
+/// nothing about where the host hierarchy mounted at `mount` has it. So the answer is checked:
+/// the cgroup's `cgroup.procs` must list this process, and if it does not, the hierarchy is
+/// searched for the cgroup that does.
 pub fn own_cgroup(mount: &Path) -> anyhow::Result<(PathBuf, u64)> {
     let text = fs::read_to_string("/proc/self/cgroup")?;
     let rel = text
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .ok_or_else(|| anyhow::anyhow!("/proc/self/cgroup has no cgroup v2 entry"))?;
-    let dir = mount.join(rel.trim_start_matches('/'));
+    let pid = std::process::id();
+    let listed = |dir: &Path| {
+        fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|procs| procs.lines().any(|l| l.trim().parse() == Ok(pid)))
+    };
+    let named = mount.join(rel.trim_start_matches('/'));
+    let dir = if listed(&named) {
+        named
+    } else {
+        find_cgroup_listing(mount, &listed)
+            .ok_or_else(|| anyhow::anyhow!("this process (pid {pid}) is in no cgroup below {}: is it the host's cgroup2 hierarchy?", mount.display()))?
+    };
     let id = fs::metadata(&dir).map_err(|e| anyhow::anyhow!("cannot stat own cgroup {}: {e}", dir.display()))?.ino();
     Ok((dir, id))
+}
+
+/// The first cgroup at or below `root` for which `listed` holds.
+fn find_cgroup_listing(root: &Path, listed: &dyn Fn(&Path) -> bool) -> Option<PathBuf> {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        if listed(&dir) {
+            return Some(dir);
+        }
+        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        stack.extend(entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+    }
+    None
 }
 
 #[cfg(test)]
@@ -227,6 +305,39 @@ mod tests {
         ] {
             assert_eq!(uid(p), None, "{p}");
         }
+    }
+
+    #[test]
+    fn own_cgroup_is_found_by_the_process_list_when_the_name_says_nothing() {
+        let dir = std::env::temp_dir().join(format!("pia-own-{}", std::process::id()));
+        let mine = dir.join("kubepods/burstable/podx/agent");
+        fs::create_dir_all(&mine).unwrap();
+        fs::create_dir_all(dir.join("kubepods/besteffort/pody/other")).unwrap();
+        fs::write(dir.join("kubepods/besteffort/pody/other/cgroup.procs"), "1\n2\n").unwrap();
+        fs::write(mine.join("cgroup.procs"), format!("7\n{}\n", std::process::id())).unwrap();
+        let pid = std::process::id();
+        let listed = |d: &Path| fs::read_to_string(d.join("cgroup.procs")).is_ok_and(|p| p.lines().any(|l| l.parse() == Ok(pid)));
+        assert_eq!(find_cgroup_listing(&dir, &listed), Some(mine));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn presence_is_checked_per_pod() {
+        let dir = std::env::temp_dir().join(format!("pia-presence-{}", std::process::id()));
+        let u = UID.replace('-', "_");
+        let pod = dir.join(format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice"));
+        fs::create_dir_all(pod.join("cri-containerd-1.scope/nested")).unwrap();
+        assert_eq!(pod_dir(&format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-1.scope")), format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice"));
+        let index = CgroupIndex::build(&dir, &dir).unwrap();
+        let uid = PodUid::parse(UID).unwrap();
+        let other = PodUid::parse("00000000-0000-0000-0000-0000000000ff").unwrap();
+        let asked = HashSet::from([uid.clone(), other]);
+        assert_eq!(index.still_present(&asked).unwrap(), HashSet::from([uid.clone()]));
+        assert_eq!(index.pods(), 1);
+        fs::remove_dir_all(&pod).unwrap();
+        assert!(index.still_present(&asked).unwrap().is_empty());
+        assert_eq!(index.pods(), 0);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -17,6 +17,9 @@ use aws_credential_types::{
 };
 use aws_types::request_id::RequestId as _;
 
+/// How long an idle connection to an AWS endpoint is kept for reuse.
+pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// What the caller may set on top of the default chain.
 #[derive(Clone, Debug, Default)]
 pub struct AwsOptions {
@@ -37,6 +40,9 @@ pub struct AwsOptions {
 pub async fn sdk_config(options: &AwsOptions) -> anyhow::Result<SdkConfig> {
     use aws_smithy_http_client::{pool, proxy::ProxyConfig, tls};
     let pool = pool::ConnectionPool::builder()
+        // After a burst (a node's pods starting together) hundreds of connections sit idle with
+        // their buffers; calls later are minutes apart per pod, so keeping them saves little.
+        .idle_timeout(IDLE_CONNECTION_TIMEOUT)
         .proxy_config(ProxyConfig::from_env())
         .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::AwsLc))
         .tls_context(tls_context()?)

@@ -170,7 +170,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     // cgroup v2 is where the programs attach and how callers are attributed. A node without it
     // (cgroup v1: Amazon Linux 2 unless booted with systemd.unified_cgroup_hierarchy=1) can
     // only be served in link mode.
-    let cgroup2 = attribution::cgroup2_mount().and_then(|mount| {
+    let cgroup2 = attribution::cgroup2_mount(settings.cgroup_root.as_deref()).and_then(|mount| {
         let (own, id) = attribution::own_cgroup(&mount)?;
         let root = settings.cgroup_root.clone().unwrap_or_else(|| mount.clone());
         anyhow::Ok(Cgroup2 { mount, root, own, id })
@@ -392,7 +392,8 @@ async fn maintain(server: Arc<CredentialServer>) {
     loop {
         tick.tick().await;
         let walker = server.clone();
-        let present = match tokio::task::spawn_blocking(move || walker.cgroups.as_ref().map(CgroupIndex::present_pods).transpose()).await {
+        let known = server.pod_uids();
+        let present = match tokio::task::spawn_blocking(move || walker.cgroups.as_ref().map(|index| index.still_present(&known)).transpose()).await {
             Ok(Ok(present)) => present,
             Ok(Err(e)) => {
                 warn!(error = %e, "cannot walk the cgroup tree; keeping cached state until the next try");

@@ -347,6 +347,11 @@ impl CredentialServer {
         self.pods.write().unwrap_or_else(|e| e.into_inner()).entry(uid).or_insert_with(|| Arc::new(state)).clone()
     }
 
+    /// The pods with serving state: those the agent knows.
+    pub fn pod_uids(&self) -> HashSet<PodUid> {
+        self.pods.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+    }
+
     /// Drops the state of pods not in `present` (those whose cgroups are gone): serving state,
     /// statistics, rate buckets and per-pod metrics.
     pub fn forget_gone_pods(&self, present: &HashSet<PodUid>) {

@@ -104,7 +104,7 @@ fn base_daemonset_is_what_an_eks_node_needs() {
 fn every_flag_in_the_manifests_is_one_the_agent_accepts() {
     let help = Command::new(binary()).args(["run", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
-    for dir in ["base", "overlays/ipv6", "overlays/dual-stack", "overlays/link"] {
+    for dir in ["base", "overlays/ipv6", "overlays/dual-stack", "overlays/link", "overlays/hybrid"] {
         let a = args(&render(dir));
         assert_eq!(a[0], "run");
         for flag in a.iter().skip(1) {
@@ -121,6 +121,29 @@ fn overlays_change_what_they_say() {
     let dual = render("overlays/dual-stack");
     let env = &container(&dual)["env"][0];
     assert_eq!((env["name"].as_str(), env["valueFrom"]["fieldRef"]["fieldPath"].as_str()), (Some("NODE_IP"), Some("status.hostIPs")));
+
+    // Hybrid nodes: a DaemonSet of its own, on hybrid nodes only, reading nodeadm's credentials
+    // file, with the region configured and IMDS not consulted. The base one avoids them.
+    let affinity = |docs: &[serde_json::Value]| {
+        let term = &kind(docs, "DaemonSet")["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]["matchExpressions"][0];
+        (term["key"].as_str().unwrap().to_owned(), term["operator"].as_str().unwrap().to_owned(), term["values"][0].as_str().unwrap().to_owned())
+    };
+    let base = render("base");
+    assert_eq!(affinity(&base), ("eks.amazonaws.com/compute-type".into(), "NotIn".into(), "hybrid".into()));
+    let hybrid = render("overlays/hybrid");
+    assert_eq!(affinity(&hybrid), ("eks.amazonaws.com/compute-type".into(), "In".into(), "hybrid".into()));
+    let ds = kind(&hybrid, "DaemonSet");
+    assert_eq!(ds["metadata"]["name"], "pod-identity-agent-hybrid");
+    assert_eq!(ds["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"], "hybrid", "selectors never overlap the base's");
+    let c = container(&hybrid);
+    let env_value = |name: &str| c["env"].as_array().unwrap().iter().find(|e| e["name"] == name).map(|e| e["value"].as_str().unwrap_or("").to_owned());
+    assert_eq!(env_value("AWS_SHARED_CREDENTIALS_FILE").as_deref(), Some("/eks-hybrid/.aws/credentials"));
+    assert_eq!(env_value("AWS_EC2_METADATA_DISABLED").as_deref(), Some("true"));
+    let mount = c["volumeMounts"].as_array().unwrap().iter().find(|m| m["mountPath"] == "/eks-hybrid/.aws").expect("credentials mount");
+    assert_eq!(mount["readOnly"], true);
+    let config = kind(&hybrid, "ConfigMap");
+    assert!(config["data"]["AWS_REGION"].as_str().is_some_and(|r| !r.is_empty()), "the region is configured: no IMDS to ask");
+    assert!(hybrid.iter().all(|d| d["kind"] != "PodMonitor"), "the base PodMonitor covers these pods");
 }
 
 #[test]

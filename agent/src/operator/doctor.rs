@@ -122,12 +122,9 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
 /// Runs every check in order, handing each verdict to `report` as soon as it is known.
 pub async fn check_all(args: &DoctorArgs, report: &mut dyn FnMut(Check)) {
     let agent = running_agent(args.probe_addr);
-    let mount = attribution::cgroup2_mount().ok();
-    let cgroup_root = args
-        .cgroup_root
-        .clone()
-        .or_else(|| agent.as_ref().ok().and_then(|a| a.cgroup_root.clone()))
-        .or_else(|| mount.clone());
+    let cgroup_root = args.cgroup_root.clone().or_else(|| agent.as_ref().ok().and_then(|a| a.cgroup_root.clone()));
+    let mount = attribution::cgroup2_mount(cgroup_root.as_deref()).ok();
+    let cgroup_root = cgroup_root.or_else(|| mount.clone());
 
     report(check_cgroup_root(cgroup_root.as_deref()));
     report(check_kernel(cgroup_root.as_deref()).await);
@@ -201,7 +198,7 @@ fn check_cgroup_root(root: Option<&Path>) -> Check {
     let Some(root) = root else {
         return Check::fail(NAME, "no cgroup2 filesystem is mounted", "the agent needs cgroup v2: boot the node with the unified hierarchy");
     };
-    match attribution::CgroupIndex::build(root, root).and_then(|index| index.present_pods().map(|pods| (index.len(), pods.len()))) {
+    match attribution::CgroupIndex::build(root, root).map(|index| (index.len(), index.pods())) {
         Ok((cgroups, pods)) => Check::ok(NAME, format!("{} is readable: {cgroups} cgroups, {pods} pods", root.display())),
         Err(e) => Check::fail(
             NAME,

@@ -74,14 +74,7 @@ fn load_on(pods: &[Pod], args: &[String], token: impl Fn(&Pod) -> String, cpu: O
         lat.extend(v["latencies_us"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32));
     }
     lat.sort_unstable();
-    Load {
-        ok,
-        failed,
-        rps: ok as f64 / seconds.max(1e-9),
-        p50_ms: percentile(&lat, 0.5),
-        p99_ms: percentile(&lat, 0.99),
-        p999_ms: percentile(&lat, 0.999),
-    }
+    Load { ok, failed, rps: ok as f64 / seconds.max(1e-9), p50_ms: percentile(&lat, 0.5), p99_ms: percentile(&lat, 0.99), p999_ms: percentile(&lat, 0.999) }
 }
 
 /// User plus system CPU seconds a process (and, with `children`, its child processes such as
@@ -197,6 +190,11 @@ fn main() {
     let work = std::env::temp_dir().join(format!("pia-bench-{}", std::process::id()));
     fs::create_dir_all(&work).unwrap();
     let mut rows: Vec<Row> = Vec::new();
+    let counting = PathBuf::from(std::env::var("PIA_AGENT_COUNTING_BIN").expect("PIA_AGENT_COUNTING_BIN: cargo xtask bench builds it"));
+    let profile = std::env::var_os("PIA_BENCH_PROFILE").is_some();
+    // PIA_BENCH_ONLY=throughput,latency,connect,allocations,burst runs only those scenarios.
+    let only = std::env::var("PIA_BENCH_ONLY").ok();
+    let selected = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == name));
 
     let node = Node::new();
     let fake = FakeAws::start_in(&node.netns);
@@ -220,192 +218,194 @@ fn main() {
     // Warm every pod's cache entry.
     load(&pods, &args(&["--once"]), token_of);
 
-    // 1 and 2: throughput, new connection per request and keep-alive, 50 pods. The servers take
-    // turns, round after round, and each figure is the median of its rounds: on a shared 2-core
-    // machine, drift between runs is larger than the differences being measured.
-    let run = |keepalive: bool| {
-        let mut a = args(&["--seconds", "3", "--concurrency", "2"]);
-        if keepalive {
-            a.push("--keepalive".into());
-        }
-        a
-    };
-    eprintln!("bench: throughput");
-    assert!(agent.stop().success());
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
     let hyper_target = SocketAddr::new(node.ip4.into(), HYPER_PORT).to_string();
-    let nginx_target = SocketAddr::new(node.ip4.into(), NGINX_PORT).to_string();
-    let mut contenders: Vec<(&str, Vec<&str>)> = vec![("ours", vec![]), ("hyper", vec!["--redirect-target", &hyper_target])];
-    if servers.nginx.is_some() {
-        contenders.push(("nginx", vec!["--redirect-target", &nginx_target]));
-    }
-    let mut new_rps: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
-    let mut ka_rps: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
-    // CPU time of the server per request, in microseconds: the figure noise moves least.
-    let mut new_cpu: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
-    let mut ka_cpu: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
-    let profile = std::env::var_os("PIA_BENCH_PROFILE").is_some();
-    for round in 0..3 {
-        for (i, (name, extra)) in contenders.iter().enumerate() {
-            let mut a = Agent::start(&node, &fake, &[&UNLIMITED[..], &extra[..]].concat());
-            let (server, children) = match *name {
-                "ours" => (a.pid(), false),
-                "hyper" => (servers.hyper.id(), false),
-                _ => (servers.nginx.as_ref().expect("nginx").id(), true),
-            };
-            let before = cpu_seconds(server, children);
-            let l = load(p50, &run(false), token_of);
-            new_rps[i].push(l.rps);
-            new_cpu[i].push((cpu_seconds(server, children) - before) * 1e6 / l.ok.max(1) as f64);
-            let recording = (profile && round == 0 && *name == "ours").then(|| start_profile(a.pid(), &out_dir, "keepalive", 3));
-            let before = cpu_seconds(server, children);
-            let l = load(p50, &run(true), token_of);
-            ka_rps[i].push(l.rps);
-            ka_cpu[i].push((cpu_seconds(server, children) - before) * 1e6 / l.ok.max(1) as f64);
-            if let Some(recording) = recording {
-                finish_profile(recording, &out_dir, "keepalive", "pod-identity-agent, cached, keep-alive, 50 pods");
+    if selected("throughput") {
+        // 1 and 2: throughput, new connection per request and keep-alive, 50 pods. The servers take
+        // turns, round after round, and each figure is the median of its rounds: on a shared 2-core
+        // machine, drift between runs is larger than the differences being measured.
+        let run = |keepalive: bool| {
+            let mut a = args(&["--seconds", "3", "--concurrency", "2"]);
+            if keepalive {
+                a.push("--keepalive".into());
             }
-            assert!(a.stop().success());
+            a
+        };
+        eprintln!("bench: throughput");
+        assert!(agent.stop().success());
+        let nginx_target = SocketAddr::new(node.ip4.into(), NGINX_PORT).to_string();
+        let mut contenders: Vec<(&str, Vec<&str>)> = vec![("ours", vec![]), ("hyper", vec!["--redirect-target", &hyper_target])];
+        if servers.nginx.is_some() {
+            contenders.push(("nginx", vec!["--redirect-target", &nginx_target]));
         }
-    }
-    let rounds = |v: &Vec<f64>| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join("/");
-    let rounds_f = |v: &Vec<f64>| v.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join("/");
-    let (ours_new, hyper_new) = (median(new_rps[0].clone()), median(new_rps[1].clone()));
-    let (ours_ka, hyper_ka) = (median(ka_rps[0].clone()), median(ka_rps[1].clone()));
-    rows.push(Row {
-        scenario: "cached, new connection per request, 50 pods",
-        measure: format!("req/s, median of 3 interleaved rounds (ours {}; hyper {})", rounds(&new_rps[0]), rounds(&new_rps[1])),
-        ours: ours_new,
-        baseline_name: "minimal hyper server",
-        baseline: hyper_new,
-        ratio: ours_new / hyper_new,
-        target: ">= 0.9x",
-        met: Some(ours_new / hyper_new >= 0.9),
-    });
-    if contenders.len() == 3 {
-        let nginx_new = median(new_rps[2].clone());
+        let mut new_rps: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
+        let mut ka_rps: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
+        // CPU time of the server per request, in microseconds: the figure noise moves least.
+        let mut new_cpu: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
+        let mut ka_cpu: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
+        for round in 0..3 {
+            for (i, (name, extra)) in contenders.iter().enumerate() {
+                let mut a = Agent::start(&node, &fake, &[&UNLIMITED[..], &extra[..]].concat());
+                let (server, children) = match *name {
+                    "ours" => (a.pid(), false),
+                    "hyper" => (servers.hyper.id(), false),
+                    _ => (servers.nginx.as_ref().expect("nginx").id(), true),
+                };
+                let before = cpu_seconds(server, children);
+                let l = load(p50, &run(false), token_of);
+                new_rps[i].push(l.rps);
+                new_cpu[i].push((cpu_seconds(server, children) - before) * 1e6 / l.ok.max(1) as f64);
+                let recording = (profile && round == 0 && *name == "ours").then(|| start_profile(a.pid(), &out_dir, "keepalive", 3));
+                let before = cpu_seconds(server, children);
+                let l = load(p50, &run(true), token_of);
+                ka_rps[i].push(l.rps);
+                ka_cpu[i].push((cpu_seconds(server, children) - before) * 1e6 / l.ok.max(1) as f64);
+                if let Some(recording) = recording {
+                    finish_profile(recording, &out_dir, "keepalive", "pod-identity-agent, cached, keep-alive, 50 pods");
+                }
+                assert!(a.stop().success());
+            }
+        }
+        let rounds = |v: &Vec<f64>| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join("/");
+        let rounds_f = |v: &Vec<f64>| v.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join("/");
+        let (ours_new, hyper_new) = (median(new_rps[0].clone()), median(new_rps[1].clone()));
+        let (ours_ka, hyper_ka) = (median(ka_rps[0].clone()), median(ka_rps[1].clone()));
         rows.push(Row {
             scenario: "cached, new connection per request, 50 pods",
-            measure: format!("req/s, median of 3 interleaved rounds (ours {}; nginx {})", rounds(&new_rps[0]), rounds(&new_rps[2])),
+            measure: format!("req/s, median of 3 interleaved rounds (ours {}; hyper {})", rounds(&new_rps[0]), rounds(&new_rps[1])),
             ours: ours_new,
-            baseline_name: "nginx, static file",
-            baseline: nginx_new,
-            ratio: ours_new / nginx_new,
-            target: ">= 1.0x",
-            met: Some(ours_new / nginx_new >= 1.0),
-        });
-    }
-    rows.push(Row {
-        scenario: "cached, keep-alive, 50 pods",
-        measure: format!("req/s, median of 3 interleaved rounds (ours {}; hyper {})", rounds(&ka_rps[0]), rounds(&ka_rps[1])),
-        ours: ours_ka,
-        baseline_name: "minimal hyper server",
-        baseline: hyper_ka,
-        ratio: ours_ka / hyper_ka,
-        target: ">= 0.9x",
-        met: Some(ours_ka / hyper_ka >= 0.9),
-    });
-
-    for (scenario, cpu) in [("cached, new connection per request, 50 pods", &new_cpu), ("cached, keep-alive, 50 pods", &ka_cpu)] {
-        let (ours, hyper) = (median(cpu[0].clone()), median(cpu[1].clone()));
-        rows.push(Row {
-            scenario,
-            measure: format!("server CPU µs per request, median of 3 rounds (ours {}; hyper {})", rounds_f(&cpu[0]), rounds_f(&cpu[1])),
-            ours,
             baseline_name: "minimal hyper server",
-            baseline: hyper,
-            ratio: ours / hyper,
-            target: "(lower is better)",
-            met: None,
+            baseline: hyper_new,
+            ratio: ours_new / hyper_new,
+            target: ">= 0.9x",
+            met: Some(ours_new / hyper_new >= 0.9),
+        });
+        if contenders.len() == 3 {
+            let nginx_new = median(new_rps[2].clone());
+            rows.push(Row {
+                scenario: "cached, new connection per request, 50 pods",
+                measure: format!("req/s, median of 3 interleaved rounds (ours {}; nginx {})", rounds(&new_rps[0]), rounds(&new_rps[2])),
+                ours: ours_new,
+                baseline_name: "nginx, static file",
+                baseline: nginx_new,
+                ratio: ours_new / nginx_new,
+                target: ">= 1.0x",
+                met: Some(ours_new / nginx_new >= 1.0),
+            });
+        }
+        rows.push(Row {
+            scenario: "cached, keep-alive, 50 pods",
+            measure: format!("req/s, median of 3 interleaved rounds (ours {}; hyper {})", rounds(&ka_rps[0]), rounds(&ka_rps[1])),
+            ours: ours_ka,
+            baseline_name: "minimal hyper server",
+            baseline: hyper_ka,
+            ratio: ours_ka / hyper_ka,
+            target: ">= 0.9x",
+            met: Some(ours_ka / hyper_ka >= 0.9),
+        });
+
+        for (scenario, cpu) in [("cached, new connection per request, 50 pods", &new_cpu), ("cached, keep-alive, 50 pods", &ka_cpu)] {
+            let (ours, hyper) = (median(cpu[0].clone()), median(cpu[1].clone()));
+            rows.push(Row {
+                scenario,
+                measure: format!("server CPU µs per request, median of 3 rounds (ours {}; hyper {})", rounds_f(&cpu[0]), rounds_f(&cpu[1])),
+                ours,
+                baseline_name: "minimal hyper server",
+                baseline: hyper,
+                ratio: ours / hyper,
+                target: "(lower is better)",
+                met: None,
+            });
+        }
+    }
+    if selected("latency") {
+        // 3: p99 at 2,000 req/s from 100 pods (20 req/s each, new connection per request), the
+        // server under test pinned to CPU 1 and the load generators to CPU 0, for the agent and the
+        // hyper floor alike.
+        eprintln!("bench: latency at 2,000 req/s, pinned");
+        let paced = args(&["--seconds", &SECONDS.to_string(), "--concurrency", "2", "--rate", "20"]);
+        let pin = |pid: u32, cpus: &str| {
+            let out = Command::new("taskset").args(["-a", "-p", "-c", cpus, &pid.to_string()]).output().expect("taskset");
+            assert!(out.status.success(), "taskset: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let (mut ours_l, mut hyper_l) = (Vec::new(), Vec::new());
+        for _round in 0..3 {
+            let mut a = Agent::start_wrapped(&node, &fake, &UNLIMITED, &["taskset", "-c", "1"]);
+            ours_l.push(load_on(&pods, &paced, token_of, Some("0")));
+            assert!(a.stop().success());
+            let mut a = Agent::start(&node, &fake, &[&UNLIMITED[..], &["--redirect-target", &hyper_target]].concat());
+            pin(servers.hyper.id(), "1");
+            hyper_l.push(load_on(&pods, &paced, token_of, Some("0")));
+            pin(servers.hyper.id(), "0-1");
+            assert!(a.stop().success());
+        }
+        let med = |v: &[Load], f: fn(&Load) -> f64| median(v.iter().map(f).collect());
+        let (ours_p99, hyper_p99) = (med(&ours_l, |l| l.p99_ms), med(&hyper_l, |l| l.p99_ms));
+        rows.push(Row {
+            scenario: "p99 latency at 2,000 req/s from 100 pods, cached; server on CPU 1, clients on CPU 0",
+            measure: format!(
+                "p99 ms, median of 3 rounds (ours p50/p99/p99.9 {:.3}/{:.3}/{:.3}; hyper {:.3}/{:.3}/{:.3}; {:.0} req/s achieved)",
+                med(&ours_l, |l| l.p50_ms),
+                ours_p99,
+                med(&ours_l, |l| l.p999_ms),
+                med(&hyper_l, |l| l.p50_ms),
+                hyper_p99,
+                med(&hyper_l, |l| l.p999_ms),
+                med(&ours_l, |l| l.rps)
+            ),
+            ours: ours_p99,
+            baseline_name: "minimal hyper server, pinned the same way",
+            baseline: hyper_p99,
+            ratio: ours_p99 / hyper_p99,
+            target: "<= 1.1x",
+            met: Some(ours_p99 / hyper_p99 <= 1.1),
         });
     }
-
-    // 3: p99 at 2,000 req/s from 100 pods (20 req/s each, new connection per request), the
-    // server under test pinned to CPU 1 and the load generators to CPU 0, for the agent and the
-    // hyper floor alike.
-    eprintln!("bench: latency at 2,000 req/s, pinned");
-    let paced = args(&["--seconds", &SECONDS.to_string(), "--concurrency", "2", "--rate", "20"]);
-    let pin = |pid: u32, cpus: &str| {
-        let out = Command::new("taskset").args(["-a", "-p", "-c", cpus, &pid.to_string()]).output().expect("taskset");
-        assert!(out.status.success(), "taskset: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    let (mut ours_l, mut hyper_l) = (Vec::new(), Vec::new());
-    for _round in 0..3 {
-        let mut a = Agent::start_wrapped(&node, &fake, &UNLIMITED, &["taskset", "-c", "1"]);
-        ours_l.push(load_on(&pods, &paced, token_of, Some("0")));
-        assert!(a.stop().success());
-        let mut a = Agent::start(&node, &fake, &[&UNLIMITED[..], &["--redirect-target", &hyper_target]].concat());
-        pin(servers.hyper.id(), "1");
-        hyper_l.push(load_on(&pods, &paced, token_of, Some("0")));
-        pin(servers.hyper.id(), "0-1");
-        assert!(a.stop().success());
-    }
-    let med = |v: &[Load], f: fn(&Load) -> f64| median(v.iter().map(f).collect());
-    let (ours_p99, hyper_p99) = (med(&ours_l, |l| l.p99_ms), med(&hyper_l, |l| l.p99_ms));
-    rows.push(Row {
-        scenario: "p99 latency at 2,000 req/s from 100 pods, cached; server on CPU 1, clients on CPU 0",
-        measure: format!(
-            "p99 ms, median of 3 rounds (ours p50/p99/p99.9 {:.3}/{:.3}/{:.3}; hyper {:.3}/{:.3}/{:.3}; {:.0} req/s achieved)",
-            med(&ours_l, |l| l.p50_ms),
-            ours_p99,
-            med(&ours_l, |l| l.p999_ms),
-            med(&hyper_l, |l| l.p50_ms),
-            hyper_p99,
-            med(&hyper_l, |l| l.p999_ms),
-            med(&ours_l, |l| l.rps)
-        ),
-        ours: ours_p99,
-        baseline_name: "minimal hyper server, pinned the same way",
-        baseline: hyper_p99,
-        ratio: ours_p99 / hyper_p99,
-        target: "<= 1.1x",
-        met: Some(ours_p99 / hyper_p99 <= 1.1),
-    });
-
-    // 4: the programs' cost per connect, measured in the kernel (BPF run-time statistics):
-    // connects to an address that is not intercepted (loopback in a pod), connects that are,
-    // and sock_ops, which runs for every TCP connect below the cgroup root.
-    eprintln!("bench: connect() cost in the kernel");
-    let mut local = pods[0]
-        .command(tool("baseline-server").to_str().unwrap())
-        .args(["--listen", "127.0.0.1:2900"])
-        .arg("--body-file")
-        .arg(&body)
-        .spawn()
-        .expect("baseline-server in a pod");
-    std::thread::sleep(Duration::from_millis(300));
-    let stats_was = fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
-    fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").expect("enable BPF run-time statistics");
-    let stats_agent = Agent::start(&node, &fake, &UNLIMITED);
-    let programs = pod_identity_e2e::bpf::attached(&node.cgroup_root);
-    let id_of = |name: &str| programs.iter().find(|p| p.name == name).map(|p| p.id).unwrap_or_else(|| panic!("{name} not attached: {programs:?}"));
-    let (connect4, sock_ops) = (id_of("connect4"), id_of("record_connecti"));
-    // (ns per call, calls) of each program over one load run.
-    let per_call = |ids: &[u32], load_args: &[&str]| -> Vec<(f64, u64)> {
-        let before: Vec<(u64, u64)> = ids.iter().map(|id| prog_stats(*id)).collect();
-        load(&pods[..1], &args(load_args), token_of);
-        ids.iter()
-            .zip(before)
-            .map(|(id, (t0, n0))| {
-                let (t1, n1) = prog_stats(*id);
-                ((t1 - t0) as f64 / (n1 - n0).max(1) as f64, n1 - n0)
-            })
-            .collect()
-    };
-    let plain_run = per_call(&[connect4, sock_ops], &["--addr", "127.0.0.1:2900", "--connect-only", "--seconds", "2", "--concurrency", "4"]);
-    let (plain, sock_ops_ns) = (plain_run[0], plain_run[1]);
-    let intercepted = per_call(&[connect4], &["--connect-only", "--seconds", "2", "--concurrency", "4"])[0];
-    let _ = fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_was.trim());
-    let attribution_ns = agent_metric(&node.netns, "pod_identity_agent_attribution_duration_seconds_sum")
-        / agent_metric(&node.netns, "pod_identity_agent_attribution_duration_seconds_count")
-        * 1e9;
-    drop(stats_agent);
-    let _ = local.kill();
-    let _ = local.wait();
-    rows.push(Row {
+    if selected("connect") {
+        // 4: the programs' cost per connect, measured in the kernel (BPF run-time statistics):
+        // connects to an address that is not intercepted (loopback in a pod), connects that are,
+        // and sock_ops, which runs for every TCP connect below the cgroup root.
+        eprintln!("bench: connect() cost in the kernel");
+        let mut local = pods[0]
+            .command(tool("baseline-server").to_str().unwrap())
+            .args(["--listen", "127.0.0.1:2900"])
+            .arg("--body-file")
+            .arg(&body)
+            .spawn()
+            .expect("baseline-server in a pod");
+        std::thread::sleep(Duration::from_millis(300));
+        let stats_was = fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+        fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").expect("enable BPF run-time statistics");
+        let stats_agent = Agent::start(&node, &fake, &UNLIMITED);
+        let programs = pod_identity_e2e::bpf::attached(&node.cgroup_root);
+        let id_of = |name: &str| programs.iter().find(|p| p.name == name).map(|p| p.id).unwrap_or_else(|| panic!("{name} not attached: {programs:?}"));
+        let (connect4, sock_ops) = (id_of("connect4"), id_of("record_connecti"));
+        // (ns per call, calls) of each program over one load run.
+        let per_call = |ids: &[u32], load_args: &[&str]| -> Vec<(f64, u64)> {
+            let before: Vec<(u64, u64)> = ids.iter().map(|id| prog_stats(*id)).collect();
+            load(&pods[..1], &args(load_args), token_of);
+            ids.iter()
+                .zip(before)
+                .map(|(id, (t0, n0))| {
+                    let (t1, n1) = prog_stats(*id);
+                    ((t1 - t0) as f64 / (n1 - n0).max(1) as f64, n1 - n0)
+                })
+                .collect()
+        };
+        let plain_run = per_call(&[connect4, sock_ops], &["--addr", "127.0.0.1:2900", "--connect-only", "--seconds", "2", "--concurrency", "4"]);
+        let (plain, sock_ops_ns) = (plain_run[0], plain_run[1]);
+        let intercepted = per_call(&[connect4], &["--connect-only", "--seconds", "2", "--concurrency", "4"])[0];
+        let _ = fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_was.trim());
+        let attribution_ns = agent_metric(&node.netns, "pod_identity_agent_attribution_duration_seconds_sum")
+            / agent_metric(&node.netns, "pod_identity_agent_attribution_duration_seconds_count")
+            * 1e9;
+        drop(stats_agent);
+        let _ = local.kill();
+        let _ = local.wait();
+        rows.push(Row {
         scenario: "connect() to a non-intercepted address, in the kernel",
         measure: format!(
             "connect4 ns per call, BPF run-time statistics ({} calls; intercepted connects {:.0} ns over {} calls; sock_ops {:.0} ns per call over {} calls)",
@@ -418,101 +418,103 @@ fn main() {
         target: "<= 150 ns",
         met: Some(plain.0 <= 150.0),
     });
-    rows.push(Row {
-        scenario: "taking a connection's kernel record at accept",
-        measure: "ns per accepted connection, from pod_identity_agent_attribution_duration_seconds (one lookup-and-delete on Linux >= 5.14)".into(),
-        ours: attribution_ns,
-        baseline_name: "(none)",
-        baseline: f64::NAN,
-        ratio: f64::NAN,
-        target: "(report)",
-        met: None,
-    });
-
-    // Allocations per cached request, counted by a counting global allocator in a build of the
-    // agent made for it, and in the hyper floor.
-    eprintln!("bench: allocations per cached request");
-    let counting = PathBuf::from(std::env::var("PIA_AGENT_COUNTING_BIN").expect("PIA_AGENT_COUNTING_BIN: cargo xtask bench builds it"));
-    let hyper_allocs = || -> f64 {
-        let (_, text) = pod_identity_e2e::node::http_get(&node.netns, SocketAddr::new(node.ip4.into(), HYPER_PORT), "/allocations").expect("hyper allocations");
-        text.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(f64::NAN)
-    };
-    let agent_allocs = || agent_metric(&node.netns, "process_heap_allocations_total");
-    // Reading a counter allocates too: the overhead of one reading is measured and taken off.
-    let per_request = |read: &dyn Fn() -> f64, keepalive: bool| -> f64 {
-        let (a, b) = (read(), read());
-        let overhead = b - a;
-        let mut a = args(&["--seconds", "2", "--concurrency", "1"]);
-        if keepalive {
-            a.push("--keepalive".into());
-        }
-        let l = load(&pods[..1], &a, token_of);
-        (read() - b - overhead) / l.ok.max(1) as f64
-    };
-    let counting_agent = Agent::start_binary(&node, &fake, &UNLIMITED, &[], &counting);
-    // The pod's first request fetches; the rest are hits.
-    load(&pods[..1], &args(&["--once"]), token_of);
-    let (ours_ka_allocs, ours_new_allocs) = (per_request(&agent_allocs, true), per_request(&agent_allocs, false));
-    drop(counting_agent);
-    let redirect = Agent::start(&node, &fake, &[&UNLIMITED[..], &["--redirect-target", &hyper_target]].concat());
-    let (hyper_ka_allocs, hyper_new_allocs) = (per_request(&hyper_allocs, true), per_request(&hyper_allocs, false));
-    drop(redirect);
-    for (scenario, ours, hyper) in [
-        ("allocations per cached request, keep-alive", ours_ka_allocs, hyper_ka_allocs),
-        ("allocations per cached request, new connection", ours_new_allocs, hyper_new_allocs),
-    ] {
         rows.push(Row {
-            scenario,
-            measure: format!("heap allocations per request, counting allocator ({ours:.2} vs {hyper:.2})"),
-            ours,
-            baseline_name: "minimal hyper server",
-            baseline: hyper,
-            ratio: ours / hyper,
-            target: "none beyond hyper's own",
-            met: Some(ours <= hyper + 0.5),
+            scenario: "taking a connection's kernel record at accept",
+            measure: "ns per accepted connection, from pod_identity_agent_attribution_duration_seconds (one lookup-and-delete on Linux >= 5.14)".into(),
+            ours: attribution_ns,
+            baseline_name: "(none)",
+            baseline: f64::NAN,
+            ratio: f64::NAN,
+            target: "(report)",
+            met: None,
         });
     }
-
-    // 5: 250 pods' first requests at once, upstream latency 50 ms.
-    eprintln!("bench: 250 first requests at once");
-    let burst_node = Node::new();
-    let burst_fake = FakeAws::start_in(&burst_node.netns);
-    burst_fake.associate("bench", "app", "bench-role");
-    burst_fake.set_latency(Duration::from_millis(50));
-    let burst_pods: Vec<Pod> = (0..250).map(|i| burst_node.add_host_network_pod("bench", &format!("burst-{i}"), "app")).collect();
-    // The counting build from here on: it also reports the heap in use. Its two atomic adds per
-    // allocation are nothing beside a 50 ms upstream.
-    // The floor first: the same 250 clients, redirected to a server that answers every request
-    // after 50 ms and does nothing else. What it measures beyond 50 ms is the machine's: 250
-    // client processes waking at once on two cores.
-    let floor = {
-        let body = work.join("burst-body.json");
-        fs::write(&body, &sample.body).unwrap();
-        let mut delayed = burst_node
-            .command(tool("baseline-server").to_str().unwrap(), None)
-            .args(["--listen", &SocketAddr::new(burst_node.ip4.into(), HYPER_PORT).to_string(), "--delay-ms", "50", "--body-file"])
-            .arg(&body)
-            .spawn()
-            .expect("baseline-server");
-        std::thread::sleep(Duration::from_millis(300));
-        let target = SocketAddr::new(burst_node.ip4.into(), HYPER_PORT).to_string();
-        let redirect = Agent::start(&burst_node, &burst_fake, &["--mode", "ebpf", "--redirect-target", &target]);
-        let start_at = (now() + 2.0).to_string();
-        let l = load(&burst_pods, &args(&["--once", "--start-at", &start_at]), Pod::token);
+    if selected("allocations") {
+        // Allocations per cached request, counted by a counting global allocator in a build of the
+        // agent made for it, and in the hyper floor.
+        eprintln!("bench: allocations per cached request");
+        let hyper_allocs = || -> f64 {
+            let (_, text) =
+                pod_identity_e2e::node::http_get(&node.netns, SocketAddr::new(node.ip4.into(), HYPER_PORT), "/allocations").expect("hyper allocations");
+            text.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(f64::NAN)
+        };
+        let agent_allocs = || agent_metric(&node.netns, "process_heap_allocations_total");
+        // Reading a counter allocates too: the overhead of one reading is measured and taken off.
+        let per_request = |read: &dyn Fn() -> f64, keepalive: bool| -> f64 {
+            let (a, b) = (read(), read());
+            let overhead = b - a;
+            let mut a = args(&["--seconds", "2", "--concurrency", "1"]);
+            if keepalive {
+                a.push("--keepalive".into());
+            }
+            let l = load(&pods[..1], &a, token_of);
+            (read() - b - overhead) / l.ok.max(1) as f64
+        };
+        let counting_agent = Agent::start_binary(&node, &fake, &UNLIMITED, &[], &counting);
+        // The pod's first request fetches; the rest are hits.
+        load(&pods[..1], &args(&["--once"]), token_of);
+        let (ours_ka_allocs, ours_new_allocs) = (per_request(&agent_allocs, true), per_request(&agent_allocs, false));
+        drop(counting_agent);
+        let redirect = Agent::start(&node, &fake, &[&UNLIMITED[..], &["--redirect-target", &hyper_target]].concat());
+        let (hyper_ka_allocs, hyper_new_allocs) = (per_request(&hyper_allocs, true), per_request(&hyper_allocs, false));
         drop(redirect);
-        let _ = delayed.kill();
-        let _ = delayed.wait();
-        l
-    };
-    let burst_agent = Agent::start_binary(&burst_node, &burst_fake, &["--mode", "ebpf"], &[], &counting);
-    let recording = profile.then(|| start_profile(burst_agent.pid(), &out_dir, "burst", 5));
-    let start_at = (now() + 2.0).to_string();
-    let first = load(&burst_pods, &args(&["--once", "--start-at", &start_at]), Pod::token);
-    if let Some(recording) = recording {
-        finish_profile(recording, &out_dir, "burst", "pod-identity-agent, 250 first requests at once, upstream 50 ms");
+        for (scenario, ours, hyper) in [
+            ("allocations per cached request, keep-alive", ours_ka_allocs, hyper_ka_allocs),
+            ("allocations per cached request, new connection", ours_new_allocs, hyper_new_allocs),
+        ] {
+            rows.push(Row {
+                scenario,
+                measure: format!("heap allocations per request, counting allocator ({ours:.2} vs {hyper:.2})"),
+                ours,
+                baseline_name: "minimal hyper server",
+                baseline: hyper,
+                ratio: ours / hyper,
+                target: "none beyond hyper's own",
+                met: Some(ours <= hyper + 0.5),
+            });
+        }
     }
-    let calls = burst_fake.calls().len();
-    rows.push(Row {
+    if selected("burst") {
+        // 5: 250 pods' first requests at once, upstream latency 50 ms.
+        eprintln!("bench: 250 first requests at once");
+        let burst_node = Node::new();
+        let burst_fake = FakeAws::start_in(&burst_node.netns);
+        burst_fake.associate("bench", "app", "bench-role");
+        burst_fake.set_latency(Duration::from_millis(50));
+        let burst_pods: Vec<Pod> = (0..250).map(|i| burst_node.add_host_network_pod("bench", &format!("burst-{i}"), "app")).collect();
+        // The counting build from here on: it also reports the heap in use. Its two atomic adds per
+        // allocation are nothing beside a 50 ms upstream.
+        // The floor first: the same 250 clients, redirected to a server that answers every request
+        // after 50 ms and does nothing else. What it measures beyond 50 ms is the machine's: 250
+        // client processes waking at once on two cores.
+        let floor = {
+            let body = work.join("burst-body.json");
+            fs::write(&body, &sample.body).unwrap();
+            let mut delayed = burst_node
+                .command(tool("baseline-server").to_str().unwrap(), None)
+                .args(["--listen", &SocketAddr::new(burst_node.ip4.into(), HYPER_PORT).to_string(), "--delay-ms", "50", "--body-file"])
+                .arg(&body)
+                .spawn()
+                .expect("baseline-server");
+            std::thread::sleep(Duration::from_millis(300));
+            let target = SocketAddr::new(burst_node.ip4.into(), HYPER_PORT).to_string();
+            let redirect = Agent::start(&burst_node, &burst_fake, &["--mode", "ebpf", "--redirect-target", &target]);
+            let start_at = (now() + 2.0).to_string();
+            let l = load(&burst_pods, &args(&["--once", "--start-at", &start_at]), Pod::token);
+            drop(redirect);
+            let _ = delayed.kill();
+            let _ = delayed.wait();
+            l
+        };
+        let burst_agent = Agent::start_binary(&burst_node, &burst_fake, &["--mode", "ebpf"], &[], &counting);
+        let recording = profile.then(|| start_profile(burst_agent.pid(), &out_dir, "burst", 5));
+        let start_at = (now() + 2.0).to_string();
+        let first = load(&burst_pods, &args(&["--once", "--start-at", &start_at]), Pod::token);
+        if let Some(recording) = recording {
+            finish_profile(recording, &out_dir, "burst", "pod-identity-agent, 250 first requests at once, upstream 50 ms");
+        }
+        let calls = burst_fake.calls().len();
+        rows.push(Row {
         scenario: "250 pods' first requests at once, upstream 50 ms",
         measure: format!(
             "p99 ms ({:.1}, p50 {:.1}; {calls} upstream calls for 250 tokens, {} failed; a server that only waits 50 ms, same clients: p99 {:.1}, p50 {:.1})",
@@ -526,41 +528,44 @@ fn main() {
         met: Some(calls == 250 && first.failed == 0 && first.p99_ms <= 100.0),
     });
 
-    // 6: resident memory with 1,000 pods' credentials cached, against the idle agent.
-    eprintln!("bench: memory with 1,000 pods cached");
-    burst_fake.set_latency(Duration::ZERO);
-    let (idle_kib, idle_heap) = {
-        let n = Node::new();
-        let f = FakeAws::start_in(&n.netns);
-        let a = Agent::start_binary(&n, &f, &["--mode", "ebpf"], &[], &counting);
-        std::thread::sleep(Duration::from_secs(3));
-        (rss_kib(a.pid()), agent_metric(&n.netns, "process_heap_live_bytes"))
-    };
-    let more: Vec<Pod> = (0..750).map(|i| burst_node.add_host_network_pod("bench", &format!("mem-{i}"), "app")).collect();
-    let more_tokens: Vec<String> = more.iter().map(Pod::token).collect();
-    let token_of_more = |p: &Pod| more_tokens[more.iter().position(|q| q.uid == p.uid).unwrap()].clone();
-    for chunk in more.chunks(50) {
-        load(chunk, &args(&["--once"]), token_of_more);
-    }
-    // Let a maintenance pass (every 2 s) run, as it would on a node.
-    std::thread::sleep(Duration::from_secs(3));
-    let entries = pod_identity_e2e::node::http_get(&burst_node.netns, "127.0.0.1:2705".parse().unwrap(), "/metrics")
-        .map(|(_, m)| m.lines().find_map(|l| l.strip_prefix("pod_identity_agent_cache_entries ").map(|v| v.trim().to_owned())).unwrap_or_default())
-        .unwrap_or_default();
-    let full_kib = rss_kib(burst_agent.pid());
-    let full_heap = agent_metric(&burst_node.netns, "process_heap_live_bytes");
-    let per_pod = |full: f64, idle: f64| (full - idle) / 1000.0;
-    let rss_per_pod = per_pod(full_kib as f64 * 1024.0, idle_kib as f64 * 1024.0);
-    let heap_per_pod = per_pod(full_heap, idle_heap);
-    // What one pod's state holds, by the sizes involved: its token (kept to refresh ahead), the
-    // credentials body served, the per-pod statistics (counters and a latency histogram).
-    let token_len = more_tokens[0].len();
-    rows.push(Row {
+        // 6: resident memory with 1,000 pods' credentials cached, against the idle agent.
+        eprintln!("bench: memory with 1,000 pods cached");
+        burst_fake.set_latency(Duration::ZERO);
+        let (idle_kib, idle_heap) = {
+            let n = Node::new();
+            let f = FakeAws::start_in(&n.netns);
+            let a = Agent::start_binary(&n, &f, &["--mode", "ebpf"], &[], &counting);
+            std::thread::sleep(Duration::from_secs(3));
+            (rss_kib(a.pid()), agent_metric(&n.netns, "process_heap_live_bytes"))
+        };
+        let more: Vec<Pod> = (0..750).map(|i| burst_node.add_host_network_pod("bench", &format!("mem-{i}"), "app")).collect();
+        let more_tokens: Vec<String> = more.iter().map(Pod::token).collect();
+        let token_of_more = |p: &Pod| more_tokens[more.iter().position(|q| q.uid == p.uid).unwrap()].clone();
+        for chunk in more.chunks(50) {
+            load(chunk, &args(&["--once"]), token_of_more);
+        }
+        let loaded_kib = rss_kib(burst_agent.pid());
+        // Steady state: the EKS Auth connections of the burst and of this load close once idle
+        // (20 s), and a maintenance pass (every 2 s) runs, as on a node.
+        std::thread::sleep(Duration::from_secs(25));
+        let entries = pod_identity_e2e::node::http_get(&burst_node.netns, "127.0.0.1:2705".parse().unwrap(), "/metrics")
+            .map(|(_, m)| m.lines().find_map(|l| l.strip_prefix("pod_identity_agent_cache_entries ").map(|v| v.trim().to_owned())).unwrap_or_default())
+            .unwrap_or_default();
+        let full_kib = rss_kib(burst_agent.pid());
+        let full_heap = agent_metric(&burst_node.netns, "process_heap_live_bytes");
+        let per_pod = |full: f64, idle: f64| (full - idle) / 1000.0;
+        let rss_per_pod = per_pod(full_kib as f64 * 1024.0, idle_kib as f64 * 1024.0);
+        let heap_per_pod = per_pod(full_heap, idle_heap);
+        // What one pod's state holds, by the sizes involved: its token (kept to refresh ahead), the
+        // credentials body served, the per-pod statistics (counters and a latency histogram).
+        let token_len = more_tokens[0].len();
+        rows.push(Row {
         scenario: "resident memory, 1,000 pods' credentials cached",
         measure: format!(
-            "MiB ({:.1} vs {:.1} idle; {entries} cache entries; per cached pod {:.0} B resident, {:.0} B heap in use, so {:.0} B allocator and buffer slack; a {token_len} B token and a {} B credentials body are the largest parts of the heap's share)",
+            "MiB, steady state ({:.1} vs {:.1} idle, {:.1} just after loading; {entries} cache entries; per cached pod {:.0} B resident, {:.0} B heap in use, so {:.0} B allocator slack; a {token_len} B token and a {} B credentials body are the largest parts of the heap's share)",
             full_kib as f64 / 1024.0,
             idle_kib as f64 / 1024.0,
+            loaded_kib as f64 / 1024.0,
             rss_per_pod,
             heap_per_pod,
             rss_per_pod - heap_per_pod,
@@ -574,25 +579,25 @@ fn main() {
         met: Some(full_kib <= 20 * 1024),
     });
 
-    // 7: a flood of 100,000 distinct bogus tokens from one pod while another is served.
-    eprintln!("bench: flood of 100,000 bogus tokens");
-    let flooder = &more[0];
-    let victim = &more[1];
-    let before_kib = rss_kib(burst_agent.pid());
-    let bogus = format!("{}.bogus", flooder.token().rsplit_once('.').unwrap().0);
-    let flood = flooder
-        .command(tool("loadgen").to_str().unwrap())
-        .args(["--token", &bogus, "--unique-tokens", "--concurrency", "16", "--seconds", "30"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    // The other pod keeps using the token it already has (kubelet rotates it every ~19 hours).
-    let served = load(std::slice::from_ref(victim), &args(&["--seconds", "5", "--rate", "50", "--concurrency", "1"]), token_of_more);
-    let flood_out: serde_json::Value = serde_json::from_slice(&flood.wait_with_output().unwrap().stdout).unwrap();
-    let flood_sent = flood_out["ok"].as_u64().unwrap() + flood_out["failed"].as_u64().unwrap();
-    let after_kib = rss_kib(burst_agent.pid());
-    rows.push(Row {
+        // 7: a flood of 100,000 distinct bogus tokens from one pod while another is served.
+        eprintln!("bench: flood of 100,000 bogus tokens");
+        let flooder = &more[0];
+        let victim = &more[1];
+        let before_kib = rss_kib(burst_agent.pid());
+        let bogus = format!("{}.bogus", flooder.token().rsplit_once('.').unwrap().0);
+        let flood = flooder
+            .command(tool("loadgen").to_str().unwrap())
+            .args(["--token", &bogus, "--unique-tokens", "--concurrency", "16", "--seconds", "30"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        // The other pod keeps using the token it already has (kubelet rotates it every ~19 hours).
+        let served = load(std::slice::from_ref(victim), &args(&["--seconds", "5", "--rate", "50", "--concurrency", "1"]), token_of_more);
+        let flood_out: serde_json::Value = serde_json::from_slice(&flood.wait_with_output().unwrap().stdout).unwrap();
+        let flood_sent = flood_out["ok"].as_u64().unwrap() + flood_out["failed"].as_u64().unwrap();
+        let after_kib = rss_kib(burst_agent.pid());
+        rows.push(Row {
         scenario: "flood of distinct bogus tokens (one pod)",
         measure: format!(
             "MiB after ({:.1} vs {:.1} before; {flood_sent} flood requests, statuses {}; {} EKS Auth calls for them; other pod {} ok / {} failed, p99 {:.2} ms)",
@@ -611,14 +616,16 @@ fn main() {
         target: "bounded; others served",
         met: Some(served.failed == 0 && after_kib <= before_kib + 16 * 1024),
     });
-    drop(burst_agent);
+        drop(burst_agent);
+    }
     drop(servers);
 
     // Report.
     let machine = format!(
         "{} cores, {} MiB, kernel {}",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        fs::read_to_string("/proc/meminfo").unwrap_or_default().lines().next().and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()).unwrap_or(0) / 1024,
+        fs::read_to_string("/proc/meminfo").unwrap_or_default().lines().next().and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()).unwrap_or(0)
+            / 1024,
         fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()
     );
     let date = Command::new("date").arg("-u").arg("+%Y-%m-%d").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
@@ -675,7 +682,12 @@ fn finish_profile(mut recording: Child, out_dir: &Path, name: &str, title: &str)
     let _ = recording.wait();
     let script = Command::new("perf").arg("script").arg("-i").arg(out_dir.join(format!("{name}.perf.data"))).output().expect("perf script");
     let pipe = |program: &str, args: &[&str], input: &[u8]| -> Vec<u8> {
-        let mut c = Command::new(program).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("{program} (cargo xtask bench --profile installs inferno): {e}"));
+        let mut c = Command::new(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{program} (cargo xtask bench --profile installs inferno): {e}"));
         c.stdin.take().unwrap().write_all(input).unwrap();
         c.wait_with_output().unwrap().stdout
     };
