@@ -33,7 +33,13 @@ async fn main() {
         }
     }
     let body = Bytes::from(body.expect("--body-file"));
-    let listener = tokio::net::TcpListener::bind(listen.expect("--listen")).await.expect("bind");
+    // The agent's backlog (1024), not mio's default (libc::SOMAXCONN, 128 in the libc crate): a
+    // shorter accept queue overflows in the 250-client burst and its SYNs wait out a 1 s timeout.
+    let addr = listen.expect("--listen");
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }.expect("socket");
+    socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+    socket.bind(addr).expect("bind");
+    let listener = socket.listen(1024).expect("listen");
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let _ = stream.set_nodelay(true);

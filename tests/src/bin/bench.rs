@@ -7,6 +7,7 @@
 //! agent runs with `--redirect-target` pointing at them), so only the server differs.
 
 use std::{
+    collections::BTreeMap,
     fs,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -75,6 +76,36 @@ fn load_on(pods: &[Pod], args: &[String], token: impl Fn(&Pod) -> String, cpu: O
     }
     lat.sort_unstable();
     Load { ok, failed, rps: ok as f64 / seconds.max(1e-9), p50_ms: percentile(&lat, 0.5), p99_ms: percentile(&lat, 0.99), p999_ms: percentile(&lat, 0.999) }
+}
+
+/// The TCP counters of a network namespace that explain a latency tail of whole seconds: a SYN
+/// dropped by a full queue waits out the 1 s retransmission timeout.
+struct TcpCounters(BTreeMap<String, i64>);
+
+const TCP_COUNTERS: [&str; 5] = ["ListenOverflows", "ListenDrops", "TCPReqQFullDrop", "TCPSynRetrans", "TCPTimeouts"];
+
+fn tcp_counters(node: &Node) -> TcpCounters {
+    let out = node.command("cat", None).arg("/proc/net/netstat").output().expect("cat /proc/net/netstat");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    let mut counters = BTreeMap::new();
+    // Pairs of lines: "TcpExt: Name Name ..." then "TcpExt: value value ...".
+    for pair in lines.chunks(2) {
+        if let [names, values] = pair {
+            for (n, v) in names.split_whitespace().zip(values.split_whitespace()).skip(1) {
+                if TCP_COUNTERS.contains(&n) {
+                    counters.insert(n.to_string(), v.parse().unwrap_or(0));
+                }
+            }
+        }
+    }
+    TcpCounters(counters)
+}
+
+impl TcpCounters {
+    fn since(&self, before: &TcpCounters) -> String {
+        self.0.iter().map(|(k, v)| format!("{k} {}", v - before.0.get(k).copied().unwrap_or(0))).collect::<Vec<_>>().join(", ")
+    }
 }
 
 /// User plus system CPU seconds a process (and, with `children`, its child processes such as
@@ -500,7 +531,9 @@ fn main() {
             let target = SocketAddr::new(burst_node.ip4.into(), HYPER_PORT).to_string();
             let redirect = Agent::start(&burst_node, &burst_fake, &["--mode", "ebpf", "--redirect-target", &target]);
             let start_at = (now() + 2.0).to_string();
+            let before = tcp_counters(&burst_node);
             let l = load(&burst_pods, &args(&["--once", "--start-at", &start_at]), Pod::token);
+            eprintln!("bench: burst floor TCP: {}", tcp_counters(&burst_node).since(&before));
             drop(redirect);
             let _ = delayed.kill();
             let _ = delayed.wait();
@@ -509,7 +542,9 @@ fn main() {
         let burst_agent = Agent::start_binary(&burst_node, &burst_fake, &["--mode", "ebpf"], &[], &counting);
         let recording = profile.then(|| start_profile(burst_agent.pid(), &out_dir, "burst", 5));
         let start_at = (now() + 2.0).to_string();
+        let before = tcp_counters(&burst_node);
         let first = load(&burst_pods, &args(&["--once", "--start-at", &start_at]), Pod::token);
+        eprintln!("bench: burst agent TCP: {}", tcp_counters(&burst_node).since(&before));
         if let Some(recording) = recording {
             finish_profile(recording, &out_dir, "burst", "pod-identity-agent, 250 first requests at once, upstream 50 ms");
         }
