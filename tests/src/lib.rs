@@ -14,6 +14,7 @@ pub mod fake_aws;
 pub mod fake_imds;
 pub mod jwt;
 pub mod node;
+pub mod oci;
 pub mod pki;
 pub mod proxy;
 pub mod secrets;

@@ -312,10 +312,18 @@ pub fn containers_common_profile() -> Value {
 /// as this agent is concerned: containerd's `contrib/seccomp/seccomp_default.go` (v1.6.9 and
 /// later, all of 1.7 and 2.x) allows the same base syscalls as the profile above, and
 /// additionally `bpf` when the container's bounding set has CAP_BPF and `perf_event_open` when
-/// it has CAP_PERFMON; CRI-O's profile gates both on CAP_SYS_ADMIN only.
+/// it has CAP_PERFMON; CRI-O's profile gates both on CAP_SYS_ADMIN only, and refuses them with an
+/// explicit EPERM rule otherwise (a rule containerd's profile does not have: it would win over the
+/// capability rules).
 pub fn containerd_default() -> Value {
     let mut profile = containers_common_profile();
     let syscalls = profile["syscalls"].as_array_mut().unwrap();
+    for rule in syscalls.iter_mut().filter(|r| r["action"] == "SCMP_ACT_ERRNO") {
+        if let Some(names) = rule["names"].as_array_mut() {
+            names.retain(|n| n != "bpf" && n != "perf_event_open");
+        }
+    }
+    syscalls.retain(|r| r["names"].as_array().is_none_or(|n| !n.is_empty()));
     syscalls.push(json!({"names": ["bpf"], "action": "SCMP_ACT_ALLOW", "includes": {"caps": ["CAP_BPF"]}, "excludes": {}}));
     syscalls.push(json!({"names": ["perf_event_open"], "action": "SCMP_ACT_ALLOW", "includes": {"caps": ["CAP_PERFMON"]}, "excludes": {}}));
     profile

@@ -22,9 +22,10 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     // Monitoring tests: promtool for the alert rules, a real Prometheus server to query.
     "prometheus",
-    // Production-path tests: a real forward proxy, certificates for TLS.
+    // Production-path tests: a real forward proxy, certificates for TLS, an OCI runtime.
     "tinyproxy-bin",
     "openssl",
+    "runc",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// (module to import, PyPI package): real SDK clients the end-to-end tests run inside pods.
@@ -119,6 +120,7 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
 fn setup() -> anyhow::Result<()> {
     apt_install(APT_PACKAGES)?;
     vm::setup()?;
+    fetch_containers_seccomp()?;
 
     if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
         run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))
@@ -151,6 +153,23 @@ fn setup() -> anyhow::Result<()> {
         }
         run(Command::new("npm").args(["ci", "--no-audit", "--no-fund", "--silent"]).current_dir(&node_dir))?;
     }
+    Ok(())
+}
+
+/// The seccomp profile Debian's containers-common package ships (CRI-O's and Podman's default),
+/// for the container tests: taken from the package without installing it (it would pull in a
+/// container network stack).
+fn fetch_containers_seccomp() -> anyhow::Result<()> {
+    let dir = target_dir().join("oci");
+    let profile = dir.join("containers-common-seccomp.json");
+    if profile.exists() {
+        return Ok(());
+    }
+    let deb = vm::download("golang-github-containers-common")?;
+    let unpacked = dir.join("containers-common");
+    std::fs::create_dir_all(&unpacked)?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    std::fs::copy(unpacked.join("usr/share/containers/seccomp.json"), &profile).context("containers-common has no seccomp.json")?;
     Ok(())
 }
 

@@ -137,13 +137,7 @@ fn fetch(kernel: &Kernel) -> anyhow::Result<(String, PathBuf)> {
             return Ok((version, dir));
         }
     }
-    let apt_dir = vm_dir().join("apt");
-    fs::create_dir_all(apt_dir.join("lists/partial"))?;
-    fs::create_dir_all(apt_dir.join("cache/archives/partial"))?;
-    fs::write(apt_dir.join("sources.list"), SOURCES)?;
-    if !apt_dir.join("lists").read_dir()?.flatten().any(|e| e.file_name().to_string_lossy().ends_with("_Packages")) {
-        run(&mut apt("apt-get", &["update"])).context("updating the private apt lists (Debian's archive)")?;
-    }
+    apt_lists()?;
     let package = match kernel.package {
         Pattern::Exact(name) => name.to_owned(),
         Pattern::Newest(prefix, suffix) => {
@@ -156,16 +150,7 @@ fn fetch(kernel: &Kernel) -> anyhow::Result<(String, PathBuf)> {
                 .to_owned()
         }
     };
-    let debs = vm_dir().join("debs");
-    fs::create_dir_all(&debs)?;
-    if !fs::read_dir(&debs)?.flatten().any(|e| e.file_name().to_string_lossy().starts_with(&format!("{package}_"))) {
-        run(apt("apt-get", &["download", &package]).current_dir(&debs)).with_context(|| format!("downloading {package}"))?;
-    }
-    let deb = fs::read_dir(&debs)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_"))))
-        .context("downloaded package not found")?;
+    let deb = download(&package)?;
     let version = version_of(&package);
     let dir = kernels.join(&version);
     let unpacking = kernels.join(format!("{version}.tmp"));
@@ -179,6 +164,32 @@ fn fetch(kernel: &Kernel) -> anyhow::Result<(String, PathBuf)> {
     fs::write(dir.join(".ok"), "")?;
     fs::write(&chosen, &package)?;
     Ok((version, dir))
+}
+
+/// The private apt configuration's lists, fetched once.
+fn apt_lists() -> anyhow::Result<()> {
+    let apt_dir = vm_dir().join("apt");
+    fs::create_dir_all(apt_dir.join("lists/partial"))?;
+    fs::create_dir_all(apt_dir.join("cache/archives/partial"))?;
+    fs::write(apt_dir.join("sources.list"), SOURCES)?;
+    if !apt_dir.join("lists").read_dir()?.flatten().any(|e| e.file_name().to_string_lossy().ends_with("_Packages")) {
+        run(&mut apt("apt-get", &["update"])).context("updating the private apt lists (Debian's archive)")?;
+    }
+    Ok(())
+}
+
+/// A Debian package's .deb, downloaded once (kept under target/vm/debs) without touching the
+/// machine's apt state.
+pub fn download(package: &str) -> anyhow::Result<PathBuf> {
+    apt_lists()?;
+    let debs = vm_dir().join("debs");
+    fs::create_dir_all(&debs)?;
+    let find = || fs::read_dir(&debs).ok()?.flatten().map(|e| e.path()).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_"))));
+    if let Some(deb) = find() {
+        return Ok(deb);
+    }
+    run(apt("apt-get", &["download", package]).current_dir(&debs)).with_context(|| format!("downloading {package}"))?;
+    find().context("downloaded package not found")
 }
 
 /// `linux-image-6.1.0-57-amd64-unsigned` -> `6.1.0-57-amd64`.

@@ -36,6 +36,14 @@ pub fn explain(err: anyhow::Error, site: Option<AttachSite<'_>>) -> anyhow::Erro
                 None => "permission denied by the kernel although the agent holds CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON: a security module (SELinux, AppArmor, lockdown) or a seccomp profile refuses bpf()".to_owned(),
             },
         },
+        // A seccomp profile's default action: containerd's RuntimeDefault answers ENOSYS for
+        // bpf() unless the container was granted CAP_BPF (or CAP_SYS_ADMIN).
+        Some(libc::ENOSYS) => match missing_capabilities() {
+            Some(missing) => format!(
+                "bpf() is blocked (ENOSYS): the agent lacks {missing}, and a seccomp profile such as containerd's RuntimeDefault allows bpf() only to a container granted CAP_BPF (or CAP_SYS_ADMIN); grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"
+            ),
+            None => "bpf() is blocked (ENOSYS): a seccomp profile refuses it although the agent holds CAP_BPF, or the kernel lacks CONFIG_BPF_SYSCALL".to_owned(),
+        },
         Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
             "the kernel rejected the program or attachment: it needs Linux >= 5.7 with cgroup v2 BPF (cgroup/connect4, connect6, sock_ops) and bpf links".to_owned()
         }
