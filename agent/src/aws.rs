@@ -147,9 +147,7 @@ pub fn credential_source(credentials: &aws_credential_types::Credentials) -> &'s
     match features.last() {
         Some(AwsCredentialFeature::CredentialsEnvVars) => "environment variables (AWS_ACCESS_KEY_ID)",
         Some(AwsCredentialFeature::CredentialsProfile) => "a shared credentials or config file profile",
-        Some(AwsCredentialFeature::CredentialsProfileProcess | AwsCredentialFeature::CredentialsProcess) => {
-            "a credential_process in the config file"
-        }
+        Some(AwsCredentialFeature::CredentialsProfileProcess | AwsCredentialFeature::CredentialsProcess) => "a credential_process in the config file",
         Some(AwsCredentialFeature::CredentialsImds) => "the instance metadata service (IMDS)",
         Some(AwsCredentialFeature::CredentialsHttp) => "a container credentials endpoint",
         Some(
@@ -157,9 +155,7 @@ pub fn credential_source(credentials: &aws_credential_types::Credentials) -> &'s
             | AwsCredentialFeature::CredentialsProfileStsWebIdToken
             | AwsCredentialFeature::CredentialsStsAssumeRoleWebId,
         ) => "a web identity token (STS AssumeRoleWithWebIdentity)",
-        Some(AwsCredentialFeature::CredentialsStsAssumeRole | AwsCredentialFeature::CredentialsProfileSourceProfile) => {
-            "a role assumed through STS"
-        }
+        Some(AwsCredentialFeature::CredentialsStsAssumeRole | AwsCredentialFeature::CredentialsProfileSourceProfile) => "a role assumed through STS",
         Some(AwsCredentialFeature::CredentialsSso | AwsCredentialFeature::CredentialsProfileSso) => "an SSO session",
         _ => "the default credential chain",
     }
@@ -207,11 +203,9 @@ where
             request_id: service.err().meta().request_id().map(str::to_owned),
         },
         SdkError::TimeoutError(_) => local(ApiErrorKind::Timeout, "Timeout", "no answer in time".into()),
-        SdkError::DispatchFailure(failure) => local(
-            ApiErrorKind::Unreachable,
-            "Unreachable",
-            with_proxy(error_chain(failure.as_connector_error().map(|e| e as &dyn std::error::Error))),
-        ),
+        SdkError::DispatchFailure(failure) => {
+            local(ApiErrorKind::Unreachable, "Unreachable", with_proxy(error_chain(failure.as_connector_error().map(|e| e as &dyn std::error::Error))))
+        }
         SdkError::ResponseError(_) => local(ApiErrorKind::BadResponse, "InvalidResponse", error_chain(Some(&err))),
         _ => local(ApiErrorKind::Other, "RequestFailed", error_chain(Some(&err))),
     }
@@ -220,7 +214,9 @@ where
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (self.kind, &self.request_id) {
-            (ApiErrorKind::Service, Some(id)) => write!(f, "{}: {} (request id {id})", self.code, self.message),
+            (ApiErrorKind::Service, Some(id)) => {
+                write!(f, "{}: {} (request id {id})", self.code, self.message)
+            }
             (ApiErrorKind::Service, None) => write!(f, "{}: {}", self.code, self.message),
             _ => f.write_str(&self.message),
         }
@@ -250,6 +246,121 @@ fn with_proxy(message: String) -> String {
         return message;
     };
     format!("{message} (through the proxy {})", without_userinfo(&proxy))
+}
+
+/// Remembers where the SDK sent the last request (`scheme://host[:port]`): the endpoint as the
+/// SDK resolved it from the flags, the environment, the region and FIPS. One interceptor type
+/// serves every service's client.
+#[derive(Clone, Debug, Default)]
+pub struct EndpointRecorder(Arc<Mutex<Option<String>>>);
+
+impl EndpointRecorder {
+    pub fn last(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl aws_smithy_runtime_api::client::interceptors::Intercept for EndpointRecorder {
+    fn name(&self) -> &'static str {
+        "EndpointRecorder"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef<'_>,
+        _components: &aws_smithy_runtime_api::client::runtime_components::RuntimeComponents,
+        _cfg: &mut aws_smithy_types::config_bag::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        if let Ok(uri) = context.request().uri().parse::<http::Uri>() {
+            let origin = format!("{}://{}", uri.scheme_str().unwrap_or("https"), uri.authority().map(|a| a.as_str()).unwrap_or(""));
+            *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(origin);
+        }
+        Ok(())
+    }
+}
+
+/// A service client that needs a region, which can come from IMDS, and IMDS may not answer yet
+/// when the agent starts: until a region is found, [`RegionalClient::get`] says why there is no
+/// client, and the configuration is looked for again at most every [`REGION_RETRY`].
+pub struct RegionalClient<C> {
+    options: AwsOptions,
+    build: fn(&SdkConfig, &EndpointRecorder) -> C,
+    endpoint: EndpointRecorder,
+    state: tokio::sync::Mutex<ClientState<C>>,
+}
+
+enum ClientState<C> {
+    Ready {
+        client: C,
+        region: String,
+    },
+    /// No region yet: why, and when it was last looked for.
+    NoRegion {
+        since: tokio::time::Instant,
+        why: String,
+    },
+}
+
+/// How often a missing region is looked for again.
+pub const REGION_RETRY: Duration = Duration::from_secs(2);
+
+impl<C: Clone> RegionalClient<C> {
+    /// Builds the client from the default chain now if a region is found; `build` makes the
+    /// service client from the SDK configuration, with `endpoint` as an interceptor.
+    pub async fn new(options: AwsOptions, build: fn(&SdkConfig, &EndpointRecorder) -> C, service: &str) -> anyhow::Result<RegionalClient<C>> {
+        let placeholder = ClientState::NoRegion { since: tokio::time::Instant::now(), why: String::new() };
+        let client = RegionalClient { options, build, endpoint: EndpointRecorder::default(), state: tokio::sync::Mutex::new(placeholder) };
+        let state = Self::load(&client.options, build, &client.endpoint).await?;
+        if let ClientState::NoRegion { why, .. } = &state {
+            tracing::warn!("{why}; {service} calls fail until it is found (looked for again every {REGION_RETRY:?})");
+        }
+        *client.state.lock().await = state;
+        Ok(client)
+    }
+
+    async fn load(options: &AwsOptions, build: fn(&SdkConfig, &EndpointRecorder) -> C, endpoint: &EndpointRecorder) -> anyhow::Result<ClientState<C>> {
+        let config = sdk_config(options).await?;
+        Ok(match config.region() {
+            Some(region) => ClientState::Ready { client: build(&config, endpoint), region: region.to_string() },
+            None => ClientState::NoRegion {
+                since: tokio::time::Instant::now(),
+                why: "no AWS region found (--region, AWS_REGION, the profile and IMDS gave none)".to_owned(),
+            },
+        })
+    }
+
+    /// The client, or why there is none yet.
+    pub async fn get(&self) -> Result<C, String> {
+        let mut state = self.state.lock().await;
+        if let ClientState::NoRegion { since, .. } = &*state
+            && since.elapsed() >= REGION_RETRY
+        {
+            match Self::load(&self.options, self.build, &self.endpoint).await {
+                Ok(loaded) => *state = loaded,
+                Err(e) => tracing::warn!("cannot build the AWS client: {e:#}"),
+            }
+            if let ClientState::Ready { region, .. } = &*state {
+                tracing::info!(region = %region, "AWS region found; upstream calls can start");
+            }
+        }
+        match &*state {
+            ClientState::Ready { client, .. } => Ok(client.clone()),
+            ClientState::NoRegion { why, .. } => Err(why.clone()),
+        }
+    }
+
+    /// The region the client signs for (`None` until found).
+    pub async fn region(&self) -> Option<String> {
+        match &*self.state.lock().await {
+            ClientState::Ready { region, .. } => Some(region.clone()),
+            ClientState::NoRegion { .. } => None,
+        }
+    }
+
+    /// Where the last call went (`https://eks-auth.us-west-2.api.aws`), once a call was made.
+    pub fn last_endpoint(&self) -> Option<String> {
+        self.endpoint.last()
+    }
 }
 
 /// A URL without the `user:password@` part.

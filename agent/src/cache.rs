@@ -147,7 +147,9 @@ const LRU_GRAIN: Duration = Duration::from_secs(1);
 
 impl State {
     fn touch(&mut self, digest: TokenDigest, now: Instant) {
-        let Some(e) = self.entries.get_mut(&digest) else { return };
+        let Some(e) = self.entries.get_mut(&digest) else {
+            return;
+        };
         let moved_recently = now.saturating_duration_since(e.lru_moved) < LRU_GRAIN;
         e.last_used = now;
         if moved_recently {
@@ -259,7 +261,9 @@ impl<U: Upstream> CredentialCache<U> {
                     inner.stats.evicted_superseded.fetch_add(1, Ordering::Relaxed);
                 }
                 while st.entries.len() >= inner.settings.max_entries.max(1) {
-                    let Some((_, oldest)) = st.lru.pop_first() else { break };
+                    let Some((_, oldest)) = st.lru.pop_first() else {
+                        break;
+                    };
                     st.remove(&oldest);
                     inner.stats.evicted_lru.fetch_add(1, Ordering::Relaxed);
                 }
@@ -293,7 +297,9 @@ impl<U: Upstream> CredentialCache<U> {
         let result = if has_stale {
             match tokio::time::timeout(inner.settings.stale_wait, wait(&mut rx)).await {
                 Ok(result) => result,
-                Err(_) => return self.serve_stale(&digest).ok_or_else(|| UpstreamError::timeout(inner.settings.upstream_timeout)),
+                Err(_) => {
+                    return self.serve_stale(&digest).ok_or_else(|| UpstreamError::timeout(inner.upstream.name(), inner.settings.upstream_timeout));
+                }
             }
         } else {
             wait(&mut rx).await
@@ -364,12 +370,7 @@ async fn wait(rx: &mut watch::Receiver<Option<FetchResult>>) -> FetchResult {
     match rx.wait_for(Option::is_some).await {
         Ok(value) => value.clone().expect("waited for Some"),
         // The fetch task cannot drop its sender without sending, short of a runtime shutdown.
-        Err(_) => Err(UpstreamError {
-            status: 503,
-            code: "AgentShuttingDown".into(),
-            message: "the agent is shutting down".into(),
-            request_id: None,
-        }),
+        Err(_) => Err(UpstreamError { status: 503, code: "AgentShuttingDown".into(), message: "the agent is shutting down".into(), request_id: None }),
     }
 }
 
@@ -381,13 +382,7 @@ impl<U: Upstream> Inner<U> {
     /// Starts the upstream call for `digest` as its own task; the entry must exist. `now` is the
     /// caller's clock reading: a request that triggers the fetch passes the same instant it
     /// recorded as `last_used`, so its use counts as a use since this fetch began.
-    fn start_fetch(
-        self: &Arc<Self>,
-        st: &mut State,
-        digest: TokenDigest,
-        priority: Priority,
-        now: Instant,
-    ) -> watch::Receiver<Option<FetchResult>> {
+    fn start_fetch(self: &Arc<Self>, st: &mut State, digest: TokenDigest, priority: Priority, now: Instant) -> watch::Receiver<Option<FetchResult>> {
         let (tx, rx) = watch::channel(None);
         let e = st.entries.get_mut(&digest).expect("start_fetch on a present entry");
         e.inflight = Some(rx.clone());
@@ -404,7 +399,8 @@ impl<U: Upstream> Inner<U> {
     }
 
     /// One upstream exchange: attempts with backoff until success, a non-transient error, or the
-    /// deadline. Logs one line per HTTP request to EKS Auth.
+    /// deadline. Logs one line per attempt (one HTTP request to EKS Auth or STS, or a local
+    /// refusal of the token in `sts` mode).
     async fn call_with_retries(&self, token: &str, priority: Priority, label: &str) -> FetchResult {
         let timeout = self.settings.upstream_timeout;
         let deadline = Instant::now() + timeout;
@@ -414,17 +410,18 @@ impl<U: Upstream> Inner<U> {
             match self.limiter.acquire(priority, deadline).await {
                 Ok(waited) => self.metrics.observe_budget_wait(waited),
                 Err(_) => {
-                    warn!(pod = label, ?priority, "no EKS Auth budget left before the deadline");
-                    return Err(UpstreamError::budget_exhausted());
+                    warn!(pod = label, ?priority, upstream = self.upstream.name(), "no upstream budget left before the deadline");
+                    return Err(UpstreamError::budget_exhausted(self.upstream.name()));
                 }
             }
             self.stats.upstream_calls.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
             let error = match tokio::time::timeout_at(deadline, self.upstream.assume_role(token)).await {
-                Err(_) => UpstreamError::timeout(timeout),
+                Err(_) => UpstreamError::timeout(self.upstream.name(), timeout),
                 Ok(Ok(role)) => {
                     self.metrics.observe_upstream(started.elapsed(), None);
                     info!(
+                        upstream = self.upstream.name(),
                         pod = label,
                         ?priority,
                         attempt,
@@ -432,7 +429,7 @@ impl<U: Upstream> Inner<U> {
                         association_id = %role.association_id,
                         request_id = role.request_id.as_deref().unwrap_or("-"),
                         latency_ms = started.elapsed().as_millis() as u64,
-                        "EKS Auth call succeeded"
+                        "upstream call succeeded"
                     );
                     return Ok(Arc::new(role));
                 }
@@ -440,6 +437,7 @@ impl<U: Upstream> Inner<U> {
             };
             self.metrics.observe_upstream(started.elapsed(), Some(&error.code));
             warn!(
+                upstream = self.upstream.name(),
                 pod = label,
                 ?priority,
                 attempt,
@@ -448,7 +446,7 @@ impl<U: Upstream> Inner<U> {
                 message = %error.message,
                 request_id = error.request_id.as_deref().unwrap_or("-"),
                 latency_ms = started.elapsed().as_millis() as u64,
-                "EKS Auth call failed"
+                "upstream call failed"
             );
             if error.status == 504 {
                 return Err(error);
@@ -554,6 +552,10 @@ mod tests {
     }
 
     impl Upstream for Scripted {
+        fn name(&self) -> &'static str {
+            "the scripted upstream"
+        }
+
         async fn assume_role(&self, token: &str) -> Result<AssumedRole, UpstreamError> {
             let n = self.0.calls.fetch_add(1, Ordering::SeqCst) + 1;
             let latency = *self.0.latency.lock().unwrap();

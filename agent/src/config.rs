@@ -24,6 +24,16 @@ pub enum Mode {
     Auto,
 }
 
+/// Where pods' credentials come from.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceKind {
+    /// EKS Auth `AssumeRoleForPodIdentity`: EKS verifies the token and holds the associations.
+    EksAuth,
+    /// Any cluster: the token verified here against the issuer's keys, associations from
+    /// --associations-file, STS `AssumeRole` with EKS's session tags.
+    Sts,
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -132,6 +142,36 @@ pub struct RunArgs {
     /// over without a gap in interception (eBPF mode). Without it, exit leaves nothing attached.
     #[arg(long, value_name = "DIR")]
     pub pin: Option<PathBuf>,
+    /// Where pods' credentials come from.
+    #[arg(long, value_enum, default_value_t = SourceKind::EksAuth)]
+    pub credential_source: SourceKind,
+    /// sts: the associations (YAML: a list under `associations:` of namespace, serviceAccount,
+    /// roleArn, targetRoleArn, tags), re-read when it changes.
+    #[arg(long, value_name = "PATH")]
+    pub associations_file: Option<PathBuf>,
+    /// sts: the service-account issuer's public keys (JWKS), re-read when it changes.
+    #[arg(long, value_name = "PATH", conflicts_with = "jwks_url")]
+    pub jwks_file: Option<PathBuf>,
+    /// sts: URL of the issuer's JWKS (e.g. the API server's /openid/v1/jwks), fetched every 5
+    /// minutes and when a token names an unknown key.
+    #[arg(long, value_name = "URL")]
+    pub jwks_url: Option<http::Uri>,
+    /// sts: a bearer token file sent with each --jwks-url fetch (the agent's service-account
+    /// token, for the API server).
+    #[arg(long, value_name = "PATH", requires = "jwks_url")]
+    pub jwks_token_file: Option<PathBuf>,
+    /// sts: CA certificates (PEM) trusted for --jwks-url besides the system's.
+    #[arg(long, value_name = "PATH", requires = "jwks_url")]
+    pub jwks_ca_file: Option<PathBuf>,
+    /// sts: the issuer tokens must carry (`iss`), e.g. https://kubernetes.default.svc.cluster.local.
+    #[arg(long, value_name = "URL")]
+    pub token_issuer: Option<String>,
+    /// sts: the audience tokens must carry (`aud`).
+    #[arg(long, value_name = "AUD", default_value = "pods.eks.amazonaws.com")]
+    pub token_audience: String,
+    /// sts: tagged on every session as `eks-cluster-arn`.
+    #[arg(long, value_name = "ARN")]
+    pub cluster_arn: Option<String>,
 }
 
 /// Parses `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds.
@@ -177,6 +217,59 @@ pub struct Settings {
     pub pin: Option<PathBuf>,
     pub max_connections: usize,
     pub max_connections_per_pod: usize,
+    pub source: SourceSettings,
+}
+
+/// The credential source's own settings.
+#[derive(Debug)]
+pub enum SourceSettings {
+    EksAuth,
+    Sts { associations_file: PathBuf, keys: crate::sts::keys::KeySource, issuer: String, audience: String, cluster_arn: Option<String> },
+}
+
+impl SourceSettings {
+    fn resolve(args: &RunArgs) -> anyhow::Result<SourceSettings> {
+        match args.credential_source {
+            SourceKind::EksAuth => {
+                let sts_only = [
+                    ("--associations-file", args.associations_file.is_some()),
+                    ("--jwks-file", args.jwks_file.is_some()),
+                    ("--jwks-url", args.jwks_url.is_some()),
+                    ("--token-issuer", args.token_issuer.is_some()),
+                    ("--cluster-arn", args.cluster_arn.is_some()),
+                ];
+                if let Some((flag, _)) = sts_only.iter().find(|(_, set)| *set) {
+                    bail!("{flag} applies only to --credential-source sts (EKS Auth verifies tokens and holds the associations)");
+                }
+                Ok(SourceSettings::EksAuth)
+            }
+            SourceKind::Sts => {
+                if args.eks_auth_endpoint.is_some() {
+                    bail!("--eks-auth-endpoint applies only to --credential-source eks-auth (the STS endpoint follows AWS_ENDPOINT_URL_STS)");
+                }
+                let associations_file = args.associations_file.clone().context("--credential-source sts needs --associations-file")?;
+                let keys = match (&args.jwks_file, &args.jwks_url) {
+                    (Some(file), None) => crate::sts::keys::KeySource::File(file.clone()),
+                    (None, Some(url)) => {
+                        if !matches!(url.scheme_str(), Some("https" | "http")) {
+                            bail!("--jwks-url {url}: an http(s) URL is needed");
+                        }
+                        crate::sts::keys::KeySource::Url { url: url.clone(), token_file: args.jwks_token_file.clone(), ca_file: args.jwks_ca_file.clone() }
+                    }
+                    _ => bail!("--credential-source sts needs the issuer's keys: --jwks-file or --jwks-url"),
+                };
+                let issuer = args.token_issuer.clone().filter(|i| !i.trim().is_empty()).context(
+                    "--credential-source sts needs --token-issuer (the cluster's service-account issuer: kubectl get --raw /.well-known/openid-configuration)",
+                )?;
+                if let Some(arn) = &args.cluster_arn
+                    && !arn.starts_with("arn:")
+                {
+                    bail!("--cluster-arn {arn:?} is not an ARN");
+                }
+                Ok(SourceSettings::Sts { associations_file, keys, issuer, audience: args.token_audience.clone(), cluster_arn: args.cluster_arn.clone() })
+            }
+        }
+    }
 }
 
 impl Settings {
@@ -184,11 +277,8 @@ impl Settings {
         if args.cluster_name.trim().is_empty() {
             bail!("--cluster-name (or CLUSTER_NAME) must not be empty");
         }
-        let listen = if args.listen.is_empty() {
-            node_ips()?.into_iter().map(|ip| SocketAddr::new(ip, DEFAULT_PORT)).collect()
-        } else {
-            args.listen
-        };
+        let source = SourceSettings::resolve(&args)?;
+        let listen = if args.listen.is_empty() { node_ips()?.into_iter().map(|ip| SocketAddr::new(ip, DEFAULT_PORT)).collect() } else { args.listen };
         let targets = if args.redirect_target.is_empty() { listen.clone() } else { args.redirect_target };
         for t in &targets {
             if t.ip().is_unspecified() || t.ip().is_loopback() {
@@ -238,6 +328,7 @@ impl Settings {
             pin: args.pin,
             max_connections: args.max_connections.max(1),
             max_connections_per_pod: args.max_connections_per_pod.max(1),
+            source,
         })
     }
 }
@@ -274,8 +365,7 @@ fn default_route_ip() -> anyhow::Result<IpAddr> {
         .find(|r| r.destination == Ipv4Addr::UNSPECIFIED && r.mask == Ipv4Addr::UNSPECIFIED)
         .map(|r| r.iface.clone())
         .context("no NODE_IP and no IPv4 default route; pass --listen IP:PORT")?;
-    interface_ipv4(&iface)?.with_context(|| format!("default-route interface {iface} has no IPv4 address; pass --listen"))
-        .map(IpAddr::V4)
+    interface_ipv4(&iface)?.with_context(|| format!("default-route interface {iface} has no IPv4 address; pass --listen")).map(IpAddr::V4)
 }
 
 fn interface_ipv4(name: &str) -> anyhow::Result<Option<Ipv4Addr>> {

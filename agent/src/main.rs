@@ -1,10 +1,12 @@
 //! pod-identity-agent: hands EKS Pod Identity credentials to the pods of one node.
 //!
 //! The daemon's rooms: `kernel` (load and attach the eBPF programs, read their records),
-//! `attribution` (cgroup id -> pod), `token` (service-account token claims), `upstream` (EKS
-//! Auth), `aws` (the SDK configuration everything shares), `credentials` and `cache` (wire format
-//! and cache), `server` (the credential endpoint), `ops` and `metrics` (probes and Prometheus),
-//! `config` (flags and defaults). The operator's commands (`pods`, `associations`, `doctor`)
+//! `attribution` (cgroup id -> pod), `token` (service-account token claims), `upstream` (what a
+//! credential source is to the cache), `source` (the one the daemon runs with: `eks_auth`, or
+//! `sts` with its own token verification and associations), `aws` (the SDK configuration
+//! everything shares), `credentials` and `cache` (wire format and cache), `server` (the
+//! credential endpoint), `ops` and `metrics` (probes and Prometheus), `config` (flags and
+//! defaults). The operator's commands (`pods`, `associations`, `doctor`)
 //! live in `operator`, which reads the daemon's rooms and is never read by them.
 
 #[cfg(feature = "count-allocations")]
@@ -15,6 +17,7 @@ mod cache;
 mod config;
 mod connlimit;
 mod credentials;
+mod eks_auth;
 mod kernel;
 mod link;
 mod metrics;
@@ -23,7 +26,9 @@ mod ops;
 mod ratelimit;
 mod request;
 mod server;
+mod source;
 mod stats;
+mod sts;
 mod token;
 mod upstream;
 
@@ -41,14 +46,16 @@ use tracing::{error, info, warn};
 use crate::{
     attribution::CgroupIndex,
     cache::CredentialCache,
-    config::{LogFormat, Mode, RunArgs, Settings},
+    config::{LogFormat, Mode, RunArgs, Settings, SourceSettings},
+    eks_auth::{EksAuth, EksAuthOptions},
     kernel::{Attachment, RedirectSpec, Redirector},
     metrics::{Live, Metrics},
     ops::{AgentInfo, Readiness},
     ratelimit::{PodRateLimits, UpstreamLimiter},
     server::CredentialServer,
+    source::CredentialSource,
     stats::PodStatsRegistry,
-    upstream::{EksAuth, EksAuthOptions},
+    sts::{Sts, StsOptions},
 };
 
 /// How often the cache and per-pod state are checked against the pods that exist (a deleted
@@ -186,31 +193,46 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
                 warn!(error = %e, root = %c.root.display(), "cannot index the cgroup root; indexing the whole cgroup2 hierarchy");
                 CgroupIndex::build(&c.mount, &c.mount).with_context(|| format!("indexing cgroups below {}", c.mount.display()))?
             }
-            Err(e) => return Err(anyhow::Error::new(e).context(format!("indexing cgroups below {}", c.root.display()))),
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!("indexing cgroups below {}", c.root.display())));
+            }
         }),
         Err(e) => {
             warn!("{e:#}: deleted pods are not noticed; their cached credentials expire or age out (--max-cache-entries)");
             None
         }
     };
-    let upstream = EksAuth::new(EksAuthOptions {
-        cluster_name: settings.cluster_name.clone(),
-        region: settings.region.clone(),
-        endpoint: settings.eks_auth_endpoint.clone(),
-        fips: settings.fips,
-        node_name: settings.node_name.clone(),
-    })
-    .await?;
+    let upstream = match &settings.source {
+        SourceSettings::EksAuth => CredentialSource::EksAuth(
+            EksAuth::new(EksAuthOptions {
+                cluster_name: settings.cluster_name.clone(),
+                region: settings.region.clone(),
+                endpoint: settings.eks_auth_endpoint.clone(),
+                fips: settings.fips,
+                node_name: settings.node_name.clone(),
+            })
+            .await?,
+        ),
+        SourceSettings::Sts { associations_file, keys, issuer, audience, cluster_arn } => CredentialSource::Sts(Box::new(
+            Sts::new(StsOptions {
+                cluster_name: settings.cluster_name.clone(),
+                cluster_arn: cluster_arn.clone(),
+                region: settings.region.clone(),
+                fips: settings.fips,
+                node_name: settings.node_name.clone(),
+                associations_file: associations_file.clone(),
+                keys: keys.clone(),
+                issuer: issuer.clone(),
+                audience: audience.clone(),
+            })
+            .await?,
+        )),
+    };
     let region = upstream.region().await;
     let server = Arc::new(CredentialServer {
         redirector: redirector.clone(),
         cgroups,
-        cache: CredentialCache::new(
-            upstream,
-            settings.cache.clone(),
-            UpstreamLimiter::new(settings.upstream_qps, settings.upstream_burst),
-            metrics.clone(),
-        ),
+        cache: CredentialCache::new(upstream, settings.cache.clone(), UpstreamLimiter::new(settings.upstream_qps, settings.upstream_burst), metrics.clone()),
         pod_limits: PodRateLimits::new(settings.pod_rps, settings.pod_burst),
         connection_limits: connlimit::ConnectionLimits::new(settings.max_connections, settings.max_connections_per_pod),
         stats,
@@ -280,8 +302,12 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     match redirector.map(Arc::try_unwrap) {
         // Dropping the last handle closes owned links: the kernel detaches the programs.
         Some(Ok(redirector)) if redirector.attachment == Attachment::Owned => drop(redirector),
-        Some(Ok(_)) => info!(pin = ?settings.pin, "programs stay attached through their pinned links for the next agent"),
-        Some(Err(_)) => warn!("kernel programs still referenced at exit; they detach when the process ends"),
+        Some(Ok(_)) => {
+            info!(pin = ?settings.pin, "programs stay attached through their pinned links for the next agent")
+        }
+        Some(Err(_)) => {
+            warn!("kernel programs still referenced at exit; they detach when the process ends")
+        }
         None => {}
     }
     info!("stopped");
@@ -332,7 +358,9 @@ async fn intercept(settings: &Settings, cgroup2: Result<&Cgroup2, &anyhow::Error
             Ok((listeners, redirector)) => {
                 return Ok(Interception { redirector: Some(Arc::new(redirector)), listeners, mode: "ebpf", note: String::new() });
             }
-            Err(e) if settings.mode == Mode::Ebpf => return Err(e.context("cannot intercept pods' connections")),
+            Err(e) if settings.mode == Mode::Ebpf => {
+                return Err(e.context("cannot intercept pods' connections"));
+            }
             Err(e) => {
                 warn!("eBPF interception unavailable, falling back to link mode: {e:#}");
                 Some(e.to_string())
@@ -365,10 +393,7 @@ fn link_mode(settings: &Settings, fallback_reason: Option<String>) -> anyhow::Re
 /// The credential listeners' sockets, shared with an agent starting beside this one during a
 /// roll; bound, not listening yet.
 fn bind_all(addrs: &[std::net::SocketAddr]) -> anyhow::Result<Vec<TcpSocket>> {
-    addrs
-        .iter()
-        .map(|addr| ops::shared_socket(*addr).with_context(|| format!("binding the credential listener {addr}")))
-        .collect()
+    addrs.iter().map(|addr| ops::shared_socket(*addr).with_context(|| format!("binding the credential listener {addr}"))).collect()
 }
 
 /// glibc gives each thread that allocates its own arena, and keeps freed memory in them: bursts
@@ -457,7 +482,9 @@ mod tests {
             }
         }
         match parse(&["associations", "--namespace", "ns", "--json", "--cluster-name", "prod"]).unwrap() {
-            Command::Associations(a) => assert!(a.action.is_none() && a.json && a.namespace.as_deref() == Some("ns")),
+            Command::Associations(a) => {
+                assert!(a.action.is_none() && a.json && a.namespace.as_deref() == Some("ns"))
+            }
             other => panic!("parsed {other:?}"),
         }
         // Listing flags do not mix with an action.

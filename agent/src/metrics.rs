@@ -113,8 +113,7 @@ impl Metrics {
         let mut r = Registry::default();
         let requests = Family::<CodeLabels, Counter>::default();
         r.register("pod_identity_agent_requests", "Credential endpoint responses by HTTP status code", requests.clone());
-        let requests_by_status = [200u16, 400, 403, 404, 405, 429, 500, 502, 503, 504]
-            .map(|code| (code, requests.get_or_create_owned(&CodeLabels { code })));
+        let requests_by_status = [200u16, 400, 403, 404, 405, 429, 500, 502, 503, 504].map(|code| (code, requests.get_or_create_owned(&CodeLabels { code })));
         let request_duration = AtomicHistogram::exponential(0.0001, 2.5, 14);
         r.register_with_unit(
             "pod_identity_agent_request_duration",
@@ -138,26 +137,26 @@ impl Metrics {
         );
         r.register_with_unit(
             "pod_identity_agent_upstream_call_duration",
-            "Duration of each HTTP request to EKS Auth",
+            "Duration of each attempt at the credential source (an HTTP request to EKS Auth, or STS and the local token check in sts mode)",
             Unit::Seconds,
             upstream_duration.clone(),
         );
         let upstream_errors = Family::<ErrorCodeLabels, Counter>::default();
         r.register(
             "pod_identity_agent_upstream_errors",
-            "Failed EKS Auth requests by error code (ThrottlingException, UpstreamUnreachable, UpstreamTimeout, ...)",
+            "Failed credential-source attempts by error code (ThrottlingException, UpstreamUnreachable, UpstreamTimeout, InvalidTokenException, ...)",
             upstream_errors.clone(),
         );
         let upstream_budget_waits = Counter::default();
         r.register(
             "pod_identity_agent_upstream_budget_waits",
-            "EKS Auth calls that waited for the node-wide budget (--upstream-qps/--upstream-burst)",
+            "Credential-source calls that waited for the node-wide budget (--upstream-qps/--upstream-burst)",
             upstream_budget_waits.clone(),
         );
         let upstream_budget_wait_seconds = Counter::<f64>::default();
         r.register_with_unit(
             "pod_identity_agent_upstream_budget_wait",
-            "Total time EKS Auth calls waited for the node-wide budget",
+            "Total time credential-source calls waited for the node-wide budget",
             Unit::Seconds,
             upstream_budget_wait_seconds.clone(),
         );
@@ -183,24 +182,20 @@ impl Metrics {
         let cache_evictions = Family::<ReasonLabels, Counter>::default();
         r.register(
             "pod_identity_agent_cache_evictions",
-            "Cache entries removed, by reason: lru, superseded (the pod's token rotated), pod_gone, expired, terminal (EKS Auth refused the token)",
+            "Cache entries removed, by reason: lru, superseded (the pod's token rotated), pod_gone, expired, terminal (the credential source refused the token)",
             cache_evictions.clone(),
         );
         let cache_refreshes = Counter::default();
         r.register("pod_identity_agent_cache_refreshes", "Background refreshes started ahead of expiry", cache_refreshes.clone());
         let upstream_calls = Counter::default();
-        r.register("pod_identity_agent_upstream_calls", "HTTP requests made to EKS Auth (retries included)", upstream_calls.clone());
+        r.register("pod_identity_agent_upstream_calls", "Attempts at the credential source (EKS Auth, or STS), retries included", upstream_calls.clone());
         let pod_requests = per_pod.then(|| {
             let f = Family::<PodLabels, Counter>::default();
             r.register("pod_identity_agent_pod_requests", "Credential endpoint responses per pod and status code (--metrics-per-pod)", f.clone());
             f
         });
         let mode = Family::<ModeLabels, Gauge>::default();
-        r.register(
-            "pod_identity_agent_mode",
-            "How pods reach the agent: 1 for the active mode, ebpf (attributed) or link (token-only checks)",
-            mode.clone(),
-        );
+        r.register("pod_identity_agent_mode", "How pods reach the agent: 1 for the active mode, ebpf (attributed) or link (token-only checks)", mode.clone());
         let rejected_connections = Family::<ReasonLabels, Counter>::default();
         r.register(
             "pod_identity_agent_rejected_connections",
@@ -335,13 +330,9 @@ impl Metrics {
         }
         self.cache_entries.set(cache_entries as i64);
         let copy = |counter: &Counter, from: &std::sync::atomic::AtomicU64| counter.inner().store(from.load(Ordering::Relaxed), Ordering::Relaxed);
-        for (result, from) in [
-            ("hit", &cache.hits),
-            ("miss", &cache.misses),
-            ("coalesced", &cache.coalesced),
-            ("stale", &cache.stale_served),
-            ("negative", &cache.negative_hits),
-        ] {
+        for (result, from) in
+            [("hit", &cache.hits), ("miss", &cache.misses), ("coalesced", &cache.coalesced), ("stale", &cache.stale_served), ("negative", &cache.negative_hits)]
+        {
             copy(&self.cache_lookups.get_or_create(&ResultLabels { result }), from);
         }
         for (reason, from) in [
@@ -364,7 +355,9 @@ impl Metrics {
             self.process.allocations.inner().store(crate::alloc_count::allocations(), Ordering::Relaxed);
             self.process.live_bytes.set(crate::alloc_count::live_bytes() as i64);
         }
-        let Ok(me) = procfs::process::Process::myself() else { return };
+        let Ok(me) = procfs::process::Process::myself() else {
+            return;
+        };
         let ticks = procfs::ticks_per_second() as f64;
         if let Ok(stat) = me.stat() {
             self.process.resident_memory_bytes.set(stat.rss as i64 * procfs::page_size() as i64);

@@ -33,9 +33,10 @@ use crate::{
     metrics::Metrics,
     ratelimit::{PodBucket, PodRateLimits},
     request::{self, Refusal, Route},
+    source::CredentialSource,
     stats::{Identity, PodEntry, PodStatsRegistry, RequestClass, RequestRecord, Served},
     token::{PodUid, TokenClaims},
-    upstream::{AssumedRole, EksAuth},
+    upstream::AssumedRole,
 };
 
 /// Requests whose headers take longer than this are dropped (slow clients hold no resources).
@@ -47,7 +48,7 @@ pub struct CredentialServer {
     pub redirector: Option<Arc<Redirector>>,
     /// `None` where the node has no cgroup2 hierarchy (link mode only).
     pub cgroups: Option<CgroupIndex>,
-    pub cache: CredentialCache<EksAuth>,
+    pub cache: CredentialCache<CredentialSource>,
     pub pod_limits: PodRateLimits,
     pub connection_limits: Arc<ConnectionLimits>,
     pub stats: Arc<PodStatsRegistry>,
@@ -116,9 +117,7 @@ fn class_of(refusal: &Refusal) -> RequestClass {
     match refusal.reason {
         "token_invalid" => RequestClass::BadToken,
         "pod_rate_limited" => RequestClass::RateLimited,
-        "upstream_error" if refusal.status.is_client_error() && refusal.status != StatusCode::TOO_MANY_REQUESTS => {
-            RequestClass::UpstreamClient
-        }
+        "upstream_error" if refusal.status.is_client_error() && refusal.status != StatusCode::TOO_MANY_REQUESTS => RequestClass::UpstreamClient,
         "upstream_error" => RequestClass::UpstreamServer,
         _ => RequestClass::Refused,
     }
@@ -193,7 +192,9 @@ impl CredentialServer {
         let started = Instant::now();
         match request::route(req.method(), req.uri().path()) {
             Route::Credentials => {}
-            Route::MethodNotAllowed => return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported"),
+            Route::MethodNotAllowed => {
+                return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported");
+            }
             Route::NotFound => return text(StatusCode::NOT_FOUND, "not found"),
         }
         let mut facts = RequestFacts::default();
@@ -243,12 +244,7 @@ impl CredentialServer {
         response
     }
 
-    async fn credentials(
-        &self,
-        conn: &Connection,
-        req: &Request<Incoming>,
-        facts: &mut RequestFacts,
-    ) -> Result<Response<Full<Bytes>>, Refusal> {
+    async fn credentials(&self, conn: &Connection, req: &Request<Incoming>, facts: &mut RequestFacts) -> Result<Response<Full<Bytes>>, Refusal> {
         // In link mode nothing attributes the caller: the pod is whatever the token says.
         let attributed = match &conn.caller {
             Some(Ok(pod)) => Some(pod.clone()),

@@ -1,11 +1,13 @@
-//! The EKS Auth API (`AssumeRoleForPodIdentity`), called with the node's own credentials.
+//! What a credential source is to the cache: a pod's token in, the pod's credentials (or an
+//! error shaped for the pod) out. The sources themselves live in `eks_auth` and `sts`; the
+//! cache sees only [`Upstream`].
 //!
-//! The SDK's own retries are off: the cache retries with its own deadline and budget, so one
-//! upstream call means one HTTP request to EKS Auth.
+//! The SDKs' own retries are off in every source: the cache retries with its own deadline and
+//! budget, so one upstream call means one HTTP request.
 
 use std::{fmt, future::Future, time::SystemTime};
 
-use aws_sdk_eksauth::{error::SdkError, operation::RequestId as _};
+use aws_smithy_runtime_api::client::result::SdkError;
 
 use crate::aws::{ApiErrorKind, NodeCredentials};
 
@@ -65,29 +67,53 @@ pub struct UpstreamError {
     pub request_id: Option<String>,
 }
 
-/// Exchanges a pod's token for credentials. [`EksAuth`] in production; a scripted fake in the
-/// cache's unit tests.
+/// Exchanges a pod's token for credentials: `source::CredentialSource` in production (EKS Auth
+/// or STS); a scripted fake in the cache's unit tests.
 pub trait Upstream: Send + Sync + 'static {
     fn assume_role(&self, token: &str) -> impl Future<Output = Result<AssumedRole, UpstreamError>> + Send;
+
+    /// The service called, in operators' words (`EKS Auth`, `STS`), for logs and messages.
+    fn name(&self) -> &'static str;
 }
 
 impl UpstreamError {
     /// The call did not finish within its deadline (retries included).
-    pub fn timeout(deadline: std::time::Duration) -> UpstreamError {
+    pub fn timeout(upstream: &str, deadline: std::time::Duration) -> UpstreamError {
         UpstreamError {
             status: 504,
             code: "UpstreamTimeout".into(),
-            message: format!("EKS Auth did not answer within {deadline:?} (retries included)"),
+            message: format!("{upstream} did not answer within {deadline:?} (retries included)"),
             request_id: None,
         }
     }
 
     /// The node-wide upstream budget (--upstream-qps/--upstream-burst) had no room in time.
-    pub fn budget_exhausted() -> UpstreamError {
+    pub fn budget_exhausted(upstream: &str) -> UpstreamError {
         UpstreamError {
             status: 429,
             code: "UpstreamBudgetExhausted".into(),
-            message: "the node's EKS Auth call budget (--upstream-qps, --upstream-burst) is used up; retry shortly".into(),
+            message: format!("the node's {upstream} call budget (--upstream-qps, --upstream-burst) is used up; retry shortly"),
+            request_id: None,
+        }
+    }
+
+    /// The node's own credentials could not be had: named as such (the SDK would only say it
+    /// could not sign).
+    pub fn node_credentials_unavailable(e: &dyn std::error::Error) -> UpstreamError {
+        UpstreamError {
+            status: 502,
+            code: "NodeCredentialsUnavailable".into(),
+            message: format!("cannot get the node's own AWS credentials: {}", crate::aws::error_chain(Some(e))),
+            request_id: None,
+        }
+    }
+
+    /// No region for the client yet (`why`).
+    pub fn no_region(why: String) -> UpstreamError {
+        UpstreamError {
+            status: 502,
+            code: "NodeRegionUnavailable".into(),
+            message: format!("{why}: is IMDS reachable from the node? set AWS_REGION or --region otherwise"),
             request_id: None,
         }
     }
@@ -110,10 +136,7 @@ impl UpstreamError {
 
     /// Errors that a retry with the same token cannot fix.
     pub fn is_terminal(&self) -> bool {
-        matches!(
-            self.code.as_str(),
-            "AccessDeniedException" | "ExpiredTokenException" | "InvalidTokenException" | "ResourceNotFoundException"
-        )
+        matches!(self.code.as_str(), "AccessDeniedException" | "ExpiredTokenException" | "InvalidTokenException" | "ResourceNotFoundException")
     }
 
     fn fault(&self) -> &'static str {
@@ -123,224 +146,7 @@ impl UpstreamError {
 
 impl fmt::Display for UpstreamError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "[{}]: ({}): {}, fault: {}",
-            self.request_id.as_deref().unwrap_or("-"),
-            self.code,
-            self.message,
-            self.fault()
-        )
-    }
-}
-
-pub struct EksAuth {
-    options: EksAuthOptions,
-    node: NodeCredentials,
-    endpoint: EndpointRecorder,
-    /// The client, once the region is known: it can come from IMDS, which may not answer yet
-    /// when the agent starts, so it is looked for again until it does.
-    client: tokio::sync::Mutex<Client>,
-}
-
-enum Client {
-    Ready(aws_sdk_eksauth::Client),
-    /// No region yet: why, and when it was last looked for.
-    NoRegion { since: tokio::time::Instant, why: String },
-}
-
-/// How often a missing region is looked for again.
-const REGION_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Remembers where the SDK sent the last request (`scheme://host[:port]`): the endpoint as the
-/// SDK resolved it from the flags, the environment, the region and FIPS.
-#[derive(Clone, Debug, Default)]
-struct EndpointRecorder(std::sync::Arc<std::sync::Mutex<Option<String>>>);
-
-impl aws_sdk_eksauth::config::Intercept for EndpointRecorder {
-    fn name(&self) -> &'static str {
-        "EndpointRecorder"
-    }
-
-    fn read_before_transmit(
-        &self,
-        context: &aws_sdk_eksauth::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
-        _components: &aws_sdk_eksauth::config::RuntimeComponents,
-        _cfg: &mut aws_sdk_eksauth::config::ConfigBag,
-    ) -> Result<(), aws_sdk_eksauth::error::BoxError> {
-        if let Ok(uri) = context.request().uri().parse::<http::Uri>() {
-            let origin = format!("{}://{}", uri.scheme_str().unwrap_or("https"), uri.authority().map(|a| a.as_str()).unwrap_or(""));
-            *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(origin);
-        }
-        Ok(())
-    }
-}
-
-/// How to reach EKS Auth.
-#[derive(Clone, Debug, Default)]
-pub struct EksAuthOptions {
-    pub cluster_name: String,
-    pub region: Option<String>,
-    /// Overrides `AWS_ENDPOINT_URL_EKS_AUTH` and the regional default.
-    pub endpoint: Option<String>,
-    /// FIPS endpoint (also set by `AWS_USE_FIPS_ENDPOINT=true`).
-    pub fips: bool,
-    /// Sent in the User-Agent (`app/pod-identity-agent-<node>`), so calls can be traced to a node.
-    pub node_name: Option<String>,
-}
-
-impl EksAuth {
-    /// Builds the client from the default AWS configuration chain (environment, profile, IMDS).
-    /// `AWS_ENDPOINT_URL_EKS_AUTH` and `AWS_USE_FIPS_ENDPOINT` are honoured by the chain; the
-    /// HTTP client honours `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` and `AWS_CA_BUNDLE`. Without a
-    /// region yet (IMDS not answering), calls fail with that reason until one is found.
-    pub async fn new(options: EksAuthOptions) -> anyhow::Result<EksAuth> {
-        let auth = EksAuth {
-            options,
-            node: NodeCredentials::default(),
-            endpoint: EndpointRecorder::default(),
-            client: tokio::sync::Mutex::new(Client::NoRegion { since: tokio::time::Instant::now(), why: String::new() }),
-        };
-        let client = auth.build().await?;
-        if let Client::NoRegion { why, .. } = &client {
-            tracing::warn!("{why}; EKS Auth calls fail until it is found (looked for again every {REGION_RETRY:?})");
-        }
-        *auth.client.lock().await = client;
-        Ok(auth)
-    }
-
-    async fn build(&self) -> anyhow::Result<Client> {
-        let o = &self.options;
-        let config = crate::aws::sdk_config(&crate::aws::AwsOptions {
-            region: o.region.clone(),
-            endpoint: o.endpoint.clone(),
-            fips: o.fips,
-            app_name: Some(match &o.node_name {
-                Some(node) => format!("pod-identity-agent-{node}"),
-                None => "pod-identity-agent".to_owned(),
-            }),
-            sdk_retries: false,
-            node_credentials: Some(self.node.clone()),
-        })
-        .await?;
-        if config.region().is_none() {
-            return Ok(Client::NoRegion {
-                since: tokio::time::Instant::now(),
-                why: "no AWS region found (--region, AWS_REGION, the profile and IMDS gave none)".to_owned(),
-            });
-        }
-        let client_config = aws_sdk_eksauth::config::Builder::from(&config).interceptor(self.endpoint.clone()).build();
-        Ok(Client::Ready(aws_sdk_eksauth::Client::from_conf(client_config)))
-    }
-
-    /// The client, or why there is none yet.
-    async fn client(&self) -> Result<aws_sdk_eksauth::Client, UpstreamError> {
-        let mut client = self.client.lock().await;
-        if let Client::NoRegion { since, .. } = &*client
-            && since.elapsed() >= REGION_RETRY
-        {
-            match self.build().await {
-                Ok(built) => *client = built,
-                Err(e) => tracing::warn!("cannot build the EKS Auth client: {e:#}"),
-            }
-            if matches!(&*client, Client::Ready(_)) {
-                tracing::info!(region = ?self.region_of(&client), "AWS region found; EKS Auth calls can start");
-            }
-        }
-        match &*client {
-            Client::Ready(c) => Ok(c.clone()),
-            Client::NoRegion { why, .. } => Err(UpstreamError {
-                status: 502,
-                code: "NodeRegionUnavailable".into(),
-                message: format!("{why}: is IMDS reachable from the node? set AWS_REGION or --region otherwise"),
-                request_id: None,
-            }),
-        }
-    }
-
-    fn region_of(&self, client: &Client) -> Option<String> {
-        match client {
-            Client::Ready(c) => c.config().region().map(ToString::to_string),
-            Client::NoRegion { .. } => None,
-        }
-    }
-
-    /// Where the last call went (`https://eks-auth.us-west-2.api.aws`), once a call was made.
-    pub fn last_endpoint(&self) -> Option<String> {
-        self.endpoint.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// The region the client signs for, as the chain resolved it (`None` until found).
-    pub async fn region(&self) -> Option<String> {
-        self.region_of(&*self.client.lock().await)
-    }
-}
-
-/// EKS Auth's answers that mean the node's own credentials were refused (HTTP 403), as opposed
-/// to the pod's token (400): the keys rotated, expired, or were replaced on disk.
-fn node_credentials_rejected(e: &UpstreamError) -> bool {
-    e.status == 403
-        && matches!(
-            e.code.as_str(),
-            "UnrecognizedClientException"
-                | "InvalidSignatureException"
-                | "ExpiredTokenException"
-                | "InvalidClientTokenId"
-                | "SignatureDoesNotMatch"
-                | "IncompleteSignature"
-                | "MissingAuthenticationTokenException"
-        )
-}
-
-impl Upstream for EksAuth {
-    async fn assume_role(&self, token: &str) -> Result<AssumedRole, UpstreamError> {
-        let client = self.client().await?;
-        // Credentials first, so that their failure is named as such (the SDK would only say it
-        // could not sign).
-        self.node.get().await.map_err(|e| UpstreamError {
-            status: 502,
-            code: "NodeCredentialsUnavailable".into(),
-            message: format!("cannot get the node's own AWS credentials: {}", crate::aws::error_chain(Some(&e))),
-            request_id: None,
-        })?;
-        let out = match client.assume_role_for_pod_identity().cluster_name(&self.options.cluster_name).token(token).send().await {
-            Ok(out) => out,
-            Err(e) => {
-                let e = map_sdk_error(e);
-                if node_credentials_rejected(&e) {
-                    // Reloaded for the next attempt, which the cache makes: a transient error.
-                    self.node.invalidate();
-                    return Err(UpstreamError {
-                        status: 502,
-                        code: "NodeCredentialsRejected".into(),
-                        message: format!("EKS Auth refused the node's own credentials ({}: {}); they are reloaded", e.code, e.message),
-                        request_id: e.request_id,
-                    });
-                }
-                return Err(e);
-            }
-        };
-        let malformed = |what: &str| UpstreamError {
-            status: 502,
-            code: "InvalidUpstreamResponse".into(),
-            message: format!("EKS Auth response has no {what}"),
-            request_id: out.request_id().map(str::to_owned),
-        };
-        let creds = out.credentials().ok_or_else(|| malformed("credentials"))?;
-        let role = out.assumed_role_user().ok_or_else(|| malformed("assumedRoleUser"))?;
-        let expiration = SystemTime::try_from(*creds.expiration()).map_err(|_| malformed("valid expiration"))?;
-        Ok(AssumedRole::new(
-            Credentials {
-                access_key_id: creds.access_key_id().to_owned(),
-                secret_access_key: creds.secret_access_key().to_owned(),
-                session_token: creds.session_token().to_owned(),
-                account_id: account_from_arn(role.arn()).unwrap_or_default().to_owned(),
-                expiration,
-            },
-            role.arn().to_owned(),
-            out.pod_identity_association().map(|a| a.association_id().to_owned()).unwrap_or_default(),
-            out.request_id().map(str::to_owned),
-        ))
+        write!(f, "[{}]: ({}): {}, fault: {}", self.request_id.as_deref().unwrap_or("-"), self.code, self.message, self.fault())
     }
 }
 
@@ -350,20 +156,51 @@ pub fn account_from_arn(arn: &str) -> Option<&str> {
     (account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit())).then_some(account)
 }
 
-fn map_sdk_error<E, R>(err: SdkError<E, R>) -> UpstreamError
+/// An SDK call's failure, for the pod: the service's own status and code when it answered, else
+/// a local code that names `service` and what went wrong on the way.
+pub fn map_sdk_error<E, R>(service: &str, err: SdkError<E, R>) -> UpstreamError
 where
-    E: aws_sdk_eksauth::error::ProvideErrorMetadata + std::error::Error + 'static,
+    E: aws_smithy_types::error::metadata::ProvideErrorMetadata + std::error::Error + 'static,
     R: fmt::Debug + crate::aws::HttpStatus,
 {
     let e = crate::aws::api_error(err);
     let (status, code, message) = match e.kind {
         ApiErrorKind::Service => (e.status.unwrap_or(502), e.code, e.message),
-        ApiErrorKind::Timeout => (504, "UpstreamTimeout".into(), "EKS Auth did not answer in time".into()),
-        ApiErrorKind::Unreachable => (502, "UpstreamUnreachable".into(), format!("could not reach EKS Auth: {}", e.message)),
-        ApiErrorKind::BadResponse => (502, "InvalidUpstreamResponse".into(), "EKS Auth sent a response that could not be read".into()),
-        ApiErrorKind::Other => (500, "UpstreamRequestFailed".into(), format!("could not call EKS Auth: {}", e.message)),
+        ApiErrorKind::Timeout => (504, "UpstreamTimeout".into(), format!("{service} did not answer in time")),
+        ApiErrorKind::Unreachable => (502, "UpstreamUnreachable".into(), format!("could not reach {service}: {}", e.message)),
+        ApiErrorKind::BadResponse => (502, "InvalidUpstreamResponse".into(), format!("{service} sent a response that could not be read")),
+        ApiErrorKind::Other => (500, "UpstreamRequestFailed".into(), format!("could not call {service}: {}", e.message)),
     };
     UpstreamError { status, code, message, request_id: e.request_id }
+}
+
+/// A service's refusal of the node's own credentials (the keys rotated, expired, or were
+/// replaced on disk), as opposed to the pod's token: EKS Auth's and STS's codes. The
+/// credentials are dropped, so the retry the cache makes signs with reloaded ones.
+pub fn node_credentials_refused(service: &str, e: UpstreamError, node: &NodeCredentials) -> UpstreamError {
+    let refused = matches!(
+        (e.status, e.code.as_str()),
+        (
+            403,
+            "UnrecognizedClientException"
+                | "InvalidSignatureException"
+                | "ExpiredTokenException"
+                | "InvalidClientTokenId"
+                | "SignatureDoesNotMatch"
+                | "IncompleteSignature"
+                | "MissingAuthenticationTokenException"
+        ) | (400, "ExpiredToken")
+    );
+    if !refused {
+        return e;
+    }
+    node.invalidate();
+    UpstreamError {
+        status: 502,
+        code: "NodeCredentialsRejected".into(),
+        message: format!("{service} refused the node's own credentials ({}: {}); they are reloaded", e.code, e.message),
+        request_id: e.request_id,
+    }
 }
 
 #[cfg(test)]
@@ -372,22 +209,14 @@ mod tests {
 
     #[test]
     fn account_comes_from_the_role_arn() {
-        assert_eq!(
-            account_from_arn("arn:aws:sts::123456789012:assumed-role/my-role/eks-c-pod-1"),
-            Some("123456789012")
-        );
+        assert_eq!(account_from_arn("arn:aws:sts::123456789012:assumed-role/my-role/eks-c-pod-1"), Some("123456789012"));
         assert_eq!(account_from_arn("arn:aws:sts::12345:assumed-role/x"), None);
         assert_eq!(account_from_arn("nonsense"), None);
     }
 
     #[test]
     fn error_body_matches_the_reference_agent() {
-        let e = UpstreamError {
-            status: 404,
-            code: "ResourceNotFoundException".into(),
-            message: "no association".into(),
-            request_id: Some("rid-1".into()),
-        };
+        let e = UpstreamError { status: 404, code: "ResourceNotFoundException".into(), message: "no association".into(), request_id: Some("rid-1".into()) };
         assert_eq!(e.to_string(), "[rid-1]: (ResourceNotFoundException): no association, fault: client");
         assert!(e.is_terminal());
         let e = UpstreamError { status: 503, code: "ServiceUnavailableException".into(), ..e };

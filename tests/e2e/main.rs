@@ -12,6 +12,7 @@ mod node_credentials;
 mod operator;
 mod operator_tools;
 mod sdk_clients;
+mod sts;
 
 use std::time::{Duration, Instant};
 
@@ -54,10 +55,7 @@ impl Setup {
 
 /// The value of one series in a Prometheus text exposition (0 when absent).
 fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .map(|v| v.trim().parse().expect("metric value"))
-        .unwrap_or(0.0)
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' '))).map(|v| v.trim().parse().expect("metric value")).unwrap_or(0.0)
 }
 
 fn assert_credentials(body: &str, namespace: &str, sa: &str) {
@@ -108,10 +106,7 @@ fn boto3_resolves_credentials_over_ipv6_link_local() {
     let [key, ..] = pod.boto3(V6_URL, &token_file).unwrap_or_else(|e| panic!("boto3: {e}\n{}", s.agent.log()));
     assert_eq!(key, access_key_for("search", "indexer"));
     let redirected = s.agent.metrics();
-    assert!(
-        redirected.contains(r#"pod_identity_agent_kernel_redirected_connects_total{family="ipv6"} 1"#),
-        "{redirected}"
-    );
+    assert!(redirected.contains(r#"pod_identity_agent_kernel_redirected_connects_total{family="ipv6"} 1"#), "{redirected}");
 }
 
 #[test]
@@ -211,11 +206,7 @@ fn malformed_and_expired_tokens_get_400() {
     // Other paths and methods.
     let out = pod.command("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://169.254.170.23/latest"]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
-    let out = pod
-        .command("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", V4_URL])
-        .output()
-        .unwrap();
+    let out = pod.command("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", V4_URL]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "405");
 }
 

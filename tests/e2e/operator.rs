@@ -152,8 +152,9 @@ fn json_logs_carry_pod_reason_and_latency() {
     std::thread::sleep(Duration::from_millis(200));
     let log = s.agent.log();
     let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
-    let call = lines.iter().find(|l| l["message"] == "EKS Auth call succeeded").expect("one line per upstream call");
+    let call = lines.iter().find(|l| l["message"] == "upstream call succeeded").expect("one line per upstream call");
     assert_eq!(call["pod"], "payments/api-0");
+    assert_eq!(call["upstream"], "EKS Auth");
     assert!(call["latency_ms"].is_u64() && call["request_id"].as_str().unwrap().starts_with("fake-"), "{call}");
     let refused = lines.iter().find(|l| l["message"] == "refused credential request").expect("refusal logged");
     assert_eq!(refused["reason"], "token_pod_mismatch");

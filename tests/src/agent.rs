@@ -160,6 +160,7 @@ impl Agent {
             "AWS_DEFAULT_REGION",
             "AWS_ENDPOINT_URL",
             "AWS_ENDPOINT_URL_EKS_AUTH",
+            "AWS_ENDPOINT_URL_STS",
             "AWS_USE_FIPS_ENDPOINT",
             "AWS_CA_BUNDLE",
             "SSL_CERT_FILE",
@@ -202,13 +203,8 @@ impl Agent {
             .stderr(log)
             .spawn()
             .expect("start agent");
-        let probe = extra
-            .iter()
-            .position(|a| *a == "--probe-addr")
-            .and_then(|i| extra.get(i + 1))
-            .unwrap_or(&PROBE_ADDR)
-            .parse()
-            .expect("--probe-addr IP:PORT");
+        let probe =
+            extra.iter().position(|a| *a == "--probe-addr").and_then(|i| extra.get(i + 1)).unwrap_or(&PROBE_ADDR).parse().expect("--probe-addr IP:PORT");
         Agent { child: Some(child), netns: node.netns.clone(), log_path, probe }
     }
 
@@ -237,11 +233,8 @@ impl Agent {
 
     /// `pod-identity-agent pods` run in the node, as an operator would through `kubectl exec`.
     pub fn pods_cli(&self, args: &[&str]) -> String {
-        let out = crate::node::command_in(binary().to_str().unwrap(), None, &self.netns)
-            .args(["pods", "--addr", PROBE_ADDR])
-            .args(args)
-            .output()
-            .expect("run pods");
+        let out =
+            crate::node::command_in(binary().to_str().unwrap(), None, &self.netns).args(["pods", "--addr", PROBE_ADDR]).args(args).output().expect("run pods");
         assert!(out.status.success(), "pods failed: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
@@ -336,15 +329,7 @@ pub fn cli_with_stdin(node: &Node, fake: &FakeAws, caller: Caller, args: &[&str]
     run_cli(node, None, fake, caller, &[], args, Some(stdin))
 }
 
-fn run_cli(
-    node: &Node,
-    cgroup: Option<&std::path::Path>,
-    fake: &FakeAws,
-    caller: Caller,
-    wrapper: &[&str],
-    args: &[&str],
-    stdin: Option<&str>,
-) -> CliOutput {
+fn run_cli(node: &Node, cgroup: Option<&std::path::Path>, fake: &FakeAws, caller: Caller, wrapper: &[&str], args: &[&str], stdin: Option<&str>) -> CliOutput {
     crate::secrets::remember(NODE_SECRET);
     crate::secrets::remember(crate::OPERATOR_SECRET);
     let binary = binary();

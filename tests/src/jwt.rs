@@ -1,5 +1,6 @@
-//! Signed-looking projected service-account tokens, shaped like the ones kubelet mounts for EKS Pod
-//! Identity. The signature is random bytes: EKS Auth (here, the fake) is what checks tokens.
+//! Projected service-account tokens, shaped like the ones kubelet mounts for EKS Pod Identity.
+//! [`mint`]'s signature is random bytes: EKS Auth (here, the fake) is what checks those tokens.
+//! An [`Issuer`] signs for real (RS256, ES256), for `--credential-source sts`, which verifies.
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
@@ -24,18 +25,17 @@ pub fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
-/// A fresh token for `spec`; two calls give different tokens (as kubelet rotation does).
-pub fn mint(spec: &TokenSpec) -> String {
+/// The claims kubelet's projected token for `spec` carries, from issuer `iss`.
+fn claims_for(spec: &TokenSpec, iss: &str) -> serde_json::Value {
     static SERIAL: AtomicU64 = AtomicU64::new(1);
     let serial = SERIAL.fetch_add(1, Ordering::Relaxed);
     let now = now();
-    let header = serde_json::json!({"alg": "RS256", "kid": "e2e-signing-key"});
-    let claims = serde_json::json!({
+    serde_json::json!({
         "aud": [AUDIENCE],
         "exp": now + spec.expires_in,
         "iat": now - 1,
         "nbf": now - 1,
-        "iss": "https://oidc.eks.us-west-2.amazonaws.com/id/E2E0000000000000000000000000000",
+        "iss": iss,
         "jti": format!("jti-{serial}-{}", std::process::id()),
         "sub": format!("system:serviceaccount:{}:{}", spec.namespace, spec.service_account),
         "kubernetes.io": {
@@ -44,16 +44,110 @@ pub fn mint(spec: &TokenSpec) -> String {
             "pod": {"name": spec.pod_name, "uid": spec.pod_uid},
             "serviceaccount": {"name": spec.service_account, "uid": "00000000-0000-4000-8000-000000000002"}
         }
-    });
-    let signature: Vec<u8> = (0..256u32).map(|i| (serial as u32).wrapping_mul(2654435761).wrapping_add(i * 97) as u8).collect();
-    let token = format!(
-        "{}.{}.{}",
-        URL_SAFE_NO_PAD.encode(header.to_string()),
-        URL_SAFE_NO_PAD.encode(claims.to_string()),
-        URL_SAFE_NO_PAD.encode(signature)
-    );
+    })
+}
+
+/// A fresh token for `spec`; two calls give different tokens (as kubelet rotation does).
+pub fn mint(spec: &TokenSpec) -> String {
+    let claims = claims_for(spec, "https://oidc.eks.us-west-2.amazonaws.com/id/E2E0000000000000000000000000000");
+    let header = serde_json::json!({"alg": "RS256", "kid": "e2e-signing-key"});
+    let seed = claims["jti"].as_str().unwrap().bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    let signature: Vec<u8> = (0..256u32).map(|i| seed.wrapping_mul(2654435761).wrapping_add(i * 97) as u8).collect();
+    let token = format!("{}.{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()), URL_SAFE_NO_PAD.encode(signature));
     crate::secrets::remember(&token);
     token
+}
+
+/// `n` and `e` of a DER RSAPublicKey (`SEQUENCE { INTEGER n, INTEGER e }`), without the sign
+/// byte DER puts before a high bit.
+fn rsa_components(der: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    // One TLV at `at`: (value start, value end).
+    fn tlv(der: &[u8], at: usize) -> (usize, usize) {
+        let first = der[at + 1] as usize;
+        let (len, start) = if first < 0x80 {
+            (first, at + 2)
+        } else {
+            let n = first & 0x7f;
+            (der[at + 2..at + 2 + n].iter().fold(0usize, |l, b| l << 8 | *b as usize), at + 2 + n)
+        };
+        (start, start + len)
+    }
+    let (body, _) = tlv(der, 0);
+    let (n_start, n_end) = tlv(der, body);
+    let (e_start, e_end) = tlv(der, n_end);
+    let strip = |v: &[u8]| v.iter().skip_while(|b| **b == 0).copied().collect::<Vec<u8>>();
+    (strip(&der[n_start..n_end]), strip(&der[e_start..e_end]))
+}
+
+/// How an [`Issuer`] signs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Alg {
+    Rs256,
+    Es256,
+}
+
+/// A cluster's service-account issuer with real keys (an RSA and a P-256 one), for
+/// `--credential-source sts`: its tokens verify against its JWKS.
+pub struct Issuer {
+    pub url: String,
+    rsa: aws_lc_rs::rsa::KeyPair,
+    ec: aws_lc_rs::signature::EcdsaKeyPair,
+    pub rsa_kid: String,
+    pub ec_kid: String,
+}
+
+impl Issuer {
+    /// New keys; `name` goes into the key ids so that two issuers' keys differ.
+    pub fn new(url: &str, name: &str) -> Issuer {
+        use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+        Issuer {
+            url: url.to_owned(),
+            rsa: aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).expect("RSA key"),
+            ec: EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).expect("P-256 key"),
+            rsa_kid: format!("{name}-rsa"),
+            ec_kid: format!("{name}-ec"),
+        }
+    }
+
+    /// The public keys as the API server's /openid/v1/jwks serves them.
+    pub fn jwks(&self) -> serde_json::Value {
+        use aws_lc_rs::signature::KeyPair as _;
+        let (n, e) = rsa_components(self.rsa.public_key().as_ref());
+        let point = self.ec.public_key().as_ref();
+        serde_json::json!({"keys": [
+            {"kty": "RSA", "kid": self.rsa_kid, "use": "sig", "alg": "RS256", "n": URL_SAFE_NO_PAD.encode(&n), "e": URL_SAFE_NO_PAD.encode(&e)},
+            {"kty": "EC", "kid": self.ec_kid, "use": "sig", "alg": "ES256", "crv": "P-256", "x": URL_SAFE_NO_PAD.encode(&point[1..33]), "y": URL_SAFE_NO_PAD.encode(&point[33..65])},
+        ]})
+    }
+
+    /// A token for `spec` from this issuer, signed with `alg`'s key.
+    pub fn mint(&self, spec: &TokenSpec, alg: Alg) -> String {
+        self.mint_with(spec, alg, |_| {})
+    }
+
+    /// [`Issuer::mint`], with the claims edited before signing (a wrong audience, issuer, ...).
+    pub fn mint_with(&self, spec: &TokenSpec, alg: Alg, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+        let mut claims = claims_for(spec, &self.url);
+        edit(&mut claims);
+        let (name, kid) = match alg {
+            Alg::Rs256 => ("RS256", &self.rsa_kid),
+            Alg::Es256 => ("ES256", &self.ec_kid),
+        };
+        let header = serde_json::json!({"alg": name, "kid": kid});
+        let signed = format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let signature = match alg {
+            Alg::Rs256 => {
+                let mut sig = vec![0u8; self.rsa.public_modulus_len()];
+                self.rsa.sign(&aws_lc_rs::signature::RSA_PKCS1_SHA256, &rng, signed.as_bytes(), &mut sig).expect("RS256");
+                sig
+            }
+            Alg::Es256 => self.ec.sign(&rng, signed.as_bytes()).expect("ES256").as_ref().to_vec(),
+        };
+        let token = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature));
+        crate::secrets::remember(&token);
+        token
+    }
 }
 
 /// The `kubernetes.io` claims and `exp`, `aud` of a token, or why it cannot be read.

@@ -20,9 +20,10 @@ use super::eks::{ClusterArgs, Eks};
 use crate::{
     attribution,
     aws::{self, ApiErrorKind},
+    eks_auth::{EksAuth, EksAuthOptions},
     kernel,
     ops::AgentInfo,
-    upstream::{EksAuth, EksAuthOptions, Upstream as _},
+    upstream::Upstream as _,
 };
 
 /// The stock add-on that serves the same addresses.
@@ -235,11 +236,9 @@ async fn check_kernel(root: Option<&Path>) -> Check {
                 "run the doctor on the node as root to try attaching too",
             )
         }
-        (Err(e), _) => Check::fail(
-            NAME,
-            format!("{e:#}"),
-            "run the agent with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN on Linux >= 5.7 with cgroup v2, or use --mode link",
-        ),
+        (Err(e), _) => {
+            Check::fail(NAME, format!("{e:#}"), "run the agent with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN on Linux >= 5.7 with cgroup v2, or use --mode link")
+        }
     }
 }
 
@@ -369,7 +368,9 @@ async fn check_eks_auth(cluster: &str, region: Option<String>, endpoint: Option<
     const NAME: &str = "EKS Auth";
     let client = match EksAuth::new(EksAuthOptions { cluster_name: cluster.to_owned(), region, endpoint, fips, node_name: Some("doctor".into()) }).await {
         Ok(c) => c,
-        Err(e) => return Check::fail(NAME, format!("{e:#}"), "check the AWS configuration of the node"),
+        Err(e) => {
+            return Check::fail(NAME, format!("{e:#}"), "check the AWS configuration of the node");
+        }
     };
     let result = client.assume_role(PROBE_TOKEN).await;
     let at = client.last_endpoint().unwrap_or_else(|| "its endpoint".into());
@@ -377,15 +378,26 @@ async fn check_eks_auth(cluster: &str, region: Option<String>, endpoint: Option<
         Ok(_) => Check::fail(NAME, format!("{at} accepted a deliberately invalid token"), "this is not EKS Auth: check --eks-auth-endpoint"),
         Err(e) if e.code == "InvalidTokenException" => Check::ok(
             NAME,
-            format!("{at} is reachable, signed requests are accepted and the node may call AssumeRoleForPodIdentity (a probe token came back InvalidTokenException)"),
+            format!(
+                "{at} is reachable, signed requests are accepted and the node may call AssumeRoleForPodIdentity (a probe token came back InvalidTokenException)"
+            ),
         ),
         Err(e) if e.code == "AccessDeniedException" => Check::fail(
             NAME,
             format!("{at} refused the node: {e}"),
             "grant the node role eks-auth:AssumeRoleForPodIdentity (AmazonEKSWorkerNodePolicy includes it)",
         ),
-        Err(e) if matches!(e.code.as_str(), "UnrecognizedClientException" | "InvalidSignatureException" | "SignatureDoesNotMatch" | "IncompleteSignatureException") => {
-            Check::fail(NAME, format!("{at} rejected the node's signature: {e}"), "the node credentials are invalid or expired: check the instance role or the credentials source")
+        Err(e)
+            if matches!(
+                e.code.as_str(),
+                "UnrecognizedClientException" | "InvalidSignatureException" | "SignatureDoesNotMatch" | "IncompleteSignatureException"
+            ) =>
+        {
+            Check::fail(
+                NAME,
+                format!("{at} rejected the node's signature: {e}"),
+                "the node credentials are invalid or expired: check the instance role or the credentials source",
+            )
         }
         Err(e) if e.code == "ResourceNotFoundException" => {
             Check::fail(NAME, format!("{at} does not know cluster {cluster}: {e}"), "check CLUSTER_NAME and the region")

@@ -4,15 +4,19 @@
 //! * EKS Auth (`eks_auth`): `POST /clusters/{cluster}/assume-role-for-pod-identity`.
 //! * The EKS control plane (`eks`): the cluster, its add-ons, and pod identity associations
 //!   (list with pagination, describe, create, delete).
+//! * STS (`sts`): `AssumeRole`, for the agent's `--credential-source sts`.
 //!
-//! Every request must carry a valid SigV4 signature (`sigv4`) for its service (`eks-auth` or
-//! `eks`) and the fake's region, made with a key the fake knows. An association created through
+//! Every request must carry a valid SigV4 signature (`sigv4`) for its service (`eks-auth`, `eks`
+//! or `sts`) and the fake's region, made with a key the fake knows. An association created through
 //! the control plane is what EKS Auth then serves, as in EKS. Faults can be injected into EKS
 //! Auth: error statuses, latency and connection resets.
 
 mod eks;
 mod eks_auth;
 pub mod sigv4;
+mod sts;
+
+pub use sts::StsCall;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -90,6 +94,15 @@ struct State {
     latency: Duration,
     lifetime: Duration,
     issued: u64,
+    sts_calls: Vec<StsCall>,
+    sts_fault: Option<Fault>,
+    /// Sessions STS issued, by access key.
+    sts_sessions: HashMap<String, sts::Session>,
+    /// Roles whose trust policy refuses every caller.
+    denied_roles: HashSet<String>,
+    /// A service-account issuer's keys at `/openid/v1/jwks`, and the bearer token it demands.
+    jwks: Option<(serde_json::Value, String)>,
+    jwks_fetches: u64,
 }
 
 impl Default for State {
@@ -111,6 +124,12 @@ impl Default for State {
             // What EKS Auth issues.
             lifetime: Duration::from_secs(6 * 3600),
             issued: 0,
+            sts_calls: Vec::new(),
+            sts_fault: None,
+            sts_sessions: HashMap::new(),
+            denied_roles: HashSet::new(),
+            jwks: None,
+            jwks_fetches: 0,
         }
     }
 }
@@ -132,7 +151,14 @@ impl State {
         id
     }
 
-    fn add_association(&mut self, namespace: &str, service_account: &str, role_arn: &str, target_role_arn: Option<String>, tags: BTreeMap<String, String>) -> Association {
+    fn add_association(
+        &mut self,
+        namespace: &str,
+        service_account: &str,
+        role_arn: &str,
+        target_role_arn: Option<String>,
+        tags: BTreeMap<String, String>,
+    ) -> Association {
         let id = self.next_id("a-");
         let association = Association {
             arn: format!("arn:aws:eks:{REGION}:{ACCOUNT}:podidentityassociation/{CLUSTER}/{id}"),
@@ -209,7 +235,9 @@ impl FakeAws {
         runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 {
                     let mut st = served.lock().unwrap();
                     if st.reset {
@@ -337,13 +365,36 @@ impl FakeAws {
     pub fn set_lifetime(&self, lifetime: Duration) {
         self.state.lock().unwrap().lifetime = lifetime;
     }
+
+    /// STS AssumeRole calls so far.
+    pub fn sts_calls(&self) -> Vec<StsCall> {
+        self.state.lock().unwrap().sts_calls.clone()
+    }
+
+    /// What STS answers instead of credentials while set.
+    pub fn set_sts_fault(&self, fault: Option<Fault>) {
+        self.state.lock().unwrap().sts_fault = fault;
+    }
+
+    /// Serves `jwks` at `/openid/v1/jwks` to requests with `Authorization: Bearer {bearer}`, as
+    /// an API server serves its service-account issuer's keys.
+    pub fn serve_jwks(&self, jwks: serde_json::Value, bearer: &str) {
+        self.state.lock().unwrap().jwks = Some((jwks, bearer.to_owned()));
+    }
+
+    /// Answered requests for the JWKS.
+    pub fn jwks_fetches(&self) -> u64 {
+        self.state.lock().unwrap().jwks_fetches
+    }
+
+    /// STS refuses to let anyone assume this role (its trust policy does not name the caller).
+    pub fn deny_role(&self, role_arn: &str) {
+        self.state.lock().unwrap().denied_roles.insert(role_arn.to_owned());
+    }
 }
 
 fn json(status: u16, body: serde_json::Value, extra: &[(&str, &str)]) -> Response<Full<Bytes>> {
-    let mut b = Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .header("x-amzn-requestid", format!("fake-{:08x}", rand_u32()));
+    let mut b = Response::builder().status(status).header("content-type", "application/json").header("x-amzn-requestid", format!("fake-{:08x}", rand_u32()));
     for (k, v) in extra {
         b = b.header(*k, *v);
     }
@@ -372,7 +423,30 @@ async fn route(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<By
     if path.starts_with("/clusters/") {
         return eks::handle(state, &parts, &body);
     }
+    if path == "/openid/v1/jwks" {
+        let mut st = state.lock().unwrap();
+        let Some((jwks, bearer)) = st.jwks.clone() else {
+            return error(404, "NotFound", "no issuer keys served");
+        };
+        let presented = parts.headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+        if presented != format!("Bearer {bearer}") {
+            return error(401, "Unauthorized", "a service-account bearer token is needed");
+        }
+        st.jwks_fetches += 1;
+        return json(200, jwks, &[]);
+    }
+    if path == "/" && parts.method == http::Method::POST {
+        return sts::handle(state, &parts, &body).await;
+    }
     error(404, "UnknownOperationException", &format!("no operation at {path}"))
+}
+
+/// [`authenticate`] for a query-protocol service: the rejection in its XML shape.
+fn authenticate_xml(state: &Mutex<State>, parts: &http::request::Parts, body: &[u8], service: &str) -> Result<String, Response<Full<Bytes>>> {
+    let st = state.lock().unwrap();
+    sigv4::verify(parts, body, service, REGION, |akid| st.lookup_key(akid))
+        .map(|signed| signed.access_key_id)
+        .map_err(|(status, code, message)| sts::xml_error(status, code, &message))
 }
 
 /// Verifies the request's signature for `service`, answering the rejection if it is not valid.

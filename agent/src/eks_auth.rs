@@ -1,0 +1,113 @@
+//! The EKS Auth API (`AssumeRoleForPodIdentity`), called with the node's own credentials: EKS
+//! verifies the token, finds the association and assumes the role.
+
+use aws_sdk_eksauth::operation::RequestId as _;
+
+use crate::{
+    aws::{AwsOptions, EndpointRecorder, NodeCredentials, RegionalClient},
+    credentials::Credentials,
+    upstream::{AssumedRole, Upstream, UpstreamError, account_from_arn, map_sdk_error, node_credentials_refused},
+};
+
+const SERVICE: &str = "EKS Auth";
+
+pub struct EksAuth {
+    cluster_name: String,
+    node: NodeCredentials,
+    client: RegionalClient<aws_sdk_eksauth::Client>,
+}
+
+/// How to reach EKS Auth.
+#[derive(Clone, Debug, Default)]
+pub struct EksAuthOptions {
+    pub cluster_name: String,
+    pub region: Option<String>,
+    /// Overrides `AWS_ENDPOINT_URL_EKS_AUTH` and the regional default.
+    pub endpoint: Option<String>,
+    /// FIPS endpoint (also set by `AWS_USE_FIPS_ENDPOINT=true`).
+    pub fips: bool,
+    /// Sent in the User-Agent (`app/pod-identity-agent-<node>`), so calls can be traced to a node.
+    pub node_name: Option<String>,
+}
+
+/// The User-Agent's application name: calls can be traced to a node.
+pub fn app_name(node_name: Option<&str>) -> String {
+    match node_name {
+        Some(node) => format!("pod-identity-agent-{node}"),
+        None => "pod-identity-agent".to_owned(),
+    }
+}
+
+impl EksAuth {
+    /// Builds the client from the default AWS configuration chain (environment, profile, IMDS).
+    /// `AWS_ENDPOINT_URL_EKS_AUTH` and `AWS_USE_FIPS_ENDPOINT` are honoured by the chain; the
+    /// HTTP client honours `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` and `AWS_CA_BUNDLE`. Without a
+    /// region yet (IMDS not answering), calls fail with that reason until one is found.
+    pub async fn new(options: EksAuthOptions) -> anyhow::Result<EksAuth> {
+        let node = NodeCredentials::default();
+        let aws = AwsOptions {
+            region: options.region,
+            endpoint: options.endpoint,
+            fips: options.fips,
+            app_name: Some(app_name(options.node_name.as_deref())),
+            sdk_retries: false,
+            node_credentials: Some(node.clone()),
+        };
+        let client = RegionalClient::new(aws, build_client, SERVICE).await?;
+        Ok(EksAuth { cluster_name: options.cluster_name, node, client })
+    }
+
+    /// Where the last call went (`https://eks-auth.us-west-2.api.aws`), once a call was made.
+    pub fn last_endpoint(&self) -> Option<String> {
+        self.client.last_endpoint()
+    }
+
+    /// The region the client signs for, as the chain resolved it (`None` until found).
+    pub async fn region(&self) -> Option<String> {
+        self.client.region().await
+    }
+}
+
+fn build_client(config: &aws_config::SdkConfig, endpoint: &EndpointRecorder) -> aws_sdk_eksauth::Client {
+    aws_sdk_eksauth::Client::from_conf(aws_sdk_eksauth::config::Builder::from(config).interceptor(endpoint.clone()).build())
+}
+
+impl Upstream for EksAuth {
+    fn name(&self) -> &'static str {
+        SERVICE
+    }
+
+    async fn assume_role(&self, token: &str) -> Result<AssumedRole, UpstreamError> {
+        let client = self.client.get().await.map_err(UpstreamError::no_region)?;
+        // Credentials first, so that their failure is named as such.
+        self.node.get().await.map_err(|e| UpstreamError::node_credentials_unavailable(&e))?;
+        let out = client
+            .assume_role_for_pod_identity()
+            .cluster_name(&self.cluster_name)
+            .token(token)
+            .send()
+            .await
+            .map_err(|e| node_credentials_refused(SERVICE, map_sdk_error(SERVICE, e), &self.node))?;
+        let malformed = |what: &str| UpstreamError {
+            status: 502,
+            code: "InvalidUpstreamResponse".into(),
+            message: format!("EKS Auth response has no {what}"),
+            request_id: out.request_id().map(str::to_owned),
+        };
+        let creds = out.credentials().ok_or_else(|| malformed("credentials"))?;
+        let role = out.assumed_role_user().ok_or_else(|| malformed("assumedRoleUser"))?;
+        let expiration = std::time::SystemTime::try_from(*creds.expiration()).map_err(|_| malformed("valid expiration"))?;
+        Ok(AssumedRole::new(
+            Credentials {
+                access_key_id: creds.access_key_id().to_owned(),
+                secret_access_key: creds.secret_access_key().to_owned(),
+                session_token: creds.session_token().to_owned(),
+                account_id: account_from_arn(role.arn()).unwrap_or_default().to_owned(),
+                expiration,
+            },
+            role.arn().to_owned(),
+            out.pod_identity_association().map(|a| a.association_id().to_owned()).unwrap_or_default(),
+            out.request_id().map(str::to_owned),
+        ))
+    }
+}

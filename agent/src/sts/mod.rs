@@ -1,0 +1,219 @@
+//! `--credential-source sts`: EKS Pod Identity's contract on clusters EKS Auth does not know.
+//! What EKS Auth does is done here: the token is verified locally (`verify`), the service
+//! account's association is looked up in a file (`associations`), and the role is assumed with
+//! STS `AssumeRole`, signed with the node's credentials, with the session tags EKS sets (all
+//! transitive) and EKS's session name. An association with a target role chains a second
+//! `AssumeRole` into it, signed with the first role's credentials.
+
+pub mod associations;
+pub mod keys;
+mod verify;
+
+use std::{path::PathBuf, time::SystemTime};
+
+use aws_sdk_sts::operation::RequestId as _;
+
+use self::{
+    associations::{Association, Associations},
+    keys::{KeySet, KeySource},
+    verify::Verifier,
+};
+use crate::{
+    aws::{AwsOptions, EndpointRecorder, NodeCredentials, RegionalClient},
+    credentials::Credentials,
+    token::TokenClaims,
+    upstream::{AssumedRole, Upstream, UpstreamError, account_from_arn, map_sdk_error, node_credentials_refused},
+};
+
+const SERVICE: &str = "STS";
+
+/// STS's longest session for a chained role, and the default for any: credentials are refreshed
+/// ahead of expiry by the cache either way.
+const SESSION_SECONDS: i32 = 3600;
+
+/// What `--credential-source sts` needs.
+#[derive(Clone, Debug)]
+pub struct StsOptions {
+    pub cluster_name: String,
+    /// Tagged as `eks-cluster-arn` when given.
+    pub cluster_arn: Option<String>,
+    pub region: Option<String>,
+    pub fips: bool,
+    pub node_name: Option<String>,
+    pub associations_file: PathBuf,
+    pub keys: KeySource,
+    pub issuer: String,
+    pub audience: String,
+}
+
+pub struct Sts {
+    cluster_name: String,
+    cluster_arn: Option<String>,
+    verifier: Verifier,
+    associations: Associations,
+    node: NodeCredentials,
+    client: RegionalClient<aws_sdk_sts::Client>,
+}
+
+impl Sts {
+    /// Reads the associations and the issuer's keys (a bad file fails the start), and builds the
+    /// STS client from the default chain (`AWS_ENDPOINT_URL_STS` honoured).
+    pub async fn new(options: StsOptions) -> anyhow::Result<Sts> {
+        let associations = Associations::load(&options.associations_file)?;
+        let keys = KeySet::new(options.keys).await?;
+        let node = NodeCredentials::default();
+        let aws = AwsOptions {
+            region: options.region,
+            endpoint: None,
+            fips: options.fips,
+            app_name: Some(crate::eks_auth::app_name(options.node_name.as_deref())),
+            sdk_retries: false,
+            node_credentials: Some(node.clone()),
+        };
+        let client = RegionalClient::new(aws, build_client, SERVICE).await?;
+        Ok(Sts {
+            cluster_name: options.cluster_name,
+            cluster_arn: options.cluster_arn,
+            verifier: Verifier { issuer: options.issuer, audience: options.audience, keys },
+            associations,
+            node,
+            client,
+        })
+    }
+
+    pub async fn region(&self) -> Option<String> {
+        self.client.region().await
+    }
+
+    /// The session tags EKS Pod Identity sets, then the association's own.
+    fn tags(&self, claims: &TokenClaims, association: &Association) -> Vec<aws_sdk_sts::types::Tag> {
+        let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(6 + association.tags.len());
+        if let Some(arn) = &self.cluster_arn {
+            pairs.push(("eks-cluster-arn", arn));
+        }
+        pairs.extend([
+            ("eks-cluster-name", self.cluster_name.as_str()),
+            ("kubernetes-namespace", claims.namespace.as_str()),
+            ("kubernetes-service-account", claims.service_account.as_str()),
+            ("kubernetes-pod-name", claims.pod_name.as_str()),
+            ("kubernetes-pod-uid", claims.pod_uid.as_str()),
+        ]);
+        pairs.extend(association.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        pairs.into_iter().filter_map(|(k, v)| aws_sdk_sts::types::Tag::builder().key(k).value(v).build().ok()).collect()
+    }
+
+    /// The EKS tags' keys: marked transitive, as EKS marks them, so a role the pod chains into
+    /// carries them too.
+    fn transitive_keys(&self) -> Vec<String> {
+        associations::EKS_TAG_KEYS.iter().filter(|k| self.cluster_arn.is_some() || **k != "eks-cluster-arn").map(|k| (*k).to_owned()).collect()
+    }
+}
+
+fn build_client(config: &aws_config::SdkConfig, endpoint: &EndpointRecorder) -> aws_sdk_sts::Client {
+    aws_sdk_sts::Client::from_conf(aws_sdk_sts::config::Builder::from(config).interceptor(endpoint.clone()).build())
+}
+
+/// EKS's role session name, `eks-CLUSTER-POD-UUID`, cut to STS's 64 characters of
+/// `[A-Za-z0-9+=,.@_-]`.
+pub fn session_name(cluster: &str, pod: &str, random: [u8; 16]) -> String {
+    let mut uuid = random;
+    uuid[6] = (uuid[6] & 0x0f) | 0x40;
+    uuid[8] = (uuid[8] & 0x3f) | 0x80;
+    let hex: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
+    let uuid = format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..]);
+    format!("eks-{cluster}-{pod}-{uuid}").chars().map(|c| if c.is_ascii_alphanumeric() || "+=,.@_-".contains(c) { c } else { '-' }).take(64).collect()
+}
+
+impl Upstream for Sts {
+    fn name(&self) -> &'static str {
+        SERVICE
+    }
+
+    async fn assume_role(&self, token: &str) -> Result<AssumedRole, UpstreamError> {
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let claims = self.verifier.verify(token, now).await?;
+        let association = self.associations.find(&claims.namespace, &claims.service_account).ok_or_else(|| UpstreamError {
+            status: 404,
+            code: "ResourceNotFoundException".into(),
+            message: format!(
+                "No Pod Identity assignment exists for the service account {}/{} in cluster {} (the agent's associations file)",
+                claims.namespace, claims.service_account, self.cluster_name
+            ),
+            request_id: None,
+        })?;
+        let client = self.client.get().await.map_err(UpstreamError::no_region)?;
+        self.node.get().await.map_err(|e| UpstreamError::node_credentials_unavailable(&e))?;
+        let mut random = [0u8; 16];
+        let _ = aws_lc_rs::rand::fill(&mut random);
+        let session = session_name(&self.cluster_name, &claims.pod_name, random);
+        let first = client
+            .assume_role()
+            .role_arn(&association.role_arn)
+            .role_session_name(&session)
+            .duration_seconds(SESSION_SECONDS)
+            .set_tags(Some(self.tags(&claims, &association)))
+            .set_transitive_tag_keys(Some(self.transitive_keys()))
+            .send()
+            .await
+            .map_err(|e| node_credentials_refused(SERVICE, map_sdk_error(SERVICE, e), &self.node))?;
+        let mut out = first;
+        if let Some(target) = &association.target_role_arn {
+            let creds = out.credentials().ok_or_else(|| malformed("credentials", out.request_id()))?;
+            let expiry = SystemTime::try_from(*creds.expiration()).ok();
+            let hop = aws_credential_types::Credentials::new(
+                creds.access_key_id(),
+                creds.secret_access_key(),
+                Some(creds.session_token().to_owned()),
+                expiry,
+                "sts-first-hop",
+            );
+            let chained = aws_sdk_sts::Client::from_conf(client.config().to_builder().credentials_provider(hop).build());
+            // The EKS tags come along as transitive tags; passing them again would be refused.
+            out = chained.assume_role().role_arn(target).role_session_name(&session).duration_seconds(SESSION_SECONDS).send().await.map_err(|e| {
+                let mut e = map_sdk_error(SERVICE, e);
+                e.message = format!("assuming the target role {target} with {}'s credentials: {}", association.role_arn, e.message);
+                e
+            })?;
+        }
+        let request_id = out.request_id().map(str::to_owned);
+        let creds = out.credentials().ok_or_else(|| malformed("credentials", out.request_id()))?;
+        let role = out.assumed_role_user().ok_or_else(|| malformed("AssumedRoleUser", out.request_id()))?;
+        let expiration = SystemTime::try_from(*creds.expiration()).map_err(|_| malformed("valid expiration", out.request_id()))?;
+        Ok(AssumedRole::new(
+            Credentials {
+                access_key_id: creds.access_key_id().to_owned(),
+                secret_access_key: creds.secret_access_key().to_owned(),
+                session_token: creds.session_token().to_owned(),
+                account_id: account_from_arn(role.arn()).unwrap_or_default().to_owned(),
+                expiration,
+            },
+            role.arn().to_owned(),
+            association.id.clone(),
+            request_id,
+        ))
+    }
+}
+
+fn malformed(what: &str, request_id: Option<&str>) -> UpstreamError {
+    UpstreamError {
+        status: 502,
+        code: "InvalidUpstreamResponse".into(),
+        message: format!("STS AssumeRole response has no {what}"),
+        request_id: request_id.map(str::to_owned),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_names_follow_eks_and_fit_sts() {
+        let name = session_name("prod", "api-7d9f", [0xab; 16]);
+        assert_eq!(name, "eks-prod-api-7d9f-abababab-abab-4bab-abab-abababababab");
+        let long = session_name("a-very-long-cluster-name", "a-pod-with-a-long-generated-name-x7k2p", [0; 16]);
+        assert_eq!(long.len(), 64);
+        assert!(long.starts_with("eks-a-very-long-cluster-name-a-pod-with"));
+        assert!(long.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c)));
+    }
+}
