@@ -399,14 +399,21 @@ fn bind_all(addrs: &[std::net::SocketAddr]) -> anyhow::Result<Vec<TcpSocket>> {
 /// glibc gives each thread that allocates its own arena, and keeps freed memory in them: bursts
 /// of connections on several runtime and blocking threads then leave the resident set high.
 /// Two arenas suffice for a service on a few threads; trimming returns freed pages.
+/// (musl, the static aarch64 build: one allocator state, which returns freed pages itself.)
 fn limit_malloc_arenas() {
     // SAFETY: mallopt before any other thread exists.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2)
+    };
 }
 
 fn return_freed_memory() {
     // SAFETY: malloc_trim has no preconditions.
-    unsafe { libc::malloc_trim(0) };
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0)
+    };
 }
 
 /// Drops the state of pods that are gone and starts refreshes that are due, every

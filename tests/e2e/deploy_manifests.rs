@@ -150,15 +150,29 @@ fn overlays_change_what_they_say() {
 fn dockerfile_builds_like_xtask_and_grants_what_the_agent_needs() {
     let dockerfile = std::fs::read_to_string(repo().join("deploy/Dockerfile")).unwrap();
     let xtask = std::fs::read_to_string(repo().join("xtask/src/main.rs")).unwrap();
+    let arm64 = std::fs::read_to_string(repo().join("xtask/src/arm64.rs")).unwrap();
+    let workspace = std::fs::read_to_string(repo().join("Cargo.toml")).unwrap();
     let stages: Vec<&str> = dockerfile.lines().filter(|l| l.starts_with("FROM ")).collect();
     assert_eq!(stages.len(), 2, "multi-stage: build and runtime");
-    assert!(stages[0].contains("rust:1.95") && stages[0].ends_with(" AS build"), "{stages:?}");
+    // The toolchain the workspace asks for, on an amd64 builder whatever the target platform.
+    let rust = workspace.split("rust-version = \"").nth(1).unwrap().split('"').next().unwrap();
+    assert!(stages[0].starts_with("FROM --platform=linux/amd64 ") && stages[0].contains(&format!("rust:{rust}-")) && stages[0].ends_with(" AS build"), "{stages:?}");
+    assert!(!stages[1].contains("--platform"), "the runtime is the target platform's: {}", stages[1]);
+    // arm64: cross-compiled as xtask does it, with xtask's pins.
+    let pin = |name: &str| arm64.split(&format!("pub const {name}: &str = \"")).nth(1).unwrap().split('"').next().unwrap().to_owned();
+    let target = pin("TARGET");
+    assert!(dockerfile.contains(&format!("ziglang=={}", pin("ZIGLANG"))), "zig {}", pin("ZIGLANG"));
+    assert!(dockerfile.contains(&format!("cargo install cargo-zigbuild --version {} --locked", pin("CARGO_ZIGBUILD"))), "cargo-zigbuild {}", pin("CARGO_ZIGBUILD"));
+    assert!(dockerfile.contains(&format!("rustup target add {target}")), "{target}");
+    assert!(dockerfile.contains(&format!("arm64) cargo zigbuild --release --locked --target {target} -p pod-identity-agent")), "arm64 is cross-built");
+    assert!(arm64.contains("\"zigbuild\", \"--release\", \"--target\", TARGET, \"-p\", \"pod-identity-agent\""), "xtask builds the same way");
+    assert!(dockerfile.contains("amd64) cargo build --release --locked -p pod-identity-agent"), "amd64 is built natively");
     for package in ["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"] {
         assert!(dockerfile.contains(package) && xtask.contains(&format!("\"{package}\"")), "{package}");
     }
     let linker = xtask.split("BPF_LINKER_VERSION: &str = \"").nth(1).unwrap().split('"').next().unwrap();
     assert!(dockerfile.contains(&format!("bpf-linker --version {linker} --locked")), "bpf-linker {linker}");
-    assert!(dockerfile.contains("--component rust-src") && dockerfile.contains("cargo build --release --locked -p pod-identity-agent"));
+    assert!(dockerfile.contains("--component rust-src"));
     let runtime = dockerfile.split(" AS build").nth(1).unwrap().split("FROM ").nth(1).unwrap();
     assert!(runtime.contains("USER 65532:65532"), "runs as non-root");
     assert!(runtime.contains("iproute2"), "link mode needs ip");

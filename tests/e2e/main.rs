@@ -1,6 +1,7 @@
 //! End-to-end: the real agent binary with its kernel programs attached to a simulated node's
 //! cgroup, simulated pods, real clients (curl, boto3), and the fake EKS Auth API.
 
+mod admission;
 mod cache;
 mod container;
 mod deploy_manifests;

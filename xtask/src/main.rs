@@ -8,6 +8,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+mod arm64;
 mod vm;
 
 const APT_PACKAGES: &[&str] = &[
@@ -34,7 +35,9 @@ const PIP_PACKAGES: &[(&str, &str)] = &[
     ("awscli", "awscli<2"),
     ("prometheus_client", "prometheus-client"),
     // Deploy tests: manifests against the Kubernetes schemas (kubectl renders them).
-    ("kubernetes_validate", "kubernetes-validate"),
+    ("kubernetes_validate", "kubernetes-validate>=1.37"),
+    // The admission policy's CEL, evaluated (tests/admission/check_policy.py).
+    ("celpy", "cel-python"),
     ("yaml", "pyyaml"),
 ];
 
@@ -42,16 +45,21 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup(),
-        Some("build") => setup().and_then(|()| build()),
+        Some("build") => match value_after(&args, "--target") {
+            None => setup().and_then(|()| build()),
+            Some("aarch64" | "arm64") | Some(arm64::TARGET) => setup().and_then(|()| arm64::build(false)).map(drop),
+            Some(other) => Err(anyhow::anyhow!("--target {other}: the targets are the host's (no flag) and aarch64")),
+        },
         Some("test") => setup().and_then(|()| build()).and_then(|()| test()),
         Some("demo") => setup().and_then(|()| build()).and_then(|()| demo()),
         Some("bench") => setup().and_then(|()| bench(args.iter().any(|a| a == "--profile"))),
         Some("fuzz") => setup().and_then(|()| fuzz(number_after(&args, "--seconds").unwrap_or(60.0))),
         Some("soak") => setup().and_then(|()| build()).and_then(|()| soak(number_after(&args, "--minutes").unwrap_or(10.0))),
         Some("matrix") => setup().and_then(|()| build()).and_then(|()| matrix(value_after(&args, "--kernel"))),
+        Some("arm64") => setup().and_then(|()| arm64::run_smoke()).map(drop),
         _ => {
             eprintln!(
-                "usage: cargo xtask <command>\n\n  setup   install what the build and tests need (idempotent)\n  build   setup, then build the agent\n  test    setup, build, run unit and end-to-end tests (root)\n  demo    setup, build, simulated pods get credentials through the eBPF redirect (root)\n  bench   setup, release build, every performance scenario against its baseline (root) [--profile: flame graph of the keep-alive run]\n  matrix  setup, build, the kernel-facing end-to-end tests inside VMs of 5.10, 6.1 and 6.12 [--kernel SERIES] (root)"
+                "usage: cargo xtask <command>\n\n  setup   install what the build and tests need (idempotent)\n  build   setup, then build the agent [--target aarch64: a static aarch64 (Graviton) binary, cross-built]\n  test    setup, build, run unit and end-to-end tests (root)\n  demo    setup, build, simulated pods get credentials through the eBPF redirect (root)\n  bench   setup, release build, every performance scenario against its baseline (root) [--profile: flame graph of the keep-alive run]\n  matrix  setup, build, the kernel-facing end-to-end tests inside VMs of 5.10, 6.1 and 6.12 [--kernel SERIES] (root)\n  arm64   setup, cross-build for aarch64, the smoke test on Debian's arm64 6.1 kernel inside qemu-system-aarch64"
             );
             return ExitCode::from(2);
         }
@@ -120,6 +128,7 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
 fn setup() -> anyhow::Result<()> {
     apt_install(APT_PACKAGES)?;
     vm::setup()?;
+    arm64::setup()?;
     fetch_containers_seccomp()?;
 
     if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
@@ -165,7 +174,7 @@ fn fetch_containers_seccomp() -> anyhow::Result<()> {
     if profile.exists() {
         return Ok(());
     }
-    let deb = vm::download("golang-github-containers-common")?;
+    let deb = vm::download(vm::Arch::Amd64, "golang-github-containers-common")?;
     let unpacked = dir.join("containers-common");
     std::fs::create_dir_all(&unpacked)?;
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
@@ -209,7 +218,8 @@ fn test() -> anyhow::Result<()> {
     }
     soak(TEST_SOAK_MINUTES)?;
     run(cargo().arg("test").args(PACKAGES).args(["--test", "e2e", "--", "--test-threads", "4"]).env("PIA_AGENT_BIN", agent_binary()))?;
-    matrix(None)
+    matrix(None)?;
+    arm64::run_smoke().map(drop)
 }
 
 /// The kernel-facing end-to-end tests on every kernel of the matrix (or one `series`).

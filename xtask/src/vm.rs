@@ -26,9 +26,19 @@ use crate::{output, run, succeeds};
 
 /// The kernels of the matrix: what EKS nodes run, as Debian builds them.
 pub const KERNELS: &[Kernel] = &[
-    Kernel { series: "5.10", distributions: "Amazon Linux 2", package: Pattern::Exact("linux-image-5.10.0-32-amd64-unsigned") },
-    Kernel { series: "6.1", distributions: "Amazon Linux 2023, Bottlerocket", package: Pattern::Newest("linux-image-6.1.0-", "-amd64-unsigned") },
-    Kernel { series: "6.12", distributions: "Amazon Linux 2023, Bottlerocket", package: Pattern::Newest("linux-image-6.12.", "+deb12-amd64-unsigned") },
+    Kernel { series: "5.10", distributions: "Amazon Linux 2", arch: Arch::Amd64, package: Pattern::Exact("linux-image-5.10.0-32-amd64-unsigned") },
+    Kernel {
+        series: "6.1",
+        distributions: "Amazon Linux 2023, Bottlerocket",
+        arch: Arch::Amd64,
+        package: Pattern::Newest("linux-image-6.1.0-", "-amd64-unsigned"),
+    },
+    Kernel {
+        series: "6.12",
+        distributions: "Amazon Linux 2023, Bottlerocket",
+        arch: Arch::Amd64,
+        package: Pattern::Newest("linux-image-6.12.", "+deb12-amd64-unsigned"),
+    },
 ];
 
 /// The end-to-end tests that run on every kernel: each redirect family (curl over IPv4 and IPv6,
@@ -59,11 +69,37 @@ pub const TESTS: &[&str] = &[
 pub struct Kernel {
     pub series: &'static str,
     pub distributions: &'static str,
-    package: Pattern,
+    pub arch: Arch,
+    pub package: Pattern,
+}
+
+/// A Debian architecture: packages of each come from a private apt configuration of its own.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Amd64,
+    Arm64,
+}
+
+impl Arch {
+    fn name(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "amd64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+
+    /// Its apt state and downloads: `target/vm/apt` and `debs` for amd64 (as before arm64
+    /// came), with a suffix for the others.
+    fn dir(self, base: &str) -> PathBuf {
+        match self {
+            Arch::Amd64 => vm_dir().join(base),
+            other => vm_dir().join(format!("{base}-{}", other.name())),
+        }
+    }
 }
 
 /// Which Debian package holds a kernel.
-enum Pattern {
+pub enum Pattern {
     Exact(&'static str),
     /// The newest package named `prefix<version>suffix`.
     Newest(&'static str, &'static str),
@@ -107,9 +143,10 @@ pub fn setup() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `program` (apt-get or apt-cache) on the private apt configuration under `target/vm/apt`.
-fn apt(program: &str, args: &[&str]) -> Command {
-    let apt = vm_dir().join("apt");
+/// `program` (apt-get or apt-cache) on the private apt configuration of `arch` under
+/// `target/vm/apt*`.
+fn apt(arch: Arch, program: &str, args: &[&str]) -> Command {
+    let apt = arch.dir("apt");
     let mut cmd = Command::new(program);
     for option in [
         format!("Dir::Etc::SourceList={}", apt.join("sources.list").display()),
@@ -118,7 +155,8 @@ fn apt(program: &str, args: &[&str]) -> Command {
         format!("Dir::Cache={}", apt.join("cache").display()),
         "APT::Sandbox::User=root".to_owned(),
         "Acquire::Languages=none".to_owned(),
-        "APT::Architecture=amd64".to_owned(),
+        format!("APT::Architecture={}", arch.name()),
+        format!("APT::Architectures::={}", arch.name()),
     ] {
         cmd.arg("-o").arg(option);
     }
@@ -127,9 +165,12 @@ fn apt(program: &str, args: &[&str]) -> Command {
 }
 
 /// The kernel's package, fetched and unpacked once: its version and directory.
-fn fetch(kernel: &Kernel) -> anyhow::Result<(String, PathBuf)> {
+pub fn fetch(kernel: &Kernel) -> anyhow::Result<(String, PathBuf)> {
     let kernels = vm_dir().join("kernels");
-    let chosen = kernels.join(format!("{}.package", kernel.series));
+    let chosen = match kernel.arch {
+        Arch::Amd64 => kernels.join(format!("{}.package", kernel.series)),
+        other => kernels.join(format!("{}-{}.package", other.name(), kernel.series)),
+    };
     if let Ok(package) = fs::read_to_string(&chosen) {
         let version = version_of(package.trim());
         let dir = kernels.join(&version);
@@ -137,11 +178,11 @@ fn fetch(kernel: &Kernel) -> anyhow::Result<(String, PathBuf)> {
             return Ok((version, dir));
         }
     }
-    apt_lists()?;
+    apt_lists(kernel.arch)?;
     let package = match kernel.package {
         Pattern::Exact(name) => name.to_owned(),
         Pattern::Newest(prefix, suffix) => {
-            let listing = output(&mut apt("apt-cache", &["pkgnames", prefix]));
+            let listing = output(&mut apt(kernel.arch, "apt-cache", &["pkgnames", prefix]));
             listing
                 .lines()
                 .filter(|p| p.ends_with(suffix) && p[prefix.len()..p.len() - suffix.len()].chars().all(|c| c.is_ascii_digit() || c == '.' || c == '-'))
@@ -150,7 +191,7 @@ fn fetch(kernel: &Kernel) -> anyhow::Result<(String, PathBuf)> {
                 .to_owned()
         }
     };
-    let deb = download(&package)?;
+    let deb = download(kernel.arch, &package)?;
     let version = version_of(&package);
     let dir = kernels.join(&version);
     let unpacking = kernels.join(format!("{version}.tmp"));
@@ -167,28 +208,28 @@ fn fetch(kernel: &Kernel) -> anyhow::Result<(String, PathBuf)> {
 }
 
 /// The private apt configuration's lists, fetched once.
-fn apt_lists() -> anyhow::Result<()> {
-    let apt_dir = vm_dir().join("apt");
+fn apt_lists(arch: Arch) -> anyhow::Result<()> {
+    let apt_dir = arch.dir("apt");
     fs::create_dir_all(apt_dir.join("lists/partial"))?;
     fs::create_dir_all(apt_dir.join("cache/archives/partial"))?;
     fs::write(apt_dir.join("sources.list"), SOURCES)?;
-    if !apt_dir.join("lists").read_dir()?.flatten().any(|e| e.file_name().to_string_lossy().ends_with("_Packages")) {
-        run(&mut apt("apt-get", &["update"])).context("updating the private apt lists (Debian's archive)")?;
+    if !apt_dir.join("lists").read_dir()?.flatten().any(|e| e.file_name().to_string_lossy().contains("_Packages")) {
+        run(&mut apt(arch, "apt-get", &["update"])).context("updating the private apt lists (Debian's archive)")?;
     }
     Ok(())
 }
 
 /// A Debian package's .deb, downloaded once (kept under target/vm/debs) without touching the
 /// machine's apt state.
-pub fn download(package: &str) -> anyhow::Result<PathBuf> {
-    apt_lists()?;
-    let debs = vm_dir().join("debs");
+pub fn download(arch: Arch, package: &str) -> anyhow::Result<PathBuf> {
+    apt_lists(arch)?;
+    let debs = arch.dir("debs");
     fs::create_dir_all(&debs)?;
     let find = || fs::read_dir(&debs).ok()?.flatten().map(|e| e.path()).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_"))));
     if let Some(deb) = find() {
         return Ok(deb);
     }
-    run(apt("apt-get", &["download", package]).current_dir(&debs)).with_context(|| format!("downloading {package}"))?;
+    run(apt(arch, "apt-get", &["download", package]).current_dir(&debs)).with_context(|| format!("downloading {package}"))?;
     find().context("downloaded package not found")
 }
 

@@ -204,7 +204,13 @@ pub fn role_arn(name: &str) -> String {
 impl FakeAws {
     /// Starts the fake on 127.0.0.1 inside network namespace `netns` (the node's), plain HTTP.
     pub fn start_in(netns: &str) -> FakeAws {
-        FakeAws::start(netns, "127.0.0.1:0".parse().unwrap(), None)
+        FakeAws::start(Some(netns), "127.0.0.1:0".parse().unwrap(), None)
+    }
+
+    /// Starts the fake on `addr` in this process's own network namespace, plain HTTP (the arm64
+    /// smoke test, inside a VM with no namespaces of its own).
+    pub fn start_here(addr: SocketAddr) -> FakeAws {
+        FakeAws::start(None, addr, None)
     }
 
     /// Starts the fake on `addr` inside `netns`, serving HTTPS with `pki`'s server certificate.
@@ -221,11 +227,15 @@ impl FakeAws {
             .with_no_client_auth()
             .with_single_cert(certs, key)
             .unwrap();
-        FakeAws::start(netns, addr, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+        FakeAws::start(Some(netns), addr, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
     }
 
-    fn start(netns: &str, addr: SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>) -> FakeAws {
-        let listener = crate::node::in_netns(netns, move || std::net::TcpListener::bind(addr).expect("bind fake AWS"));
+    fn start(netns: Option<&str>, addr: SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>) -> FakeAws {
+        let bind = move || std::net::TcpListener::bind(addr).expect("bind fake AWS");
+        let listener = match netns {
+            Some(netns) => crate::node::in_netns(netns, bind),
+            None => bind(),
+        };
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
