@@ -261,6 +261,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         mode: mode.to_owned(),
         cluster_name: settings.cluster_name.clone(),
+        credential_source: match settings.source {
+            SourceSettings::EksAuth => "eks-auth",
+            SourceSettings::Sts { .. } => "sts",
+        }
+        .to_owned(),
         region,
         eks_auth_endpoint: settings.eks_auth_endpoint.clone(),
         fips: settings.fips,

@@ -52,6 +52,9 @@ pub struct AgentInfo {
     /// `ebpf` or `link`.
     pub mode: String,
     pub cluster_name: String,
+    /// `eks-auth` or `sts` (`--credential-source`).
+    #[serde(default = "eks_auth")]
+    pub credential_source: String,
     /// The region EKS Auth calls are signed for.
     pub region: Option<String>,
     /// `--eks-auth-endpoint`, when given.
@@ -67,6 +70,10 @@ pub struct AgentInfo {
     pub cgroup_id: Option<u64>,
     pub metrics_addr: SocketAddr,
     pub pin: Option<PathBuf>,
+}
+
+fn eks_auth() -> String {
+    "eks-auth".to_owned()
 }
 
 pub type Handler = Arc<dyn Fn(&str) -> (StatusCode, &'static str, String) + Send + Sync>;

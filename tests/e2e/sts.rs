@@ -381,3 +381,16 @@ fn keys_over_https_are_trusted_through_the_cluster_ca_only() {
     assert_eq!(r.status, 502, "{}", r.body);
     assert!(r.body.contains("IssuerKeysUnavailable") && r.body.to_lowercase().contains("certificate"), "{}\n{}", r.body, agent.log());
 }
+
+#[test]
+fn doctor_checks_sts_instead_of_eks_on_an_sts_node() {
+    let c = Cluster::new(PAYMENTS);
+    let _agent = c.agent(&[]);
+    let host = c.node.host_cgroup("system.slice/doctor.scope");
+    let out = pod_identity_e2e::agent::cli(&c.node, Some(&host), &c.fake, pod_identity_e2e::agent::Caller::Node, &["doctor"]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let sts = out.stdout.lines().find(|l| l.contains("STS")).unwrap_or_else(|| panic!("no STS check:\n{}", out.stdout));
+    assert!(sts.starts_with("ok") && sts.contains(&format!("arn:aws:sts::{ACCOUNT}:assumed-role/node-role/{NODE_ACCESS_KEY}")), "{}", out.stdout);
+    assert!(!out.stdout.contains("EKS Auth") && !out.stdout.contains("stock add-on"), "no EKS checks off EKS:\n{}", out.stdout);
+    assert!(out.stdout.lines().any(|l| l.starts_with("ok") && l.contains("credentials from sts")), "{}", out.stdout);
+}

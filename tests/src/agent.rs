@@ -345,6 +345,7 @@ fn run_cli(node: &Node, cgroup: Option<&std::path::Path>, fake: &FakeAws, caller
         .args(args)
         .env("AWS_ENDPOINT_URL_EKS", fake.endpoint())
         .env("AWS_ENDPOINT_URL_EKS_AUTH", fake.endpoint())
+        .env("AWS_ENDPOINT_URL_STS", fake.endpoint())
         .env("AWS_REGION", REGION)
         .env("CLUSTER_NAME", CLUSTER)
         .env("AWS_CONFIG_FILE", "/nonexistent")

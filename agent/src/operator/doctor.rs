@@ -131,7 +131,7 @@ pub async fn check_all(args: &DoctorArgs, report: &mut dyn FnMut(Check)) {
     report(check_kernel(cgroup_root.as_deref()).await);
     let agent = match agent {
         Ok(agent) => {
-            report(Check::ok("agent", format!("{}: ready, {} mode, version {}", args.probe_addr, agent.mode, agent.version)));
+            report(Check::ok("agent", format!("{}: ready, {} mode, credentials from {}, version {}", args.probe_addr, agent.mode, agent.credential_source, agent.version)));
             report(check_listeners(&agent));
             report(check_redirect(&agent, mount.as_deref()));
             report(check_metrics(&agent));
@@ -148,6 +148,12 @@ pub async fn check_all(args: &DoctorArgs, report: &mut dyn FnMut(Check)) {
     let fips = args.fips || agent.as_ref().is_some_and(|a| a.fips);
     let endpoint = args.eks_auth_endpoint.clone().or_else(|| agent.as_ref().and_then(|a| a.eks_auth_endpoint.clone()));
     let credentials_found = check_node_credentials(region.as_deref(), report).await;
+    if agent.as_ref().is_some_and(|a| a.credential_source == "sts") {
+        // Off EKS: no EKS Auth, no cluster or add-on to ask EKS about; the node's STS identity
+        // is what every association role must trust.
+        report(if credentials_found { check_sts(region).await } else { Check::fail("STS", "not tried: no node credentials to sign with", "fix the node credentials first") });
+        return;
+    }
     let Some(cluster) = cluster else {
         report(Check::fail("EKS Auth", "no cluster name to ask about", "pass --cluster-name or set CLUSTER_NAME"));
         return;
@@ -360,6 +366,30 @@ async fn check_node_credentials(region: Option<&str>, report: &mut dyn FnMut(Che
                 "give the node an instance role (IMDS), or on hybrid nodes a credentials file or credential_process profile",
             ));
             false
+        }
+    }
+}
+
+/// `sts:GetCallerIdentity` with the node's credentials: STS is reachable, and the identity it
+/// names is the principal association roles must trust.
+async fn check_sts(region: Option<String>) -> Check {
+    const NAME: &str = "STS";
+    let options = aws::AwsOptions { region, app_name: Some("pod-identity-agent-doctor".into()), sdk_retries: true, ..Default::default() };
+    let config = match aws::sdk_config(&options).await {
+        Ok(c) => c,
+        Err(e) => return Check::fail(NAME, format!("{e:#}"), "check the AWS configuration of the node"),
+    };
+    let client = aws_sdk_sts::Client::new(&config);
+    match client.get_caller_identity().send().await {
+        Ok(id) => Check::ok(
+            NAME,
+            format!(
+                "reachable; the node signs as {}: every association role must trust it for sts:AssumeRole and sts:TagSession",
+                id.arn().unwrap_or("an unnamed identity")
+            ),
+        ),
+        Err(e) => {
+            Check::fail(NAME, aws::api_error(e).to_string(), "check the node credentials, the region, and that STS is reachable (AWS_ENDPOINT_URL_STS, the proxy)")
         }
     }
 }

@@ -11,7 +11,7 @@ use http_body_util::Full;
 use hyper::Response;
 
 use super::{State, authenticate_xml, rand_u32, sigv4};
-use crate::jwt;
+use crate::{ACCOUNT, jwt};
 
 /// One AssumeRole call the fake answered.
 #[derive(Clone, Debug, Default)]
@@ -99,13 +99,21 @@ fn iso8601(t: i64) -> String {
 
 pub(super) async fn handle(state: &Mutex<State>, parts: &http::request::Parts, body: &Bytes) -> Response<Full<Bytes>> {
     let params = form(body);
-    if params.get("Action").map(String::as_str) != Some("AssumeRole") {
-        return xml_error(400, "InvalidAction", &format!("the fake STS answers AssumeRole only, not {:?}", params.get("Action")));
+    let action = params.get("Action").map(String::as_str);
+    if !matches!(action, Some("AssumeRole" | "GetCallerIdentity")) {
+        return xml_error(400, "InvalidAction", &format!("the fake STS answers AssumeRole and GetCallerIdentity only, not {action:?}"));
     }
     let signed_by = match authenticate_xml(state, parts, body, "sts") {
         Ok(akid) => akid,
         Err(rejection) => return rejection,
     };
+    if action == Some("GetCallerIdentity") {
+        let body = format!(
+            "<GetCallerIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><GetCallerIdentityResult><Arn>arn:aws:sts::{ACCOUNT}:assumed-role/node-role/{signed_by}</Arn><UserId>AROANODE:{signed_by}</UserId><Account>{ACCOUNT}</Account></GetCallerIdentityResult><ResponseMetadata><RequestId>fake-{:08x}</RequestId></ResponseMetadata></GetCallerIdentityResponse>",
+            rand_u32()
+        );
+        return Response::builder().status(200).header("content-type", "text/xml").body(Full::new(Bytes::from(body))).unwrap();
+    }
     let list = |prefix: &str| -> Vec<String> { (1..).map_while(|i| params.get(&format!("{prefix}.member.{i}")).cloned()).collect() };
     let mut call = StsCall {
         role_arn: params.get("RoleArn").cloned().unwrap_or_default(),
