@@ -276,7 +276,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         metrics_addr: settings.metrics_addr,
         pin: settings.pin.clone(),
     });
-    readiness.ready(note.clone());
+    // Logged before readiness flips, so whoever sees /readyz answer 200 also finds this line in
+    // the log (tests read it right after readiness; so does an operator tailing the pod).
     info!(
         mode,
         note = %note,
@@ -289,6 +290,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         own_cgroup = ?cgroup2.as_ref().ok().map(|c| c.own.display()),
         "serving credentials"
     );
+    readiness.ready(note);
 
     wait_for_signal().await?;
     info!("shutting down: no new connections; finishing in-flight requests");

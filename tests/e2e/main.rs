@@ -27,6 +27,15 @@ pub(crate) const V4_URL: &str = "http://169.254.170.23/v1/credentials";
 pub(crate) const V6_URL: &str = "http://[fd00:ec2::23]/v1/credentials";
 const V4_MAPPED_URL: &str = "http://[::ffff:169.254.170.23]/v1/credentials";
 
+/// Polls `ok` every 200 ms until it holds, failing the test after `timeout`.
+pub(crate) fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what} did not happen within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A node with the fake EKS Auth and a running agent; pods are added per test.
 struct Setup {
     agent: Agent,

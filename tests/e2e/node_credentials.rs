@@ -5,7 +5,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use pod_identity_e2e::{
@@ -16,7 +16,7 @@ use pod_identity_e2e::{
     proxy::Proxy,
 };
 
-use super::V4_URL;
+use super::{V4_URL, wait_for};
 
 fn node() -> (Node, FakeAws) {
     let node = Node::new();
@@ -34,14 +34,6 @@ fn start(node: &Node, fake: &FakeAws, extra: &[&str], launch: Launch<'_>) -> Age
 /// A request with a token the agent has not seen: it needs an EKS Auth call.
 fn fresh_request(pod: &Pod) -> pod_identity_e2e::node::HttpResult {
     pod.curl(V4_URL, &pod.token())
-}
-
-fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        assert!(Instant::now() < deadline, "{what} did not happen within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]

@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use pod_identity_e2e::{
@@ -17,7 +17,7 @@ use pod_identity_e2e::{
     jwt::{Alg, Issuer},
 };
 
-use super::V4_URL;
+use super::{V4_URL, wait_for};
 
 const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 const EKS_KEYS: [&str; 6] =
@@ -106,14 +106,6 @@ const PAYMENTS: &str = "associations:\n  - namespace: payments\n    serviceAccou
 fn access_key(body: &str) -> String {
     let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
     v["AccessKeyId"].as_str().unwrap_or_default().to_owned()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        assert!(Instant::now() < deadline, "{what} did not happen within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]
