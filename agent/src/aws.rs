@@ -92,40 +92,55 @@ fn tls_context() -> anyhow::Result<aws_smithy_http_client::tls::TlsContext> {
 /// profile files. Expiring credentials are reloaded 5 minutes before they expire; credentials
 /// without an expiry (a credentials file) every 5 minutes.
 #[derive(Clone, Debug, Default)]
-pub struct NodeCredentials(Arc<Mutex<NodeCredentialsState>>);
+pub struct NodeCredentials(Arc<NodeCredentialsState>);
 
 #[derive(Debug, Default)]
 struct NodeCredentialsState {
-    cached: Option<(Credentials, SystemTime)>,
+    /// The credentials and when they were loaded.
+    cached: Mutex<Option<(Credentials, SystemTime)>>,
+    /// Held while the chain loads: a burst of misses (start-up, a rejection) waits for one load
+    /// instead of each running the chain (N IMDS logins, N credential_process runs).
+    loading: tokio::sync::Mutex<()>,
 }
 
 const NODE_CREDENTIALS_MARGIN: Duration = Duration::from_secs(300);
 
+/// Credentials that arrive with less than the margin left (a short-lived credential_process)
+/// are still used, until they expire, for this long after loading, so calls do not reload them
+/// back to back.
+const NODE_CREDENTIALS_RELOAD_FLOOR: Duration = Duration::from_secs(5);
+
 impl NodeCredentials {
     /// Drops what is cached: the next use loads anew.
     pub fn invalidate(&self) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).cached = None;
+        *self.0.cached.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     fn cached(&self) -> Option<Credentials> {
         let now = SystemTime::now();
-        let state = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let (creds, loaded) = state.cached.as_ref()?;
-        let fresh = match creds.expiry() {
-            Some(expiry) => expiry.duration_since(now).is_ok_and(|left| left > NODE_CREDENTIALS_MARGIN),
-            None => now.duration_since(*loaded).is_ok_and(|age| age < NODE_CREDENTIALS_MARGIN),
+        let cached = self.0.cached.lock().unwrap_or_else(|e| e.into_inner());
+        let (creds, loaded) = cached.as_ref()?;
+        let age = now.duration_since(*loaded).unwrap_or_default();
+        let fresh = match creds.expiry().map(|expiry| expiry.duration_since(now)) {
+            Some(Ok(left)) => left > NODE_CREDENTIALS_MARGIN || age < NODE_CREDENTIALS_RELOAD_FLOOR,
+            Some(Err(_expired)) => false,
+            None => age < NODE_CREDENTIALS_MARGIN,
         };
         fresh.then(|| creds.clone())
     }
 
-    /// The credentials: cached, or loaded from a new default chain.
+    /// The credentials: cached, or loaded from a new default chain, one load at a time.
     pub async fn get(&self) -> Result<Credentials, CredentialsError> {
+        if let Some(creds) = self.cached() {
+            return Ok(creds);
+        }
+        let _loading = self.0.loading.lock().await;
         if let Some(creds) = self.cached() {
             return Ok(creds);
         }
         let chain = aws_config::default_provider::credentials::DefaultCredentialsChain::builder().build().await;
         let creds = chain.provide_credentials().await?;
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).cached = Some((creds.clone(), SystemTime::now()));
+        *self.0.cached.lock().unwrap_or_else(|e| e.into_inner()) = Some((creds.clone(), SystemTime::now()));
         Ok(creds)
     }
 }

@@ -152,8 +152,8 @@ pub struct RunArgs {
     /// sts: the service-account issuer's public keys (JWKS), re-read when it changes.
     #[arg(long, value_name = "PATH", conflicts_with = "jwks_url")]
     pub jwks_file: Option<PathBuf>,
-    /// sts: URL of the issuer's JWKS (e.g. the API server's /openid/v1/jwks), fetched every 5
-    /// minutes and when a token names an unknown key.
+    /// sts: https URL of the issuer's JWKS (e.g. the API server's /openid/v1/jwks), fetched
+    /// every 5 minutes and when a token names an unknown key.
     #[arg(long, value_name = "URL")]
     pub jwks_url: Option<http::Uri>,
     /// sts: a bearer token file sent with each --jwks-url fetch (the agent's service-account
@@ -251,8 +251,10 @@ impl SourceSettings {
                 let keys = match (&args.jwks_file, &args.jwks_url) {
                     (Some(file), None) => crate::sts::keys::KeySource::File(file.clone()),
                     (None, Some(url)) => {
-                        if !matches!(url.scheme_str(), Some("https" | "http")) {
-                            bail!("--jwks-url {url}: an http(s) URL is needed");
+                        // The keys are what every token is checked against, and the fetch may
+                        // carry the agent's own token: neither goes over plain HTTP.
+                        if url.scheme_str() != Some("https") || url.host().is_none() {
+                            bail!("--jwks-url: an https URL is needed (the issuer's keys decide which tokens are trusted)");
                         }
                         crate::sts::keys::KeySource::Url { url: url.clone(), token_file: args.jwks_token_file.clone(), ca_file: args.jwks_ca_file.clone() }
                     }

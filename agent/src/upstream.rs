@@ -129,14 +129,16 @@ impl UpstreamError {
         }
     }
 
-    /// Worth another attempt: throttling, server errors, network failures and timeouts.
+    /// Worth another attempt: throttling, server errors, network failures and timeouts. STS
+    /// throttles with a 400 and the code `Throttling`, EKS Auth with a 429.
     pub fn is_transient(&self) -> bool {
-        self.status == 429 || self.status >= 500
+        self.status == 429 || self.status >= 500 || self.code == "Throttling"
     }
 
-    /// Errors that a retry with the same token cannot fix.
+    /// Errors that a retry with the same token cannot fix: EKS Auth's codes, and STS's
+    /// `AccessDenied` (the role does not trust the node, or the tags are not allowed).
     pub fn is_terminal(&self) -> bool {
-        matches!(self.code.as_str(), "AccessDeniedException" | "ExpiredTokenException" | "InvalidTokenException" | "ResourceNotFoundException")
+        matches!(self.code.as_str(), "AccessDeniedException" | "AccessDenied" | "ExpiredTokenException" | "InvalidTokenException" | "ResourceNotFoundException")
     }
 
     fn fault(&self) -> &'static str {
@@ -222,5 +224,17 @@ mod tests {
         let e = UpstreamError { status: 503, code: "ServiceUnavailableException".into(), ..e };
         assert!(e.to_string().ends_with("fault: server"));
         assert!(!e.is_terminal());
+    }
+
+    #[test]
+    fn both_services_codes_are_classified() {
+        let e = |status, code: &str| UpstreamError { status, code: code.into(), message: String::new(), request_id: None };
+        assert!(e(429, "ThrottlingException").is_transient(), "EKS Auth throttling");
+        assert!(e(400, "Throttling").is_transient(), "STS throttling");
+        assert!(e(503, "ServiceUnavailable").is_transient());
+        assert!(!e(400, "InvalidTokenException").is_transient());
+        assert!(e(400, "AccessDeniedException").is_terminal(), "EKS Auth");
+        assert!(e(403, "AccessDenied").is_terminal(), "STS");
+        assert!(!e(400, "Throttling").is_terminal());
     }
 }

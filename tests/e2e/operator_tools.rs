@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use pod_identity_e2e::{
-    Agent, CgroupShape, FakeAws, NODE_ACCESS_KEY, Node, OPERATOR_ACCESS_KEY,
+    Agent, CgroupShape, FakeAws, NODE_ACCESS_KEY, NODE_SECRET, Node, OPERATOR_ACCESS_KEY,
     agent::{Caller, CliOutput, cli, cli_with_stdin, cli_wrapped},
     fake_aws::role_arn,
 };
@@ -244,6 +244,16 @@ fn doctor_fails_each_check_with_how_to_fix_it() {
     let (status, text) = check(&checks, "stock add-on");
     assert_eq!(status, "fail");
     assert!(text.contains("fix: remove it: aws eks delete-addon --cluster-name e2e-cluster --addon-name eks-pod-identity-agent"), "{text}");
+
+    // The node's key is unknown to AWS (rotated away, a stale credentials file): the doctor names
+    // the credentials, not the network.
+    s.fake.revoke_key(NODE_ACCESS_KEY);
+    let out = doctor(&s, Some(&host), Caller::Node, &[]);
+    let (status, text) = check(&doctor_checks(&out), "EKS Auth");
+    assert_eq!(status, "fail");
+    assert!(text.contains("rejected the node's credentials") && text.contains("UnrecognizedClientException"), "{text}");
+    assert!(text.contains("fix: the node credentials are invalid or expired") && !text.contains("cannot reach"), "{text}");
+    s.fake.allow_key(NODE_ACCESS_KEY, NODE_SECRET, None);
 
     // No such cluster; EKS Auth unreachable.
     s.fake.set_cluster_status(None);

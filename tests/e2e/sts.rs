@@ -209,7 +209,10 @@ fn a_stolen_token_is_refused_by_the_kernel_binding() {
 #[test]
 fn a_target_role_is_chained_with_the_first_roles_credentials_and_carries_the_tags() {
     let target = role_arn("cross-account-reader");
-    let c = Cluster::new(&format!("associations:\n{}", association("payments", "api", "payments-api", &format!("    targetRoleArn: {target}\n"))));
+    let c = Cluster::new(&format!(
+        "associations:\n{}",
+        association("payments", "api", "payments-api", &format!("    targetRoleArn: {target}\n    tags: {{team: payments}}\n"))
+    ));
     let agent = c.agent(&[]);
     let api = c.pod("payments", "api-0", "api");
     let r = api.curl(V4_URL, &c.issuer.mint(&api.token_spec(), Alg::Rs256));
@@ -220,7 +223,9 @@ fn a_target_role_is_chained_with_the_first_roles_credentials_and_carries_the_tag
     assert_eq!((first.role_arn.as_str(), first.signed_by.as_str()), (role_arn("payments-api").as_str(), NODE_ACCESS_KEY));
     assert_eq!(second.role_arn, target);
     assert!(second.signed_by.starts_with("ASIASTS") && second.signed_by != first.signed_by, "signed with the first hop's credentials: {second:?}");
-    assert!(second.tags.is_empty(), "transitive tags are not passed again: {second:?}");
+    assert_eq!(first.tags.get("team").map(String::as_str), Some("payments"), "{first:?}");
+    let own: Vec<(&str, &str)> = second.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_eq!(own, [("team", "payments")], "only the association's own tags are set again: {second:?}");
     assert_eq!(second.inherited.keys().cloned().collect::<Vec<_>>().len(), EKS_KEYS.len(), "the EKS tags come along: {second:?}");
     assert_eq!(second.inherited["kubernetes-pod-name"], "api-0");
     assert_ne!(access_key(&r.body), first.signed_by, "the pod gets the target role's credentials");
@@ -229,9 +234,14 @@ fn a_target_role_is_chained_with_the_first_roles_credentials_and_carries_the_tag
     // A target role that does not trust the first one: the pod is told which hop failed.
     c.fake.deny_role(&target);
     let api1 = c.pod("payments", "api-1", "api");
-    let r = api1.curl(V4_URL, &c.issuer.mint(&api1.token_spec(), Alg::Rs256));
+    let token = c.issuer.mint(&api1.token_spec(), Alg::Rs256);
+    let r = api1.curl(V4_URL, &token);
     assert_eq!(r.status, 403, "{}", r.body);
     assert!(r.body.contains("AccessDenied") && r.body.contains("target role"), "{}", r.body);
+    // STS's AccessDenied is final: the same token asked again is answered without calling STS.
+    let calls = c.fake.sts_calls().len();
+    assert_eq!(api1.curl(V4_URL, &token).status, 403);
+    assert_eq!(c.fake.sts_calls().len(), calls, "a denied role is not asked again for the same token");
 }
 
 #[test]
@@ -272,30 +282,61 @@ fn an_sts_outage_keeps_cached_credentials_serving_and_names_sts() {
     assert_eq!(r.status, 503, "{}", r.body);
     assert!(r.body.contains("ServiceUnavailable"), "{}", r.body);
     assert!(agent.log().contains("upstream call failed") && agent.log().contains("upstream=\"STS\""), "{}", agent.log());
+    // STS throttles with a 400 and `Throttling`: retried like EKS Auth's 429, then named.
+    c.fake.set_sts_fault(Some(Fault { status: 400, code: "Throttling".into() }));
+    let api2 = c.pod("payments", "api-2", "api");
+    let calls = c.fake.sts_calls().len();
+    let r = api2.curl(V4_URL, &c.issuer.mint(&api2.token_spec(), Alg::Rs256));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("Throttling"), "{}", r.body);
+    assert!(c.fake.sts_calls().len() >= calls + 2, "a throttled call is retried: {} calls", c.fake.sts_calls().len() - calls);
     c.fake.set_sts_fault(None);
     wait_for("STS back", Duration::from_secs(10), || api1.curl(V4_URL, &c.issuer.mint(&api1.token_spec(), Alg::Rs256)).status == 200);
+}
+
+/// The API server's `/openid/v1/jwks`: HTTPS with a certificate from the cluster's own CA,
+/// serving the issuer's keys to callers presenting `bearer`.
+struct ApiServer {
+    fake: FakeAws,
+    url: String,
+    ca: String,
+    _pki: pod_identity_e2e::pki::Pki,
+}
+
+impl ApiServer {
+    fn start(c: &Cluster, jwks: serde_json::Value, bearer: &str) -> ApiServer {
+        let pki = pod_identity_e2e::pki::Pki::new("apiserver", &["IP:127.0.0.1"]);
+        let fake = FakeAws::start_tls_in(&c.node.netns, "127.0.0.1:0".parse().unwrap(), &pki);
+        fake.serve_jwks(jwks, bearer);
+        let url = format!("{}/openid/v1/jwks", fake.endpoint());
+        ApiServer { fake, url, ca: pki.ca.to_str().unwrap().to_owned(), _pki: pki }
+    }
+}
+
+/// `token` as the agent's service-account token file.
+fn token_file(c: &Cluster, token: &str) -> String {
+    pod_identity_e2e::secrets::remember(token);
+    std::fs::write(c.dir.join("sa-token"), token).unwrap();
+    c.path("sa-token")
 }
 
 #[test]
 fn keys_from_the_api_server_url_are_fetched_with_the_agents_token_and_a_rotation_is_followed() {
     let c = Cluster::new(PAYMENTS);
     let bearer = "agent-service-account-token";
-    pod_identity_e2e::secrets::remember(bearer);
-    std::fs::write(c.dir.join("sa-token"), bearer).unwrap();
-    c.fake.serve_jwks(c.issuer.jwks(), bearer);
-    let url = format!("{}/openid/v1/jwks", c.fake.endpoint());
-    let token_file = c.path("sa-token");
-    let agent = c.agent(&["--jwks-url", &url, "--jwks-token-file", &token_file]);
+    let apiserver = ApiServer::start(&c, c.issuer.jwks(), bearer);
+    let token_file = token_file(&c, bearer);
+    let agent = c.agent(&["--jwks-url", &apiserver.url, "--jwks-token-file", &token_file, "--jwks-ca-file", &apiserver.ca]);
     let api = c.pod("payments", "api-0", "api");
     assert_eq!(api.curl(V4_URL, &c.issuer.mint(&api.token_spec(), Alg::Rs256)).status, 200, "{}", agent.log());
-    let fetches = c.fake.jwks_fetches();
+    let fetches = apiserver.fake.jwks_fetches();
     assert!(fetches >= 1);
     // The issuer rotates to new keys (new key ids): a token signed with them prompts a fetch.
     let rotated = Issuer::new(ISSUER, "rotated");
-    c.fake.serve_jwks(rotated.jwks(), bearer);
+    apiserver.fake.serve_jwks(rotated.jwks(), bearer);
     let r = api.curl(V4_URL, &rotated.mint(&api.token_spec(), Alg::Es256));
     assert_eq!(r.status, 200, "{}\n{}", r.body, agent.log());
-    assert_eq!(c.fake.jwks_fetches(), fetches + 1, "one fetch for the unknown key id");
+    assert_eq!(apiserver.fake.jwks_fetches(), fetches + 1, "one fetch for the unknown key id");
     // Old keys are gone from the set: tokens they signed are refused.
     let r = api.curl(V4_URL, &c.issuer.mint(&api.token_spec(), Alg::Rs256));
     assert_eq!(r.status, 400, "{}", r.body);
@@ -304,11 +345,9 @@ fn keys_from_the_api_server_url_are_fetched_with_the_agents_token_and_a_rotation
 #[test]
 fn keys_the_url_refuses_are_named() {
     let c = Cluster::new(PAYMENTS);
-    c.fake.serve_jwks(c.issuer.jwks(), "the-right-token");
-    let url = format!("{}/openid/v1/jwks", c.fake.endpoint());
-    std::fs::write(c.dir.join("sa-token"), "a-wrong-token").unwrap();
-    let token_file = c.path("sa-token");
-    let agent = c.agent(&["--jwks-url", &url, "--jwks-token-file", &token_file]);
+    let apiserver = ApiServer::start(&c, c.issuer.jwks(), "the-right-token");
+    let token_file = token_file(&c, "a-wrong-token");
+    let agent = c.agent(&["--jwks-url", &apiserver.url, "--jwks-token-file", &token_file, "--jwks-ca-file", &apiserver.ca]);
     let api = c.pod("payments", "api-0", "api");
     let r = api.curl(V4_URL, &c.issuer.mint(&api.token_spec(), Alg::Rs256));
     assert_eq!(r.status, 502, "{}", r.body);
@@ -342,6 +381,9 @@ fn sts_mode_refuses_to_start_without_what_it_needs() {
     bad(&["--credential-source", "sts", "--jwks-file", &jwks, "--token-issuer", ISSUER], "needs --associations-file");
     bad(&["--credential-source", "sts", "--associations-file", &assoc, "--token-issuer", ISSUER], "--jwks-file or --jwks-url");
     bad(&["--credential-source", "sts", "--associations-file", &assoc, "--jwks-file", &jwks], "needs --token-issuer");
+    // Keys over plain HTTP could be swapped on the way, and the agent's token read.
+    let http = format!("{}/openid/v1/jwks", c.fake.endpoint());
+    bad(&["--credential-source", "sts", "--associations-file", &assoc, "--jwks-url", &http, "--token-issuer", ISSUER], "an https URL is needed");
     bad(&["--jwks-file", &jwks], "applies only to --credential-source sts");
     std::fs::write(c.dir.join("broken.yaml"), "associations:\n  - namespace: a\n    serviceAccount: b\n    roleArn: not-an-arn\n").unwrap();
     let broken = c.path("broken.yaml");
@@ -353,22 +395,16 @@ fn sts_mode_refuses_to_start_without_what_it_needs() {
 #[test]
 fn keys_over_https_are_trusted_through_the_cluster_ca_only() {
     let c = Cluster::new(PAYMENTS);
-    // The API server: HTTPS with a certificate from the cluster's own CA.
-    let pki = pod_identity_e2e::pki::Pki::new("apiserver", &["IP:127.0.0.1"]);
-    let apiserver = FakeAws::start_tls_in(&c.node.netns, "127.0.0.1:0".parse().unwrap(), &pki);
-    apiserver.serve_jwks(c.issuer.jwks(), "sa-token");
-    std::fs::write(c.dir.join("sa-token"), "sa-token").unwrap();
-    pod_identity_e2e::secrets::remember("sa-token");
-    let url = format!("{}/openid/v1/jwks", apiserver.endpoint());
-    let (token_file, ca) = (c.path("sa-token"), pki.ca.to_str().unwrap().to_owned());
+    let apiserver = ApiServer::start(&c, c.issuer.jwks(), "sa-token");
+    let token_file = token_file(&c, "sa-token");
     let api = c.pod("payments", "api-0", "api");
     {
-        let agent = c.agent(&["--jwks-url", &url, "--jwks-token-file", &token_file, "--jwks-ca-file", &ca]);
+        let agent = c.agent(&["--jwks-url", &apiserver.url, "--jwks-token-file", &token_file, "--jwks-ca-file", &apiserver.ca]);
         let r = api.curl(V4_URL, &c.issuer.mint(&api.token_spec(), Alg::Rs256));
         assert_eq!(r.status, 200, "{}\n{}", r.body, agent.log());
     }
     // Without the CA, the certificate is not trusted, and the answer says so.
-    let agent = c.agent(&["--jwks-url", &url, "--jwks-token-file", &token_file]);
+    let agent = c.agent(&["--jwks-url", &apiserver.url, "--jwks-token-file", &token_file]);
     let r = api.curl(V4_URL, &c.issuer.mint(&api.token_spec(), Alg::Rs256));
     assert_eq!(r.status, 502, "{}", r.body);
     assert!(r.body.contains("IssuerKeysUnavailable") && r.body.to_lowercase().contains("certificate"), "{}\n{}", r.body, agent.log());

@@ -417,18 +417,17 @@ async fn check_eks_auth(cluster: &str, region: Option<String>, endpoint: Option<
             format!("{at} refused the node: {e}"),
             "grant the node role eks-auth:AssumeRoleForPodIdentity (AmazonEKSWorkerNodePolicy includes it)",
         ),
-        Err(e)
-            if matches!(
-                e.code.as_str(),
-                "UnrecognizedClientException" | "InvalidSignatureException" | "SignatureDoesNotMatch" | "IncompleteSignatureException"
-            ) =>
-        {
-            Check::fail(
-                NAME,
-                format!("{at} rejected the node's signature: {e}"),
-                "the node credentials are invalid or expired: check the instance role or the credentials source",
-            )
+        // The client has already told a refused signature from a refused token, and dropped the
+        // node's credentials for a reload: these codes are its, not EKS Auth's.
+        Err(e) if e.code == "NodeCredentialsRejected" => Check::fail(
+            NAME,
+            format!("{at} rejected the node's credentials: {}", e.message),
+            "the node credentials are invalid or expired: check the instance role or the credentials source",
+        ),
+        Err(e) if e.code == "NodeCredentialsUnavailable" => {
+            Check::fail(NAME, format!("not tried: {}", e.message), "give the node an instance role, or credentials (see the node credentials check)")
         }
+        Err(e) if e.code == "NodeRegionUnavailable" => Check::fail(NAME, format!("not tried: {}", e.message), "set AWS_REGION or --region"),
         Err(e) if e.code == "ResourceNotFoundException" => {
             Check::fail(NAME, format!("{at} does not know cluster {cluster}: {e}"), "check CLUSTER_NAME and the region")
         }

@@ -16,7 +16,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -24,6 +23,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
+
+use super::file_stamp::FileStamp;
 
 /// Tag keys the agent sets itself on every session, as EKS Pod Identity does.
 pub const EKS_TAG_KEYS: [&str; 6] =
@@ -81,14 +82,7 @@ fn parse(text: &str) -> anyhow::Result<Table> {
         if let Some(target) = &e.target_role_arn {
             check_role_arn(target).with_context(|| format!("{at}: targetRoleArn"))?;
         }
-        for (k, v) in &e.tags {
-            if EKS_TAG_KEYS.iter().any(|eks| eks.eq_ignore_ascii_case(k)) {
-                bail!("{at}: tag {k:?} is one the agent sets itself");
-            }
-            if k.is_empty() || k.len() > 128 || v.len() > 256 {
-                bail!("{at}: tag {k:?}: keys are 1 to 128 characters, values at most 256");
-            }
-        }
+        check_tags(&e.tags).with_context(|| format!("{at}: tags"))?;
         if e.tags.len() + EKS_TAG_KEYS.len() > MAX_SESSION_TAGS {
             bail!(
                 "{at}: at most {} tags of its own (STS takes {MAX_SESSION_TAGS} per session, {} are the EKS ones)",
@@ -105,6 +99,33 @@ fn parse(text: &str) -> anyhow::Result<Table> {
     Ok(table)
 }
 
+/// STS's rules for session tags, checked here so that a mistake is named when the file is read
+/// rather than refused by STS on every request: keys 1 to 128 characters and values at most 256
+/// of letters, digits, spaces and `_.:/=+-@`; no `aws:` prefix; keys unique ignoring case; none
+/// of the keys the agent sets itself.
+fn check_tags(tags: &BTreeMap<String, String>) -> anyhow::Result<()> {
+    let allowed = |s: &str| s.chars().all(|c| c.is_alphanumeric() || c.is_whitespace() || "_.:/=+-@".contains(c));
+    let mut seen = std::collections::HashSet::new();
+    for (k, v) in tags {
+        if EKS_TAG_KEYS.iter().any(|eks| eks.eq_ignore_ascii_case(k)) {
+            bail!("{k:?} is a key the agent sets itself");
+        }
+        if k.is_empty() || k.chars().count() > 128 || v.chars().count() > 256 {
+            bail!("{k:?}: keys are 1 to 128 characters, values at most 256");
+        }
+        if !allowed(k) || !allowed(v) {
+            bail!("{k:?}: keys and values are letters, digits, spaces and _.:/=+-@");
+        }
+        if k.to_lowercase().starts_with("aws:") {
+            bail!("{k:?}: the aws: prefix is reserved");
+        }
+        if !seen.insert(k.to_lowercase()) {
+            bail!("{k:?}: STS compares tag keys ignoring case, and another key is the same");
+        }
+    }
+    Ok(())
+}
+
 /// `arn:PARTITION:iam::ACCOUNT:role/NAME`.
 fn check_role_arn(arn: &str) -> anyhow::Result<()> {
     let parts: Vec<&str> = arn.splitn(6, ':').collect();
@@ -119,19 +140,6 @@ fn check_role_arn(arn: &str) -> anyhow::Result<()> {
     if ok { Ok(()) } else { bail!("{arn:?} is not an IAM role ARN (arn:aws:iam::123456789012:role/NAME)") }
 }
 
-/// What identifies one version of the file: a ConfigMap update swaps a symlink to new content.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Stamp {
-    inode: u64,
-    size: u64,
-    modified_ns: i64,
-}
-
-fn stamp(path: &Path) -> std::io::Result<Stamp> {
-    let m = std::fs::metadata(path)?;
-    Ok(Stamp { inode: m.ino(), size: m.size(), modified_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec() })
-}
-
 /// The associations in force, re-read when the file changes.
 pub struct Associations {
     path: PathBuf,
@@ -140,8 +148,10 @@ pub struct Associations {
 
 struct State {
     table: Arc<Table>,
-    stamp: Stamp,
+    stamp: FileStamp,
     checked: Instant,
+    /// Why the file cannot be read, while it cannot: logged when it starts, not every check.
+    unreadable: Option<String>,
 }
 
 impl Associations {
@@ -149,7 +159,7 @@ impl Associations {
     pub fn load(path: &Path) -> anyhow::Result<Associations> {
         let (table, stamp) = read(path).with_context(|| format!("--associations-file {}", path.display()))?;
         tracing::info!(file = %path.display(), associations = table.len(), "associations loaded");
-        Ok(Associations { path: path.to_owned(), state: Mutex::new(State { table: Arc::new(table), stamp, checked: Instant::now() }) })
+        Ok(Associations { path: path.to_owned(), state: Mutex::new(State { table: Arc::new(table), stamp, checked: Instant::now(), unreadable: None }) })
     }
 
     /// The association of a service account, from the file as it is now.
@@ -162,7 +172,7 @@ impl Associations {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.checked.elapsed() >= CHECK_INTERVAL {
             state.checked = Instant::now();
-            match stamp(&self.path) {
+            match FileStamp::of(&self.path) {
                 Ok(now) if now != state.stamp => match read(&self.path) {
                     Ok((table, stamp)) => {
                         tracing::info!(file = %self.path.display(), associations = table.len(), "associations reloaded");
@@ -177,17 +187,23 @@ impl Associations {
                 },
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(file = %self.path.display(), "cannot read the associations file; the previous associations stay in force: {e}")
+                    let e = e.to_string();
+                    if state.unreadable.as_ref() != Some(&e) {
+                        tracing::warn!(file = %self.path.display(), "cannot read the associations file; the previous associations stay in force: {e}");
+                    }
+                    state.unreadable = Some(e);
+                    return state.table.clone();
                 }
             }
+            state.unreadable = None;
         }
         state.table.clone()
     }
 }
 
-fn read(path: &Path) -> anyhow::Result<(Table, Stamp)> {
+fn read(path: &Path) -> anyhow::Result<(Table, FileStamp)> {
     // The stamp first: an update between the two reads is seen at the next check.
-    let stamp = stamp(path)?;
+    let stamp = FileStamp::of(path)?;
     let text = std::fs::read_to_string(path)?;
     Ok((parse(&text)?, stamp))
 }
@@ -226,7 +242,14 @@ mod tests {
         assert!(err("associations:\n  - namespace: a\n    serviceAccount: b\n    rolearn: x\n").contains("not an associations file"));
         let eks_tag =
             "associations:\n  - namespace: a\n    serviceAccount: b\n    roleArn: arn:aws:iam::111122223333:role/x\n    tags: {kubernetes-namespace: other}\n";
-        assert!(err(eks_tag).contains("one the agent sets itself"));
+        assert!(err(eks_tag).contains("a key the agent sets itself"));
+        let tagged =
+            |tags: &str| format!("associations:\n  - namespace: a\n    serviceAccount: b\n    roleArn: arn:aws:iam::111122223333:role/x\n    tags: {tags}\n");
+        assert!(parse(&tagged("{team: payments, cost-center: 'a b/c=d+e@f.g:h_i'}")).is_ok());
+        assert!(err(&tagged("{'aws:team': x}")).contains("aws: prefix is reserved"));
+        assert!(err(&tagged("{Team: x, team: y}")).contains("ignoring case"));
+        assert!(err(&tagged("{team: 'a;b'}")).contains("letters, digits, spaces"));
+        assert!(err(&tagged("{'': x}")).contains("1 to 128 characters"));
         let twice = "associations:\n  - {namespace: a, serviceAccount: b, roleArn: 'arn:aws:iam::111122223333:role/x'}\n  - {namespace: a, serviceAccount: b, roleArn: 'arn:aws:iam::111122223333:role/y'}\n";
         assert!(err(twice).contains("two associations"));
     }

@@ -4,9 +4,8 @@
 //! [`UNKNOWN_KID_REFETCH`]. A failed fetch keeps the keys already held.
 
 use std::{
-    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -14,6 +13,8 @@ use anyhow::{Context as _, bail};
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
+
+use super::file_stamp::FileStamp;
 
 /// How often a key set from a URL is fetched again.
 pub const URL_REFRESH: Duration = Duration::from_secs(300);
@@ -44,7 +45,14 @@ impl std::fmt::Display for KeySource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             KeySource::File(path) => write!(f, "{}", path.display()),
-            KeySource::Url { url, .. } => write!(f, "{url}"),
+            // Logged and told to pods: no userinfo or query, which could carry a credential.
+            KeySource::Url { url, .. } => {
+                write!(f, "{}://{}", url.scheme_str().unwrap_or("https"), url.host().unwrap_or_default())?;
+                if let Some(port) = url.port_u16() {
+                    write!(f, ":{port}")?;
+                }
+                write!(f, "{}", url.path())
+            }
         }
     }
 }
@@ -102,20 +110,33 @@ type HttpsClient =
 pub struct KeySet {
     source: KeySource,
     client: Option<HttpsClient>,
-    state: tokio::sync::Mutex<State>,
+    state: Mutex<State>,
+    /// Held while the keys are looked for, so one caller fetches and the others go on with the
+    /// keys already held (or wait, when they have none or need a key id they lack).
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
 struct State {
     keys: Arc<Vec<Jwk>>,
-    /// When the keys were last looked for (fetched, or the file looked at), and whether that
-    /// was prompted by an unknown key id.
+    /// When the keys were last looked for (fetched, or the file looked at), and when a look was
+    /// last prompted by an unknown key id.
     looked: Option<Instant>,
     prompted: Option<Instant>,
-    /// The file's identity when read: (inode, size, mtime ns).
-    file_stamp: Option<(u64, u64, i64)>,
+    /// The key file's version when read.
+    file_stamp: Option<FileStamp>,
     /// Why the last attempt failed, while it did.
     error: Option<String>,
+}
+
+/// What a call to [`KeySet::keys`] has to do before it answers.
+enum Look {
+    /// Nothing: the keys held will do.
+    None,
+    /// A periodic look: done if no other caller is at it; the keys held serve meanwhile.
+    Due,
+    /// The caller cannot do without it: no keys are held, or its key id is unknown.
+    Needed,
 }
 
 impl KeySet {
@@ -126,71 +147,94 @@ impl KeySet {
             KeySource::File(_) => None,
             KeySource::Url { ca_file, .. } => Some(https_client(ca_file.as_deref())?),
         };
-        let set = KeySet { source, client, state: tokio::sync::Mutex::new(State::default()) };
-        {
-            let mut state = set.state.lock().await;
-            set.refresh(&mut state).await;
-            match (&set.source, &state.error) {
-                (KeySource::File(path), Some(e)) => bail!("--jwks-file {}: {e}", path.display()),
-                (KeySource::Url { url, .. }, Some(e)) => {
-                    tracing::warn!(%url, "cannot fetch the issuer's keys yet; tokens are refused until they are: {e}")
-                }
-                _ => {}
+        let set = KeySet { source, client, state: Mutex::new(State::default()), refreshing: tokio::sync::Mutex::new(()) };
+        set.refresh().await;
+        let error = set.lock().error.clone();
+        match (&set.source, error) {
+            (KeySource::File(path), Some(e)) => bail!("--jwks-file {}: {e}", path.display()),
+            (source @ KeySource::Url { .. }, Some(e)) => {
+                tracing::warn!(url = %source, "cannot fetch the issuer's keys yet; tokens are refused until they are: {e}")
             }
-            if let KeySource::File(path) = &set.source
-                && state.keys.is_empty()
-            {
-                bail!("--jwks-file {}: no RS256 or ES256 key in it", path.display());
-            }
+            _ => {}
         }
         Ok(set)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What a caller needing `kid` has to do first.
+    fn look(&self, kid: Option<&str>) -> Look {
+        let mut state = self.lock();
+        let known = kid.is_none_or(|kid| state.keys.iter().any(|k| k.kid.as_deref() == Some(kid)));
+        if state.keys.is_empty() {
+            // None held (a URL that has not answered yet): try again, but not on every token.
+            return if state.looked.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) { Look::Needed } else { Look::None };
+        }
+        if !known && state.prompted.is_none_or(|t| t.elapsed() >= UNKNOWN_KID_REFETCH) {
+            state.prompted = Some(Instant::now());
+            return Look::Needed;
+        }
+        let every = match &self.source {
+            KeySource::File(_) => FILE_CHECK,
+            KeySource::Url { .. } => URL_REFRESH,
+        };
+        if state.looked.is_none_or(|t| t.elapsed() >= every) { Look::Due } else { Look::None }
     }
 
     /// The keys, refreshed first if due; `kid` is the key id a token names, which prompts an
     /// early refresh when the set does not have it.
     pub async fn keys(&self, kid: Option<&str>) -> Result<Arc<Vec<Jwk>>, String> {
-        let mut state = self.state.lock().await;
-        let known = |state: &State| kid.is_none_or(|kid| state.keys.iter().any(|k| k.kid.as_deref() == Some(kid)));
-        let due = match &self.source {
-            KeySource::File(_) => state.looked.is_none_or(|t| t.elapsed() >= FILE_CHECK),
-            KeySource::Url { .. } => {
-                state.looked.is_none_or(|t| t.elapsed() >= URL_REFRESH)
-                    || (state.keys.is_empty() && state.looked.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)))
+        match self.look(kid) {
+            Look::None => {}
+            Look::Due => {
+                if let Ok(_refreshing) = self.refreshing.try_lock() {
+                    self.refresh_locked().await;
+                }
             }
-        };
-        let prompt = !known(&state) && state.prompted.is_none_or(|t| t.elapsed() >= UNKNOWN_KID_REFETCH);
-        if due || prompt {
-            if prompt {
-                state.prompted = Some(Instant::now());
+            Look::Needed => {
+                let started = Instant::now();
+                let _refreshing = self.refreshing.lock().await;
+                // Another caller may have just looked on this one's behalf.
+                if self.lock().looked.is_none_or(|t| t < started) {
+                    self.refresh_locked().await;
+                }
             }
-            self.refresh(&mut state).await;
         }
+        let state = self.lock();
         if state.keys.is_empty() {
             return Err(format!("no keys from {}{}", self.source, state.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()));
         }
         Ok(state.keys.clone())
     }
 
-    async fn refresh(&self, state: &mut State) {
-        state.looked = Some(Instant::now());
+    async fn refresh(&self) {
+        let _refreshing = self.refreshing.lock().await;
+        self.refresh_locked().await;
+    }
+
+    /// Looks for the keys; the caller holds `refreshing`.
+    async fn refresh_locked(&self) {
         let result = match &self.source {
-            KeySource::File(path) => read_file(path, state.file_stamp).map(|read| {
-                read.map(|(keys, stamp)| {
-                    state.file_stamp = Some(stamp);
-                    keys
-                })
-            }),
+            KeySource::File(path) => {
+                let seen = self.lock().file_stamp;
+                read_file(path, seen)
+            }
             KeySource::Url { url, token_file, .. } => {
                 let client = self.client.as_ref().expect("a URL source has a client");
-                fetch(client, url, token_file.as_deref()).await.map(Some)
+                fetch(client, url, token_file.as_deref()).await.map(|keys| Some((keys, None)))
             }
         };
+        let mut state = self.lock();
+        state.looked = Some(Instant::now());
         match result {
-            Ok(Some(keys)) => {
+            Ok(Some((keys, stamp))) => {
                 if *state.keys != keys {
                     tracing::info!(source = %self.source, keys = keys.len(), ids = ?keys.iter().filter_map(|k| k.kid.as_deref()).collect::<Vec<_>>(), "issuer keys loaded");
                 }
                 state.keys = Arc::new(keys);
+                state.file_stamp = stamp.or(state.file_stamp);
                 state.error = None;
             }
             Ok(None) => {}
@@ -205,14 +249,18 @@ impl KeySet {
     }
 }
 
-/// The file's keys if it changed since `seen`.
-fn read_file(path: &Path, seen: Option<(u64, u64, i64)>) -> anyhow::Result<Option<(Vec<Jwk>, (u64, u64, i64))>> {
-    let m = std::fs::metadata(path)?;
-    let stamp = (m.ino(), m.size(), m.mtime() * 1_000_000_000 + m.mtime_nsec());
+/// The file's keys, with its version, if it changed since `seen`. A file without a usable key
+/// is an error (the keys held stay), as a URL answering without one is.
+fn read_file(path: &Path, seen: Option<FileStamp>) -> anyhow::Result<Option<(Vec<Jwk>, Option<FileStamp>)>> {
+    let stamp = FileStamp::of(path)?;
     if seen == Some(stamp) {
         return Ok(None);
     }
-    Ok(Some((parse_jwks(&std::fs::read(path)?)?, stamp)))
+    let keys = parse_jwks(&std::fs::read(path)?)?;
+    if keys.is_empty() {
+        bail!("no RS256 or ES256 key in it");
+    }
+    Ok(Some((keys, Some(stamp))))
 }
 
 fn https_client(ca_file: Option<&Path>) -> anyhow::Result<HttpsClient> {
@@ -244,7 +292,10 @@ async fn fetch(client: &HttpsClient, url: &http::Uri, token_file: Option<&Path>)
     let mut request = http::Request::get(url.clone()).header(http::header::ACCEPT, "application/json, application/jwk-set+json");
     if let Some(file) = token_file {
         let token = std::fs::read_to_string(file).with_context(|| format!("--jwks-token-file {}", file.display()))?;
-        request = request.header(http::header::AUTHORIZATION, format!("Bearer {}", token.trim()));
+        let mut bearer = http::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+            .map_err(|_| anyhow::anyhow!("--jwks-token-file {}: not a token (it has characters a header cannot carry)", file.display()))?;
+        bearer.set_sensitive(true);
+        request = request.header(http::header::AUTHORIZATION, bearer);
     }
     let request = request.body(http_body_util::Empty::new()).context("building the request")?;
     let response = tokio::time::timeout(FETCH_TIMEOUT, client.request(request))

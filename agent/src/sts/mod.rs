@@ -6,6 +6,7 @@
 //! `AssumeRole` into it, signed with the first role's credentials.
 
 pub mod associations;
+mod file_stamp;
 pub mod keys;
 mod verify;
 
@@ -99,7 +100,7 @@ impl Sts {
             ("kubernetes-pod-uid", claims.pod_uid.as_str()),
         ]);
         pairs.extend(association.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        pairs.into_iter().filter_map(|(k, v)| aws_sdk_sts::types::Tag::builder().key(k).value(v).build().ok()).collect()
+        pairs.into_iter().filter_map(|(k, v)| tag(k, v)).collect()
     }
 
     /// The EKS tags' keys: marked transitive, as EKS marks them, so a role the pod chains into
@@ -109,19 +110,30 @@ impl Sts {
     }
 }
 
+fn tag(key: &str, value: &str) -> Option<aws_sdk_sts::types::Tag> {
+    aws_sdk_sts::types::Tag::builder().key(key).value(value).build().ok()
+}
+
 fn build_client(config: &aws_config::SdkConfig, endpoint: &EndpointRecorder) -> aws_sdk_sts::Client {
     aws_sdk_sts::Client::from_conf(aws_sdk_sts::config::Builder::from(config).interceptor(endpoint.clone()).build())
 }
 
-/// EKS's role session name, `eks-CLUSTER-POD-UUID`, cut to STS's 64 characters of
-/// `[A-Za-z0-9+=,.@_-]`.
+/// EKS's role session name, `eks-CLUSTER-POD-UUID`, in STS's 64 characters of
+/// `[A-Za-z0-9+=,.@_-]`. A long cluster or pod name is cut, never the UUID: it is what keeps
+/// sessions apart in CloudTrail.
 pub fn session_name(cluster: &str, pod: &str, random: [u8; 16]) -> String {
+    const MAX: usize = 64;
     let mut uuid = random;
     uuid[6] = (uuid[6] & 0x0f) | 0x40;
     uuid[8] = (uuid[8] & 0x3f) | 0x80;
     let hex: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
     let uuid = format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..]);
-    format!("eks-{cluster}-{pod}-{uuid}").chars().map(|c| if c.is_ascii_alphanumeric() || "+=,.@_-".contains(c) { c } else { '-' }).take(64).collect()
+    let prefix: String = format!("eks-{cluster}-{pod}-")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "+=,.@_-".contains(c) { c } else { '-' })
+        .take(MAX - uuid.len())
+        .collect();
+    prefix + &uuid
 }
 
 impl Upstream for Sts {
@@ -168,12 +180,22 @@ impl Upstream for Sts {
                 "sts-first-hop",
             );
             let chained = aws_sdk_sts::Client::from_conf(client.config().to_builder().credentials_provider(hop).build());
-            // The EKS tags come along as transitive tags; passing them again would be refused.
-            out = chained.assume_role().role_arn(target).role_session_name(&session).duration_seconds(SESSION_SECONDS).send().await.map_err(|e| {
-                let mut e = map_sdk_error(SERVICE, e);
-                e.message = format!("assuming the target role {target} with {}'s credentials: {}", association.role_arn, e.message);
-                e
-            })?;
+            // The EKS tags come along as transitive tags (passing them again would be refused);
+            // the association's own are not transitive, so they are set again.
+            let own: Vec<_> = association.tags.iter().filter_map(|(k, v)| tag(k, v)).collect();
+            out = chained
+                .assume_role()
+                .role_arn(target)
+                .role_session_name(&session)
+                .duration_seconds(SESSION_SECONDS)
+                .set_tags((!own.is_empty()).then_some(own))
+                .send()
+                .await
+                .map_err(|e| {
+                    let mut e = map_sdk_error(SERVICE, e);
+                    e.message = format!("assuming the target role {target} with {}'s credentials: {}", association.role_arn, e.message);
+                    e
+                })?;
         }
         let request_id = out.request_id().map(str::to_owned);
         let creds = out.credentials().ok_or_else(|| malformed("credentials", out.request_id()))?;
@@ -212,8 +234,8 @@ mod tests {
         let name = session_name("prod", "api-7d9f", [0xab; 16]);
         assert_eq!(name, "eks-prod-api-7d9f-abababab-abab-4bab-abab-abababababab");
         let long = session_name("a-very-long-cluster-name", "a-pod-with-a-long-generated-name-x7k2p", [0; 16]);
-        assert_eq!(long.len(), 64);
-        assert!(long.starts_with("eks-a-very-long-cluster-name-a-pod-with"));
+        assert_eq!(long, "eks-a-very-long-cluster-name00000000-0000-4000-8000-000000000000");
+        assert_eq!(session_name("prod/eu", "api:0", [0; 16]), "eks-prod-eu-api-0-00000000-0000-4000-8000-000000000000");
         assert!(long.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c)));
     }
 }
