@@ -398,12 +398,28 @@ impl<U: Upstream> Inner<U> {
         rx
     }
 
-    /// One upstream exchange: attempts with backoff until success, a non-transient error, or the
-    /// deadline. Logs one line per attempt (one HTTP request to EKS Auth or STS, or a local
-    /// refusal of the token in `sts` mode).
+    /// One upstream exchange: the source's own check of the token, then attempts with backoff
+    /// until success, a non-transient error, or the deadline. Logs one line per attempt (one
+    /// HTTP request to EKS Auth or STS).
     async fn call_with_retries(&self, token: &str, priority: Priority, label: &str) -> FetchResult {
         let timeout = self.settings.upstream_timeout;
         let deadline = Instant::now() + timeout;
+        // A token the source refuses locally spends none of the node's budget and is no
+        // upstream call: a pod flooding forged tokens is held back by its own budget only.
+        let checked = tokio::time::timeout_at(deadline, self.upstream.precheck(token))
+            .await
+            .unwrap_or_else(|_| Err(UpstreamError::timeout(self.upstream.name(), timeout)));
+        if let Err(error) = checked {
+            warn!(
+                upstream = self.upstream.name(),
+                pod = label,
+                status = error.status,
+                code = %error.code,
+                message = %error.message,
+                "token refused before any upstream call"
+            );
+            return Err(error);
+        }
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;

@@ -38,4 +38,11 @@ impl Upstream for CredentialSource {
             CredentialSource::Sts(s) => s.assume_role(token).await,
         }
     }
+
+    async fn precheck(&self, token: &str) -> Result<(), UpstreamError> {
+        match self {
+            CredentialSource::EksAuth(s) => s.precheck(token).await,
+            CredentialSource::Sts(s) => s.precheck(token).await,
+        }
+    }
 }

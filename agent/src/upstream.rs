@@ -72,6 +72,14 @@ pub struct UpstreamError {
 pub trait Upstream: Send + Sync + 'static {
     fn assume_role(&self, token: &str) -> impl Future<Output = Result<AssumedRole, UpstreamError>> + Send;
 
+    /// Refuses a token the source can judge without calling AWS, before any of the node's
+    /// budget is spent on it (a pod flooding forged tokens must not starve its neighbours).
+    /// EKS Auth judges tokens itself, so by default nothing is refused here; `assume_role`
+    /// still checks everything on its own.
+    fn precheck(&self, _token: &str) -> impl Future<Output = Result<(), UpstreamError>> + Send {
+        std::future::ready(Ok(()))
+    }
+
     /// The service called, in operators' words (`EKS Auth`, `STS`), for logs and messages.
     fn name(&self) -> &'static str;
 }

@@ -189,8 +189,16 @@ fn forged_foreign_wrong_audience_and_expired_tokens_are_refused_without_an_sts_c
     let r = api.curl(V4_URL, &unsigned);
     assert_eq!(r.status, 400, "alg none: {}", r.body);
     assert_eq!(c.fake.sts_calls().len(), 0, "every refusal was local: {:?}\n{}", c.fake.sts_calls(), agent.log());
+    // Refused before the node's budget: none of them counts as a call to STS.
+    let upstream_calls = || {
+        let metrics = agent.metrics();
+        metrics.lines().find_map(|l| l.strip_prefix("pod_identity_agent_upstream_calls_total ")).and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    assert_eq!(upstream_calls(), Some(0.0), "{}", agent.metrics());
+    assert!(agent.log().contains("token refused before any upstream call"), "{}", agent.log());
     // And the genuine token still works.
     assert_eq!(api.curl(V4_URL, &c.issuer.mint(&spec, Alg::Rs256)).status, 200, "{}", agent.log());
+    assert_eq!(upstream_calls(), Some(1.0));
 }
 
 #[test]

@@ -10,7 +10,7 @@ mod file_stamp;
 pub mod keys;
 mod verify;
 
-use std::{path::PathBuf, time::SystemTime};
+use std::{path::PathBuf, sync::Arc, time::SystemTime};
 
 use aws_sdk_sts::operation::RequestId as _;
 
@@ -108,6 +108,23 @@ impl Sts {
     fn transitive_keys(&self) -> Vec<String> {
         associations::EKS_TAG_KEYS.iter().filter(|k| self.cluster_arn.is_some() || **k != "eks-cluster-arn").map(|k| (*k).to_owned()).collect()
     }
+
+    /// The token's verified claims and its service account's association: EKS Auth's own checks,
+    /// done locally.
+    async fn admit(&self, token: &str) -> Result<(TokenClaims, Arc<Association>), UpstreamError> {
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let claims = self.verifier.verify(token, now).await?;
+        let association = self.associations.find(&claims.namespace, &claims.service_account).ok_or_else(|| UpstreamError {
+            status: 404,
+            code: "ResourceNotFoundException".into(),
+            message: format!(
+                "No Pod Identity assignment exists for the service account {}/{} in cluster {} (the agent's associations file)",
+                claims.namespace, claims.service_account, self.cluster_name
+            ),
+            request_id: None,
+        })?;
+        Ok((claims, association))
+    }
 }
 
 fn tag(key: &str, value: &str) -> Option<aws_sdk_sts::types::Tag> {
@@ -141,18 +158,14 @@ impl Upstream for Sts {
         SERVICE
     }
 
+    /// A token that does not verify, or whose service account has no association, is refused
+    /// here, without STS.
+    async fn precheck(&self, token: &str) -> Result<(), UpstreamError> {
+        self.admit(token).await.map(drop)
+    }
+
     async fn assume_role(&self, token: &str) -> Result<AssumedRole, UpstreamError> {
-        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let claims = self.verifier.verify(token, now).await?;
-        let association = self.associations.find(&claims.namespace, &claims.service_account).ok_or_else(|| UpstreamError {
-            status: 404,
-            code: "ResourceNotFoundException".into(),
-            message: format!(
-                "No Pod Identity assignment exists for the service account {}/{} in cluster {} (the agent's associations file)",
-                claims.namespace, claims.service_account, self.cluster_name
-            ),
-            request_id: None,
-        })?;
+        let (claims, association) = self.admit(token).await?;
         let client = self.client.get().await.map_err(UpstreamError::no_region)?;
         self.node.get().await.map_err(|e| UpstreamError::node_credentials_unavailable(&e))?;
         let mut random = [0u8; 16];
