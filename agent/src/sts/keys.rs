@@ -18,9 +18,11 @@ use super::file_stamp::FileStamp;
 
 /// How often a key set from a URL is fetched again.
 pub const URL_REFRESH: Duration = Duration::from_secs(300);
-/// The least time between fetches prompted by an unknown key id (a flood of forged key ids
-/// must not turn into a flood of fetches).
-pub const UNKNOWN_KID_REFETCH: Duration = Duration::from_secs(30);
+/// The least time between fetches prompted by an unknown key id. A flood of forged key ids
+/// must not turn into a flood of fetches, but it uses up this one budget for every key id: kept
+/// short, so a genuinely new key is fetched within seconds even then (one small GET to the API
+/// server every 10 s at worst).
+pub const UNKNOWN_KID_REFETCH: Duration = Duration::from_secs(10);
 /// How often a key file is looked at for changes.
 const FILE_CHECK: Duration = Duration::from_secs(1);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
