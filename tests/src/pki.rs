@@ -26,7 +26,10 @@ impl Pki {
     /// A new CA named `name` and a server certificate for `sans` (`IP:127.0.0.1`,
     /// `DNS:eks-auth.us-west-2.api.aws`, ...), in a directory of their own under /tmp.
     pub fn new(name: &str, sans: &[&str]) -> Pki {
-        let dir = std::env::temp_dir().join(format!("pia-{}-pki-{name}", std::process::id()));
+        // Tests run concurrently and may use the same name: each CA gets a directory of its own.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("pia-{}-pki-{name}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
