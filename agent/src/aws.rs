@@ -37,6 +37,15 @@ pub struct AwsOptions {
     pub node_credentials: Option<NodeCredentials>,
 }
 
+/// The daemon's User-Agent application name (`app/pod-identity-agent-<node>`): calls can be
+/// traced to a node.
+pub fn app_name(node_name: Option<&str>) -> String {
+    match node_name {
+        Some(node) => format!("pod-identity-agent-{node}"),
+        None => "pod-identity-agent".to_owned(),
+    }
+}
+
 pub async fn sdk_config(options: &AwsOptions) -> anyhow::Result<SdkConfig> {
     use aws_smithy_http_client::{pool, proxy::ProxyConfig, tls};
     let pool = pool::ConnectionPool::builder()

@@ -4,17 +4,16 @@
 use aws_sdk_eksauth::operation::RequestId as _;
 
 use crate::{
-    aws::{AwsOptions, EndpointRecorder, NodeCredentials, RegionalClient},
+    aws::{AwsOptions, EndpointRecorder, app_name},
     credentials::Credentials,
-    upstream::{AssumedRole, Upstream, UpstreamError, account_from_arn, map_sdk_error, node_credentials_refused},
+    upstream::{AssumedRole, NodeSigned, Upstream, UpstreamError, account_from_arn},
 };
 
 const SERVICE: &str = "EKS Auth";
 
 pub struct EksAuth {
     cluster_name: String,
-    node: NodeCredentials,
-    client: RegionalClient<aws_sdk_eksauth::Client>,
+    client: NodeSigned<aws_sdk_eksauth::Client>,
 }
 
 /// How to reach EKS Auth.
@@ -30,31 +29,20 @@ pub struct EksAuthOptions {
     pub node_name: Option<String>,
 }
 
-/// The User-Agent's application name: calls can be traced to a node.
-pub fn app_name(node_name: Option<&str>) -> String {
-    match node_name {
-        Some(node) => format!("pod-identity-agent-{node}"),
-        None => "pod-identity-agent".to_owned(),
-    }
-}
-
 impl EksAuth {
     /// Builds the client from the default AWS configuration chain (environment, profile, IMDS).
     /// `AWS_ENDPOINT_URL_EKS_AUTH` and `AWS_USE_FIPS_ENDPOINT` are honoured by the chain; the
     /// HTTP client honours `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` and `AWS_CA_BUNDLE`. Without a
     /// region yet (IMDS not answering), calls fail with that reason until one is found.
     pub async fn new(options: EksAuthOptions) -> anyhow::Result<EksAuth> {
-        let node = NodeCredentials::default();
         let aws = AwsOptions {
             region: options.region,
             endpoint: options.endpoint,
             fips: options.fips,
             app_name: Some(app_name(options.node_name.as_deref())),
-            sdk_retries: false,
-            node_credentials: Some(node.clone()),
+            ..AwsOptions::default()
         };
-        let client = RegionalClient::new(aws, build_client, SERVICE).await?;
-        Ok(EksAuth { cluster_name: options.cluster_name, node, client })
+        Ok(EksAuth { cluster_name: options.cluster_name, client: NodeSigned::new(SERVICE, aws, build_client).await? })
     }
 
     /// Where the last call went (`https://eks-auth.us-west-2.api.aws`), once a call was made.
@@ -78,22 +66,17 @@ impl Upstream for EksAuth {
     }
 
     async fn assume_role(&self, token: &str) -> Result<AssumedRole, UpstreamError> {
-        let client = self.client.get().await.map_err(UpstreamError::no_region)?;
-        // Credentials first, so that their failure is named as such.
-        self.node.get().await.map_err(|e| UpstreamError::node_credentials_unavailable(&e))?;
-        let out = client
+        let out = self
+            .client
+            .client()
+            .await?
             .assume_role_for_pod_identity()
             .cluster_name(&self.cluster_name)
             .token(token)
             .send()
             .await
-            .map_err(|e| node_credentials_refused(SERVICE, map_sdk_error(SERVICE, e), &self.node))?;
-        let malformed = |what: &str| UpstreamError {
-            status: 502,
-            code: "InvalidUpstreamResponse".into(),
-            message: format!("EKS Auth response has no {what}"),
-            request_id: out.request_id().map(str::to_owned),
-        };
+            .map_err(|e| self.client.error(e))?;
+        let malformed = |what: &str| UpstreamError::malformed(SERVICE, what, out.request_id());
         let creds = out.credentials().ok_or_else(|| malformed("credentials"))?;
         let role = out.assumed_role_user().ok_or_else(|| malformed("assumedRoleUser"))?;
         let expiration = std::time::SystemTime::try_from(*creds.expiration()).map_err(|_| malformed("valid expiration"))?;

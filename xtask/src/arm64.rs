@@ -73,16 +73,8 @@ pub fn build(smoke: bool) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// One smoke run's result.
-pub struct Outcome {
-    pub version: String,
-    pub passed: Vec<String>,
-    pub failed: Vec<String>,
-    pub took: Duration,
-}
-
 /// Boots the arm64 kernel with the agent and the smoke program, and reports each check.
-pub fn smoke(binaries: &Path) -> anyhow::Result<Outcome> {
+pub fn smoke(binaries: &Path) -> anyhow::Result<vm::Outcome> {
     let (version, kernel_dir) = vm::fetch(&KERNEL)?;
     let initrd = initramfs(binaries)?;
     let kernel = kernel_dir.join("boot").join(format!("vmlinuz-{version}"));
@@ -115,7 +107,7 @@ pub fn smoke(binaries: &Path) -> anyhow::Result<Outcome> {
     } else if !failed.is_empty() {
         eprintln!("xtask: arm64 console:\n{console}");
     }
-    Ok(Outcome { version, passed, failed, took })
+    Ok(vm::Outcome { series: KERNEL.series, version, passed, failed, took })
 }
 
 /// busybox, the agent and the smoke program, and an init that mounts what the agent needs and
@@ -164,21 +156,13 @@ fn initramfs(binaries: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// Builds, boots and fails unless every check passed; prints the result next to the matrix's.
-pub fn run_smoke() -> anyhow::Result<Outcome> {
+pub fn run_smoke() -> anyhow::Result<vm::Outcome> {
     if !succeeds(Command::new("qemu-system-aarch64").arg("--version")) {
         bail!("qemu-system-aarch64 is missing: run `cargo xtask setup`");
     }
     let binaries = build(true)?;
     let outcome = smoke(&binaries)?;
-    let table = format!(
-        "\narm64 smoke (static aarch64 binaries, inside qemu-system-aarch64):\n  {:<6} {:<24} {:<34} {:>6} {:>6} {:>7.0}s\n",
-        KERNEL.series,
-        outcome.version,
-        KERNEL.distributions,
-        outcome.passed.len(),
-        outcome.failed.len(),
-        outcome.took.as_secs_f64()
-    );
+    let table = format!("\narm64 smoke (static aarch64 binaries, inside qemu-system-aarch64):\n{}", outcome.row(KERNEL.distributions));
     eprintln!("{table}");
     fs::create_dir_all(crate::target_dir().join("vm/results"))?;
     fs::write(crate::target_dir().join("vm/results/arm64.txt"), &table)?;

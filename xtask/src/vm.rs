@@ -119,13 +119,28 @@ deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian
 /// Time one VM may take, boot and tests included (5.10 under TCG is the slowest).
 const VM_TIMEOUT: Duration = Duration::from_secs(25 * 60);
 
-/// One kernel's result.
+/// One kernel's result (the matrix's, or the arm64 smoke test's).
 pub struct Outcome {
     pub series: &'static str,
     pub version: String,
     pub passed: Vec<String>,
     pub failed: Vec<String>,
     pub took: Duration,
+}
+
+impl Outcome {
+    /// The result's line in a results table; `runs_on` names the distributions with the kernel.
+    pub fn row(&self, runs_on: &str) -> String {
+        format!(
+            "  {:<6} {:<24} {:<34} {:>6} {:>6} {:>7.0}s\n",
+            self.series,
+            self.version,
+            runs_on,
+            self.passed.len(),
+            self.failed.len(),
+            self.took.as_secs_f64()
+        )
+    }
 }
 
 fn vm_dir() -> PathBuf {
@@ -342,15 +357,7 @@ pub fn run_matrix(e2e: &Path, agent: &Path) -> anyhow::Result<Vec<Outcome>> {
     let mut table = String::from("\nkernel matrix (the same tests on each kernel, inside QEMU):\n");
     table.push_str(&format!("  {:<6} {:<24} {:<34} {:>6} {:>6} {:>8}\n", "series", "kernel", "runs on", "passed", "failed", "time"));
     for (o, k) in outcomes.iter().zip(KERNELS) {
-        table.push_str(&format!(
-            "  {:<6} {:<24} {:<34} {:>6} {:>6} {:>7.0}s\n",
-            o.series,
-            o.version,
-            k.distributions,
-            o.passed.len(),
-            o.failed.len(),
-            o.took.as_secs_f64()
-        ));
+        table.push_str(&o.row(k.distributions));
     }
     eprintln!("{table}");
     fs::write(vm_dir().join("results/matrix.txt"), &table)?;

@@ -20,13 +20,15 @@ use self::{
     verify::Verifier,
 };
 use crate::{
-    aws::{AwsOptions, EndpointRecorder, NodeCredentials, RegionalClient},
+    aws::{AwsOptions, EndpointRecorder, app_name},
     credentials::Credentials,
     token::TokenClaims,
-    upstream::{AssumedRole, Upstream, UpstreamError, account_from_arn, map_sdk_error, node_credentials_refused},
+    upstream::{AssumedRole, NodeSigned, Upstream, UpstreamError, account_from_arn, map_sdk_error},
 };
 
 const SERVICE: &str = "STS";
+/// What an unreadable answer is named after.
+const CALL: &str = "STS AssumeRole";
 
 /// STS's longest session for a chained role, and the default for any: credentials are refreshed
 /// ahead of expiry by the cache either way.
@@ -52,8 +54,7 @@ pub struct Sts {
     cluster_arn: Option<String>,
     verifier: Verifier,
     associations: Associations,
-    node: NodeCredentials,
-    client: RegionalClient<aws_sdk_sts::Client>,
+    client: NodeSigned<aws_sdk_sts::Client>,
 }
 
 impl Sts {
@@ -62,22 +63,13 @@ impl Sts {
     pub async fn new(options: StsOptions) -> anyhow::Result<Sts> {
         let associations = Associations::load(&options.associations_file)?;
         let keys = KeySet::new(options.keys).await?;
-        let node = NodeCredentials::default();
-        let aws = AwsOptions {
-            region: options.region,
-            endpoint: None,
-            fips: options.fips,
-            app_name: Some(crate::eks_auth::app_name(options.node_name.as_deref())),
-            sdk_retries: false,
-            node_credentials: Some(node.clone()),
-        };
-        let client = RegionalClient::new(aws, build_client, SERVICE).await?;
+        let aws = AwsOptions { region: options.region, fips: options.fips, app_name: Some(app_name(options.node_name.as_deref())), ..AwsOptions::default() };
+        let client = NodeSigned::new(SERVICE, aws, build_client).await?;
         Ok(Sts {
             cluster_name: options.cluster_name,
             cluster_arn: options.cluster_arn,
             verifier: Verifier { issuer: options.issuer, audience: options.audience, keys },
             associations,
-            node,
             client,
         })
     }
@@ -166,8 +158,7 @@ impl Upstream for Sts {
 
     async fn assume_role(&self, token: &str) -> Result<AssumedRole, UpstreamError> {
         let (claims, association) = self.admit(token).await?;
-        let client = self.client.get().await.map_err(UpstreamError::no_region)?;
-        self.node.get().await.map_err(|e| UpstreamError::node_credentials_unavailable(&e))?;
+        let client = self.client.client().await?;
         let mut random = [0u8; 16];
         let _ = aws_lc_rs::rand::fill(&mut random);
         let session = session_name(&self.cluster_name, &claims.pod_name, random);
@@ -180,10 +171,10 @@ impl Upstream for Sts {
             .set_transitive_tag_keys(Some(self.transitive_keys()))
             .send()
             .await
-            .map_err(|e| node_credentials_refused(SERVICE, map_sdk_error(SERVICE, e), &self.node))?;
+            .map_err(|e| self.client.error(e))?;
         let mut out = first;
         if let Some(target) = &association.target_role_arn {
-            let creds = out.credentials().ok_or_else(|| malformed("credentials", out.request_id()))?;
+            let creds = out.credentials().ok_or_else(|| UpstreamError::malformed(CALL, "credentials", out.request_id()))?;
             let expiry = SystemTime::try_from(*creds.expiration()).ok();
             let hop = aws_credential_types::Credentials::new(
                 creds.access_key_id(),
@@ -211,9 +202,9 @@ impl Upstream for Sts {
                 })?;
         }
         let request_id = out.request_id().map(str::to_owned);
-        let creds = out.credentials().ok_or_else(|| malformed("credentials", out.request_id()))?;
-        let role = out.assumed_role_user().ok_or_else(|| malformed("AssumedRoleUser", out.request_id()))?;
-        let expiration = SystemTime::try_from(*creds.expiration()).map_err(|_| malformed("valid expiration", out.request_id()))?;
+        let creds = out.credentials().ok_or_else(|| UpstreamError::malformed(CALL, "credentials", out.request_id()))?;
+        let role = out.assumed_role_user().ok_or_else(|| UpstreamError::malformed(CALL, "AssumedRoleUser", out.request_id()))?;
+        let expiration = SystemTime::try_from(*creds.expiration()).map_err(|_| UpstreamError::malformed(CALL, "valid expiration", out.request_id()))?;
         Ok(AssumedRole::new(
             Credentials {
                 access_key_id: creds.access_key_id().to_owned(),
@@ -226,15 +217,6 @@ impl Upstream for Sts {
             association.id.clone(),
             request_id,
         ))
-    }
-}
-
-fn malformed(what: &str, request_id: Option<&str>) -> UpstreamError {
-    UpstreamError {
-        status: 502,
-        code: "InvalidUpstreamResponse".into(),
-        message: format!("STS AssumeRole response has no {what}"),
-        request_id: request_id.map(str::to_owned),
     }
 }
 
