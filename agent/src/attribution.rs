@@ -104,10 +104,13 @@ impl CgroupIndex {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).pod_dirs.len()
     }
 
-    /// Of `pods`, those whose cgroups still exist: one `stat` per pod the index knows, and one
-    /// walk at most for pods it does not know yet. This runs every few seconds on a node of
-    /// hundreds of pods, where walking the whole tree each time would cost a core's share.
-    pub fn still_present(&self, pods: &HashSet<PodUid>) -> std::io::Result<HashSet<PodUid>> {
+    /// Of `pods`, those whose cgroups are gone: one `stat` per pod the index knows, and one walk
+    /// at most for pods it does not know yet. This runs every few seconds on a node of hundreds
+    /// of pods, where walking the whole tree each time would cost a core's share.
+    ///
+    /// It names the gone rather than the present so that a caller forgets only what it asked
+    /// about: a pod first seen while this ran is not in `pods`, and must not be taken for gone.
+    pub fn gone(&self, pods: &HashSet<PodUid>) -> std::io::Result<HashSet<PodUid>> {
         let unknown = {
             let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             pods.iter().any(|p| !state.pod_dirs.contains_key(p))
@@ -117,19 +120,18 @@ impl CgroupIndex {
             let by_id = walk(&self.mount, &self.root)?;
             *self.state.lock().unwrap_or_else(|e| e.into_inner()) = IndexState::new(by_id, walked_at);
         }
-        let dirs: Vec<(PodUid, PathBuf)> = {
+        // A pod even a fresh walk did not find has no cgroup left.
+        let dirs: Vec<(PodUid, Option<PathBuf>)> = {
             let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            pods.iter().filter_map(|p| state.pod_dirs.get(p).map(|d| (p.clone(), self.mount.join(d.trim_start_matches('/'))))).collect()
+            pods.iter().map(|p| (p.clone(), state.pod_dirs.get(p).map(|d| self.mount.join(d.trim_start_matches('/'))))).collect()
         };
-        let (present, gone): (Vec<_>, Vec<_>) = dirs.into_iter().partition(|(_, dir)| dir.exists());
+        let gone: HashSet<PodUid> = dirs.into_iter().filter(|(_, dir)| !dir.as_ref().is_some_and(|d| d.exists())).map(|(uid, _)| uid).collect();
         if !gone.is_empty() {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            for (uid, _) in &gone {
-                state.pod_dirs.remove(uid);
-            }
-            state.by_id.retain(|_, caller| !matches!(&**caller, Caller::Pod { uid, .. } if gone.iter().any(|(g, _)| g == uid)));
+            state.pod_dirs.retain(|uid, _| !gone.contains(uid));
+            state.by_id.retain(|_, caller| !matches!(&**caller, Caller::Pod { uid, .. } if gone.contains(uid)));
         }
-        Ok(present.into_iter().map(|(uid, _)| uid).collect())
+        Ok(gone)
     }
 }
 
@@ -331,11 +333,11 @@ mod tests {
         let index = CgroupIndex::build(&dir, &dir).unwrap();
         let uid = PodUid::parse(UID).unwrap();
         let other = PodUid::parse("00000000-0000-0000-0000-0000000000ff").unwrap();
-        let asked = HashSet::from([uid.clone(), other]);
-        assert_eq!(index.still_present(&asked).unwrap(), HashSet::from([uid.clone()]));
+        let asked = HashSet::from([uid.clone(), other.clone()]);
+        assert_eq!(index.gone(&asked).unwrap(), HashSet::from([other.clone()]));
         assert_eq!(index.pods(), 1);
         fs::remove_dir_all(&pod).unwrap();
-        assert!(index.still_present(&asked).unwrap().is_empty());
+        assert_eq!(index.gone(&asked).unwrap(), asked);
         assert_eq!(index.pods(), 0);
         fs::remove_dir_all(&dir).unwrap();
     }

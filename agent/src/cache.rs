@@ -321,16 +321,16 @@ impl<U: Upstream> CredentialCache<U> {
         })
     }
 
-    /// Periodic upkeep: drop expired entries and entries of pods not in `present` (when the
-    /// node's pods are known), then refresh what is due. Returns the number of refreshes started.
-    pub fn maintain(&self, present: Option<&HashSet<PodUid>>) -> usize {
+    /// Periodic upkeep: drop expired entries and entries of pods that are `gone`, then refresh
+    /// what is due. Returns the number of refreshes started.
+    pub fn maintain(&self, gone: &HashSet<PodUid>) -> usize {
         let inner = &self.inner;
         let now = Instant::now();
         let mut st = inner.lock();
         let mut drop_list = Vec::new();
         let mut due = Vec::new();
         for (digest, e) in &st.entries {
-            if present.is_some_and(|present| !present.contains(&e.pod)) {
+            if gone.contains(&e.pod) {
                 drop_list.push((*digest, &inner.stats.evicted_pod_gone));
                 continue;
             }
@@ -350,9 +350,7 @@ impl<U: Upstream> CredentialCache<U> {
                 due.push(*digest);
             }
         }
-        if let Some(present) = present {
-            inner.pod_upstream.retain(present);
-        }
+        inner.pod_upstream.forget(gone);
         for (digest, counter) in drop_list {
             if st.remove(&digest).is_some() {
                 counter.fetch_add(1, Ordering::Relaxed);
@@ -607,7 +605,7 @@ mod tests {
         Arc::new(CredentialCache::new(up.clone(), settings, UpstreamLimiter::new(1000.0, 1000), Metrics::new(false, 4096)))
     }
 
-    fn present(pods: &[&str]) -> HashSet<PodUid> {
+    fn uids(pods: &[&str]) -> HashSet<PodUid> {
         pods.iter().map(|p| pod(p)).collect()
     }
 
@@ -717,24 +715,23 @@ mod tests {
     async fn refresh_ahead_keeps_handed_out_credentials_fresh() {
         let up = Scripted::default();
         let c = cache(&up, CacheSettings::default());
-        let all = present(&[POD_A]);
         c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap();
-        assert_eq!(c.maintain(Some(&all)), 0, "not due yet");
+        assert_eq!(c.maintain(&HashSet::new()), 0, "not due yet");
         tokio::time::advance(Duration::from_secs(3 * 3600)).await;
-        assert_eq!(c.maintain(Some(&all)), 1, "half-life passed");
+        assert_eq!(c.maintain(&HashSet::new()), 1, "half-life passed");
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(up.calls(), 2);
         let (role, outcome) = c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap();
         assert_eq!((role.access_key_id().as_str(), outcome), ("ASIA-tok-2", Outcome::Hit));
         tokio::time::advance(Duration::from_secs(3 * 3600)).await;
         c.get("other", TokenDigest::of("other"), &pod(POD_B), "ns/p").await.unwrap();
-        assert_eq!(c.maintain(Some(&present(&[POD_A, POD_B]))), 1, "tok was used after its refresh began");
+        assert_eq!(c.maintain(&HashSet::new()), 1, "tok was used after its refresh began");
         tokio::time::sleep(Duration::from_millis(10)).await;
         tokio::time::advance(Duration::from_secs(3 * 3600)).await;
-        assert_eq!(c.maintain(Some(&present(&[POD_A, POD_B]))), 1, "other (fetched for a request) is due; tok was not used since its refresh");
+        assert_eq!(c.maintain(&HashSet::new()), 1, "other (fetched for a request) is due; tok was not used since its refresh");
         tokio::time::sleep(Duration::from_millis(10)).await;
         tokio::time::advance(Duration::from_secs(3 * 3600)).await;
-        assert_eq!(c.maintain(Some(&present(&[POD_A, POD_B]))), 0, "neither token was used since its last fetch began");
+        assert_eq!(c.maintain(&HashSet::new()), 0, "neither token was used since its last fetch began");
     }
 
     #[tokio::test(start_paused = true)]
@@ -744,7 +741,7 @@ mod tests {
         let c = cache(&up, CacheSettings::default());
         c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap();
         tokio::time::advance(Duration::from_secs(59)).await;
-        assert_eq!(c.maintain(Some(&present(&[POD_A]))), 1, "half-life (8 min) would be too late");
+        assert_eq!(c.maintain(&HashSet::new()), 1, "half-life (8 min) would be too late");
     }
 
     #[tokio::test(start_paused = true)]
@@ -753,11 +750,11 @@ mod tests {
         let c = cache(&up, CacheSettings::default());
         c.get("tok-a", TokenDigest::of("tok-a"), &pod(POD_A), "ns/p").await.unwrap();
         c.get("tok-b", TokenDigest::of("tok-b"), &pod(POD_B), "ns/p").await.unwrap();
-        assert_eq!(c.maintain(Some(&present(&[POD_B]))), 0);
+        assert_eq!(c.maintain(&uids(&[POD_A])), 0);
         assert_eq!(c.len(), 1);
         tokio::time::advance(Duration::from_secs(4 * 3600)).await;
         c.get("tok-b", TokenDigest::of("tok-b"), &pod(POD_B), "ns/p").await.unwrap();
-        assert_eq!(c.maintain(Some(&present(&[POD_B]))), 1, "only pod B's token refreshes");
+        assert_eq!(c.maintain(&HashSet::new()), 1, "only pod B's token refreshes");
         assert_eq!(c.stats().evicted_pod_gone.load(Ordering::Relaxed), 1);
     }
 
@@ -771,7 +768,7 @@ mod tests {
         assert_eq!(c.stats().evicted_superseded.load(Ordering::Relaxed), 1);
         tokio::time::advance(Duration::from_secs(4 * 3600)).await;
         c.get("new", TokenDigest::of("new"), &pod(POD_A), "ns/p").await.unwrap();
-        assert_eq!(c.maintain(Some(&present(&[POD_A]))), 1, "only the new token is refreshed");
+        assert_eq!(c.maintain(&HashSet::new()), 1, "only the new token is refreshed");
     }
 
     #[tokio::test(start_paused = true)]
@@ -834,7 +831,7 @@ mod tests {
         let c = cache(&up, CacheSettings::default());
         c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap();
         tokio::time::advance(Duration::from_secs(21 * 60)).await;
-        c.maintain(Some(&present(&[POD_A])));
+        c.maintain(&HashSet::new());
         assert_eq!(c.len(), 0);
     }
 }

@@ -33,6 +33,7 @@ mod token;
 mod upstream;
 
 use std::{
+    collections::HashSet,
     process::ExitCode,
     sync::{Arc, OnceLock},
 };
@@ -41,7 +42,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use http::StatusCode;
 use tokio::{net::TcpSocket, signal::unix::SignalKind, sync::watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     attribution::CgroupIndex,
@@ -183,6 +184,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         anyhow::Ok(Cgroup2 { mount, root, own, id })
     });
     let Interception { redirector, listeners, mode, note } = intercept(&settings, cgroup2.as_ref(), &readiness).await?;
+    // Start-up milestones, so a slow start shows where its time went.
+    debug!(mode, "interception in place");
     metrics.set_mode(mode);
     let cgroups = match &cgroup2 {
         Ok(c) => Some(match CgroupIndex::build(&c.mount, &c.root) {
@@ -202,6 +205,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             None
         }
     };
+    debug!(cgroups = cgroups.as_ref().map(CgroupIndex::len), pods = cgroups.as_ref().map(CgroupIndex::pods), "cgroup index built");
     let upstream = match &settings.source {
         SourceSettings::EksAuth => CredentialSource::EksAuth(
             EksAuth::new(EksAuthOptions {
@@ -229,6 +233,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         )),
     };
     let region = upstream.region().await;
+    debug!(region, "credential source configured");
     let server = Arc::new(CredentialServer {
         redirector: redirector.clone(),
         cgroups,
@@ -432,18 +437,17 @@ async fn maintain(server: Arc<CredentialServer>) {
         tick.tick().await;
         let walker = server.clone();
         let known = server.pod_uids();
-        let present = match tokio::task::spawn_blocking(move || walker.cgroups.as_ref().map(|index| index.still_present(&known)).transpose()).await {
-            Ok(Ok(present)) => present,
+        // Without a cgroup index (link mode) no pod is known to be gone.
+        let gone = match tokio::task::spawn_blocking(move || walker.cgroups.as_ref().map(|index| index.gone(&known)).transpose()).await {
+            Ok(Ok(gone)) => gone.unwrap_or_default(),
             Ok(Err(e)) => {
-                warn!(error = %e, "cannot walk the cgroup tree; keeping cached state until the next try");
-                continue;
+                warn!(error = %e, "cannot walk the cgroup tree; keeping every pod's state until the next try");
+                HashSet::new()
             }
-            Err(_) => continue,
+            Err(_) => HashSet::new(),
         };
-        server.cache.maintain(present.as_ref());
-        if let Some(present) = &present {
-            server.forget_gone_pods(present);
-        }
+        server.cache.maintain(&gone);
+        server.forget_gone_pods(&gone);
         return_freed_memory();
     }
 }

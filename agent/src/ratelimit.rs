@@ -169,8 +169,8 @@ impl PodRateLimits {
     }
 
     /// Forgets pods that no longer exist.
-    pub fn retain(&self, present: &HashSet<PodUid>) {
-        self.buckets.write().unwrap_or_else(|e| e.into_inner()).retain(|pod, _| present.contains(pod));
+    pub fn forget(&self, gone: &HashSet<PodUid>) {
+        self.buckets.write().unwrap_or_else(|e| e.into_inner()).retain(|pod, _| !gone.contains(pod));
     }
 
     #[cfg(test)]
@@ -198,7 +198,7 @@ mod tests {
         tokio::time::advance(Duration::from_millis(100)).await;
         assert!(limits.allow(&a));
         assert!(!limits.allow(&a));
-        limits.retain(&HashSet::from([uid(2)]));
+        limits.forget(&HashSet::from([uid(1)]));
         assert_eq!(limits.len(), 1);
     }
 

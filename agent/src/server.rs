@@ -348,12 +348,12 @@ impl CredentialServer {
         self.pods.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
     }
 
-    /// Drops the state of pods not in `present` (those whose cgroups are gone): serving state,
-    /// statistics, rate buckets and per-pod metrics.
-    pub fn forget_gone_pods(&self, present: &HashSet<PodUid>) {
-        self.pods.write().unwrap_or_else(|e| e.into_inner()).retain(|uid, _| present.contains(uid));
-        self.pod_limits.retain(present);
-        for (namespace, pod) in self.stats.retain(present) {
+    /// Drops the state of pods whose cgroups are gone: serving state, statistics, rate buckets
+    /// and per-pod metrics.
+    pub fn forget_gone_pods(&self, gone: &HashSet<PodUid>) {
+        self.pods.write().unwrap_or_else(|e| e.into_inner()).retain(|uid, _| !gone.contains(uid));
+        self.pod_limits.forget(gone);
+        for (namespace, pod) in self.stats.forget(gone) {
             self.metrics.forget_pod(&namespace, &pod);
         }
     }

@@ -244,17 +244,17 @@ impl PodStatsRegistry {
     }
 
     /// Forgets pods that no longer exist; returns the (namespace, name) of those it forgot.
-    pub fn retain(&self, present: &HashSet<PodUid>) -> Vec<(String, String)> {
-        let mut gone = Vec::new();
+    pub fn forget(&self, gone: &HashSet<PodUid>) -> Vec<(String, String)> {
+        let mut forgotten = Vec::new();
         self.pods.write().unwrap_or_else(|e| e.into_inner()).retain(|uid, entry| {
-            let keep = present.contains(uid);
+            let keep = !gone.contains(uid);
             if !keep {
                 let strings = entry.strings.lock().unwrap_or_else(|e| e.into_inner());
-                gone.push((strings.namespace.clone(), strings.pod.clone()));
+                forgotten.push((strings.namespace.clone(), strings.pod.clone()));
             }
             keep
         });
-        gone
+        forgotten
     }
 
     pub fn snapshot(&self) -> Vec<PodStats> {
@@ -367,7 +367,7 @@ mod tests {
         assert!((42.0..=60.0).contains(&p50), "p50 {p50}");
         assert!((84.0..=118.0).contains(&p99), "p99 {p99}");
         assert_eq!(rows[1].errors.refused, 1);
-        assert_eq!(reg.retain(&HashSet::from([uid(2)])), vec![("ns".to_owned(), "web-0".to_owned())]);
+        assert_eq!(reg.forget(&HashSet::from([uid(1)])), vec![("ns".to_owned(), "web-0".to_owned())]);
         assert_eq!(reg.snapshot().len(), 1);
     }
 
