@@ -29,6 +29,7 @@ const V4_MAPPED_URL: &str = "http://[::ffff:169.254.170.23]/v1/credentials";
 
 /// Polls `ok` every 200 ms until it holds, failing the test after `timeout`.
 pub(crate) fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let timeout = pod_identity_e2e::patient(timeout);
     let deadline = Instant::now() + timeout;
     while !ok() {
         assert!(Instant::now() < deadline, "{what} did not happen within {timeout:?}");

@@ -209,7 +209,8 @@ impl Agent {
     }
 
     pub fn wait_ready(&mut self, node: &Node) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let timeout = crate::patient(Duration::from_secs(30));
+        let deadline = Instant::now() + timeout;
         loop {
             if let Ok((200, _)) = node.http_get(self.probe, "/readyz") {
                 return;
@@ -217,7 +218,7 @@ impl Agent {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("agent exited with {status} before it was ready; log:\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "agent not ready after 30 s; log:\n{}", self.log());
+            assert!(Instant::now() < deadline, "agent not ready after {timeout:?}; log:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -255,6 +256,7 @@ impl Agent {
     /// Waits for the agent to exit (on its own, e.g. after a start-up failure, or after SIGTERM).
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("agent already stopped");
+        let timeout = crate::patient(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = child.try_wait().expect("wait agent") {

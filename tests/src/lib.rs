@@ -34,6 +34,15 @@ pub const NODE_SECRET: &str = "node-secret-example-0123456789abcdef";
 pub const OPERATOR_ACCESS_KEY: &str = "AKIDOPERATOREXAMPLE";
 pub const OPERATOR_SECRET: &str = "operator-secret-example-0123456789ab";
 
+/// `timeout` stretched by `PIA_TIME_SCALE` (a whole number, 1 when unset). The kernel matrix
+/// sets it: under QEMU's emulation an agent's start (most of it reading and parsing the
+/// system's CA certificates) takes seconds rather than milliseconds, and a deadline sized for
+/// the host would fail a test that is only slow.
+pub fn patient(timeout: std::time::Duration) -> std::time::Duration {
+    let scale = std::env::var("PIA_TIME_SCALE").ok().and_then(|s| s.parse::<u32>().ok()).filter(|s| *s > 0).unwrap_or(1);
+    timeout * scale
+}
+
 /// Fails early, with the reason, when the harness cannot work here.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
