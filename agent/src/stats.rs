@@ -246,6 +246,9 @@ impl PodStatsRegistry {
     /// Forgets pods that no longer exist; returns the (namespace, name) of those it forgot.
     pub fn forget(&self, gone: &HashSet<PodUid>) -> Vec<(String, String)> {
         let mut forgotten = Vec::new();
+        if gone.is_empty() {
+            return forgotten;
+        }
         self.pods.write().unwrap_or_else(|e| e.into_inner()).retain(|uid, entry| {
             let keep = !gone.contains(uid);
             if !keep {
