@@ -23,9 +23,15 @@ fn main() {
 
 fn build() -> Result<(), String> {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").map_err(|e| e.to_string())?);
-    let ebpf_dir = manifest.join("../agent-ebpf").canonicalize().map_err(|e| format!("agent-ebpf: {e}"))?;
+    let ebpf_dir = manifest
+        .join("../agent-ebpf")
+        .canonicalize()
+        .map_err(|e| format!("agent-ebpf: {e}"))?;
     for watched in ["src", "common/src", "Cargo.toml", "common/Cargo.toml"] {
-        println!("cargo:rerun-if-changed={}", ebpf_dir.join(watched).display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            ebpf_dir.join(watched).display()
+        );
     }
     let ok = |cmd: &mut Command| cmd.output().map(|o| o.status.success()).unwrap_or(false);
     if !ok(Command::new("bpf-linker").arg("--version")) {
@@ -36,7 +42,11 @@ fn build() -> Result<(), String> {
     }
     let out_dir = PathBuf::from(env::var("OUT_DIR").map_err(|e| e.to_string())?);
     let endian = env::var("CARGO_CFG_TARGET_ENDIAN").map_err(|e| e.to_string())?;
-    let target = if endian == "big" { "bpfeb-unknown-none" } else { "bpfel-unknown-none" };
+    let target = if endian == "big" {
+        "bpfeb-unknown-none"
+    } else {
+        "bpfel-unknown-none"
+    };
     // aya-ebpf reads this cfg for architecture-specific helpers: the architecture of the
     // machine the agent will run on, which is cargo's target, not the build host.
     let arch = env::var("CARGO_CFG_TARGET_ARCH").map_err(|e| e.to_string())?;
@@ -44,19 +54,33 @@ fn build() -> Result<(), String> {
     let target_dir = out_dir.join("ebpf-target");
 
     let mut cmd = Command::new("rustup");
-    cmd.args(["run", TOOLCHAIN, "cargo", "build", "--package", PACKAGE, "--bins", "--release"])
-        .args(["--target", target, "-Z", "build-std=core"])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .current_dir(&ebpf_dir)
-        // BTF for the verifier's messages, debug info for bpftool; separated by 0x1f.
-        .env("CARGO_ENCODED_RUSTFLAGS", format!("--cfg=bpf_target_arch=\"{arch}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf"))
-        // The outer build's compiler settings belong to the host toolchain.
-        .env_remove("RUSTC")
-        .env_remove("RUSTC_WORKSPACE_WRAPPER")
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_BUILD_TARGET");
-    let out = cmd.output().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    cmd.args([
+        "run",
+        TOOLCHAIN,
+        "cargo",
+        "build",
+        "--package",
+        PACKAGE,
+        "--bins",
+        "--release",
+    ])
+    .args(["--target", target, "-Z", "build-std=core"])
+    .arg("--target-dir")
+    .arg(&target_dir)
+    .current_dir(&ebpf_dir)
+    // BTF for the verifier's messages, debug info for bpftool; separated by 0x1f.
+    .env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        format!("--cfg=bpf_target_arch=\"{arch}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf"),
+    )
+    // The outer build's compiler settings belong to the host toolchain.
+    .env_remove("RUSTC")
+    .env_remove("RUSTC_WORKSPACE_WRAPPER")
+    .env_remove("RUSTFLAGS")
+    .env_remove("CARGO_BUILD_TARGET");
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
     if !out.status.success() {
         return Err(format!(
             "building the kernel programs failed ({}):\n{}{}",
@@ -70,5 +94,7 @@ fn build() -> Result<(), String> {
 }
 
 fn copy(from: &Path, to: &Path) -> Result<(), String> {
-    std::fs::copy(from, to).map(drop).map_err(|e| format!("copying {} to {}: {e}", from.display(), to.display()))
+    std::fs::copy(from, to)
+        .map(drop)
+        .map_err(|e| format!("copying {} to {}: {e}", from.display(), to.display()))
 }

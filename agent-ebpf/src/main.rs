@@ -88,7 +88,11 @@ mod programs {
     fn redirect_target(dst: &Endpoint) -> Option<(Endpoint, u64)> {
         INTERCEPTED.get_ptr(dst)?;
         let config = config();
-        let target = if dst.is_v4_mapped() { config.target_v4 } else { config.target_v6 };
+        let target = if dst.is_v4_mapped() {
+            config.target_v4
+        } else {
+            config.target_v6
+        };
         if target.is_none() {
             return None;
         }
@@ -111,7 +115,10 @@ mod programs {
         // SAFETY: ctx is the program's own context pointer.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
         if PENDING.insert(&cookie, &attribution, 0).is_err() {
-            warn!(ctx, "pod-identity: PENDING insert failed for cgroup {}", cgroup_id);
+            warn!(
+                ctx,
+                "pod-identity: PENDING insert failed for cgroup {}", cgroup_id
+            );
         }
     }
 
@@ -135,7 +142,10 @@ mod programs {
             };
             remember(&ctx, cgroup_id, dst);
             write_volatile(&raw mut (*sa).user_ip4, u32::from_ne_bytes(target.ipv4()));
-            write_volatile(&raw mut (*sa).user_port, u16::from_ne_bytes(target.port) as u32);
+            write_volatile(
+                &raw mut (*sa).user_port,
+                u16::from_ne_bytes(target.port) as u32,
+            );
         }
         count(REDIRECTED_V4);
         ALLOW
@@ -143,16 +153,26 @@ mod programs {
 
     #[inline(always)]
     fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
-        let (a, b, c, d) = (w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes());
+        let (a, b, c, d) = (
+            w[0].to_ne_bytes(),
+            w[1].to_ne_bytes(),
+            w[2].to_ne_bytes(),
+            w[3].to_ne_bytes(),
+        );
         [
-            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
-            d[3],
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+            d[2], d[3],
         ]
     }
 
     #[inline(always)]
     fn word(bytes: &[u8; 16], i: usize) -> u32 {
-        u32::from_ne_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]])
+        u32::from_ne_bytes([
+            bytes[4 * i],
+            bytes[4 * i + 1],
+            bytes[4 * i + 2],
+            bytes[4 * i + 3],
+        ])
     }
 
     #[cgroup_sock_addr(connect6)]
@@ -173,7 +193,10 @@ mod programs {
                 read_volatile(&raw const (*sa).user_ip6[2]),
                 read_volatile(&raw const (*sa).user_ip6[3]),
             ];
-            let dst = Endpoint { addr: words_to_bytes(ip), port: port.to_ne_bytes() };
+            let dst = Endpoint {
+                addr: words_to_bytes(ip),
+                port: port.to_ne_bytes(),
+            };
             // A v4-mapped destination gets the v4-mapped IPv4 target, which is how target_v4 is
             // stored, so the same bytes serve both cases.
             let Some((target, cgroup_id)) = redirect_target(&dst) else {
@@ -184,8 +207,15 @@ mod programs {
             write_volatile(&raw mut (*sa).user_ip6[1], word(&target.addr, 1));
             write_volatile(&raw mut (*sa).user_ip6[2], word(&target.addr, 2));
             write_volatile(&raw mut (*sa).user_ip6[3], word(&target.addr, 3));
-            write_volatile(&raw mut (*sa).user_port, u16::from_ne_bytes(target.port) as u32);
-            count(if dst.is_v4_mapped() { REDIRECTED_V4 } else { REDIRECTED_V6 });
+            write_volatile(
+                &raw mut (*sa).user_port,
+                u16::from_ne_bytes(target.port) as u32,
+            );
+            count(if dst.is_v4_mapped() {
+                REDIRECTED_V4
+            } else {
+                REDIRECTED_V6
+            });
         }
         ALLOW
     }
@@ -235,13 +265,22 @@ mod programs {
                 server: Endpoint::v4(remote4.to_ne_bytes(), server_port),
             },
             AF_INET6 => ConnectionKey {
-                client: Endpoint { addr: words_to_bytes(local6), port: client_port },
-                server: Endpoint { addr: words_to_bytes(remote6), port: server_port },
+                client: Endpoint {
+                    addr: words_to_bytes(local6),
+                    port: client_port,
+                },
+                server: Endpoint {
+                    addr: words_to_bytes(remote6),
+                    port: server_port,
+                },
             },
             _ => return 1,
         };
         if CONNECTIONS.insert(&key, &attribution, 0).is_err() {
-            warn!(&ctx, "pod-identity: CONNECTIONS insert failed for cgroup {}", attribution.cgroup_id);
+            warn!(
+                &ctx,
+                "pod-identity: CONNECTIONS insert failed for cgroup {}", attribution.cgroup_id
+            );
         } else {
             count(RECORDED);
         }

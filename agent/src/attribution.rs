@@ -76,7 +76,11 @@ impl CgroupIndex {
     pub fn build(mount: &Path, root: &Path) -> std::io::Result<CgroupIndex> {
         let walked_at = Instant::now();
         let by_id = walk(mount, root)?;
-        Ok(CgroupIndex { mount: mount.to_path_buf(), root: root.to_path_buf(), state: Mutex::new(IndexState::new(by_id, walked_at)) })
+        Ok(CgroupIndex {
+            mount: mount.to_path_buf(),
+            root: root.to_path_buf(),
+            state: Mutex::new(IndexState::new(by_id, walked_at)),
+        })
     }
 
     /// Resolves the cgroup id of a connection accepted at `accepted_at`; `None` when no cgroup
@@ -96,12 +100,20 @@ impl CgroupIndex {
 impl CgroupIndex {
     /// Cgroups known from the last walk.
     pub fn len(&self) -> usize {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).by_id.len()
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_id
+            .len()
     }
 
     /// Pods the last walk saw.
     pub fn pods(&self) -> usize {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).pod_dirs.len()
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pod_dirs
+            .len()
     }
 
     /// Of `pods`, those whose cgroups are gone: one `stat` per pod the index knows, and one walk
@@ -118,18 +130,35 @@ impl CgroupIndex {
         if unknown {
             let walked_at = Instant::now();
             let by_id = walk(&self.mount, &self.root)?;
-            *self.state.lock().unwrap_or_else(|e| e.into_inner()) = IndexState::new(by_id, walked_at);
+            *self.state.lock().unwrap_or_else(|e| e.into_inner()) =
+                IndexState::new(by_id, walked_at);
         }
         // A pod even a fresh walk did not find has no cgroup left.
         let dirs: Vec<(PodUid, Option<PathBuf>)> = {
             let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            pods.iter().map(|p| (p.clone(), state.pod_dirs.get(p).map(|d| self.mount.join(d.trim_start_matches('/'))))).collect()
+            pods.iter()
+                .map(|p| {
+                    (
+                        p.clone(),
+                        state
+                            .pod_dirs
+                            .get(p)
+                            .map(|d| self.mount.join(d.trim_start_matches('/'))),
+                    )
+                })
+                .collect()
         };
-        let gone: HashSet<PodUid> = dirs.into_iter().filter(|(_, dir)| !dir.as_ref().is_some_and(|d| d.exists())).map(|(uid, _)| uid).collect();
+        let gone: HashSet<PodUid> = dirs
+            .into_iter()
+            .filter(|(_, dir)| !dir.as_ref().is_some_and(|d| d.exists()))
+            .map(|(uid, _)| uid)
+            .collect();
         if !gone.is_empty() {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             state.pod_dirs.retain(|uid, _| !gone.contains(uid));
-            state.by_id.retain(|_, caller| !matches!(&**caller, Caller::Pod { uid, .. } if gone.contains(uid)));
+            state.by_id.retain(
+                |_, caller| !matches!(&**caller, Caller::Pod { uid, .. } if gone.contains(uid)),
+            );
         }
         Ok(gone)
     }
@@ -142,13 +171,19 @@ impl IndexState {
             if let Caller::Pod { uid, cgroup } = &**caller {
                 let dir = pod_dir(cgroup);
                 // The shortest path naming the pod is its own directory.
-                let entry = pod_dirs.entry(uid.clone()).or_insert_with(|| dir.to_owned());
+                let entry = pod_dirs
+                    .entry(uid.clone())
+                    .or_insert_with(|| dir.to_owned());
                 if dir.len() < entry.len() {
                     dir.clone_into(entry);
                 }
             }
         }
-        IndexState { by_id, pod_dirs, walked_at }
+        IndexState {
+            by_id,
+            pod_dirs,
+            walked_at,
+        }
     }
 }
 
@@ -181,9 +216,13 @@ fn walk(mount: &Path, root: &Path) -> std::io::Result<HashMap<u64, Arc<Caller>>>
     out.insert(root_meta.ino(), caller_of(display_path(mount, root)));
     while let Some(dir) = stack.pop() {
         // A cgroup can vanish mid-walk: skip it rather than fail the walk.
-        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
-            let Ok(kind) = entry.file_type() else { continue };
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
             if !kind.is_dir() {
                 continue;
             }
@@ -208,13 +247,23 @@ fn display_path(mount: &Path, path: &Path) -> String {
 /// given (in a container, the first cgroup2 mount is often the container's own view of its
 /// cgroup namespace, not the host hierarchy mounted at `--cgroup-root`), else the first.
 pub fn cgroup2_mount(root: Option<&Path>) -> anyhow::Result<PathBuf> {
-    let mounts: Vec<PathBuf> =
-        procfs::process::Process::myself()?.mountinfo()?.into_iter().filter(|m| m.fs_type == "cgroup2").map(|m| m.mount_point).collect();
-    let holding = root.and_then(|root| mounts.iter().filter(|m| root.starts_with(m)).max_by_key(|m| m.components().count()));
-    holding
-        .or(mounts.first())
-        .cloned()
-        .ok_or_else(|| anyhow::anyhow!("no cgroup2 filesystem is mounted (see /proc/self/mountinfo); the agent needs cgroup v2"))
+    let mounts: Vec<PathBuf> = procfs::process::Process::myself()?
+        .mountinfo()?
+        .into_iter()
+        .filter(|m| m.fs_type == "cgroup2")
+        .map(|m| m.mount_point)
+        .collect();
+    let holding = root.and_then(|root| {
+        mounts
+            .iter()
+            .filter(|m| root.starts_with(m))
+            .max_by_key(|m| m.components().count())
+    });
+    holding.or(mounts.first()).cloned().ok_or_else(|| {
+        anyhow::anyhow!(
+            "no cgroup2 filesystem is mounted (see /proc/self/mountinfo); the agent needs cgroup v2"
+        )
+    })
 }
 
 /// The directory and id of the cgroup this process runs in, below `mount`.
@@ -232,7 +281,8 @@ pub fn own_cgroup(mount: &Path) -> anyhow::Result<(PathBuf, u64)> {
         .ok_or_else(|| anyhow::anyhow!("/proc/self/cgroup has no cgroup v2 entry"))?;
     let pid = std::process::id();
     let listed = |dir: &Path| {
-        fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|procs| procs.lines().any(|l| l.trim().parse() == Ok(pid)))
+        fs::read_to_string(dir.join("cgroup.procs"))
+            .is_ok_and(|procs| procs.lines().any(|l| l.trim().parse() == Ok(pid)))
     };
     let named = mount.join(rel.trim_start_matches('/'));
     let dir = if listed(&named) {
@@ -241,7 +291,9 @@ pub fn own_cgroup(mount: &Path) -> anyhow::Result<(PathBuf, u64)> {
         find_cgroup_listing(mount, &listed)
             .ok_or_else(|| anyhow::anyhow!("this process (pid {pid}) is in no cgroup below {}: is it the host's cgroup2 hierarchy?", mount.display()))?
     };
-    let id = fs::metadata(&dir).map_err(|e| anyhow::anyhow!("cannot stat own cgroup {}: {e}", dir.display()))?.ino();
+    let id = fs::metadata(&dir)
+        .map_err(|e| anyhow::anyhow!("cannot stat own cgroup {}: {e}", dir.display()))?
+        .ino();
     Ok((dir, id))
 }
 
@@ -252,8 +304,15 @@ fn find_cgroup_listing(root: &Path, listed: &dyn Fn(&Path) -> bool) -> Option<Pa
         if listed(&dir) {
             return Some(dir);
         }
-        let Ok(entries) = fs::read_dir(&dir) else { continue };
-        stack.extend(entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        stack.extend(
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        );
     }
     None
 }
@@ -272,8 +331,14 @@ mod tests {
     fn systemd_driver_paths() {
         let u = UID.replace('-', "_");
         for qos in ["burstable", "besteffort"] {
-            for runtime in ["cri-containerd-abc123.scope", "crio-abc.scope", "docker-abc.scope"] {
-                let p = format!("/kubepods.slice/kubepods-{qos}.slice/kubepods-{qos}-pod{u}.slice/{runtime}");
+            for runtime in [
+                "cri-containerd-abc123.scope",
+                "crio-abc.scope",
+                "docker-abc.scope",
+            ] {
+                let p = format!(
+                    "/kubepods.slice/kubepods-{qos}.slice/kubepods-{qos}-pod{u}.slice/{runtime}"
+                );
                 assert_eq!(uid(&p).as_deref(), Some(UID), "{p}");
             }
         }
@@ -281,17 +346,29 @@ mod tests {
         let p = format!("/kubepods.slice/kubepods-pod{u}.slice/cri-containerd-1.scope");
         assert_eq!(uid(&p).as_deref(), Some(UID));
         // The pod-level cgroup itself, and cgroups nested below a container.
-        assert_eq!(uid(&format!("/kubepods.slice/kubepods-pod{u}.slice")).as_deref(), Some(UID));
+        assert_eq!(
+            uid(&format!("/kubepods.slice/kubepods-pod{u}.slice")).as_deref(),
+            Some(UID)
+        );
         let p = format!("/kubepods.slice/kubepods-pod{u}.slice/cri-containerd-1.scope/init/worker");
         assert_eq!(uid(&p).as_deref(), Some(UID));
     }
 
     #[test]
     fn cgroupfs_driver_paths() {
-        assert_eq!(uid(&format!("/kubepods/burstable/pod{UID}/0123abcd")).as_deref(), Some(UID));
-        assert_eq!(uid(&format!("/kubepods/pod{UID}/0123abcd")).as_deref(), Some(UID));
+        assert_eq!(
+            uid(&format!("/kubepods/burstable/pod{UID}/0123abcd")).as_deref(),
+            Some(UID)
+        );
+        assert_eq!(
+            uid(&format!("/kubepods/pod{UID}/0123abcd")).as_deref(),
+            Some(UID)
+        );
         // Below a per-test or per-node prefix.
-        assert_eq!(uid(&format!("/pia-test/kubepods/besteffort/pod{UID}/c")).as_deref(), Some(UID));
+        assert_eq!(
+            uid(&format!("/pia-test/kubepods/besteffort/pod{UID}/c")).as_deref(),
+            Some(UID)
+        );
     }
 
     #[test]
@@ -315,10 +392,21 @@ mod tests {
         let mine = dir.join("kubepods/burstable/podx/agent");
         fs::create_dir_all(&mine).unwrap();
         fs::create_dir_all(dir.join("kubepods/besteffort/pody/other")).unwrap();
-        fs::write(dir.join("kubepods/besteffort/pody/other/cgroup.procs"), "1\n2\n").unwrap();
-        fs::write(mine.join("cgroup.procs"), format!("7\n{}\n", std::process::id())).unwrap();
+        fs::write(
+            dir.join("kubepods/besteffort/pody/other/cgroup.procs"),
+            "1\n2\n",
+        )
+        .unwrap();
+        fs::write(
+            mine.join("cgroup.procs"),
+            format!("7\n{}\n", std::process::id()),
+        )
+        .unwrap();
         let pid = std::process::id();
-        let listed = |d: &Path| fs::read_to_string(d.join("cgroup.procs")).is_ok_and(|p| p.lines().any(|l| l.parse() == Ok(pid)));
+        let listed = |d: &Path| {
+            fs::read_to_string(d.join("cgroup.procs"))
+                .is_ok_and(|p| p.lines().any(|l| l.parse() == Ok(pid)))
+        };
         assert_eq!(find_cgroup_listing(&dir, &listed), Some(mine));
         fs::remove_dir_all(&dir).unwrap();
     }
@@ -327,9 +415,16 @@ mod tests {
     fn presence_is_checked_per_pod() {
         let dir = std::env::temp_dir().join(format!("pia-presence-{}", std::process::id()));
         let u = UID.replace('-', "_");
-        let pod = dir.join(format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice"));
+        let pod = dir.join(format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice"
+        ));
         fs::create_dir_all(pod.join("cri-containerd-1.scope/nested")).unwrap();
-        assert_eq!(pod_dir(&format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-1.scope")), format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice"));
+        assert_eq!(
+            pod_dir(&format!(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-1.scope"
+            )),
+            format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice")
+        );
         let index = CgroupIndex::build(&dir, &dir).unwrap();
         let uid = PodUid::parse(UID).unwrap();
         let other = PodUid::parse("00000000-0000-0000-0000-0000000000ff").unwrap();
@@ -360,7 +455,12 @@ mod tests {
         let host = dir.join("system.slice");
         fs::create_dir_all(&host).unwrap();
         let host_ino = fs::metadata(&host).unwrap().ino();
-        assert_eq!(index.resolve(host_ino, Instant::now()).as_deref(), Some(&Caller::Host { cgroup: "/system.slice".into() }));
+        assert_eq!(
+            index.resolve(host_ino, Instant::now()).as_deref(),
+            Some(&Caller::Host {
+                cgroup: "/system.slice".into()
+            })
+        );
         // A miss for a connection accepted before the last walk does not walk again; one accepted
         // after it does.
         let before = Instant::now();
@@ -369,7 +469,12 @@ mod tests {
         fs::create_dir_all(&late).unwrap();
         let late_ino = fs::metadata(&late).unwrap().ino();
         assert!(index.resolve(late_ino, before).is_none());
-        assert_eq!(index.resolve(late_ino, Instant::now()).as_deref(), Some(&Caller::Host { cgroup: "/late.slice".into() }));
+        assert_eq!(
+            index.resolve(late_ino, Instant::now()).as_deref(),
+            Some(&Caller::Host {
+                cgroup: "/late.slice".into()
+            })
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -53,11 +53,14 @@ pub async fn sdk_config(options: &AwsOptions) -> anyhow::Result<SdkConfig> {
         // their buffers; calls later are minutes apart per pod, so keeping them saves little.
         .idle_timeout(IDLE_CONNECTION_TIMEOUT)
         .proxy_config(ProxyConfig::from_env())
-        .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::AwsLc))
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::AwsLc,
+        ))
         .tls_context(tls_context()?)
         .build_https()
         .map_err(|e| anyhow::anyhow!("building the AWS HTTP client: {e}"))?;
-    let http = pool::Client::new(&pool).map_err(|e| anyhow::anyhow!("building the AWS HTTP client: {e}"))?;
+    let http = pool::Client::new(&pool)
+        .map_err(|e| anyhow::anyhow!("building the AWS HTTP client: {e}"))?;
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http);
     if !options.sdk_retries {
         loader = loader.retry_config(aws_config::retry::RetryConfig::disabled());
@@ -71,11 +74,17 @@ pub async fn sdk_config(options: &AwsOptions) -> anyhow::Result<SdkConfig> {
     if options.fips {
         loader = loader.use_fips(true);
     }
-    if let Some(app) = options.app_name.as_ref().and_then(|a| aws_config::AppName::new(a.clone()).ok()) {
+    if let Some(app) = options
+        .app_name
+        .as_ref()
+        .and_then(|a| aws_config::AppName::new(a.clone()).ok())
+    {
         loader = loader.app_name(app);
     }
     if let Some(node) = &options.node_credentials {
-        loader = loader.credentials_provider(node.clone()).identity_cache(aws_config::identity::IdentityCache::no_cache());
+        loader = loader
+            .credentials_provider(node.clone())
+            .identity_cache(aws_config::identity::IdentityCache::no_cache());
     }
     Ok(loader.load().await)
 }
@@ -88,10 +97,14 @@ fn tls_context() -> anyhow::Result<aws_smithy_http_client::tls::TlsContext> {
     use aws_smithy_http_client::tls::{TlsContext, TrustStore};
     let mut store = TrustStore::empty().with_native_roots(true);
     if let Some(path) = std::env::var_os(CA_BUNDLE_ENV).filter(|p| !p.is_empty()) {
-        let pem = std::fs::read(&path).map_err(|e| anyhow::anyhow!("{CA_BUNDLE_ENV}={}: {e}", path.to_string_lossy()))?;
+        let pem = std::fs::read(&path)
+            .map_err(|e| anyhow::anyhow!("{CA_BUNDLE_ENV}={}: {e}", path.to_string_lossy()))?;
         store = store.with_pem_certificate(pem);
     }
-    Ok(TlsContext::builder().with_trust_store(store).build().map_err(|e| anyhow::anyhow!("{CA_BUNDLE_ENV}: {e}"))?)
+    Ok(TlsContext::builder()
+        .with_trust_store(store)
+        .build()
+        .map_err(|e| anyhow::anyhow!("{CA_BUNDLE_ENV}: {e}"))?)
 }
 
 /// The node's own credentials, from the default chain (environment, profile files with
@@ -147,9 +160,12 @@ impl NodeCredentials {
         if let Some(creds) = self.cached() {
             return Ok(creds);
         }
-        let chain = aws_config::default_provider::credentials::DefaultCredentialsChain::builder().build().await;
+        let chain = aws_config::default_provider::credentials::DefaultCredentialsChain::builder()
+            .build()
+            .await;
         let creds = chain.provide_credentials().await?;
-        *self.0.cached.lock().unwrap_or_else(|e| e.into_inner()) = Some((creds.clone(), SystemTime::now()));
+        *self.0.cached.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((creds.clone(), SystemTime::now()));
         Ok(creds)
     }
 }
@@ -165,13 +181,23 @@ impl ProvideCredentials for NodeCredentials {
 
 /// Where the default chain found a set of credentials, in an operator's words.
 pub fn credential_source(credentials: &aws_credential_types::Credentials) -> &'static str {
-    let features = credentials.get_property::<Vec<AwsCredentialFeature>>().map(Vec::as_slice).unwrap_or_default();
+    let features = credentials
+        .get_property::<Vec<AwsCredentialFeature>>()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
     // The last feature recorded is the provider that produced these credentials; earlier ones
     // are the sources it was configured from (e.g. a profile that assumes a role).
     match features.last() {
-        Some(AwsCredentialFeature::CredentialsEnvVars) => "environment variables (AWS_ACCESS_KEY_ID)",
-        Some(AwsCredentialFeature::CredentialsProfile) => "a shared credentials or config file profile",
-        Some(AwsCredentialFeature::CredentialsProfileProcess | AwsCredentialFeature::CredentialsProcess) => "a credential_process in the config file",
+        Some(AwsCredentialFeature::CredentialsEnvVars) => {
+            "environment variables (AWS_ACCESS_KEY_ID)"
+        }
+        Some(AwsCredentialFeature::CredentialsProfile) => {
+            "a shared credentials or config file profile"
+        }
+        Some(
+            AwsCredentialFeature::CredentialsProfileProcess
+            | AwsCredentialFeature::CredentialsProcess,
+        ) => "a credential_process in the config file",
         Some(AwsCredentialFeature::CredentialsImds) => "the instance metadata service (IMDS)",
         Some(AwsCredentialFeature::CredentialsHttp) => "a container credentials endpoint",
         Some(
@@ -179,8 +205,13 @@ pub fn credential_source(credentials: &aws_credential_types::Credentials) -> &'s
             | AwsCredentialFeature::CredentialsProfileStsWebIdToken
             | AwsCredentialFeature::CredentialsStsAssumeRoleWebId,
         ) => "a web identity token (STS AssumeRoleWithWebIdentity)",
-        Some(AwsCredentialFeature::CredentialsStsAssumeRole | AwsCredentialFeature::CredentialsProfileSourceProfile) => "a role assumed through STS",
-        Some(AwsCredentialFeature::CredentialsSso | AwsCredentialFeature::CredentialsProfileSso) => "an SSO session",
+        Some(
+            AwsCredentialFeature::CredentialsStsAssumeRole
+            | AwsCredentialFeature::CredentialsProfileSourceProfile,
+        ) => "a role assumed through STS",
+        Some(
+            AwsCredentialFeature::CredentialsSso | AwsCredentialFeature::CredentialsProfileSso,
+        ) => "an SSO session",
         _ => "the default credential chain",
     }
 }
@@ -217,7 +248,13 @@ where
     R: std::fmt::Debug + HttpStatus,
 {
     use aws_smithy_runtime_api::client::result::SdkError;
-    let local = |kind, code: &str, message: String| ApiError { kind, status: None, code: code.to_owned(), message, request_id: None };
+    let local = |kind, code: &str, message: String| ApiError {
+        kind,
+        status: None,
+        code: code.to_owned(),
+        message,
+        request_id: None,
+    };
     match &err {
         SdkError::ServiceError(service) => ApiError {
             kind: ApiErrorKind::Service,
@@ -226,12 +263,28 @@ where
             message: service.err().message().unwrap_or("no message").to_owned(),
             request_id: service.err().meta().request_id().map(str::to_owned),
         },
-        SdkError::TimeoutError(_) => local(ApiErrorKind::Timeout, "Timeout", "no answer in time".into()),
-        SdkError::DispatchFailure(failure) => {
-            local(ApiErrorKind::Unreachable, "Unreachable", with_proxy(error_chain(failure.as_connector_error().map(|e| e as &dyn std::error::Error))))
+        SdkError::TimeoutError(_) => {
+            local(ApiErrorKind::Timeout, "Timeout", "no answer in time".into())
         }
-        SdkError::ResponseError(_) => local(ApiErrorKind::BadResponse, "InvalidResponse", error_chain(Some(&err))),
-        _ => local(ApiErrorKind::Other, "RequestFailed", error_chain(Some(&err))),
+        SdkError::DispatchFailure(failure) => local(
+            ApiErrorKind::Unreachable,
+            "Unreachable",
+            with_proxy(error_chain(
+                failure
+                    .as_connector_error()
+                    .map(|e| e as &dyn std::error::Error),
+            )),
+        ),
+        SdkError::ResponseError(_) => local(
+            ApiErrorKind::BadResponse,
+            "InvalidResponse",
+            error_chain(Some(&err)),
+        ),
+        _ => local(
+            ApiErrorKind::Other,
+            "RequestFailed",
+            error_chain(Some(&err)),
+        ),
     }
 }
 
@@ -266,7 +319,10 @@ fn with_proxy(message: String) -> String {
     if !message.contains("tunnel") {
         return message;
     }
-    let Some(proxy) = ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"].iter().find_map(|v| std::env::var(v).ok().filter(|p| !p.is_empty())) else {
+    let Some(proxy) = ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|p| !p.is_empty()))
+    else {
         return message;
     };
     format!("{message} (through the proxy {})", without_userinfo(&proxy))
@@ -296,7 +352,11 @@ impl aws_smithy_runtime_api::client::interceptors::Intercept for EndpointRecorde
         _cfg: &mut aws_smithy_types::config_bag::ConfigBag,
     ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
         if let Ok(uri) = context.request().uri().parse::<http::Uri>() {
-            let origin = format!("{}://{}", uri.scheme_str().unwrap_or("https"), uri.authority().map(|a| a.as_str()).unwrap_or(""));
+            let origin = format!(
+                "{}://{}",
+                uri.scheme_str().unwrap_or("https"),
+                uri.authority().map(|a| a.as_str()).unwrap_or("")
+            );
             *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(origin);
         }
         Ok(())
@@ -331,24 +391,46 @@ pub const REGION_RETRY: Duration = Duration::from_secs(2);
 impl<C: Clone> RegionalClient<C> {
     /// Builds the client from the default chain now if a region is found; `build` makes the
     /// service client from the SDK configuration, with `endpoint` as an interceptor.
-    pub async fn new(options: AwsOptions, build: fn(&SdkConfig, &EndpointRecorder) -> C, service: &str) -> anyhow::Result<RegionalClient<C>> {
-        let placeholder = ClientState::NoRegion { since: tokio::time::Instant::now(), why: String::new() };
-        let client = RegionalClient { options, build, endpoint: EndpointRecorder::default(), state: tokio::sync::Mutex::new(placeholder) };
+    pub async fn new(
+        options: AwsOptions,
+        build: fn(&SdkConfig, &EndpointRecorder) -> C,
+        service: &str,
+    ) -> anyhow::Result<RegionalClient<C>> {
+        let placeholder = ClientState::NoRegion {
+            since: tokio::time::Instant::now(),
+            why: String::new(),
+        };
+        let client = RegionalClient {
+            options,
+            build,
+            endpoint: EndpointRecorder::default(),
+            state: tokio::sync::Mutex::new(placeholder),
+        };
         let state = Self::load(&client.options, build, &client.endpoint).await?;
         if let ClientState::NoRegion { why, .. } = &state {
-            tracing::warn!("{why}; {service} calls fail until it is found (looked for again every {REGION_RETRY:?})");
+            tracing::warn!(
+                "{why}; {service} calls fail until it is found (looked for again every {REGION_RETRY:?})"
+            );
         }
         *client.state.lock().await = state;
         Ok(client)
     }
 
-    async fn load(options: &AwsOptions, build: fn(&SdkConfig, &EndpointRecorder) -> C, endpoint: &EndpointRecorder) -> anyhow::Result<ClientState<C>> {
+    async fn load(
+        options: &AwsOptions,
+        build: fn(&SdkConfig, &EndpointRecorder) -> C,
+        endpoint: &EndpointRecorder,
+    ) -> anyhow::Result<ClientState<C>> {
         let config = sdk_config(options).await?;
         Ok(match config.region() {
-            Some(region) => ClientState::Ready { client: build(&config, endpoint), region: region.to_string() },
+            Some(region) => ClientState::Ready {
+                client: build(&config, endpoint),
+                region: region.to_string(),
+            },
             None => ClientState::NoRegion {
                 since: tokio::time::Instant::now(),
-                why: "no AWS region found (--region, AWS_REGION, the profile and IMDS gave none)".to_owned(),
+                why: "no AWS region found (--region, AWS_REGION, the profile and IMDS gave none)"
+                    .to_owned(),
             },
         })
     }
@@ -390,8 +472,14 @@ impl<C: Clone> RegionalClient<C> {
 /// A URL without the `user:password@` part.
 fn without_userinfo(url: &str) -> String {
     let shown = match url.split_once("://") {
-        Some((scheme, rest)) => format!("{scheme}://{}", rest.rsplit_once('@').map_or(rest, |(_, host)| host)),
-        None => url.rsplit_once('@').map_or(url, |(_, host)| host).to_owned(),
+        Some((scheme, rest)) => format!(
+            "{scheme}://{}",
+            rest.rsplit_once('@').map_or(rest, |(_, host)| host)
+        ),
+        None => url
+            .rsplit_once('@')
+            .map_or(url, |(_, host)| host)
+            .to_owned(),
     };
     shown.trim_end_matches('/').to_owned()
 }
@@ -408,7 +496,11 @@ pub fn error_chain(err: Option<&dyn std::error::Error>) -> String {
         }
         next = e.source();
     }
-    if parts.is_empty() { "unknown error".into() } else { parts.join(": ") }
+    if parts.is_empty() {
+        "unknown error".into()
+    } else {
+        parts.join(": ")
+    }
 }
 
 #[cfg(test)]
@@ -417,7 +509,10 @@ mod tests {
 
     #[test]
     fn proxy_urls_are_shown_without_credentials() {
-        assert_eq!(without_userinfo("http://user:secret@proxy.corp:3128/"), "http://proxy.corp:3128");
+        assert_eq!(
+            without_userinfo("http://user:secret@proxy.corp:3128/"),
+            "http://proxy.corp:3128"
+        );
         assert_eq!(without_userinfo("http://127.0.0.1:1"), "http://127.0.0.1:1");
         assert_eq!(without_userinfo("user:pw@proxy:8080"), "proxy:8080");
     }

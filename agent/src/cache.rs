@@ -188,11 +188,19 @@ struct Inner<U> {
 }
 
 impl<U: Upstream> CredentialCache<U> {
-    pub fn new(upstream: U, settings: CacheSettings, limiter: UpstreamLimiter, metrics: Arc<Metrics>) -> CredentialCache<U> {
+    pub fn new(
+        upstream: U,
+        settings: CacheSettings,
+        limiter: UpstreamLimiter,
+        metrics: Arc<Metrics>,
+    ) -> CredentialCache<U> {
         CredentialCache {
             inner: Arc::new(Inner {
                 upstream,
-                pod_upstream: PodRateLimits::new(settings.pod_upstream_qps, settings.pod_upstream_burst),
+                pod_upstream: PodRateLimits::new(
+                    settings.pod_upstream_qps,
+                    settings.pod_upstream_burst,
+                ),
                 settings,
                 limiter,
                 state: Mutex::new(State::default()),
@@ -212,7 +220,13 @@ impl<U: Upstream> CredentialCache<U> {
 
     /// Credentials for `token` (whose SHA-256 is `digest`), which the caller has bound to `pod`
     /// (`label` is its `namespace/name`, for logs).
-    pub async fn get(&self, token: &str, digest: TokenDigest, pod: &PodUid, label: &str) -> Result<(Arc<AssumedRole>, Outcome), UpstreamError> {
+    pub async fn get(
+        &self,
+        token: &str,
+        digest: TokenDigest,
+        pod: &PodUid,
+        label: &str,
+    ) -> Result<(Arc<AssumedRole>, Outcome), UpstreamError> {
         let inner = &self.inner;
         let now = Instant::now();
         let (mut rx, outcome, has_stale) = {
@@ -233,7 +247,9 @@ impl<U: Upstream> CredentialCache<U> {
                     inner.stats.hits.fetch_add(1, Ordering::Relaxed);
                     return Ok((c.role.clone(), Outcome::Hit));
                 }
-                let has_stale = e.value.as_ref().is_some_and(|c| c.expires_at.saturating_duration_since(now) > inner.settings.min_remaining);
+                let has_stale = e.value.as_ref().is_some_and(|c| {
+                    c.expires_at.saturating_duration_since(now) > inner.settings.min_remaining
+                });
                 match &e.inflight {
                     Some(rx) => {
                         inner.stats.coalesced.fetch_add(1, Ordering::Relaxed);
@@ -241,11 +257,17 @@ impl<U: Upstream> CredentialCache<U> {
                     }
                     None if !inner.pod_upstream.allow(pod) => {
                         drop(st);
-                        return self.serve_stale(&digest).ok_or_else(|| UpstreamError::pod_budget_exhausted(label));
+                        return self
+                            .serve_stale(&digest)
+                            .ok_or_else(|| UpstreamError::pod_budget_exhausted(label));
                     }
                     None => {
                         inner.stats.misses.fetch_add(1, Ordering::Relaxed);
-                        (Inner::start_fetch(inner, &mut st, digest, Priority::Request, now), Outcome::Fetched, has_stale)
+                        (
+                            Inner::start_fetch(inner, &mut st, digest, Priority::Request, now),
+                            Outcome::Fetched,
+                            has_stale,
+                        )
                     }
                 }
             } else {
@@ -258,7 +280,10 @@ impl<U: Upstream> CredentialCache<U> {
                     && old != digest
                     && st.remove(&old).is_some()
                 {
-                    inner.stats.evicted_superseded.fetch_add(1, Ordering::Relaxed);
+                    inner
+                        .stats
+                        .evicted_superseded
+                        .fetch_add(1, Ordering::Relaxed);
                 }
                 while st.entries.len() >= inner.settings.max_entries.max(1) {
                     let Some((_, oldest)) = st.lru.pop_first() else {
@@ -288,7 +313,11 @@ impl<U: Upstream> CredentialCache<U> {
                         retry_at: None,
                     },
                 );
-                (Inner::start_fetch(inner, &mut st, digest, Priority::Request, now), Outcome::Fetched, false)
+                (
+                    Inner::start_fetch(inner, &mut st, digest, Priority::Request, now),
+                    Outcome::Fetched,
+                    false,
+                )
             }
         };
 
@@ -298,7 +327,12 @@ impl<U: Upstream> CredentialCache<U> {
             match tokio::time::timeout(inner.settings.stale_wait, wait(&mut rx)).await {
                 Ok(result) => result,
                 Err(_) => {
-                    return self.serve_stale(&digest).ok_or_else(|| UpstreamError::timeout(inner.upstream.name(), inner.settings.upstream_timeout));
+                    return self.serve_stale(&digest).ok_or_else(|| {
+                        UpstreamError::timeout(
+                            inner.upstream.name(),
+                            inner.settings.upstream_timeout,
+                        )
+                    });
                 }
             }
         } else {
@@ -315,10 +349,15 @@ impl<U: Upstream> CredentialCache<U> {
         let now = Instant::now();
         let st = self.inner.lock();
         let c = st.entries.get(digest)?.value.as_ref()?;
-        (c.expires_at.saturating_duration_since(now) > self.inner.settings.min_remaining).then(|| {
-            self.inner.stats.stale_served.fetch_add(1, Ordering::Relaxed);
-            (c.role.clone(), Outcome::Stale)
-        })
+        (c.expires_at.saturating_duration_since(now) > self.inner.settings.min_remaining).then(
+            || {
+                self.inner
+                    .stats
+                    .stale_served
+                    .fetch_add(1, Ordering::Relaxed);
+                (c.role.clone(), Outcome::Stale)
+            },
+        )
     }
 
     /// Periodic upkeep: drop expired entries and entries of pods that are `gone`, then refresh
@@ -358,7 +397,13 @@ impl<U: Upstream> CredentialCache<U> {
         }
         for digest in &due {
             inner.stats.refreshes.fetch_add(1, Ordering::Relaxed);
-            drop(Inner::start_fetch(inner, &mut st, *digest, Priority::Background, now));
+            drop(Inner::start_fetch(
+                inner,
+                &mut st,
+                *digest,
+                Priority::Background,
+                now,
+            ));
         }
         due.len()
     }
@@ -368,7 +413,12 @@ async fn wait(rx: &mut watch::Receiver<Option<FetchResult>>) -> FetchResult {
     match rx.wait_for(Option::is_some).await {
         Ok(value) => value.clone().expect("waited for Some"),
         // The fetch task cannot drop its sender without sending, short of a runtime shutdown.
-        Err(_) => Err(UpstreamError { status: 503, code: "AgentShuttingDown".into(), message: "the agent is shutting down".into(), request_id: None }),
+        Err(_) => Err(UpstreamError {
+            status: 503,
+            code: "AgentShuttingDown".into(),
+            message: "the agent is shutting down".into(),
+            request_id: None,
+        }),
     }
 }
 
@@ -380,9 +430,18 @@ impl<U: Upstream> Inner<U> {
     /// Starts the upstream call for `digest` as its own task; the entry must exist. `now` is the
     /// caller's clock reading: a request that triggers the fetch passes the same instant it
     /// recorded as `last_used`, so its use counts as a use since this fetch began.
-    fn start_fetch(self: &Arc<Self>, st: &mut State, digest: TokenDigest, priority: Priority, now: Instant) -> watch::Receiver<Option<FetchResult>> {
+    fn start_fetch(
+        self: &Arc<Self>,
+        st: &mut State,
+        digest: TokenDigest,
+        priority: Priority,
+        now: Instant,
+    ) -> watch::Receiver<Option<FetchResult>> {
         let (tx, rx) = watch::channel(None);
-        let e = st.entries.get_mut(&digest).expect("start_fetch on a present entry");
+        let e = st
+            .entries
+            .get_mut(&digest)
+            .expect("start_fetch on a present entry");
         e.inflight = Some(rx.clone());
         e.fetch_started = now;
         let token = e.token.clone();
@@ -424,32 +483,39 @@ impl<U: Upstream> Inner<U> {
             match self.limiter.acquire(priority, deadline).await {
                 Ok(waited) => self.metrics.observe_budget_wait(waited),
                 Err(_) => {
-                    warn!(pod = label, ?priority, upstream = self.upstream.name(), "no upstream budget left before the deadline");
+                    warn!(
+                        pod = label,
+                        ?priority,
+                        upstream = self.upstream.name(),
+                        "no upstream budget left before the deadline"
+                    );
                     return Err(UpstreamError::budget_exhausted(self.upstream.name()));
                 }
             }
             self.stats.upstream_calls.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
-            let error = match tokio::time::timeout_at(deadline, self.upstream.assume_role(token)).await {
-                Err(_) => UpstreamError::timeout(self.upstream.name(), timeout),
-                Ok(Ok(role)) => {
-                    self.metrics.observe_upstream(started.elapsed(), None);
-                    info!(
-                        upstream = self.upstream.name(),
-                        pod = label,
-                        ?priority,
-                        attempt,
-                        role_arn = %role.role_arn,
-                        association_id = %role.association_id,
-                        request_id = role.request_id.as_deref().unwrap_or("-"),
-                        latency_ms = started.elapsed().as_millis() as u64,
-                        "upstream call succeeded"
-                    );
-                    return Ok(Arc::new(role));
-                }
-                Ok(Err(e)) => e,
-            };
-            self.metrics.observe_upstream(started.elapsed(), Some(&error.code));
+            let error =
+                match tokio::time::timeout_at(deadline, self.upstream.assume_role(token)).await {
+                    Err(_) => UpstreamError::timeout(self.upstream.name(), timeout),
+                    Ok(Ok(role)) => {
+                        self.metrics.observe_upstream(started.elapsed(), None);
+                        info!(
+                            upstream = self.upstream.name(),
+                            pod = label,
+                            ?priority,
+                            attempt,
+                            role_arn = %role.role_arn,
+                            association_id = %role.association_id,
+                            request_id = role.request_id.as_deref().unwrap_or("-"),
+                            latency_ms = started.elapsed().as_millis() as u64,
+                            "upstream call succeeded"
+                        );
+                        return Ok(Arc::new(role));
+                    }
+                    Ok(Err(e)) => e,
+                };
+            self.metrics
+                .observe_upstream(started.elapsed(), Some(&error.code));
             warn!(
                 upstream = self.upstream.name(),
                 pod = label,
@@ -468,7 +534,11 @@ impl<U: Upstream> Inner<U> {
             if !error.is_transient() {
                 return Err(error);
             }
-            let backoff = jittered(Duration::from_millis(50).saturating_mul(1 << attempt.min(6)).min(Duration::from_secs(1)));
+            let backoff = jittered(
+                Duration::from_millis(50)
+                    .saturating_mul(1 << attempt.min(6))
+                    .min(Duration::from_secs(1)),
+            );
             if Instant::now() + backoff >= deadline {
                 return Err(error);
             }
@@ -480,7 +550,10 @@ impl<U: Upstream> Inner<U> {
         let now = Instant::now();
         let mut st = self.lock();
         let Some(e) = st.entries.get_mut(&digest) else {
-            debug!(pod = label, "upstream answer for an entry that is gone (superseded, evicted or pod deleted)");
+            debug!(
+                pod = label,
+                "upstream answer for an entry that is gone (superseded, evicted or pod deleted)"
+            );
             return;
         };
         e.inflight = None;
@@ -499,7 +572,9 @@ impl<U: Upstream> Inner<U> {
             Err(_) => {
                 // Keep what we have; retry in the background with backoff while it is valid.
                 e.failures += 1;
-                let backoff = Duration::from_secs(1).saturating_mul(1 << e.failures.min(6)).min(Duration::from_secs(60));
+                let backoff = Duration::from_secs(1)
+                    .saturating_mul(1 << e.failures.min(6))
+                    .min(Duration::from_secs(60));
                 e.retry_at = Some(now + jittered(backoff));
             }
         }
@@ -507,13 +582,20 @@ impl<U: Upstream> Inner<U> {
 }
 
 fn cached(role: Arc<AssumedRole>, now: Instant, settings: &CacheSettings) -> Cached {
-    let lifetime = role.expiration.duration_since(SystemTime::now()).unwrap_or_default();
+    let lifetime = role
+        .expiration
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
     let half = lifetime / 2;
     // Refresh at half-life, and early enough that what we hand out keeps `fresh_for` left.
     let latest_fresh = lifetime.saturating_sub(settings.fresh_for + Duration::from_secs(1));
     let base = half.min(latest_fresh);
     let refresh_in = base.saturating_sub(jittered(base / 10));
-    Cached { role, expires_at: now + lifetime, refresh_at: now + refresh_in }
+    Cached {
+        role,
+        expires_at: now + lifetime,
+        refresh_at: now + refresh_in,
+    }
 }
 
 /// A uniformly random duration in [max/2, max]: spreads refreshes and retries of many entries.
@@ -581,7 +663,12 @@ mod tests {
             if let Some(e) = error {
                 return Err(e);
             }
-            let lifetime = self.0.lifetime.lock().unwrap().unwrap_or(Duration::from_secs(6 * 3600));
+            let lifetime = self
+                .0
+                .lifetime
+                .lock()
+                .unwrap()
+                .unwrap_or(Duration::from_secs(6 * 3600));
             Ok(AssumedRole::new(
                 Credentials {
                     access_key_id: format!("ASIA-{token}-{n}"),
@@ -598,11 +685,21 @@ mod tests {
     }
 
     fn err(status: u16, code: &str) -> UpstreamError {
-        UpstreamError { status, code: code.into(), message: "m".into(), request_id: None }
+        UpstreamError {
+            status,
+            code: code.into(),
+            message: "m".into(),
+            request_id: None,
+        }
     }
 
     fn cache(up: &Scripted, settings: CacheSettings) -> Arc<CredentialCache<Scripted>> {
-        Arc::new(CredentialCache::new(up.clone(), settings, UpstreamLimiter::new(1000.0, 1000), Metrics::new(false, 4096)))
+        Arc::new(CredentialCache::new(
+            up.clone(),
+            settings,
+            UpstreamLimiter::new(1000.0, 1000),
+            Metrics::new(false, 4096),
+        ))
     }
 
     fn uids(pods: &[&str]) -> HashSet<PodUid> {
@@ -617,7 +714,10 @@ mod tests {
         let tasks: Vec<_> = (0..200)
             .map(|_| {
                 let c = c.clone();
-                tokio::spawn(async move { c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await })
+                tokio::spawn(async move {
+                    c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
+                        .await
+                })
             })
             .collect();
         let mut outcomes = Vec::new();
@@ -627,9 +727,24 @@ mod tests {
             outcomes.push(outcome);
         }
         assert_eq!(up.calls(), 1);
-        assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Fetched).count(), 1);
-        assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Coalesced).count(), 199);
-        assert_eq!(c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap().1, Outcome::Hit);
+        assert_eq!(
+            outcomes.iter().filter(|o| **o == Outcome::Fetched).count(),
+            1
+        );
+        assert_eq!(
+            outcomes
+                .iter()
+                .filter(|o| **o == Outcome::Coalesced)
+                .count(),
+            199
+        );
+        assert_eq!(
+            c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
+                .await
+                .unwrap()
+                .1,
+            Outcome::Hit
+        );
         assert_eq!(up.calls(), 1);
     }
 
@@ -640,7 +755,10 @@ mod tests {
         up.fail_next(vec![err(404, "ResourceNotFoundException")]);
         let c = cache(&up, CacheSettings::default());
         let a_pod = pod(POD_A);
-        let (a, b) = tokio::join!(c.get("tok", TokenDigest::of("tok"), &a_pod, "ns/p"), c.get("tok", TokenDigest::of("tok"), &a_pod, "ns/p"));
+        let (a, b) = tokio::join!(
+            c.get("tok", TokenDigest::of("tok"), &a_pod, "ns/p"),
+            c.get("tok", TokenDigest::of("tok"), &a_pod, "ns/p")
+        );
         assert_eq!(a.unwrap_err().status, 404);
         assert_eq!(b.unwrap_err().status, 404);
         assert_eq!(up.calls(), 1);
@@ -651,19 +769,35 @@ mod tests {
         let up = Scripted::default();
         up.latency(Duration::from_millis(1500));
         let c = cache(&up, CacheSettings::default());
-        let gave_up = tokio::time::timeout(Duration::from_millis(100), c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")).await;
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(100),
+            c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p"),
+        )
+        .await;
         assert!(gave_up.is_err());
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert_eq!(c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap().1, Outcome::Hit);
+        assert_eq!(
+            c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
+                .await
+                .unwrap()
+                .1,
+            Outcome::Hit
+        );
         assert_eq!(up.calls(), 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn transient_failures_are_retried_within_the_deadline() {
         let up = Scripted::default();
-        up.fail_next(vec![err(503, "ServiceUnavailableException"), err(429, "ThrottlingException")]);
+        up.fail_next(vec![
+            err(503, "ServiceUnavailableException"),
+            err(429, "ThrottlingException"),
+        ]);
         let c = cache(&up, CacheSettings::default());
-        let (role, _) = c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap();
+        let (role, _) = c
+            .get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
+            .await
+            .unwrap();
         assert_eq!(role.access_key_id(), "ASIA-tok-3");
         assert_eq!(up.calls(), 3);
     }
@@ -672,12 +806,21 @@ mod tests {
     async fn the_deadline_bounds_a_hanging_upstream() {
         let up = Scripted::default();
         up.latency(Duration::from_secs(30));
-        let settings = CacheSettings { upstream_timeout: Duration::from_secs(5), ..Default::default() };
+        let settings = CacheSettings {
+            upstream_timeout: Duration::from_secs(5),
+            ..Default::default()
+        };
         let c = cache(&up, settings);
         let started = Instant::now();
-        let e = c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap_err();
+        let e = c
+            .get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
+            .await
+            .unwrap_err();
         assert_eq!(e.status, 504);
-        assert!(started.elapsed() >= Duration::from_secs(5) && started.elapsed() < Duration::from_secs(6));
+        assert!(
+            started.elapsed() >= Duration::from_secs(5)
+                && started.elapsed() < Duration::from_secs(6)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -685,11 +828,27 @@ mod tests {
         let up = Scripted::default();
         up.fail_next(vec![err(404, "ResourceNotFoundException")]);
         let c = cache(&up, CacheSettings::default());
-        assert_eq!(c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap_err().status, 404);
-        assert_eq!(c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap_err().code, "ResourceNotFoundException");
+        assert_eq!(
+            c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
+                .await
+                .unwrap_err()
+                .status,
+            404
+        );
+        assert_eq!(
+            c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
+                .await
+                .unwrap_err()
+                .code,
+            "ResourceNotFoundException"
+        );
         assert_eq!(up.calls(), 1, "negative hit");
         tokio::time::advance(Duration::from_secs(6)).await;
-        assert!(c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.is_ok());
+        assert!(
+            c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
+                .await
+                .is_ok()
+        );
         assert_eq!(up.calls(), 2);
     }
 
@@ -698,16 +857,25 @@ mod tests {
         let up = Scripted::default();
         up.lifetime(Duration::from_secs(20 * 60));
         let c = cache(&up, CacheSettings::default());
-        let (first, _) = c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap();
+        let (first, _) = c
+            .get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
+            .await
+            .unwrap();
         // 6 minutes on, 14 left: no longer fresh, so a refresh is tried; it fails; cached served.
         tokio::time::advance(Duration::from_secs(6 * 60)).await;
         up.fail_next(vec![err(500, "InternalServerException"); 100]);
-        let (served, outcome) = c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap();
+        let (served, outcome) = c
+            .get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
+            .await
+            .unwrap();
         assert_eq!(outcome, Outcome::Stale);
         assert_eq!(served.access_key_id(), first.access_key_id());
         // Inside the last minute nothing stale is handed out.
         tokio::time::advance(Duration::from_secs(13 * 60 + 10)).await;
-        let e = c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap_err();
+        let e = c
+            .get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
+            .await
+            .unwrap_err();
         assert_eq!(e.status, 500);
     }
 
@@ -715,23 +883,45 @@ mod tests {
     async fn refresh_ahead_keeps_handed_out_credentials_fresh() {
         let up = Scripted::default();
         let c = cache(&up, CacheSettings::default());
-        c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap();
+        c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
+            .await
+            .unwrap();
         assert_eq!(c.maintain(&HashSet::new()), 0, "not due yet");
         tokio::time::advance(Duration::from_secs(3 * 3600)).await;
         assert_eq!(c.maintain(&HashSet::new()), 1, "half-life passed");
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(up.calls(), 2);
-        let (role, outcome) = c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap();
-        assert_eq!((role.access_key_id().as_str(), outcome), ("ASIA-tok-2", Outcome::Hit));
+        let (role, outcome) = c
+            .get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
+            .await
+            .unwrap();
+        assert_eq!(
+            (role.access_key_id().as_str(), outcome),
+            ("ASIA-tok-2", Outcome::Hit)
+        );
         tokio::time::advance(Duration::from_secs(3 * 3600)).await;
-        c.get("other", TokenDigest::of("other"), &pod(POD_B), "ns/p").await.unwrap();
-        assert_eq!(c.maintain(&HashSet::new()), 1, "tok was used after its refresh began");
+        c.get("other", TokenDigest::of("other"), &pod(POD_B), "ns/p")
+            .await
+            .unwrap();
+        assert_eq!(
+            c.maintain(&HashSet::new()),
+            1,
+            "tok was used after its refresh began"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
         tokio::time::advance(Duration::from_secs(3 * 3600)).await;
-        assert_eq!(c.maintain(&HashSet::new()), 1, "other (fetched for a request) is due; tok was not used since its refresh");
+        assert_eq!(
+            c.maintain(&HashSet::new()),
+            1,
+            "other (fetched for a request) is due; tok was not used since its refresh"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
         tokio::time::advance(Duration::from_secs(3 * 3600)).await;
-        assert_eq!(c.maintain(&HashSet::new()), 0, "neither token was used since its last fetch began");
+        assert_eq!(
+            c.maintain(&HashSet::new()),
+            0,
+            "neither token was used since its last fetch began"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -739,22 +929,38 @@ mod tests {
         let up = Scripted::default();
         up.lifetime(Duration::from_secs(16 * 60));
         let c = cache(&up, CacheSettings::default());
-        c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap();
+        c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
+            .await
+            .unwrap();
         tokio::time::advance(Duration::from_secs(59)).await;
-        assert_eq!(c.maintain(&HashSet::new()), 1, "half-life (8 min) would be too late");
+        assert_eq!(
+            c.maintain(&HashSet::new()),
+            1,
+            "half-life (8 min) would be too late"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn gone_pods_lose_their_entries_and_get_no_refresh() {
         let up = Scripted::default();
         let c = cache(&up, CacheSettings::default());
-        c.get("tok-a", TokenDigest::of("tok-a"), &pod(POD_A), "ns/p").await.unwrap();
-        c.get("tok-b", TokenDigest::of("tok-b"), &pod(POD_B), "ns/p").await.unwrap();
+        c.get("tok-a", TokenDigest::of("tok-a"), &pod(POD_A), "ns/p")
+            .await
+            .unwrap();
+        c.get("tok-b", TokenDigest::of("tok-b"), &pod(POD_B), "ns/p")
+            .await
+            .unwrap();
         assert_eq!(c.maintain(&uids(&[POD_A])), 0);
         assert_eq!(c.len(), 1);
         tokio::time::advance(Duration::from_secs(4 * 3600)).await;
-        c.get("tok-b", TokenDigest::of("tok-b"), &pod(POD_B), "ns/p").await.unwrap();
-        assert_eq!(c.maintain(&HashSet::new()), 1, "only pod B's token refreshes");
+        c.get("tok-b", TokenDigest::of("tok-b"), &pod(POD_B), "ns/p")
+            .await
+            .unwrap();
+        assert_eq!(
+            c.maintain(&HashSet::new()),
+            1,
+            "only pod B's token refreshes"
+        );
         assert_eq!(c.stats().evicted_pod_gone.load(Ordering::Relaxed), 1);
     }
 
@@ -762,19 +968,32 @@ mod tests {
     async fn a_rotated_token_supersedes_the_old_one() {
         let up = Scripted::default();
         let c = cache(&up, CacheSettings::default());
-        c.get("old", TokenDigest::of("old"), &pod(POD_A), "ns/p").await.unwrap();
-        c.get("new", TokenDigest::of("new"), &pod(POD_A), "ns/p").await.unwrap();
+        c.get("old", TokenDigest::of("old"), &pod(POD_A), "ns/p")
+            .await
+            .unwrap();
+        c.get("new", TokenDigest::of("new"), &pod(POD_A), "ns/p")
+            .await
+            .unwrap();
         assert_eq!(c.len(), 1);
         assert_eq!(c.stats().evicted_superseded.load(Ordering::Relaxed), 1);
         tokio::time::advance(Duration::from_secs(4 * 3600)).await;
-        c.get("new", TokenDigest::of("new"), &pod(POD_A), "ns/p").await.unwrap();
-        assert_eq!(c.maintain(&HashSet::new()), 1, "only the new token is refreshed");
+        c.get("new", TokenDigest::of("new"), &pod(POD_A), "ns/p")
+            .await
+            .unwrap();
+        assert_eq!(
+            c.maintain(&HashSet::new()),
+            1,
+            "only the new token is refreshed"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn size_is_bounded_by_lru_eviction() {
         let up = Scripted::default();
-        let settings = CacheSettings { max_entries: 3, ..Default::default() };
+        let settings = CacheSettings {
+            max_entries: 3,
+            ..Default::default()
+        };
         let c = cache(&up, settings);
         let pods = [
             "00000000-0000-0000-0000-000000000001",
@@ -784,20 +1003,40 @@ mod tests {
         ];
         for (i, p) in pods.iter().enumerate().take(3) {
             let token = format!("t{i}");
-            c.get(&token, TokenDigest::of(&token), &pod(p), "ns/p").await.unwrap();
+            c.get(&token, TokenDigest::of(&token), &pod(p), "ns/p")
+                .await
+                .unwrap();
         }
         // Uses within LRU_GRAIN of an entry's last move do not reorder it.
         tokio::time::advance(LRU_GRAIN + Duration::from_millis(1)).await;
-        c.get("t0", TokenDigest::of("t0"), &pod(pods[0]), "ns/p").await.unwrap(); // t1 is now the least recently used
-        c.get("t3", TokenDigest::of("t3"), &pod(pods[3]), "ns/p").await.unwrap();
+        c.get("t0", TokenDigest::of("t0"), &pod(pods[0]), "ns/p")
+            .await
+            .unwrap(); // t1 is now the least recently used
+        c.get("t3", TokenDigest::of("t3"), &pod(pods[3]), "ns/p")
+            .await
+            .unwrap();
         assert_eq!(c.len(), 3);
         let calls = up.calls();
-        assert_eq!(c.get("t0", TokenDigest::of("t0"), &pod(pods[0]), "ns/p").await.unwrap().1, Outcome::Hit);
-        assert_eq!(c.get("t1", TokenDigest::of("t1"), &pod(pods[1]), "ns/p").await.unwrap().1, Outcome::Fetched);
+        assert_eq!(
+            c.get("t0", TokenDigest::of("t0"), &pod(pods[0]), "ns/p")
+                .await
+                .unwrap()
+                .1,
+            Outcome::Hit
+        );
+        assert_eq!(
+            c.get("t1", TokenDigest::of("t1"), &pod(pods[1]), "ns/p")
+                .await
+                .unwrap()
+                .1,
+            Outcome::Fetched
+        );
         assert_eq!(up.calls(), calls + 1);
         for i in 0..1000 {
             let token = format!("flood-{i}");
-            let _ = c.get(&token, TokenDigest::of(&token), &pod(pods[3]), "ns/p").await;
+            let _ = c
+                .get(&token, TokenDigest::of(&token), &pod(pods[3]), "ns/p")
+                .await;
         }
         assert!(c.len() <= 3);
     }
@@ -805,13 +1044,26 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_pod_with_endless_new_tokens_cannot_drain_the_upstream_budget() {
         let up = Scripted::default();
-        let c = cache(&up, CacheSettings { pod_upstream_qps: 0.2, pod_upstream_burst: 5, ..Default::default() });
+        let c = cache(
+            &up,
+            CacheSettings {
+                pod_upstream_qps: 0.2,
+                pod_upstream_burst: 5,
+                ..Default::default()
+            },
+        );
         let mut refused = 0;
         for i in 0..100 {
             let token = format!("flood-{i}");
-            match c.get(&token, TokenDigest::of(&token), &pod(POD_A), "ns/p").await {
+            match c
+                .get(&token, TokenDigest::of(&token), &pod(POD_A), "ns/p")
+                .await
+            {
                 Err(e) => {
-                    assert_eq!((e.status, e.code.as_str()), (429, "PodUpstreamBudgetExhausted"));
+                    assert_eq!(
+                        (e.status, e.code.as_str()),
+                        (429, "PodUpstreamBudgetExhausted")
+                    );
                     refused += 1;
                 }
                 Ok(_) => {}
@@ -819,9 +1071,22 @@ mod tests {
         }
         assert_eq!((up.calls(), refused), (5, 95), "the burst, then nothing");
         // Another pod is unaffected; the flooding pod gets one more call after 5 s.
-        assert!(c.get("other", TokenDigest::of("other"), &pod(POD_B), "ns/q").await.is_ok());
+        assert!(
+            c.get("other", TokenDigest::of("other"), &pod(POD_B), "ns/q")
+                .await
+                .is_ok()
+        );
         tokio::time::advance(Duration::from_secs(5)).await;
-        assert!(c.get("flood-again", TokenDigest::of("flood-again"), &pod(POD_A), "ns/p").await.is_ok());
+        assert!(
+            c.get(
+                "flood-again",
+                TokenDigest::of("flood-again"),
+                &pod(POD_A),
+                "ns/p"
+            )
+            .await
+            .is_ok()
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -829,7 +1094,9 @@ mod tests {
         let up = Scripted::default();
         up.lifetime(Duration::from_secs(20 * 60));
         let c = cache(&up, CacheSettings::default());
-        c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p").await.unwrap();
+        c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
+            .await
+            .unwrap();
         tokio::time::advance(Duration::from_secs(21 * 60)).await;
         c.maintain(&HashSet::new());
         assert_eq!(c.len(), 0);

@@ -177,9 +177,13 @@ pub struct RunArgs {
 /// Parses `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 5s, 2m"))?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 5s, 2m"))?;
     let seconds = match unit {
         "ms" => value / 1000.0,
         "" | "s" => value,
@@ -224,7 +228,13 @@ pub struct Settings {
 #[derive(Debug)]
 pub enum SourceSettings {
     EksAuth,
-    Sts { associations_file: PathBuf, keys: crate::sts::keys::KeySource, issuer: String, audience: String, cluster_arn: Option<String> },
+    Sts {
+        associations_file: PathBuf,
+        keys: crate::sts::keys::KeySource,
+        issuer: String,
+        audience: String,
+        cluster_arn: Option<String>,
+    },
 }
 
 impl SourceSettings {
@@ -239,26 +249,41 @@ impl SourceSettings {
                     ("--cluster-arn", args.cluster_arn.is_some()),
                 ];
                 if let Some((flag, _)) = sts_only.iter().find(|(_, set)| *set) {
-                    bail!("{flag} applies only to --credential-source sts (EKS Auth verifies tokens and holds the associations)");
+                    bail!(
+                        "{flag} applies only to --credential-source sts (EKS Auth verifies tokens and holds the associations)"
+                    );
                 }
                 Ok(SourceSettings::EksAuth)
             }
             SourceKind::Sts => {
                 if args.eks_auth_endpoint.is_some() {
-                    bail!("--eks-auth-endpoint applies only to --credential-source eks-auth (the STS endpoint follows AWS_ENDPOINT_URL_STS)");
+                    bail!(
+                        "--eks-auth-endpoint applies only to --credential-source eks-auth (the STS endpoint follows AWS_ENDPOINT_URL_STS)"
+                    );
                 }
-                let associations_file = args.associations_file.clone().context("--credential-source sts needs --associations-file")?;
+                let associations_file = args
+                    .associations_file
+                    .clone()
+                    .context("--credential-source sts needs --associations-file")?;
                 let keys = match (&args.jwks_file, &args.jwks_url) {
                     (Some(file), None) => crate::sts::keys::KeySource::File(file.clone()),
                     (None, Some(url)) => {
                         // The keys are what every token is checked against, and the fetch may
                         // carry the agent's own token: neither goes over plain HTTP.
                         if url.scheme_str() != Some("https") || url.host().is_none() {
-                            bail!("--jwks-url: an https URL is needed (the issuer's keys decide which tokens are trusted)");
+                            bail!(
+                                "--jwks-url: an https URL is needed (the issuer's keys decide which tokens are trusted)"
+                            );
                         }
-                        crate::sts::keys::KeySource::Url { url: url.clone(), token_file: args.jwks_token_file.clone(), ca_file: args.jwks_ca_file.clone() }
+                        crate::sts::keys::KeySource::Url {
+                            url: url.clone(),
+                            token_file: args.jwks_token_file.clone(),
+                            ca_file: args.jwks_ca_file.clone(),
+                        }
                     }
-                    _ => bail!("--credential-source sts needs the issuer's keys: --jwks-file or --jwks-url"),
+                    _ => bail!(
+                        "--credential-source sts needs the issuer's keys: --jwks-file or --jwks-url"
+                    ),
                 };
                 let issuer = args.token_issuer.clone().filter(|i| !i.trim().is_empty()).context(
                     "--credential-source sts needs --token-issuer (the cluster's service-account issuer: kubectl get --raw /.well-known/openid-configuration)",
@@ -268,7 +293,13 @@ impl SourceSettings {
                 {
                     bail!("--cluster-arn {arn:?} is not an ARN");
                 }
-                Ok(SourceSettings::Sts { associations_file, keys, issuer, audience: args.token_audience.clone(), cluster_arn: args.cluster_arn.clone() })
+                Ok(SourceSettings::Sts {
+                    associations_file,
+                    keys,
+                    issuer,
+                    audience: args.token_audience.clone(),
+                    cluster_arn: args.cluster_arn.clone(),
+                })
             }
         }
     }
@@ -280,8 +311,19 @@ impl Settings {
             bail!("--cluster-name (or CLUSTER_NAME) must not be empty");
         }
         let source = SourceSettings::resolve(&args)?;
-        let listen = if args.listen.is_empty() { node_ips()?.into_iter().map(|ip| SocketAddr::new(ip, DEFAULT_PORT)).collect() } else { args.listen };
-        let targets = if args.redirect_target.is_empty() { listen.clone() } else { args.redirect_target };
+        let listen = if args.listen.is_empty() {
+            node_ips()?
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, DEFAULT_PORT))
+                .collect()
+        } else {
+            args.listen
+        };
+        let targets = if args.redirect_target.is_empty() {
+            listen.clone()
+        } else {
+            args.redirect_target
+        };
         for t in &targets {
             if t.ip().is_unspecified() || t.ip().is_loopback() {
                 bail!(
@@ -292,10 +334,14 @@ impl Settings {
         let target_v4 = targets.iter().copied().find(SocketAddr::is_ipv4);
         let target_v6 = targets.iter().copied().find(SocketAddr::is_ipv6);
         if target_v4.is_none() && args.intercept.iter().any(SocketAddr::is_ipv4) {
-            tracing::warn!("no IPv4 redirect target: connects to IPv4 credential addresses are not intercepted");
+            tracing::warn!(
+                "no IPv4 redirect target: connects to IPv4 credential addresses are not intercepted"
+            );
         }
         if target_v6.is_none() && args.intercept.iter().any(SocketAddr::is_ipv6) {
-            tracing::warn!("no IPv6 redirect target: connects to IPv6 credential addresses are not intercepted");
+            tracing::warn!(
+                "no IPv6 redirect target: connects to IPv6 credential addresses are not intercepted"
+            );
         }
         Ok(Settings {
             cluster_name: args.cluster_name,
@@ -349,7 +395,9 @@ fn node_ips() -> anyhow::Result<Vec<IpAddr>> {
 fn parse_node_ips(value: &str) -> anyhow::Result<Vec<IpAddr>> {
     let mut ips: Vec<IpAddr> = Vec::new();
     for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let ip: IpAddr = part.parse().with_context(|| format!("NODE_IP={value:?}: {part:?} is not an IP address"))?;
+        let ip: IpAddr = part
+            .parse()
+            .with_context(|| format!("NODE_IP={value:?}: {part:?} is not an IP address"))?;
         if !ips.iter().any(|have| have.is_ipv4() == ip.is_ipv4()) {
             ips.push(ip);
         }
@@ -367,7 +415,11 @@ fn default_route_ip() -> anyhow::Result<IpAddr> {
         .find(|r| r.destination == Ipv4Addr::UNSPECIFIED && r.mask == Ipv4Addr::UNSPECIFIED)
         .map(|r| r.iface.clone())
         .context("no NODE_IP and no IPv4 default route; pass --listen IP:PORT")?;
-    interface_ipv4(&iface)?.with_context(|| format!("default-route interface {iface} has no IPv4 address; pass --listen")).map(IpAddr::V4)
+    interface_ipv4(&iface)?
+        .with_context(|| {
+            format!("default-route interface {iface} has no IPv4 address; pass --listen")
+        })
+        .map(IpAddr::V4)
 }
 
 fn interface_ipv4(name: &str) -> anyhow::Result<Option<Ipv4Addr>> {
@@ -388,7 +440,9 @@ fn interface_ipv4(name: &str) -> anyhow::Result<Option<Ipv4Addr>> {
         // SAFETY: ifa_name is a NUL-terminated string owned by the list.
         let ifname = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
         // SAFETY: ifa_addr is non-null; sa_family tells its real type.
-        if ifname.to_bytes() == name.as_bytes() && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET {
+        if ifname.to_bytes() == name.as_bytes()
+            && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET
+        {
             // SAFETY: AF_INET addresses are sockaddr_in.
             let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
             found = Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
@@ -418,7 +472,13 @@ mod tests {
 
     #[test]
     fn targets_default_to_listen_addresses_per_family() {
-        let s = Settings::resolve(args(&["--listen", "198.18.0.1:2704", "--listen", "[2001:2::1]:2704"])).unwrap();
+        let s = Settings::resolve(args(&[
+            "--listen",
+            "198.18.0.1:2704",
+            "--listen",
+            "[2001:2::1]:2704",
+        ]))
+        .unwrap();
         assert_eq!(s.target_v4, Some("198.18.0.1:2704".parse().unwrap()));
         assert_eq!(s.target_v6, Some("[2001:2::1]:2704".parse().unwrap()));
         assert_eq!(s.intercept.len(), 2);
@@ -427,7 +487,13 @@ mod tests {
     #[test]
     fn node_ip_lists_give_one_address_per_family() {
         let ips = parse_node_ips("198.18.0.1, 2001:2::1,198.18.0.2").unwrap();
-        assert_eq!(ips, vec!["198.18.0.1".parse::<IpAddr>().unwrap(), "2001:2::1".parse().unwrap()]);
+        assert_eq!(
+            ips,
+            vec![
+                "198.18.0.1".parse::<IpAddr>().unwrap(),
+                "2001:2::1".parse().unwrap()
+            ]
+        );
         assert_eq!(parse_node_ips("2001:2::1").unwrap().len(), 1);
         assert!(parse_node_ips("").is_err());
         assert!(parse_node_ips("node-1").is_err());
@@ -450,7 +516,13 @@ mod tests {
         assert!(e.to_string().contains("--redirect-target"), "{e}");
         let e = Settings::resolve(args(&["--listen", "127.0.0.1:2704"])).unwrap_err();
         assert!(e.to_string().contains("loopback"), "{e}");
-        let ok = Settings::resolve(args(&["--listen", "0.0.0.0:2704", "--redirect-target", "198.18.0.1:2704"])).unwrap();
+        let ok = Settings::resolve(args(&[
+            "--listen",
+            "0.0.0.0:2704",
+            "--redirect-target",
+            "198.18.0.1:2704",
+        ]))
+        .unwrap();
         assert_eq!(ok.target_v4, Some("198.18.0.1:2704".parse().unwrap()));
         assert_eq!(ok.target_v6, None);
     }

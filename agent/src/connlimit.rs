@@ -43,7 +43,12 @@ pub struct Permit {
 
 impl ConnectionLimits {
     pub fn new(max_total: usize, max_per_pod: usize) -> Arc<ConnectionLimits> {
-        Arc::new(ConnectionLimits { max_total, max_per_pod, total: AtomicUsize::new(0), per_pod: Mutex::new(HashMap::new()) })
+        Arc::new(ConnectionLimits {
+            max_total,
+            max_per_pod,
+            total: AtomicUsize::new(0),
+            per_pod: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Admits a connection from `pod` (None when the caller is not a known pod).
@@ -62,7 +67,10 @@ impl ConnectionLimits {
             }
             *n += 1;
         }
-        Ok(Permit { limits: self.clone(), pod: pod.cloned() })
+        Ok(Permit {
+            limits: self.clone(),
+            pod: pod.cloned(),
+        })
     }
 
     pub fn open(&self) -> usize {
@@ -74,7 +82,11 @@ impl Drop for Permit {
     fn drop(&mut self) {
         self.limits.total.fetch_sub(1, Ordering::AcqRel);
         if let Some(pod) = &self.pod {
-            let mut per_pod = self.limits.per_pod.lock().unwrap_or_else(|e| e.into_inner());
+            let mut per_pod = self
+                .limits
+                .per_pod
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             if let Some(n) = per_pod.get_mut(pod) {
                 *n -= 1;
                 if *n == 0 {

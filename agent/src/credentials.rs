@@ -8,7 +8,6 @@ use std::{
 use aws_smithy_types::date_time::{DateTime, Format};
 use sha2::{Digest as _, Sha256};
 
-
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
     pub access_key_id: String,
@@ -34,7 +33,9 @@ impl fmt::Debug for Credentials {
 /// RFC 3339 in UTC with a literal `Z` and whole seconds: the Rust and JS SDKs reject `+00:00`.
 pub fn expiration_string(t: SystemTime) -> String {
     let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-    DateTime::from_secs(secs as i64).fmt(Format::DateTime).unwrap_or_default()
+    DateTime::from_secs(secs as i64)
+        .fmt(Format::DateTime)
+        .unwrap_or_default()
 }
 
 impl Credentials {
@@ -49,7 +50,6 @@ impl Credentials {
         }))
         .expect("a JSON object of strings always serialises")
     }
-
 }
 
 /// SHA-256 of a token: the cache key, so raw tokens are never kept as keys.
@@ -98,6 +98,9 @@ mod tests {
     #[test]
     fn debug_redacts_secrets() {
         let s = format!("{:?}", creds());
-        assert!(!s.contains("secret-key") && !s.contains("session-token"), "{s}");
+        assert!(
+            !s.contains("secret-key") && !s.contains("session-token"),
+            "{s}"
+        );
     }
 }

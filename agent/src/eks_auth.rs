@@ -42,7 +42,10 @@ impl EksAuth {
             app_name: Some(app_name(options.node_name.as_deref())),
             ..AwsOptions::default()
         };
-        Ok(EksAuth { cluster_name: options.cluster_name, client: NodeSigned::new(SERVICE, aws, build_client).await? })
+        Ok(EksAuth {
+            cluster_name: options.cluster_name,
+            client: NodeSigned::new(SERVICE, aws, build_client).await?,
+        })
     }
 
     /// Where the last call went (`https://eks-auth.us-west-2.api.aws`), once a call was made.
@@ -56,8 +59,15 @@ impl EksAuth {
     }
 }
 
-fn build_client(config: &aws_config::SdkConfig, endpoint: &EndpointRecorder) -> aws_sdk_eksauth::Client {
-    aws_sdk_eksauth::Client::from_conf(aws_sdk_eksauth::config::Builder::from(config).interceptor(endpoint.clone()).build())
+fn build_client(
+    config: &aws_config::SdkConfig,
+    endpoint: &EndpointRecorder,
+) -> aws_sdk_eksauth::Client {
+    aws_sdk_eksauth::Client::from_conf(
+        aws_sdk_eksauth::config::Builder::from(config)
+            .interceptor(endpoint.clone())
+            .build(),
+    )
 }
 
 impl Upstream for EksAuth {
@@ -78,8 +88,11 @@ impl Upstream for EksAuth {
             .map_err(|e| self.client.error(e))?;
         let malformed = |what: &str| UpstreamError::malformed(SERVICE, what, out.request_id());
         let creds = out.credentials().ok_or_else(|| malformed("credentials"))?;
-        let role = out.assumed_role_user().ok_or_else(|| malformed("assumedRoleUser"))?;
-        let expiration = std::time::SystemTime::try_from(*creds.expiration()).map_err(|_| malformed("valid expiration"))?;
+        let role = out
+            .assumed_role_user()
+            .ok_or_else(|| malformed("assumedRoleUser"))?;
+        let expiration = std::time::SystemTime::try_from(*creds.expiration())
+            .map_err(|_| malformed("valid expiration"))?;
         Ok(AssumedRole::new(
             Credentials {
                 access_key_id: creds.access_key_id().to_owned(),
@@ -89,7 +102,9 @@ impl Upstream for EksAuth {
                 expiration,
             },
             role.arn().to_owned(),
-            out.pod_identity_association().map(|a| a.association_id().to_owned()).unwrap_or_default(),
+            out.pod_identity_association()
+                .map(|a| a.association_id().to_owned())
+                .unwrap_or_default(),
             out.request_id().map(str::to_owned),
         ))
     }

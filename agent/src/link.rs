@@ -24,9 +24,16 @@ pub struct Link {
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip").args(args).output().context("running `ip` (iproute2 is needed in link mode)")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running `ip` (iproute2 is needed in link mode)")?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -38,7 +45,9 @@ pub fn ensure(addresses: &[IpAddr]) -> anyhow::Result<Link> {
     } else if ip(&["link", "add", INTERFACE, "type", "dummy"]).is_ok() {
         INTERFACE.to_owned()
     } else if ip(&["link", "add", INTERFACE, "type", "ifb"]).is_ok() {
-        info!("no dummy link driver in this kernel; using an ifb device for the credential addresses");
+        info!(
+            "no dummy link driver in this kernel; using an ifb device for the credential addresses"
+        );
         INTERFACE.to_owned()
     } else {
         warn!("cannot create a dummy or ifb device; putting the credential addresses on lo");
@@ -49,16 +58,29 @@ pub fn ensure(addresses: &[IpAddr]) -> anyhow::Result<Link> {
     for addr in addresses {
         let result = match addr {
             IpAddr::V4(a) => ip(&["addr", "replace", &format!("{a}/32"), "dev", &device]),
-            IpAddr::V6(a) => ip(&["-6", "addr", "replace", &format!("{a}/128"), "dev", &device, "nodad"]),
+            IpAddr::V6(a) => ip(&[
+                "-6",
+                "addr",
+                "replace",
+                &format!("{a}/128"),
+                "dev",
+                &device,
+                "nodad",
+            ]),
         };
         match result {
             Ok(()) => configured.push(*addr),
-            Err(e) if addr.is_ipv6() => warn!(%addr, error = %e, "IPv6 credential address not configured (no IPv6 on this node?); serving IPv4 only"),
+            Err(e) if addr.is_ipv6() => {
+                warn!(%addr, error = %e, "IPv6 credential address not configured (no IPv6 on this node?); serving IPv4 only")
+            }
             Err(e) => return Err(e),
         }
     }
     if configured.is_empty() {
         bail!("no credential address could be configured on {device}");
     }
-    Ok(Link { device, addresses: configured })
+    Ok(Link {
+        device,
+        addresses: configured,
+    })
 }

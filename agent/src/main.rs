@@ -64,7 +64,11 @@ use crate::{
 const MAINTENANCE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Parser, Debug)]
-#[command(name = "pod-identity-agent", version, about = "Serves EKS Pod Identity credentials to pods through an eBPF redirect")]
+#[command(
+    name = "pod-identity-agent",
+    version,
+    about = "Serves EKS Pod Identity credentials to pods through an eBPF redirect"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -94,7 +98,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (name, result) = match cli.command {
         Command::Run(args) => return run_daemon(args),
-        Command::Pods(args) => ("pods", operator::pods::run(&args).map(|()| ExitCode::SUCCESS)),
+        Command::Pods(args) => (
+            "pods",
+            operator::pods::run(&args).map(|()| ExitCode::SUCCESS),
+        ),
         Command::Associations(args) => ("associations", operator::associations::run(args)),
         Command::Doctor(args) => ("doctor", operator::doctor::run(args)),
         Command::Cleanup { pin } => (
@@ -114,7 +121,10 @@ fn main() -> ExitCode {
 fn run_daemon(args: RunArgs) -> ExitCode {
     init_logging(args.log_format, &args.log_level);
     limit_malloc_arenas();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             error!("cannot start the async runtime: {e}");
@@ -135,10 +145,14 @@ fn init_logging(format: LogFormat, level: &str) {
         eprintln!("invalid --log-level {level:?} ({e}); using info");
         tracing_subscriber::EnvFilter::new("info")
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
     }
 }
 
@@ -152,9 +166,13 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 
     // Probes and metrics first, so a kubelet and Prometheus see "alive, not ready" while the
     // programs load or the cgroup root is awaited.
-    ops::serve(settings.probe_addr, ops::probes(readiness.clone(), stats.clone(), info.clone()), shutdown_rx.clone())
-        .await
-        .with_context(|| format!("binding the probe address {}", settings.probe_addr))?;
+    ops::serve(
+        settings.probe_addr,
+        ops::probes(readiness.clone(), stats.clone(), info.clone()),
+        shutdown_rx.clone(),
+    )
+    .await
+    .with_context(|| format!("binding the probe address {}", settings.probe_addr))?;
     let metrics_handler: ops::Handler = {
         let (serving, metrics, readiness) = (serving.clone(), metrics.clone(), readiness.clone());
         Arc::new(move |path| match path {
@@ -165,7 +183,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
                     cache: server.cache.stats(),
                     open_connections: server.connection_limits.open(),
                 });
-                (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render(readiness.is_ready(), live))
+                (
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    metrics.render(readiness.is_ready(), live),
+                )
             }
             _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         })
@@ -180,10 +202,23 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     // only be served in link mode.
     let cgroup2 = attribution::cgroup2_mount(settings.cgroup_root.as_deref()).and_then(|mount| {
         let (own, id) = attribution::own_cgroup(&mount)?;
-        let root = settings.cgroup_root.clone().unwrap_or_else(|| mount.clone());
-        anyhow::Ok(Cgroup2 { mount, root, own, id })
+        let root = settings
+            .cgroup_root
+            .clone()
+            .unwrap_or_else(|| mount.clone());
+        anyhow::Ok(Cgroup2 {
+            mount,
+            root,
+            own,
+            id,
+        })
     });
-    let Interception { redirector, listeners, mode, note } = intercept(&settings, cgroup2.as_ref(), &readiness).await?;
+    let Interception {
+        redirector,
+        listeners,
+        mode,
+        note,
+    } = intercept(&settings, cgroup2.as_ref(), &readiness).await?;
     // Start-up milestones, so a slow start shows where its time went.
     debug!(mode, "interception in place");
     metrics.set_mode(mode);
@@ -194,18 +229,26 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             // do when the configured root is what made eBPF mode impossible.
             Err(e) if redirector.is_none() => {
                 warn!(error = %e, root = %c.root.display(), "cannot index the cgroup root; indexing the whole cgroup2 hierarchy");
-                CgroupIndex::build(&c.mount, &c.mount).with_context(|| format!("indexing cgroups below {}", c.mount.display()))?
+                CgroupIndex::build(&c.mount, &c.mount)
+                    .with_context(|| format!("indexing cgroups below {}", c.mount.display()))?
             }
             Err(e) => {
-                return Err(anyhow::Error::new(e).context(format!("indexing cgroups below {}", c.root.display())));
+                return Err(anyhow::Error::new(e)
+                    .context(format!("indexing cgroups below {}", c.root.display())));
             }
         }),
         Err(e) => {
-            warn!("{e:#}: deleted pods are not noticed; their cached credentials expire or age out (--max-cache-entries)");
+            warn!(
+                "{e:#}: deleted pods are not noticed; their cached credentials expire or age out (--max-cache-entries)"
+            );
             None
         }
     };
-    debug!(cgroups = cgroups.as_ref().map(CgroupIndex::len), pods = cgroups.as_ref().map(CgroupIndex::pods), "cgroup index built");
+    debug!(
+        cgroups = cgroups.as_ref().map(CgroupIndex::len),
+        pods = cgroups.as_ref().map(CgroupIndex::pods),
+        "cgroup index built"
+    );
     let upstream = match &settings.source {
         SourceSettings::EksAuth => CredentialSource::EksAuth(
             EksAuth::new(EksAuthOptions {
@@ -217,7 +260,13 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             })
             .await?,
         ),
-        SourceSettings::Sts { associations_file, keys, issuer, audience, cluster_arn } => CredentialSource::Sts(Box::new(
+        SourceSettings::Sts {
+            associations_file,
+            keys,
+            issuer,
+            audience,
+            cluster_arn,
+        } => CredentialSource::Sts(Box::new(
             Sts::new(StsOptions {
                 cluster_name: settings.cluster_name.clone(),
                 cluster_arn: cluster_arn.clone(),
@@ -237,9 +286,17 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let server = Arc::new(CredentialServer {
         redirector: redirector.clone(),
         cgroups,
-        cache: CredentialCache::new(upstream, settings.cache.clone(), UpstreamLimiter::new(settings.upstream_qps, settings.upstream_burst), metrics.clone()),
+        cache: CredentialCache::new(
+            upstream,
+            settings.cache.clone(),
+            UpstreamLimiter::new(settings.upstream_qps, settings.upstream_burst),
+            metrics.clone(),
+        ),
         pod_limits: PodRateLimits::new(settings.pod_rps, settings.pod_burst),
-        connection_limits: connlimit::ConnectionLimits::new(settings.max_connections, settings.max_connections_per_pod),
+        connection_limits: connlimit::ConnectionLimits::new(
+            settings.max_connections,
+            settings.max_connections_per_pod,
+        ),
         stats,
         metrics: metrics.clone(),
         allowed_hosts: request::allowed_hosts(&settings.intercept),
@@ -248,19 +305,30 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let _ = serving.set(server.clone());
 
-    let listen_addrs: Vec<_> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let listen_addrs: Vec<_> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
     // Listening only now: a socket that listens gets a share of the port's connections, and this
     // agent can serve them from here on.
     let listeners = listeners
         .into_iter()
         .zip(&listen_addrs)
-        .map(|(socket, addr)| socket.listen(1024).with_context(|| format!("listening on {addr}")))
+        .map(|(socket, addr)| {
+            socket
+                .listen(1024)
+                .with_context(|| format!("listening on {addr}"))
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let maintenance = tokio::spawn(maintain(server.clone()));
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let mut accept_loops = Vec::new();
     for listener in listeners {
-        accept_loops.push(tokio::spawn(server.clone().serve(listener, shutdown_rx.clone(), graceful.clone())));
+        accept_loops.push(tokio::spawn(server.clone().serve(
+            listener,
+            shutdown_rx.clone(),
+            graceful.clone(),
+        )));
     }
     let _ = info.set(AgentInfo {
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -306,8 +374,12 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     for handle in accept_loops {
         let _ = handle.await;
     }
-    let graceful = Arc::try_unwrap(graceful).map_err(|_| anyhow::anyhow!("accept loops still hold the connection tracker"))?;
-    if tokio::time::timeout(settings.shutdown_grace, graceful.shutdown()).await.is_err() {
+    let graceful = Arc::try_unwrap(graceful)
+        .map_err(|_| anyhow::anyhow!("accept loops still hold the connection tracker"))?;
+    if tokio::time::timeout(settings.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         warn!(grace = ?settings.shutdown_grace, "connections still open after the grace period; closing them");
     }
     drop(server);
@@ -347,7 +419,11 @@ struct Interception {
 }
 
 /// eBPF interception, or link mode: as `--mode` says, `auto` falling back with the reason.
-async fn intercept(settings: &Settings, cgroup2: Result<&Cgroup2, &anyhow::Error>, readiness: &Readiness) -> anyhow::Result<Interception> {
+async fn intercept(
+    settings: &Settings,
+    cgroup2: Result<&Cgroup2, &anyhow::Error>,
+    readiness: &Readiness,
+) -> anyhow::Result<Interception> {
     if settings.mode != Mode::Link {
         let attempt = async {
             let cgroup2 = cgroup2.map_err(|e| {
@@ -368,7 +444,12 @@ async fn intercept(settings: &Settings, cgroup2: Result<&Cgroup2, &anyhow::Error
         .await;
         let fallback_reason = match attempt {
             Ok((listeners, redirector)) => {
-                return Ok(Interception { redirector: Some(Arc::new(redirector)), listeners, mode: "ebpf", note: String::new() });
+                return Ok(Interception {
+                    redirector: Some(Arc::new(redirector)),
+                    listeners,
+                    mode: "ebpf",
+                    note: String::new(),
+                });
             }
             Err(e) if settings.mode == Mode::Ebpf => {
                 return Err(e.context("cannot intercept pods' connections"));
@@ -388,7 +469,12 @@ async fn intercept(settings: &Settings, cgroup2: Result<&Cgroup2, &anyhow::Error
 fn link_mode(settings: &Settings, fallback_reason: Option<String>) -> anyhow::Result<Interception> {
     let addresses: Vec<_> = settings.intercept.iter().map(|a| a.ip()).collect();
     let link = link::ensure(&addresses)?;
-    let on_link: Vec<_> = settings.intercept.iter().copied().filter(|a| link.addresses.contains(&a.ip())).collect();
+    let on_link: Vec<_> = settings
+        .intercept
+        .iter()
+        .copied()
+        .filter(|a| link.addresses.contains(&a.ip()))
+        .collect();
     let listeners = bind_all(&on_link)?;
     warn!(device = %link.device, addresses = ?link.addresses, "link mode: callers are not attributed to pods; requests are checked by their token alone");
     Ok(Interception {
@@ -396,8 +482,14 @@ fn link_mode(settings: &Settings, fallback_reason: Option<String>) -> anyhow::Re
         listeners,
         mode: "link",
         note: match fallback_reason {
-            Some(reason) => format!("link mode on {}: callers are not attributed; token-only checks; eBPF mode unavailable: {reason}", link.device),
-            None => format!("link mode on {}: callers are not attributed; token-only checks", link.device),
+            Some(reason) => format!(
+                "link mode on {}: callers are not attributed; token-only checks; eBPF mode unavailable: {reason}",
+                link.device
+            ),
+            None => format!(
+                "link mode on {}: callers are not attributed; token-only checks",
+                link.device
+            ),
         },
     })
 }
@@ -405,7 +497,13 @@ fn link_mode(settings: &Settings, fallback_reason: Option<String>) -> anyhow::Re
 /// The credential listeners' sockets, shared with an agent starting beside this one during a
 /// roll; bound, not listening yet.
 fn bind_all(addrs: &[std::net::SocketAddr]) -> anyhow::Result<Vec<TcpSocket>> {
-    addrs.iter().map(|addr| ops::shared_socket(*addr).with_context(|| format!("binding the credential listener {addr}"))).collect()
+    addrs
+        .iter()
+        .map(|addr| {
+            ops::shared_socket(*addr)
+                .with_context(|| format!("binding the credential listener {addr}"))
+        })
+        .collect()
 }
 
 /// glibc gives each thread that allocates its own arena, and keeps freed memory in them: bursts
@@ -438,7 +536,15 @@ async fn maintain(server: Arc<CredentialServer>) {
         let walker = server.clone();
         let known = server.pod_uids();
         // Without a cgroup index (link mode) no pod is known to be gone.
-        let gone = match tokio::task::spawn_blocking(move || walker.cgroups.as_ref().map(|index| index.gone(&known)).transpose()).await {
+        let gone = match tokio::task::spawn_blocking(move || {
+            walker
+                .cgroups
+                .as_ref()
+                .map(|index| index.gone(&known))
+                .transpose()
+        })
+        .await
+        {
             Ok(Ok(gone)) => gone.unwrap_or_default(),
             Ok(Err(e)) => {
                 warn!(error = %e, "cannot walk the cgroup tree; keeping every pod's state until the next try");
@@ -454,13 +560,23 @@ async fn maintain(server: Arc<CredentialServer>) {
 
 /// Waits for the attach point to exist (kubelet creates kubepods.slice), reporting not ready
 /// with the reason meanwhile.
-async fn wait_for_cgroup_root(root: &std::path::Path, wait: std::time::Duration, readiness: &Readiness) -> anyhow::Result<()> {
+async fn wait_for_cgroup_root(
+    root: &std::path::Path,
+    wait: std::time::Duration,
+    readiness: &Readiness,
+) -> anyhow::Result<()> {
     let started = tokio::time::Instant::now();
     while !root.exists() {
         if started.elapsed() >= wait {
-            anyhow::bail!("cgroup root {} does not exist (waited {wait:?}); check --cgroup-root", root.display());
+            anyhow::bail!(
+                "cgroup root {} does not exist (waited {wait:?}); check --cgroup-root",
+                root.display()
+            );
         }
-        readiness.not_ready(format!("waiting for cgroup root {} to appear", root.display()));
+        readiness.not_ready(format!(
+            "waiting for cgroup root {} to appear",
+            root.display()
+        ));
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     readiness.not_ready("kernel programs not attached yet");
@@ -468,8 +584,10 @@ async fn wait_for_cgroup_root(root: &std::path::Path, wait: std::time::Duration,
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())
+        .context("installing the SIGINT handler")?;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM received"),
         _ = int.recv() => info!("SIGINT received"),
@@ -482,24 +600,58 @@ mod tests {
     use super::*;
 
     fn parse(argv: &[&str]) -> Result<Command, clap::Error> {
-        Cli::try_parse_from(std::iter::once("pod-identity-agent").chain(argv.iter().copied())).map(|cli| cli.command)
+        Cli::try_parse_from(std::iter::once("pod-identity-agent").chain(argv.iter().copied()))
+            .map(|cli| cli.command)
     }
 
     #[test]
     fn associations_take_cluster_flags_before_or_after_the_action() {
         for argv in [
-            &["associations", "--cluster-name", "prod", "create", "--namespace", "ns", "--service-account", "sa", "--role-arn", "arn:aws:iam::1:role/r"][..],
-            &["associations", "create", "--namespace", "ns", "--service-account", "sa", "--role-arn", "arn:aws:iam::1:role/r", "--cluster-name", "prod"][..],
+            &[
+                "associations",
+                "--cluster-name",
+                "prod",
+                "create",
+                "--namespace",
+                "ns",
+                "--service-account",
+                "sa",
+                "--role-arn",
+                "arn:aws:iam::1:role/r",
+            ][..],
+            &[
+                "associations",
+                "create",
+                "--namespace",
+                "ns",
+                "--service-account",
+                "sa",
+                "--role-arn",
+                "arn:aws:iam::1:role/r",
+                "--cluster-name",
+                "prod",
+            ][..],
         ] {
             match parse(argv).unwrap() {
                 Command::Associations(a) => {
                     assert_eq!(a.cluster.cluster_name.as_deref(), Some("prod"), "{argv:?}");
-                    assert!(matches!(a.action, Some(operator::associations::Action::Create(ref c)) if c.namespace == "ns"));
+                    assert!(
+                        matches!(a.action, Some(operator::associations::Action::Create(ref c)) if c.namespace == "ns")
+                    );
                 }
                 other => panic!("parsed {other:?}"),
             }
         }
-        match parse(&["associations", "--namespace", "ns", "--json", "--cluster-name", "prod"]).unwrap() {
+        match parse(&[
+            "associations",
+            "--namespace",
+            "ns",
+            "--json",
+            "--cluster-name",
+            "prod",
+        ])
+        .unwrap()
+        {
             Command::Associations(a) => {
                 assert!(a.action.is_none() && a.json && a.namespace.as_deref() == Some("ns"))
             }
@@ -507,7 +659,12 @@ mod tests {
         }
         // Listing flags do not mix with an action.
         match parse(&["associations", "--json", "delete", "a-1"]).unwrap() {
-            Command::Associations(a) => assert!(a.check().unwrap_err().to_string().contains("are for listing")),
+            Command::Associations(a) => assert!(
+                a.check()
+                    .unwrap_err()
+                    .to_string()
+                    .contains("are for listing")
+            ),
             other => panic!("parsed {other:?}"),
         }
     }

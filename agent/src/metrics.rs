@@ -112,8 +112,13 @@ impl Metrics {
     pub fn new(per_pod: bool, cache_capacity: usize) -> Arc<Metrics> {
         let mut r = Registry::default();
         let requests = Family::<CodeLabels, Counter>::default();
-        r.register("pod_identity_agent_requests", "Credential endpoint responses by HTTP status code", requests.clone());
-        let requests_by_status = [200u16, 400, 403, 404, 405, 429, 500, 502, 503, 504].map(|code| (code, requests.get_or_create_owned(&CodeLabels { code })));
+        r.register(
+            "pod_identity_agent_requests",
+            "Credential endpoint responses by HTTP status code",
+            requests.clone(),
+        );
+        let requests_by_status = [200u16, 400, 403, 404, 405, 429, 500, 502, 503, 504]
+            .map(|code| (code, requests.get_or_create_owned(&CodeLabels { code })));
         let request_duration = AtomicHistogram::exponential(0.0001, 2.5, 14);
         r.register_with_unit(
             "pod_identity_agent_request_duration",
@@ -167,10 +172,18 @@ impl Metrics {
             kernel_redirects.clone(),
         );
         let cache_entries = Gauge::default();
-        r.register("pod_identity_agent_cache_entries", "Credentials held in the cache", cache_entries.clone());
+        r.register(
+            "pod_identity_agent_cache_entries",
+            "Credentials held in the cache",
+            cache_entries.clone(),
+        );
         let capacity = Gauge::<i64>::default();
         capacity.set(cache_capacity as i64);
-        r.register("pod_identity_agent_cache_capacity", "Most credentials the cache holds (--max-cache-entries)", capacity.clone());
+        r.register(
+            "pod_identity_agent_cache_capacity",
+            "Most credentials the cache holds (--max-cache-entries)",
+            capacity.clone(),
+        );
         let ready = Gauge::default();
         r.register("pod_identity_agent_ready", "1 when /readyz answers ready, else 0 (starting, waiting for the cgroup root, shutting down)", ready.clone());
         let cache_lookups = Family::<ResultLabels, Counter>::default();
@@ -186,12 +199,24 @@ impl Metrics {
             cache_evictions.clone(),
         );
         let cache_refreshes = Counter::default();
-        r.register("pod_identity_agent_cache_refreshes", "Background refreshes started ahead of expiry", cache_refreshes.clone());
+        r.register(
+            "pod_identity_agent_cache_refreshes",
+            "Background refreshes started ahead of expiry",
+            cache_refreshes.clone(),
+        );
         let upstream_calls = Counter::default();
-        r.register("pod_identity_agent_upstream_calls", "Attempts at the credential source (EKS Auth, or STS), retries included", upstream_calls.clone());
+        r.register(
+            "pod_identity_agent_upstream_calls",
+            "Attempts at the credential source (EKS Auth, or STS), retries included",
+            upstream_calls.clone(),
+        );
         let pod_requests = per_pod.then(|| {
             let f = Family::<PodLabels, Counter>::default();
-            r.register("pod_identity_agent_pod_requests", "Credential endpoint responses per pod and status code (--metrics-per-pod)", f.clone());
+            r.register(
+                "pod_identity_agent_pod_requests",
+                "Credential endpoint responses per pod and status code (--metrics-per-pod)",
+                f.clone(),
+            );
             f
         });
         let mode = Family::<ModeLabels, Gauge>::default();
@@ -203,10 +228,22 @@ impl Metrics {
             rejected_connections.clone(),
         );
         let open_connections = Gauge::default();
-        r.register("pod_identity_agent_open_connections", "Open connections on the credential listeners", open_connections.clone());
+        r.register(
+            "pod_identity_agent_open_connections",
+            "Open connections on the credential listeners",
+            open_connections.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
-        build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
-        r.register("pod_identity_agent_build_info", "Version of the running agent (value is always 1)", build);
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        r.register(
+            "pod_identity_agent_build_info",
+            "Version of the running agent (value is always 1)",
+            build,
+        );
         let process = ProcessMetrics {
             #[cfg(feature = "count-allocations")]
             allocations: Counter::default(),
@@ -218,16 +255,48 @@ impl Metrics {
             max_fds: Gauge::default(),
             start_time_seconds: Gauge::default(),
         };
-        r.register_with_unit("process_resident_memory", "Resident memory size", Unit::Bytes, process.resident_memory_bytes.clone());
-        r.register_with_unit("process_cpu", "User and system CPU time spent", Unit::Seconds, process.cpu_seconds.clone());
-        r.register("process_open_fds", "Open file descriptors", process.open_fds.clone());
-        r.register("process_max_fds", "Limit on open file descriptors", process.max_fds.clone());
+        r.register_with_unit(
+            "process_resident_memory",
+            "Resident memory size",
+            Unit::Bytes,
+            process.resident_memory_bytes.clone(),
+        );
+        r.register_with_unit(
+            "process_cpu",
+            "User and system CPU time spent",
+            Unit::Seconds,
+            process.cpu_seconds.clone(),
+        );
+        r.register(
+            "process_open_fds",
+            "Open file descriptors",
+            process.open_fds.clone(),
+        );
+        r.register(
+            "process_max_fds",
+            "Limit on open file descriptors",
+            process.max_fds.clone(),
+        );
         #[cfg(feature = "count-allocations")]
         {
-            r.register("process_heap_allocations", "Heap allocations since start (count-allocations builds only)", process.allocations.clone());
-            r.register_with_unit("process_heap_live", "Heap bytes in use (count-allocations builds only)", Unit::Bytes, process.live_bytes.clone());
+            r.register(
+                "process_heap_allocations",
+                "Heap allocations since start (count-allocations builds only)",
+                process.allocations.clone(),
+            );
+            r.register_with_unit(
+                "process_heap_live",
+                "Heap bytes in use (count-allocations builds only)",
+                Unit::Bytes,
+                process.live_bytes.clone(),
+            );
         }
-        r.register_with_unit("process_start_time", "Start time of the process since the Unix epoch", Unit::Seconds, process.start_time_seconds.clone());
+        r.register_with_unit(
+            "process_start_time",
+            "Start time of the process since the Unix epoch",
+            Unit::Seconds,
+            process.start_time_seconds.clone(),
+        );
         Arc::new(Metrics {
             registry: r,
             requests,
@@ -255,7 +324,9 @@ impl Metrics {
     }
 
     pub fn observe_rejected_connection(&self, reason: &'static str) {
-        self.rejected_connections.get_or_create(&ReasonLabels { reason }).inc();
+        self.rejected_connections
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     pub fn set_mode(&self, mode: &'static str) {
@@ -263,7 +334,13 @@ impl Metrics {
     }
 
     /// One response of the credential endpoint; `pod` is (namespace, name) when known.
-    pub fn observe_request(&self, code: u16, elapsed: Duration, refused: Option<&'static str>, pod: Option<(&str, &str)>) {
+    pub fn observe_request(
+        &self,
+        code: u16,
+        elapsed: Duration,
+        refused: Option<&'static str>,
+        pod: Option<(&str, &str)>,
+    ) {
         match self.requests_by_status.iter().find(|(c, _)| *c == code) {
             Some((_, counter)) => counter.inc(),
             None => self.requests.get_or_create(&CodeLabels { code }).inc(),
@@ -273,7 +350,13 @@ impl Metrics {
             self.refused.get_or_create(&ReasonLabels { reason }).inc();
         }
         if let (Some(family), Some((namespace, pod))) = (&self.pod_requests, pod) {
-            family.get_or_create(&PodLabels { namespace: namespace.to_owned(), pod: pod.to_owned(), code }).inc();
+            family
+                .get_or_create(&PodLabels {
+                    namespace: namespace.to_owned(),
+                    pod: pod.to_owned(),
+                    code,
+                })
+                .inc();
         }
     }
 
@@ -281,7 +364,11 @@ impl Metrics {
     pub fn forget_pod(&self, namespace: &str, pod: &str) {
         if let Some(family) = &self.pod_requests {
             for code in [200u16, 400, 403, 404, 405, 429, 500, 502, 503, 504] {
-                family.remove(&PodLabels { namespace: namespace.to_owned(), pod: pod.to_owned(), code });
+                family.remove(&PodLabels {
+                    namespace: namespace.to_owned(),
+                    pod: pod.to_owned(),
+                    code,
+                });
             }
         }
     }
@@ -290,7 +377,11 @@ impl Metrics {
     pub fn observe_upstream(&self, elapsed: Duration, error: Option<&str>) {
         self.upstream_duration.observe(elapsed);
         if let Some(code) = error {
-            self.upstream_errors.get_or_create(&ErrorCodeLabels { code: code.to_owned() }).inc();
+            self.upstream_errors
+                .get_or_create(&ErrorCodeLabels {
+                    code: code.to_owned(),
+                })
+                .inc();
         }
     }
 
@@ -303,7 +394,8 @@ impl Metrics {
     pub fn observe_budget_wait(&self, waited: Duration) {
         if !waited.is_zero() {
             self.upstream_budget_waits.inc();
-            self.upstream_budget_wait_seconds.inc_by(waited.as_secs_f64());
+            self.upstream_budget_wait_seconds
+                .inc_by(waited.as_secs_f64());
         }
     }
 
@@ -316,24 +408,44 @@ impl Metrics {
         }
         self.read_process();
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 
     fn copy_live(&self, live: Live<'_>) {
-        let Live { redirects, cache_entries, cache, open_connections } = live;
+        let Live {
+            redirects,
+            cache_entries,
+            cache,
+            open_connections,
+        } = live;
         self.open_connections.set(open_connections as i64);
         if let Some(counts) = redirects {
             for (family, value) in [("ipv4", counts.v4), ("ipv6", counts.v6)] {
-                self.kernel_redirects.get_or_create(&FamilyLabels { family }).inner().store(value, Ordering::Relaxed);
+                self.kernel_redirects
+                    .get_or_create(&FamilyLabels { family })
+                    .inner()
+                    .store(value, Ordering::Relaxed);
             }
         }
         self.cache_entries.set(cache_entries as i64);
-        let copy = |counter: &Counter, from: &std::sync::atomic::AtomicU64| counter.inner().store(from.load(Ordering::Relaxed), Ordering::Relaxed);
-        for (result, from) in
-            [("hit", &cache.hits), ("miss", &cache.misses), ("coalesced", &cache.coalesced), ("stale", &cache.stale_served), ("negative", &cache.negative_hits)]
-        {
-            copy(&self.cache_lookups.get_or_create(&ResultLabels { result }), from);
+        let copy = |counter: &Counter, from: &std::sync::atomic::AtomicU64| {
+            counter
+                .inner()
+                .store(from.load(Ordering::Relaxed), Ordering::Relaxed)
+        };
+        for (result, from) in [
+            ("hit", &cache.hits),
+            ("miss", &cache.misses),
+            ("coalesced", &cache.coalesced),
+            ("stale", &cache.stale_served),
+            ("negative", &cache.negative_hits),
+        ] {
+            copy(
+                &self.cache_lookups.get_or_create(&ResultLabels { result }),
+                from,
+            );
         }
         for (reason, from) in [
             ("lru", &cache.evicted_lru),
@@ -342,7 +454,10 @@ impl Metrics {
             ("expired", &cache.evicted_expired),
             ("terminal", &cache.evicted_terminal),
         ] {
-            copy(&self.cache_evictions.get_or_create(&ReasonLabels { reason }), from);
+            copy(
+                &self.cache_evictions.get_or_create(&ReasonLabels { reason }),
+                from,
+            );
         }
         copy(&self.cache_refreshes, &cache.refreshes);
         copy(&self.upstream_calls, &cache.upstream_calls);
@@ -352,19 +467,31 @@ impl Metrics {
     fn read_process(&self) {
         #[cfg(feature = "count-allocations")]
         {
-            self.process.allocations.inner().store(crate::alloc_count::allocations(), Ordering::Relaxed);
-            self.process.live_bytes.set(crate::alloc_count::live_bytes() as i64);
+            self.process
+                .allocations
+                .inner()
+                .store(crate::alloc_count::allocations(), Ordering::Relaxed);
+            self.process
+                .live_bytes
+                .set(crate::alloc_count::live_bytes() as i64);
         }
         let Ok(me) = procfs::process::Process::myself() else {
             return;
         };
         let ticks = procfs::ticks_per_second() as f64;
         if let Ok(stat) = me.stat() {
-            self.process.resident_memory_bytes.set(stat.rss as i64 * procfs::page_size() as i64);
+            self.process
+                .resident_memory_bytes
+                .set(stat.rss as i64 * procfs::page_size() as i64);
             let cpu = (stat.utime + stat.stime) as f64 / ticks;
-            self.process.cpu_seconds.inner().store(cpu.to_bits(), Ordering::Relaxed);
+            self.process
+                .cpu_seconds
+                .inner()
+                .store(cpu.to_bits(), Ordering::Relaxed);
             if let Ok(boot) = procfs::boot_time_secs() {
-                self.process.start_time_seconds.set(boot as i64 + (stat.starttime as f64 / ticks) as i64);
+                self.process
+                    .start_time_seconds
+                    .set(boot as i64 + (stat.starttime as f64 / ticks) as i64);
             }
         }
         if let Ok(n) = me.fd_count() {
@@ -396,10 +523,19 @@ struct HistogramCells {
 impl AtomicHistogram {
     /// `count` buckets from `start` seconds, each `factor` times the one before, and +Inf.
     pub fn exponential(start: f64, factor: f64, count: u16) -> AtomicHistogram {
-        let mut bounds: Vec<u64> = (0..i32::from(count)).map(|i| (start * factor.powi(i) * 1e9) as u64).collect();
+        let mut bounds: Vec<u64> = (0..i32::from(count))
+            .map(|i| (start * factor.powi(i) * 1e9) as u64)
+            .collect();
         bounds.push(u64::MAX);
-        let counts = bounds.iter().map(|_| std::sync::atomic::AtomicU64::new(0)).collect();
-        AtomicHistogram(Arc::new(HistogramCells { bounds, counts, sum_nanos: std::sync::atomic::AtomicU64::new(0) }))
+        let counts = bounds
+            .iter()
+            .map(|_| std::sync::atomic::AtomicU64::new(0))
+            .collect();
+        AtomicHistogram(Arc::new(HistogramCells {
+            bounds,
+            counts,
+            sum_nanos: std::sync::atomic::AtomicU64::new(0),
+        }))
     }
 
     pub fn observe(&self, elapsed: Duration) {
@@ -422,7 +558,16 @@ impl EncodeMetric for AtomicHistogram {
             .bounds
             .iter()
             .zip(&cells.counts)
-            .map(|(bound, count)| (if *bound == u64::MAX { f64::MAX } else { *bound as f64 / 1e9 }, count.load(Ordering::Relaxed)))
+            .map(|(bound, count)| {
+                (
+                    if *bound == u64::MAX {
+                        f64::MAX
+                    } else {
+                        *bound as f64 / 1e9
+                    },
+                    count.load(Ordering::Relaxed),
+                )
+            })
             .collect();
         let count = buckets.iter().map(|(_, c)| c).sum();
         let sum = cells.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;

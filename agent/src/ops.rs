@@ -12,8 +12,8 @@ use bytes::Bytes;
 use http::{Response, StatusCode, header};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
-use tokio::sync::watch;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use tracing::warn;
 
 use crate::stats::PodStatsRegistry;
@@ -83,7 +83,11 @@ pub type Handler = Arc<dyn Fn(&str) -> (StatusCode, &'static str, String) + Send
 /// the port's group of listeners, and gets a share of its connections, only once it listens: an
 /// agent binds early (a conflict fails fast) and listens when it is ready to accept.
 pub fn shared_socket(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }?;
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(true)?;
     socket.bind(addr)?;
@@ -91,7 +95,11 @@ pub fn shared_socket(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket>
 }
 
 /// Serves `handler` (path -> status, content type, body) on `addr` until `shutdown` flips.
-pub async fn serve(addr: SocketAddr, handler: Handler, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    handler: Handler,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
     let listener = shared_socket(addr)?.listen(128)?;
     tokio::spawn(async move {
         loop {
@@ -103,16 +111,20 @@ pub async fn serve(addr: SocketAddr, handler: Handler, mut shutdown: watch::Rece
                 _ = shutdown.changed() => return,
             };
             let handler = handler.clone();
-            let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let (status, content_type, body) = handler(req.uri().path());
-                let response = Response::builder()
-                    .status(status)
-                    .header(header::CONTENT_TYPE, content_type)
-                    .body(Full::new(Bytes::from(body)))
-                    .expect("static response parts are valid");
-                async move { Ok::<_, Infallible>(response) }
-            });
-            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (status, content_type, body) = handler(req.uri().path());
+                    let response = Response::builder()
+                        .status(status)
+                        .header(header::CONTENT_TYPE, content_type)
+                        .body(Full::new(Bytes::from(body)))
+                        .expect("static response parts are valid");
+                    async move { Ok::<_, Infallible>(response) }
+                });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service),
+            );
         }
     });
     Ok(())
@@ -121,21 +133,37 @@ pub async fn serve(addr: SocketAddr, handler: Handler, mut shutdown: watch::Rece
 /// `/healthz`: the process serves. `/readyz`: it can do its job, else 503 with the reason.
 /// `/v1/pods`: per-pod statistics as JSON (the probe address is loopback by default).
 /// `/v1/agent`: [`AgentInfo`], once the agent has started.
-pub fn probes(readiness: Arc<Readiness>, stats: Arc<PodStatsRegistry>, info: Arc<OnceLock<AgentInfo>>) -> Handler {
+pub fn probes(
+    readiness: Arc<Readiness>,
+    stats: Arc<PodStatsRegistry>,
+    info: Arc<OnceLock<AgentInfo>>,
+) -> Handler {
     Arc::new(move |path| match path {
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => match readiness.state() {
             Ok(note) if note.is_empty() => (StatusCode::OK, "text/plain", "ready\n".into()),
             Ok(note) => (StatusCode::OK, "text/plain", format!("ready ({note})\n")),
-            Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {reason}\n")),
+            Err(reason) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {reason}\n"),
+            ),
         },
         "/v1/pods" => {
             let body = serde_json::to_string(&stats.snapshot()).expect("stats serialise");
             (StatusCode::OK, "application/json", body)
         }
         "/v1/agent" => match info.get() {
-            Some(info) => (StatusCode::OK, "application/json", serde_json::to_string(info).expect("agent info serialises")),
-            None => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting\n".into()),
+            Some(info) => (
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string(info).expect("agent info serialises"),
+            ),
+            None => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "starting\n".into(),
+            ),
         },
         _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     })

@@ -23,7 +23,10 @@ struct Bucket {
 
 impl Bucket {
     fn full(burst: f64, now: Instant) -> Bucket {
-        Bucket { tokens: burst, last: now }
+        Bucket {
+            tokens: burst,
+            last: now,
+        }
     }
 
     fn refill(&mut self, rate: f64, burst: f64, now: Instant) {
@@ -67,9 +70,14 @@ impl UpstreamLimiter {
     }
 
     /// Waits for a token until `deadline`. Returns how long it waited.
-    pub async fn acquire(&self, priority: Priority, deadline: Instant) -> Result<Duration, BudgetExhausted> {
+    pub async fn acquire(
+        &self,
+        priority: Priority,
+        deadline: Instant,
+    ) -> Result<Duration, BudgetExhausted> {
         let started = Instant::now();
-        let _waiting = (priority == Priority::Request).then(|| WaitingGuard::new(&self.requests_waiting));
+        let _waiting =
+            (priority == Priority::Request).then(|| WaitingGuard::new(&self.requests_waiting));
         loop {
             let wait = {
                 let now = Instant::now();
@@ -77,7 +85,9 @@ impl UpstreamLimiter {
                 bucket.refill(self.rate, self.burst, now);
                 let needed = match priority {
                     Priority::Request => 1.0,
-                    Priority::Background if self.requests_waiting.load(Ordering::Acquire) > 0 => f64::INFINITY,
+                    Priority::Background if self.requests_waiting.load(Ordering::Acquire) > 0 => {
+                        f64::INFINITY
+                    }
                     // Keep one token for a request-path call that may come next.
                     Priority::Background => 2.0f64.min(self.burst),
                 };
@@ -146,12 +156,21 @@ impl PodBucket {
 
 impl PodRateLimits {
     pub fn new(rps: f64, burst: u32) -> PodRateLimits {
-        PodRateLimits { rate: rps.max(0.001), burst: f64::from(burst.max(1)), buckets: RwLock::new(HashMap::new()) }
+        PodRateLimits {
+            rate: rps.max(0.001),
+            burst: f64::from(burst.max(1)),
+            buckets: RwLock::new(HashMap::new()),
+        }
     }
 
     /// The pod's bucket, created full on first use.
     pub fn bucket(&self, pod: &PodUid) -> Arc<PodBucket> {
-        if let Some(b) = self.buckets.read().unwrap_or_else(|e| e.into_inner()).get(pod) {
+        if let Some(b) = self
+            .buckets
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(pod)
+        {
             return b.clone();
         }
         let (rate, burst) = (self.rate, self.burst);
@@ -159,7 +178,13 @@ impl PodRateLimits {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .entry(pod.clone())
-            .or_insert_with(|| Arc::new(PodBucket { rate, burst, bucket: Mutex::new(Bucket::full(burst, Instant::now())) }))
+            .or_insert_with(|| {
+                Arc::new(PodBucket {
+                    rate,
+                    burst,
+                    bucket: Mutex::new(Bucket::full(burst, Instant::now())),
+                })
+            })
             .clone()
     }
 
@@ -174,7 +199,10 @@ impl PodRateLimits {
         if gone.is_empty() {
             return;
         }
-        self.buckets.write().unwrap_or_else(|e| e.into_inner()).retain(|pod, _| !gone.contains(pod));
+        self.buckets
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|pod, _| !gone.contains(pod));
     }
 
     #[cfg(test)]
@@ -210,12 +238,24 @@ mod tests {
     async fn upstream_budget_waits_and_gives_up_at_the_deadline() {
         let limiter = UpstreamLimiter::new(2.0, 2);
         let far = Instant::now() + Duration::from_secs(60);
-        assert_eq!(limiter.acquire(Priority::Request, far).await, Ok(Duration::ZERO));
-        assert_eq!(limiter.acquire(Priority::Request, far).await, Ok(Duration::ZERO));
+        assert_eq!(
+            limiter.acquire(Priority::Request, far).await,
+            Ok(Duration::ZERO)
+        );
+        assert_eq!(
+            limiter.acquire(Priority::Request, far).await,
+            Ok(Duration::ZERO)
+        );
         // Empty: the next token comes after 1/rate.
-        assert_eq!(limiter.acquire(Priority::Request, far).await, Ok(Duration::from_millis(500)));
+        assert_eq!(
+            limiter.acquire(Priority::Request, far).await,
+            Ok(Duration::from_millis(500))
+        );
         let soon = Instant::now() + Duration::from_millis(100);
-        assert_eq!(limiter.acquire(Priority::Request, soon).await, Err(BudgetExhausted));
+        assert_eq!(
+            limiter.acquire(Priority::Request, soon).await,
+            Err(BudgetExhausted)
+        );
     }
 
     #[tokio::test(start_paused = true)]

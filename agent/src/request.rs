@@ -37,7 +37,11 @@ pub struct Refusal {
 
 impl Refusal {
     pub fn new(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Refusal {
-        Refusal { status, reason, message: message.into() }
+        Refusal {
+            status,
+            reason,
+            message: message.into(),
+        }
     }
 }
 
@@ -62,7 +66,10 @@ pub fn allowed_hosts(intercept: &[SocketAddr]) -> Vec<String> {
 
 /// The Host header must name a credential address (no DNS rebinding, no proxying).
 pub fn check_host(headers: &HeaderMap, allowed: &[String]) -> Result<(), Refusal> {
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
     if allowed.iter().any(|a| a.eq_ignore_ascii_case(host)) {
         Ok(())
     } else {
@@ -78,18 +85,25 @@ pub fn check_host(headers: &HeaderMap, allowed: &[String]) -> Result<(), Refusal
 pub fn token(headers: &HeaderMap, now: u64) -> Result<(&str, TokenClaims), Refusal> {
     let raw = match headers.get(header::AUTHORIZATION) {
         None => "",
-        Some(value) => value
-            .to_str()
-            .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "token_invalid", "Authorization header is not valid text"))?,
+        Some(value) => value.to_str().map_err(|_| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "token_invalid",
+                "Authorization header is not valid text",
+            )
+        })?,
     };
-    let claims = token::parse(raw, now).map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "token_invalid", e.to_string()))?;
+    let claims = token::parse(raw, now)
+        .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "token_invalid", e.to_string()))?;
     Ok((raw.trim(), claims))
 }
 
 /// Whether the request presents `token` (as [`token`] returned it): a byte comparison, the
 /// check a connection's remembered token needs before its claims are reused.
 pub fn same_token(headers: &HeaderMap, token: &str) -> bool {
-    headers.get(header::AUTHORIZATION).is_some_and(|value| value.as_bytes().trim_ascii() == token.as_bytes())
+    headers
+        .get(header::AUTHORIZATION)
+        .is_some_and(|value| value.as_bytes().trim_ascii() == token.as_bytes())
 }
 
 #[cfg(test)]
@@ -99,7 +113,10 @@ mod tests {
     #[test]
     fn routes() {
         assert_eq!(route(&Method::GET, CREDENTIALS_PATH), Route::Credentials);
-        assert_eq!(route(&Method::POST, CREDENTIALS_PATH), Route::MethodNotAllowed);
+        assert_eq!(
+            route(&Method::POST, CREDENTIALS_PATH),
+            Route::MethodNotAllowed
+        );
         assert_eq!(route(&Method::GET, "/v1/credentials/"), Route::NotFound);
     }
 
@@ -107,23 +124,44 @@ mod tests {
     fn host_and_token_checks() {
         let allowed = allowed_hosts(&["169.254.170.23:80".parse().unwrap()]);
         let mut h = HeaderMap::new();
-        assert_eq!(check_host(&h, &allowed).unwrap_err().status, StatusCode::FORBIDDEN);
+        assert_eq!(
+            check_host(&h, &allowed).unwrap_err().status,
+            StatusCode::FORBIDDEN
+        );
         h.insert(header::HOST, "169.254.170.23".parse().unwrap());
         assert!(check_host(&h, &allowed).is_ok());
         assert_eq!(token(&h, 0).unwrap_err().reason, "token_invalid");
-        h.insert(header::AUTHORIZATION, http::HeaderValue::from_static(" a.b.c "));
+        h.insert(
+            header::AUTHORIZATION,
+            http::HeaderValue::from_static(" a.b.c "),
+        );
         assert!(same_token(&h, "a.b.c") && !same_token(&h, "a.b.d"));
-        h.insert(header::AUTHORIZATION, http::HeaderValue::from_bytes(b"\xff").unwrap());
+        h.insert(
+            header::AUTHORIZATION,
+            http::HeaderValue::from_bytes(b"\xff").unwrap(),
+        );
         assert!(token(&h, 0).unwrap_err().message.contains("not valid text"));
     }
 
     #[test]
     fn allowed_hosts_cover_each_form() {
-        let hosts = allowed_hosts(&["169.254.170.23:80".parse().unwrap(), "[fd00:ec2::23]:80".parse().unwrap()]);
-        for h in ["169.254.170.23", "169.254.170.23:80", "[fd00:ec2::23]", "[fd00:ec2::23]:80", "[::ffff:169.254.170.23]"] {
+        let hosts = allowed_hosts(&[
+            "169.254.170.23:80".parse().unwrap(),
+            "[fd00:ec2::23]:80".parse().unwrap(),
+        ]);
+        for h in [
+            "169.254.170.23",
+            "169.254.170.23:80",
+            "[fd00:ec2::23]",
+            "[fd00:ec2::23]:80",
+            "[::ffff:169.254.170.23]",
+        ] {
             assert!(hosts.iter().any(|x| x == h), "{h} missing from {hosts:?}");
         }
         let hosts = allowed_hosts(&["169.254.170.23:8080".parse().unwrap()]);
-        assert_eq!(hosts, vec!["169.254.170.23:8080", "[::ffff:169.254.170.23]:8080"]);
+        assert_eq!(
+            hosts,
+            vec!["169.254.170.23:8080", "[::ffff:169.254.170.23]:8080"]
+        );
     }
 }

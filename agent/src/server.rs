@@ -117,7 +117,12 @@ fn class_of(refusal: &Refusal) -> RequestClass {
     match refusal.reason {
         "token_invalid" => RequestClass::BadToken,
         "pod_rate_limited" => RequestClass::RateLimited,
-        "upstream_error" if refusal.status.is_client_error() && refusal.status != StatusCode::TOO_MANY_REQUESTS => RequestClass::UpstreamClient,
+        "upstream_error"
+            if refusal.status.is_client_error()
+                && refusal.status != StatusCode::TOO_MANY_REQUESTS =>
+        {
+            RequestClass::UpstreamClient
+        }
         "upstream_error" => RequestClass::UpstreamServer,
         _ => RequestClass::Refused,
     }
@@ -169,7 +174,12 @@ impl CredentialServer {
             if let Some(Ok(pod)) = &caller {
                 pod.stats.connection();
             }
-            let conn = Arc::new(Connection { peer, attribution, caller, _permit: permit });
+            let conn = Arc::new(Connection {
+                peer,
+                attribution,
+                caller,
+                _permit: permit,
+            });
             let server = self.clone();
             let service = hyper::service::service_fn(move |req| {
                 let server = server.clone();
@@ -201,7 +211,12 @@ impl CredentialServer {
         let result = self.credentials(conn, &req, &mut facts).await;
         let latency = started.elapsed();
         let claims = facts.token.as_ref().map(|t| &t.claims);
-        let error = result.as_ref().err().map(|r| (r.status.as_u16(), facts.upstream_code.as_deref().unwrap_or(r.reason)));
+        let error = result.as_ref().err().map(|r| {
+            (
+                r.status.as_u16(),
+                facts.upstream_code.as_deref().unwrap_or(r.reason),
+            )
+        });
         let (response, refusal) = match result {
             Ok(response) => (response, None),
             Err(refusal) => {
@@ -217,12 +232,16 @@ impl CredentialServer {
                     "refused credential request"
                 );
                 let class = class_of(&refusal);
-                (text(refusal.status, refusal.message), Some((refusal.reason, class)))
+                (
+                    text(refusal.status, refusal.message),
+                    Some((refusal.reason, class)),
+                )
             }
         };
         let status = response.status().as_u16();
         let named = claims.map(|c| (c.namespace.as_str(), c.pod_name.as_str()));
-        self.metrics.observe_request(status, latency, refusal.map(|(reason, _)| reason), named);
+        self.metrics
+            .observe_request(status, latency, refusal.map(|(reason, _)| reason), named);
         if let Some(pod) = &facts.pod {
             pod.stats.request(RequestRecord {
                 class: refusal.map_or(RequestClass::Ok, |(_, class)| class),
@@ -233,7 +252,9 @@ impl CredentialServer {
                     service_account: &c.service_account,
                 }),
                 served: facts.served.as_ref().map(|(role, outcome)| Served {
-                    role: facts.new_role.then_some((role.role_arn.as_str(), role.association_id.as_str())),
+                    role: facts
+                        .new_role
+                        .then_some((role.role_arn.as_str(), role.association_id.as_str())),
                     expiration: role.expiration,
                     cache_hit: matches!(outcome, Outcome::Hit | Outcome::Stale),
                     upstream_call: *outcome == Outcome::Fetched,
@@ -244,7 +265,12 @@ impl CredentialServer {
         response
     }
 
-    async fn credentials(&self, conn: &Connection, req: &Request<Incoming>, facts: &mut RequestFacts) -> Result<Response<Full<Bytes>>, Refusal> {
+    async fn credentials(
+        &self,
+        conn: &Connection,
+        req: &Request<Incoming>,
+        facts: &mut RequestFacts,
+    ) -> Result<Response<Full<Bytes>>, Refusal> {
         // In link mode nothing attributes the caller: the pod is whatever the token says.
         let attributed = match &conn.caller {
             Some(Ok(pod)) => Some(pod.clone()),
@@ -254,9 +280,20 @@ impl CredentialServer {
         facts.pod = attributed.clone();
 
         request::check_host(req.headers(), &self.allowed_hosts)?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-        let remembered = attributed.as_ref().and_then(|pod| pod.memo.lock().unwrap_or_else(|e| e.into_inner()).token.clone());
-        let token = match remembered.filter(|t| t.claims.expires_at > now && request::same_token(req.headers(), &t.raw)) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let remembered = attributed.as_ref().and_then(|pod| {
+            pod.memo
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .token
+                .clone()
+        });
+        let token = match remembered
+            .filter(|t| t.claims.expires_at > now && request::same_token(req.headers(), &t.raw))
+        {
             Some(token) => token,
             None => {
                 let (raw, claims) = request::token(req.headers(), now)?;
@@ -299,11 +336,18 @@ impl CredentialServer {
             return Err(Refusal::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "pod_rate_limited",
-                format!("pod {} exceeded its request rate limit (--pod-rps, --pod-burst); retry shortly", token.label),
+                format!(
+                    "pod {} exceeded its request rate limit (--pod-rps, --pod-burst); retry shortly",
+                    token.label
+                ),
             ));
         }
 
-        let (role, outcome) = match self.cache.get(&token.raw, token.digest, &pod.uid, &token.label).await {
+        let (role, outcome) = match self
+            .cache
+            .get(&token.raw, token.digest, &pod.uid, &token.label)
+            .await
+        {
             Ok(found) => found,
             Err(e) => {
                 let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -323,29 +367,55 @@ impl CredentialServer {
         let body = role.body();
         {
             let mut memo = pod.memo.lock().unwrap_or_else(|e| e.into_inner());
-            facts.new_role = !memo.served.as_ref().is_some_and(|last| Arc::ptr_eq(last, &role));
+            facts.new_role = !memo
+                .served
+                .as_ref()
+                .is_some_and(|last| Arc::ptr_eq(last, &role));
             if facts.new_role {
                 memo.served = Some(role.clone());
             }
         }
         facts.served = Some((role, outcome));
         let mut response = Response::new(Full::new(body));
-        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         Ok(response)
     }
 
     /// A pod's serving state, created on first sight.
     fn pod(&self, uid: PodUid) -> Arc<PodState> {
-        if let Some(pod) = self.pods.read().unwrap_or_else(|e| e.into_inner()).get(&uid) {
+        if let Some(pod) = self
+            .pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&uid)
+        {
             return pod.clone();
         }
-        let state = PodState { stats: self.stats.entry(&uid), bucket: self.pod_limits.bucket(&uid), memo: Mutex::default(), uid: uid.clone() };
-        self.pods.write().unwrap_or_else(|e| e.into_inner()).entry(uid).or_insert_with(|| Arc::new(state)).clone()
+        let state = PodState {
+            stats: self.stats.entry(&uid),
+            bucket: self.pod_limits.bucket(&uid),
+            memo: Mutex::default(),
+            uid: uid.clone(),
+        };
+        self.pods
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(uid)
+            .or_insert_with(|| Arc::new(state))
+            .clone()
     }
 
     /// The pods with serving state: those the agent knows.
     pub fn pod_uids(&self) -> HashSet<PodUid> {
-        self.pods.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+        self.pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Drops the state of pods whose cgroups are gone: serving state, statistics, rate buckets
@@ -355,7 +425,10 @@ impl CredentialServer {
         if gone.is_empty() {
             return;
         }
-        self.pods.write().unwrap_or_else(|e| e.into_inner()).retain(|uid, _| !gone.contains(uid));
+        self.pods
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|uid, _| !gone.contains(uid));
         self.pod_limits.forget(gone);
         for (namespace, pod) in self.stats.forget(gone) {
             self.metrics.forget_pod(&namespace, &pod);
@@ -363,7 +436,11 @@ impl CredentialServer {
     }
 
     /// The pod the kernel attributed a connection to, or why there is none.
-    fn caller(&self, attribution: Option<Attribution>, accepted_at: Instant) -> Result<PodUid, Refusal> {
+    fn caller(
+        &self,
+        attribution: Option<Attribution>,
+        accepted_at: Instant,
+    ) -> Result<PodUid, Refusal> {
         let Some(attribution) = attribution else {
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
@@ -371,16 +448,26 @@ impl CredentialServer {
                 "connection did not come through the agent's redirect, so its caller cannot be attributed; connect to the credential address instead",
             ));
         };
-        match self.cgroups.as_ref().and_then(|index| index.resolve(attribution.cgroup_id, accepted_at)).as_deref() {
+        match self
+            .cgroups
+            .as_ref()
+            .and_then(|index| index.resolve(attribution.cgroup_id, accepted_at))
+            .as_deref()
+        {
             None => Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 "cgroup_unknown",
-                format!("cannot attribute caller: cgroup id {} no longer exists", attribution.cgroup_id),
+                format!(
+                    "cannot attribute caller: cgroup id {} no longer exists",
+                    attribution.cgroup_id
+                ),
             )),
             Some(Caller::Host { cgroup }) => Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 "not_a_pod",
-                format!("caller runs in cgroup {cgroup}, which belongs to no pod; only pods get pod credentials"),
+                format!(
+                    "caller runs in cgroup {cgroup}, which belongs to no pod; only pods get pod credentials"
+                ),
             )),
             Some(Caller::Pod { uid, .. }) => Ok(uid.clone()),
         }

@@ -138,7 +138,8 @@ struct PodStrings {
 }
 
 fn unix_micros(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 impl PodEntry {
@@ -149,7 +150,8 @@ impl PodEntry {
 
     pub fn request(&self, r: RequestRecord<'_>) {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        self.last_request_us.store(unix_micros(SystemTime::now()), Ordering::Relaxed);
+        self.last_request_us
+            .store(unix_micros(SystemTime::now()), Ordering::Relaxed);
         let error_index = match r.class {
             RequestClass::Ok => None,
             RequestClass::BadToken => Some(0),
@@ -162,10 +164,15 @@ impl PodEntry {
             self.errors[i].fetch_add(1, Ordering::Relaxed);
         }
         if let Some(s) = &r.served {
-            let expiry = s.expiration.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let expiry = s
+                .expiration
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
             self.credential_expiry.store(expiry, Ordering::Relaxed);
-            self.cache_hits.fetch_add(u64::from(s.cache_hit), Ordering::Relaxed);
-            self.upstream_calls.fetch_add(u64::from(s.upstream_call), Ordering::Relaxed);
+            self.cache_hits
+                .fetch_add(u64::from(s.cache_hit), Ordering::Relaxed);
+            self.upstream_calls
+                .fetch_add(u64::from(s.upstream_call), Ordering::Relaxed);
         }
         self.latency.observe(r.latency);
         let role = r.served.as_ref().and_then(|s| s.role);
@@ -214,15 +221,20 @@ impl PodEntry {
                 upstream_server: self.errors[4].load(Ordering::Relaxed),
             },
             kernel_redirects: self.kernel_redirects.load(Ordering::Relaxed),
-            last_request_age_seconds: (last_us > 0).then(|| (unix_micros(now).saturating_sub(last_us)) as f64 / 1e6),
-            credential_expiry: (expiry > 0).then(|| expiration_string(UNIX_EPOCH + Duration::from_secs(expiry))),
+            last_request_age_seconds: (last_us > 0)
+                .then(|| (unix_micros(now).saturating_sub(last_us)) as f64 / 1e6),
+            credential_expiry: (expiry > 0)
+                .then(|| expiration_string(UNIX_EPOCH + Duration::from_secs(expiry))),
             latency_p50_ms: self.latency.quantile_ms(0.50),
             latency_p99_ms: self.latency.quantile_ms(0.99),
-            last_error: strings.last_error.as_ref().map(|(status, code, at)| LastError {
-                status: *status,
-                code: code.clone(),
-                age_seconds: now.duration_since(*at).unwrap_or_default().as_secs_f64(),
-            }),
+            last_error: strings
+                .last_error
+                .as_ref()
+                .map(|(status, code, at)| LastError {
+                    status: *status,
+                    code: code.clone(),
+                    age_seconds: now.duration_since(*at).unwrap_or_default().as_secs_f64(),
+                }),
         }
     }
 }
@@ -240,7 +252,12 @@ impl PodStatsRegistry {
         if let Some(entry) = self.pods.read().unwrap_or_else(|e| e.into_inner()).get(pod) {
             return entry.clone();
         }
-        self.pods.write().unwrap_or_else(|e| e.into_inner()).entry(pod.clone()).or_default().clone()
+        self.pods
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(pod.clone())
+            .or_default()
+            .clone()
     }
 
     /// Forgets pods that no longer exist; returns the (namespace, name) of those it forgot.
@@ -249,21 +266,32 @@ impl PodStatsRegistry {
         if gone.is_empty() {
             return forgotten;
         }
-        self.pods.write().unwrap_or_else(|e| e.into_inner()).retain(|uid, entry| {
-            let keep = !gone.contains(uid);
-            if !keep {
-                let strings = entry.strings.lock().unwrap_or_else(|e| e.into_inner());
-                forgotten.push((strings.namespace.clone(), strings.pod.clone()));
-            }
-            keep
-        });
+        self.pods
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|uid, entry| {
+                let keep = !gone.contains(uid);
+                if !keep {
+                    let strings = entry.strings.lock().unwrap_or_else(|e| e.into_inner());
+                    forgotten.push((strings.namespace.clone(), strings.pod.clone()));
+                }
+                keep
+            });
         forgotten
     }
 
     pub fn snapshot(&self) -> Vec<PodStats> {
         let now = SystemTime::now();
-        let pods: Vec<(PodUid, Arc<PodEntry>)> = self.pods.read().unwrap_or_else(|e| e.into_inner()).iter().map(|(u, e)| (u.clone(), e.clone())).collect();
-        pods.iter().map(|(uid, entry)| entry.row(uid, now)).collect()
+        let pods: Vec<(PodUid, Arc<PodEntry>)> = self
+            .pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(u, e)| (u.clone(), e.clone()))
+            .collect();
+        pods.iter()
+            .map(|(uid, entry)| entry.row(uid, now))
+            .collect()
     }
 }
 
@@ -280,7 +308,9 @@ const LATENCY_STEPS_PER_OCTAVE: f64 = 4.0;
 
 impl Default for LatencyHistogram {
     fn default() -> Self {
-        LatencyHistogram { counts: std::array::from_fn(|_| AtomicU32::new(0)) }
+        LatencyHistogram {
+            counts: std::array::from_fn(|_| AtomicU32::new(0)),
+        }
     }
 }
 
@@ -292,14 +322,22 @@ impl LatencyHistogram {
 
     fn observe(&self, latency: Duration) {
         let us = latency.as_secs_f64() * 1e6;
-        let i = if us <= LATENCY_FIRST_BOUND_US { 0 } else { ((us / LATENCY_FIRST_BOUND_US).log2() * LATENCY_STEPS_PER_OCTAVE).ceil() as usize };
+        let i = if us <= LATENCY_FIRST_BOUND_US {
+            0
+        } else {
+            ((us / LATENCY_FIRST_BOUND_US).log2() * LATENCY_STEPS_PER_OCTAVE).ceil() as usize
+        };
         self.counts[i.min(LATENCY_BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// The `q` quantile in milliseconds, interpolated within its bucket; `None` before any
     /// request.
     fn quantile_ms(&self, q: f64) -> Option<f64> {
-        let counts: Vec<u64> = self.counts.iter().map(|c| u64::from(c.load(Ordering::Relaxed))).collect();
+        let counts: Vec<u64> = self
+            .counts
+            .iter()
+            .map(|c| u64::from(c.load(Ordering::Relaxed)))
+            .collect();
         let total: u64 = counts.iter().sum();
         if total == 0 {
             return None;
@@ -337,9 +375,14 @@ mod tests {
             a.request(RequestRecord {
                 class: RequestClass::Ok,
                 latency: Duration::from_millis(ms),
-                identity: (ms == 1).then_some(Identity { namespace: "ns", pod: "web-0", service_account: "sa" }),
+                identity: (ms == 1).then_some(Identity {
+                    namespace: "ns",
+                    pod: "web-0",
+                    service_account: "sa",
+                }),
                 served: Some(Served {
-                    role: (ms == 1).then_some(("arn:aws:sts::123456789012:assumed-role/r/x", "a-1")),
+                    role: (ms == 1)
+                        .then_some(("arn:aws:sts::123456789012:assumed-role/r/x", "a-1")),
                     expiration: SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_950_000),
                     cache_hit: ms > 1,
                     upstream_call: ms == 1,
@@ -347,7 +390,13 @@ mod tests {
                 error: None,
             });
         }
-        a.request(RequestRecord { class: RequestClass::RateLimited, latency: Duration::ZERO, identity: None, served: None, error: Some((429, "pod_rate_limited")) });
+        a.request(RequestRecord {
+            class: RequestClass::RateLimited,
+            latency: Duration::ZERO,
+            identity: None,
+            served: None,
+            error: Some((429, "pod_rate_limited")),
+        });
         reg.entry(&uid(2)).request(RequestRecord {
             class: RequestClass::Refused,
             latency: Duration::ZERO,
@@ -358,9 +407,27 @@ mod tests {
         let mut rows = reg.snapshot();
         rows.sort_by(|x, y| x.pod_uid.cmp(&y.pod_uid));
         let p = &rows[0];
-        assert_eq!((p.namespace.as_str(), p.pod.as_str(), p.service_account.as_str()), ("ns", "web-0", "sa"));
-        assert_eq!((p.role_arn.as_str(), p.association_id.as_str()), ("arn:aws:sts::123456789012:assumed-role/r/x", "a-1"));
-        assert_eq!((p.requests, p.cache_hits, p.upstream_calls, p.kernel_redirects), (101, 99, 1, 2));
+        assert_eq!(
+            (
+                p.namespace.as_str(),
+                p.pod.as_str(),
+                p.service_account.as_str()
+            ),
+            ("ns", "web-0", "sa")
+        );
+        assert_eq!(
+            (p.role_arn.as_str(), p.association_id.as_str()),
+            ("arn:aws:sts::123456789012:assumed-role/r/x", "a-1")
+        );
+        assert_eq!(
+            (
+                p.requests,
+                p.cache_hits,
+                p.upstream_calls,
+                p.kernel_redirects
+            ),
+            (101, 99, 1, 2)
+        );
         assert_eq!(p.errors.rate_limited, 1);
         let last = p.last_error.as_ref().unwrap();
         assert_eq!((last.status, last.code.as_str()), (429, "pod_rate_limited"));
@@ -370,7 +437,10 @@ mod tests {
         assert!((42.0..=60.0).contains(&p50), "p50 {p50}");
         assert!((84.0..=118.0).contains(&p99), "p99 {p99}");
         assert_eq!(rows[1].errors.refused, 1);
-        assert_eq!(reg.forget(&HashSet::from([uid(1)])), vec![("ns".to_owned(), "web-0".to_owned())]);
+        assert_eq!(
+            reg.forget(&HashSet::from([uid(1)])),
+            vec![("ns".to_owned(), "web-0".to_owned())]
+        );
         assert_eq!(reg.snapshot().len(), 1);
     }
 

@@ -114,26 +114,36 @@ pub fn parse(token: &str, now: u64) -> Result<TokenClaims, TokenError> {
     let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .map_err(|_| TokenError::Malformed("payload is not base64url"))?;
-    let payload: Payload =
-        serde_json::from_slice(&json).map_err(|_| TokenError::Malformed("payload is not a JSON claims object"))?;
+    let payload: Payload = serde_json::from_slice(&json)
+        .map_err(|_| TokenError::Malformed("payload is not a JSON claims object"))?;
     let exp = payload.exp.ok_or(TokenError::Malformed("no exp claim"))?;
-    let k8s = payload.kubernetes.ok_or(TokenError::Malformed("no kubernetes.io claim"))?;
-    let pod = k8s.pod.ok_or(TokenError::Malformed("no kubernetes.io.pod claim"))?;
+    let k8s = payload
+        .kubernetes
+        .ok_or(TokenError::Malformed("no kubernetes.io claim"))?;
+    let pod = k8s
+        .pod
+        .ok_or(TokenError::Malformed("no kubernetes.io.pod claim"))?;
     let pod_uid = pod
         .uid
         .as_deref()
         .and_then(PodUid::parse)
-        .ok_or(TokenError::Malformed("kubernetes.io.pod.uid is missing or not a UID"))?;
-    let claims = TokenClaims {
-        namespace: k8s.namespace.ok_or(TokenError::Malformed("no kubernetes.io.namespace claim"))?,
-        pod_name: pod.name.ok_or(TokenError::Malformed("no kubernetes.io.pod.name claim"))?,
-        pod_uid,
-        service_account: k8s
-            .serviceaccount
-            .and_then(|sa| sa.name)
-            .ok_or(TokenError::Malformed("no kubernetes.io.serviceaccount.name claim"))?,
-        expires_at: exp,
-    };
+        .ok_or(TokenError::Malformed(
+            "kubernetes.io.pod.uid is missing or not a UID",
+        ))?;
+    let claims =
+        TokenClaims {
+            namespace: k8s
+                .namespace
+                .ok_or(TokenError::Malformed("no kubernetes.io.namespace claim"))?,
+            pod_name: pod
+                .name
+                .ok_or(TokenError::Malformed("no kubernetes.io.pod.name claim"))?,
+            pod_uid,
+            service_account: k8s.serviceaccount.and_then(|sa| sa.name).ok_or(
+                TokenError::Malformed("no kubernetes.io.serviceaccount.name claim"),
+            )?,
+            expires_at: exp,
+        };
     if exp <= now {
         return Err(TokenError::Expired);
     }
@@ -185,8 +195,14 @@ mod tests {
         assert!(matches!(parse("abc", 0), Err(TokenError::Malformed(_))));
         assert!(matches!(parse("a.b.c.d", 0), Err(TokenError::Malformed(_))));
         assert!(matches!(parse("a.!!!.c", 0), Err(TokenError::Malformed(_))));
-        assert!(matches!(parse(&jwt(&serde_json::json!([1, 2])), 0), Err(TokenError::Malformed(_))));
-        assert!(matches!(parse(&"x".repeat(MAX_TOKEN_BYTES + 1), 0), Err(TokenError::TooLarge(_))));
+        assert!(matches!(
+            parse(&jwt(&serde_json::json!([1, 2])), 0),
+            Err(TokenError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse(&"x".repeat(MAX_TOKEN_BYTES + 1), 0),
+            Err(TokenError::TooLarge(_))
+        ));
     }
 
     #[test]

@@ -7,9 +7,8 @@
 
 use std::{fmt, future::Future, time::SystemTime};
 
-use aws_smithy_runtime_api::client::result::SdkError;
-
 use aws_config::SdkConfig;
+use aws_smithy_runtime_api::client::result::SdkError;
 
 use crate::{
     aws::{ApiErrorKind, AwsOptions, EndpointRecorder, NodeCredentials, RegionalClient},
@@ -30,8 +29,19 @@ pub struct AssumedRole {
 }
 
 impl AssumedRole {
-    pub fn new(credentials: Credentials, role_arn: String, association_id: String, request_id: Option<String>) -> AssumedRole {
-        AssumedRole { body: bytes::Bytes::from(credentials.to_json()), expiration: credentials.expiration, role_arn, association_id, request_id }
+    pub fn new(
+        credentials: Credentials,
+        role_arn: String,
+        association_id: String,
+        request_id: Option<String>,
+    ) -> AssumedRole {
+        AssumedRole {
+            body: bytes::Bytes::from(credentials.to_json()),
+            expiration: credentials.expiration,
+            role_arn,
+            association_id,
+            request_id,
+        }
     }
 
     /// The credentials in the SDK wire format.
@@ -51,7 +61,10 @@ impl fmt::Debug for AssumedRole {
     // The body holds the secrets: never print it.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AssumedRole")
-            .field("expiration", &crate::credentials::expiration_string(self.expiration))
+            .field(
+                "expiration",
+                &crate::credentials::expiration_string(self.expiration),
+            )
             .field("role_arn", &self.role_arn)
             .field("association_id", &self.association_id)
             .field("request_id", &self.request_id)
@@ -73,7 +86,10 @@ pub struct UpstreamError {
 /// Exchanges a pod's token for credentials: `source::CredentialSource` in production (EKS Auth
 /// or STS); a scripted fake in the cache's unit tests.
 pub trait Upstream: Send + Sync + 'static {
-    fn assume_role(&self, token: &str) -> impl Future<Output = Result<AssumedRole, UpstreamError>> + Send;
+    fn assume_role(
+        &self,
+        token: &str,
+    ) -> impl Future<Output = Result<AssumedRole, UpstreamError>> + Send;
 
     /// Refuses a token the source can judge without calling AWS, before any of the node's
     /// budget is spent on it (a pod flooding forged tokens must not starve its neighbours).
@@ -98,10 +114,22 @@ pub struct NodeSigned<C> {
 
 impl<C: Clone> NodeSigned<C> {
     /// `options` says where (region, endpoint, FIPS) and who calls (the User-Agent's app name).
-    pub async fn new(service: &'static str, options: AwsOptions, build: fn(&SdkConfig, &EndpointRecorder) -> C) -> anyhow::Result<NodeSigned<C>> {
+    pub async fn new(
+        service: &'static str,
+        options: AwsOptions,
+        build: fn(&SdkConfig, &EndpointRecorder) -> C,
+    ) -> anyhow::Result<NodeSigned<C>> {
         let node = NodeCredentials::default();
-        let options = AwsOptions { sdk_retries: false, node_credentials: Some(node.clone()), ..options };
-        Ok(NodeSigned { service, client: RegionalClient::new(options, build, service).await?, node })
+        let options = AwsOptions {
+            sdk_retries: false,
+            node_credentials: Some(node.clone()),
+            ..options
+        };
+        Ok(NodeSigned {
+            service,
+            client: RegionalClient::new(options, build, service).await?,
+            node,
+        })
     }
 
     /// The client, once there is a region and the node has credentials. The credentials are
@@ -109,7 +137,10 @@ impl<C: Clone> NodeSigned<C> {
     /// not sign).
     pub async fn client(&self) -> Result<C, UpstreamError> {
         let client = self.client.get().await.map_err(UpstreamError::no_region)?;
-        self.node.get().await.map_err(|e| UpstreamError::node_credentials_unavailable(&e))?;
+        self.node
+            .get()
+            .await
+            .map_err(|e| UpstreamError::node_credentials_unavailable(&e))?;
         Ok(client)
     }
 
@@ -159,7 +190,9 @@ impl UpstreamError {
         UpstreamError {
             status: 429,
             code: "UpstreamBudgetExhausted".into(),
-            message: format!("the node's {upstream} call budget (--upstream-qps, --upstream-burst) is used up; retry shortly"),
+            message: format!(
+                "the node's {upstream} call budget (--upstream-qps, --upstream-burst) is used up; retry shortly"
+            ),
             request_id: None,
         }
     }
@@ -170,7 +203,10 @@ impl UpstreamError {
         UpstreamError {
             status: 502,
             code: "NodeCredentialsUnavailable".into(),
-            message: format!("cannot get the node's own AWS credentials: {}", crate::aws::error_chain(Some(e))),
+            message: format!(
+                "cannot get the node's own AWS credentials: {}",
+                crate::aws::error_chain(Some(e))
+            ),
             request_id: None,
         }
     }
@@ -180,7 +216,9 @@ impl UpstreamError {
         UpstreamError {
             status: 502,
             code: "NodeRegionUnavailable".into(),
-            message: format!("{why}: is IMDS reachable from the node? set AWS_REGION or --region otherwise"),
+            message: format!(
+                "{why}: is IMDS reachable from the node? set AWS_REGION or --region otherwise"
+            ),
             request_id: None,
         }
     }
@@ -191,7 +229,9 @@ impl UpstreamError {
         UpstreamError {
             status: 429,
             code: "PodUpstreamBudgetExhausted".into(),
-            message: format!("pod {pod} presented too many new tokens too fast (--pod-upstream-qps, --pod-upstream-burst); retry shortly"),
+            message: format!(
+                "pod {pod} presented too many new tokens too fast (--pod-upstream-qps, --pod-upstream-burst); retry shortly"
+            ),
             request_id: None,
         }
     }
@@ -205,17 +245,35 @@ impl UpstreamError {
     /// Errors that a retry with the same token cannot fix: EKS Auth's codes, and STS's
     /// `AccessDenied` (the role does not trust the node, or the tags are not allowed).
     pub fn is_terminal(&self) -> bool {
-        matches!(self.code.as_str(), "AccessDeniedException" | "AccessDenied" | "ExpiredTokenException" | "InvalidTokenException" | "ResourceNotFoundException")
+        matches!(
+            self.code.as_str(),
+            "AccessDeniedException"
+                | "AccessDenied"
+                | "ExpiredTokenException"
+                | "InvalidTokenException"
+                | "ResourceNotFoundException"
+        )
     }
 
     fn fault(&self) -> &'static str {
-        if (400..500).contains(&self.status) { "client" } else { "server" }
+        if (400..500).contains(&self.status) {
+            "client"
+        } else {
+            "server"
+        }
     }
 }
 
 impl fmt::Display for UpstreamError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "[{}]: ({}): {}, fault: {}", self.request_id.as_deref().unwrap_or("-"), self.code, self.message, self.fault())
+        write!(
+            f,
+            "[{}]: ({}): {}, fault: {}",
+            self.request_id.as_deref().unwrap_or("-"),
+            self.code,
+            self.message,
+            self.fault()
+        )
     }
 }
 
@@ -235,18 +293,43 @@ where
     let e = crate::aws::api_error(err);
     let (status, code, message) = match e.kind {
         ApiErrorKind::Service => (e.status.unwrap_or(502), e.code, e.message),
-        ApiErrorKind::Timeout => (504, "UpstreamTimeout".into(), format!("{service} did not answer in time")),
-        ApiErrorKind::Unreachable => (502, "UpstreamUnreachable".into(), format!("could not reach {service}: {}", e.message)),
-        ApiErrorKind::BadResponse => (502, "InvalidUpstreamResponse".into(), format!("{service} sent a response that could not be read")),
-        ApiErrorKind::Other => (500, "UpstreamRequestFailed".into(), format!("could not call {service}: {}", e.message)),
+        ApiErrorKind::Timeout => (
+            504,
+            "UpstreamTimeout".into(),
+            format!("{service} did not answer in time"),
+        ),
+        ApiErrorKind::Unreachable => (
+            502,
+            "UpstreamUnreachable".into(),
+            format!("could not reach {service}: {}", e.message),
+        ),
+        ApiErrorKind::BadResponse => (
+            502,
+            "InvalidUpstreamResponse".into(),
+            format!("{service} sent a response that could not be read"),
+        ),
+        ApiErrorKind::Other => (
+            500,
+            "UpstreamRequestFailed".into(),
+            format!("could not call {service}: {}", e.message),
+        ),
     };
-    UpstreamError { status, code, message, request_id: e.request_id }
+    UpstreamError {
+        status,
+        code,
+        message,
+        request_id: e.request_id,
+    }
 }
 
 /// A service's refusal of the node's own credentials (the keys rotated, expired, or were
 /// replaced on disk), as opposed to the pod's token: EKS Auth's and STS's codes. The
 /// credentials are dropped, so the retry the cache makes signs with reloaded ones.
-fn node_credentials_refused(service: &str, e: UpstreamError, node: &NodeCredentials) -> UpstreamError {
+fn node_credentials_refused(
+    service: &str,
+    e: UpstreamError,
+    node: &NodeCredentials,
+) -> UpstreamError {
     let refused = matches!(
         (e.status, e.code.as_str()),
         (
@@ -267,7 +350,10 @@ fn node_credentials_refused(service: &str, e: UpstreamError, node: &NodeCredenti
     UpstreamError {
         status: 502,
         code: "NodeCredentialsRejected".into(),
-        message: format!("{service} refused the node's own credentials ({}: {}); they are reloaded", e.code, e.message),
+        message: format!(
+            "{service} refused the node's own credentials ({}: {}); they are reloaded",
+            e.code, e.message
+        ),
         request_id: e.request_id,
     }
 }
@@ -278,25 +364,48 @@ mod tests {
 
     #[test]
     fn account_comes_from_the_role_arn() {
-        assert_eq!(account_from_arn("arn:aws:sts::123456789012:assumed-role/my-role/eks-c-pod-1"), Some("123456789012"));
+        assert_eq!(
+            account_from_arn("arn:aws:sts::123456789012:assumed-role/my-role/eks-c-pod-1"),
+            Some("123456789012")
+        );
         assert_eq!(account_from_arn("arn:aws:sts::12345:assumed-role/x"), None);
         assert_eq!(account_from_arn("nonsense"), None);
     }
 
     #[test]
     fn error_body_matches_the_reference_agent() {
-        let e = UpstreamError { status: 404, code: "ResourceNotFoundException".into(), message: "no association".into(), request_id: Some("rid-1".into()) };
-        assert_eq!(e.to_string(), "[rid-1]: (ResourceNotFoundException): no association, fault: client");
+        let e = UpstreamError {
+            status: 404,
+            code: "ResourceNotFoundException".into(),
+            message: "no association".into(),
+            request_id: Some("rid-1".into()),
+        };
+        assert_eq!(
+            e.to_string(),
+            "[rid-1]: (ResourceNotFoundException): no association, fault: client"
+        );
         assert!(e.is_terminal());
-        let e = UpstreamError { status: 503, code: "ServiceUnavailableException".into(), ..e };
+        let e = UpstreamError {
+            status: 503,
+            code: "ServiceUnavailableException".into(),
+            ..e
+        };
         assert!(e.to_string().ends_with("fault: server"));
         assert!(!e.is_terminal());
     }
 
     #[test]
     fn both_services_codes_are_classified() {
-        let e = |status, code: &str| UpstreamError { status, code: code.into(), message: String::new(), request_id: None };
-        assert!(e(429, "ThrottlingException").is_transient(), "EKS Auth throttling");
+        let e = |status, code: &str| UpstreamError {
+            status,
+            code: code.into(),
+            message: String::new(),
+            request_id: None,
+        };
+        assert!(
+            e(429, "ThrottlingException").is_transient(),
+            "EKS Auth throttling"
+        );
         assert!(e(400, "Throttling").is_transient(), "STS throttling");
         assert!(e(503, "ServiceUnavailable").is_transient());
         assert!(!e(400, "InvalidTokenException").is_transient());

@@ -27,9 +27,20 @@ for t in threads: t.start()
 for t in threads: t.join()
 print(" ".join(map(str, codes)))
 "#;
-    let out = pod.command("python3").args(["-c", script, token, &n.to_string()]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).split_whitespace().map(|c| c.parse().unwrap()).collect()
+    let out = pod
+        .command("python3")
+        .args(["-c", script, token, &n.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|c| c.parse().unwrap())
+        .collect()
 }
 
 #[test]
@@ -40,13 +51,32 @@ fn two_hundred_concurrent_first_requests_make_one_upstream_call() {
     let codes = burst(&pod, &pod.token(), 200);
     assert_eq!(codes.len(), 200);
     assert!(codes.iter().all(|c| *c == 200), "{codes:?}");
-    assert_eq!(s.fake.calls().len(), 1, "200 concurrent misses for one token must coalesce into one call");
-    let m = s.agent.metrics();
-    eprintln!("after 200 concurrent requests: resident memory {} bytes", metric(&m, "process_resident_memory_bytes"));
-    assert_eq!(metric(&m, r#"pod_identity_agent_cache_lookups_total{result="miss"}"#), 1.0, "{m}");
     assert_eq!(
-        metric(&m, r#"pod_identity_agent_cache_lookups_total{result="coalesced"}"#)
-            + metric(&m, r#"pod_identity_agent_cache_lookups_total{result="hit"}"#),
+        s.fake.calls().len(),
+        1,
+        "200 concurrent misses for one token must coalesce into one call"
+    );
+    let m = s.agent.metrics();
+    eprintln!(
+        "after 200 concurrent requests: resident memory {} bytes",
+        metric(&m, "process_resident_memory_bytes")
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"pod_identity_agent_cache_lookups_total{result="miss"}"#
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"pod_identity_agent_cache_lookups_total{result="coalesced"}"#
+        ) + metric(
+            &m,
+            r#"pod_identity_agent_cache_lookups_total{result="hit"}"#
+        ),
         199.0
     );
 }
@@ -64,13 +94,24 @@ fn a_client_that_gives_up_does_not_cancel_the_upstream_call() {
         .arg(V4_URL)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(28), "the client must have timed out");
+    assert_eq!(
+        out.status.code(),
+        Some(28),
+        "the client must have timed out"
+    );
     std::thread::sleep(Duration::from_millis(2000));
     let started = Instant::now();
     let r = pod.curl(V4_URL, &token);
     assert_eq!(r.status, 200, "{}", r.body);
-    assert!(started.elapsed() < Duration::from_millis(1000), "a cache hit does not wait for EKS Auth");
-    assert_eq!(s.fake.calls().len(), 1, "the abandoned call's answer was cached");
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "a cache hit does not wait for EKS Auth"
+    );
+    assert_eq!(
+        s.fake.calls().len(),
+        1,
+        "the abandoned call's answer was cached"
+    );
 }
 
 #[test]
@@ -79,7 +120,16 @@ fn pods_keep_getting_credentials_through_an_upstream_outage() {
     // Credentials that stop being fresh (15 minutes left) 3 s after issue: every request then
     // tries to refresh, so each fault below is really met.
     s.fake.set_lifetime(Duration::from_secs(15 * 60 + 3));
-    let pods: Vec<_> = (0..2).map(|i| s.pod("payments", &format!("api-{i}"), "api", CgroupShape::SystemdBurstable)).collect();
+    let pods: Vec<_> = (0..2)
+        .map(|i| {
+            s.pod(
+                "payments",
+                &format!("api-{i}"),
+                "api",
+                CgroupShape::SystemdBurstable,
+            )
+        })
+        .collect();
     let tokens: Vec<_> = pods.iter().map(|p| p.token()).collect();
     let keys: Vec<_> = pods
         .iter()
@@ -93,12 +143,24 @@ fn pods_keep_getting_credentials_through_an_upstream_outage() {
     // The outage starts right away, so the refresh-ahead (due ~2 s after issue) fails too;
     // after 4 s the credentials have less than 15 minutes left and every request tries upstream.
     let before = s.fake.calls().len();
-    s.fake.set_fault(Some(Fault { status: 500, code: "InternalServerException".into() }));
+    s.fake.set_fault(Some(Fault {
+        status: 500,
+        code: "InternalServerException".into(),
+    }));
     std::thread::sleep(Duration::from_secs(4));
     for fault in [
-        Some(Fault { status: 500, code: "InternalServerException".into() }),
-        Some(Fault { status: 503, code: "ServiceUnavailableException".into() }),
-        Some(Fault { status: 429, code: "ThrottlingException".into() }),
+        Some(Fault {
+            status: 500,
+            code: "InternalServerException".into(),
+        }),
+        Some(Fault {
+            status: 503,
+            code: "ServiceUnavailableException".into(),
+        }),
+        Some(Fault {
+            status: 429,
+            code: "ThrottlingException".into(),
+        }),
         None, // connection resets
     ] {
         s.fake.set_fault(fault.clone());
@@ -107,17 +169,29 @@ fn pods_keep_getting_credentials_through_an_upstream_outage() {
             let r = pod.curl(V4_URL, token);
             assert_eq!(r.status, 200, "during {fault:?}: {}", r.body);
             let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-            assert_eq!(&v["SecretAccessKey"], key, "the cached credentials are served");
+            assert_eq!(
+                &v["SecretAccessKey"], key,
+                "the cached credentials are served"
+            );
         }
     }
     s.fake.set_reset(false);
     let during = s.fake.calls().len() - before;
     let resets = s.fake.resets();
     eprintln!("outage: {during} upstream calls answered with faults, {resets} connections reset");
-    assert!(during >= 6, "each status fault was met by the refreshes ({during} calls)");
+    assert!(
+        during >= 6,
+        "each status fault was met by the refreshes ({during} calls)"
+    );
     assert!(resets >= 1, "the resets were met");
     let m = s.agent.metrics();
-    assert!(metric(&m, r#"pod_identity_agent_cache_lookups_total{result="stale"}"#) >= 8.0, "{m}");
+    assert!(
+        metric(
+            &m,
+            r#"pod_identity_agent_cache_lookups_total{result="stale"}"#
+        ) >= 8.0,
+        "{m}"
+    );
     // After the outage a refresh succeeds and new credentials are served. A refresh may still
     // be backing off from the last fault, so allow it a few seconds; stale answers meanwhile are
     // fine.
@@ -129,7 +203,10 @@ fn pods_keep_getting_credentials_through_an_upstream_outage() {
         if v["SecretAccessKey"] != keys[0] {
             break;
         }
-        assert!(Instant::now() < deadline, "no refresh within 10 s of the outage ending");
+        assert!(
+            Instant::now() < deadline,
+            "no refresh within 10 s of the outage ending"
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
 }
@@ -137,16 +214,32 @@ fn pods_keep_getting_credentials_through_an_upstream_outage() {
 #[test]
 fn resource_not_found_is_a_404_then_a_negative_cache_hit() {
     let s = Setup::new();
-    let pod = s.pod("payments", "batch-0", "batch", CgroupShape::SystemdBurstable);
+    let pod = s.pod(
+        "payments",
+        "batch-0",
+        "batch",
+        CgroupShape::SystemdBurstable,
+    );
     let token = pod.token();
     for _ in 0..3 {
         let r = pod.curl(V4_URL, &token);
         assert_eq!(r.status, 404, "{}", r.body);
         assert!(r.body.contains("(ResourceNotFoundException)"), "{}", r.body);
     }
-    assert_eq!(s.fake.calls().len(), 1, "repeats within --negative-ttl are answered from memory");
+    assert_eq!(
+        s.fake.calls().len(),
+        1,
+        "repeats within --negative-ttl are answered from memory"
+    );
     let m = s.agent.metrics();
-    assert_eq!(metric(&m, r#"pod_identity_agent_cache_lookups_total{result="negative"}"#), 2.0, "{m}");
+    assert_eq!(
+        metric(
+            &m,
+            r#"pod_identity_agent_cache_lookups_total{result="negative"}"#
+        ),
+        2.0,
+        "{m}"
+    );
 }
 
 #[test]
@@ -155,16 +248,35 @@ fn a_deleted_pod_gets_no_refresh() {
     // Refresh is due ~2 s after issue for these credentials (to keep 15 minutes left).
     s.fake.set_lifetime(Duration::from_secs(15 * 60 + 3));
     let kept = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
-    let deleted = s.pod("search", "indexer-0", "indexer", CgroupShape::CgroupfsBestEffort);
+    let deleted = s.pod(
+        "search",
+        "indexer-0",
+        "indexer",
+        CgroupShape::CgroupfsBestEffort,
+    );
     assert_eq!(kept.curl(V4_URL, &kept.token()).status, 200);
     assert_eq!(deleted.curl(V4_URL, &deleted.token()).status, 200);
     deleted.delete();
     std::thread::sleep(Duration::from_secs(8));
-    assert!(s.fake.calls_for(&kept.uid) >= 2, "the live pod's credentials were refreshed ahead (control)");
-    assert_eq!(s.fake.calls_for(&deleted.uid), 1, "nothing renewed for the deleted pod");
+    assert!(
+        s.fake.calls_for(&kept.uid) >= 2,
+        "the live pod's credentials were refreshed ahead (control)"
+    );
+    assert_eq!(
+        s.fake.calls_for(&deleted.uid),
+        1,
+        "nothing renewed for the deleted pod"
+    );
     let m = s.agent.metrics();
     assert_eq!(metric(&m, "pod_identity_agent_cache_entries"), 1.0, "{m}");
-    assert_eq!(metric(&m, r#"pod_identity_agent_cache_evictions_total{reason="pod_gone"}"#), 1.0, "{m}");
+    assert_eq!(
+        metric(
+            &m,
+            r#"pod_identity_agent_cache_evictions_total{reason="pod_gone"}"#
+        ),
+        1.0,
+        "{m}"
+    );
 }
 
 #[test]
@@ -177,7 +289,14 @@ fn a_rotated_token_supersedes_the_old_entry() {
     assert_eq!(pod.curl(V4_URL, &new).status, 200);
     let m = s.agent.metrics();
     assert_eq!(metric(&m, "pod_identity_agent_cache_entries"), 1.0, "{m}");
-    assert_eq!(metric(&m, r#"pod_identity_agent_cache_evictions_total{reason="superseded"}"#), 1.0, "{m}");
+    assert_eq!(
+        metric(
+            &m,
+            r#"pod_identity_agent_cache_evictions_total{reason="superseded"}"#
+        ),
+        1.0,
+        "{m}"
+    );
     assert_eq!(s.fake.calls().len(), 2);
 }
 
@@ -185,12 +304,22 @@ fn a_rotated_token_supersedes_the_old_entry() {
 fn a_noisy_pod_gets_429_and_the_others_are_served() {
     let s = Setup::with_args(&["--pod-rps", "1", "--pod-burst", "5"]);
     let noisy = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
-    let quiet = s.pod("search", "indexer-0", "indexer", CgroupShape::SystemdBurstable);
+    let quiet = s.pod(
+        "search",
+        "indexer-0",
+        "indexer",
+        CgroupShape::SystemdBurstable,
+    );
     let codes = burst(&noisy, &noisy.token(), 12);
     assert_eq!(codes.iter().filter(|c| **c == 200).count(), 5, "{codes:?}");
     assert_eq!(codes.iter().filter(|c| **c == 429).count(), 7, "{codes:?}");
     let r = noisy.curl(V4_URL, &noisy.token());
-    assert!(r.status == 429 && r.body.contains("payments/api-0"), "{} {}", r.status, r.body);
+    assert!(
+        r.status == 429 && r.body.contains("payments/api-0"),
+        "{} {}",
+        r.status,
+        r.body
+    );
     assert_eq!(quiet.curl(V4_URL, &quiet.token()).status, 200);
 }
 
@@ -203,5 +332,9 @@ fn a_hanging_upstream_is_a_504_within_the_deadline() {
     let r = pod.curl(V4_URL, &pod.token());
     assert_eq!(r.status, 504, "{}", r.body);
     assert!(r.body.contains("UpstreamTimeout"), "{}", r.body);
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 }

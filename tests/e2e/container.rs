@@ -18,13 +18,24 @@ use serde_json::Value;
 use super::V4_URL;
 
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The rendered base DaemonSet and its ConfigMap's values.
 fn rendered() -> (Value, BTreeMap<String, String>) {
-    let yaml = Command::new("kubectl").arg("kustomize").arg(repo().join("deploy/kubernetes/base")).output().expect("kubectl");
-    assert!(yaml.status.success(), "{}", String::from_utf8_lossy(&yaml.stderr));
+    let yaml = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(repo().join("deploy/kubernetes/base"))
+        .output()
+        .expect("kubectl");
+    assert!(
+        yaml.status.success(),
+        "{}",
+        String::from_utf8_lossy(&yaml.stderr)
+    );
     let out = Command::new("python3")
         .args(["-c", "import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))"])
         .stdin(std::process::Stdio::piped())
@@ -37,9 +48,18 @@ fn rendered() -> (Value, BTreeMap<String, String>) {
         })
         .unwrap();
     let docs: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap().clone();
+    let ds = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .unwrap()
+        .clone();
     let cm = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
-    let data = cm["data"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned())).collect();
+    let data = cm["data"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+        .collect();
     (ds, data)
 }
 
@@ -59,7 +79,13 @@ impl ContainerNode {
         let fake = FakeAws::start_in(&node.netns);
         fake.associate("payments", "api", "payments-api-role");
         let imds = FakeImds::start_in(&node.netns, &fake);
-        ContainerNode { bpffs: BpfFs::mount(&format!("oci-{name}")), runc: Runc::new(name), node, fake, _imds: imds }
+        ContainerNode {
+            bpffs: BpfFs::mount(&format!("oci-{name}")),
+            runc: Runc::new(name),
+            node,
+            fake,
+            _imds: imds,
+        }
     }
 
     /// The cgroup of a pod's container, as kubelet's cgroupfs driver names it, relative to the
@@ -71,10 +97,21 @@ impl ContainerNode {
     }
 
     /// Starts the agent's container from `ds`, in a pod cgroup of its own.
-    fn agent(&self, ds: &Value, config_map: &BTreeMap<String, String>, seccomp: Seccomp) -> (Container, Vec<String>) {
+    fn agent(
+        &self,
+        ds: &Value,
+        config_map: &BTreeMap<String, String>,
+        seccomp: Seccomp,
+    ) -> (Container, Vec<String>) {
         let binary = pod_identity_e2e::agent::binary();
-        let host_paths = BTreeMap::from([("/sys/fs/cgroup".to_owned(), self.node.cgroup_root.clone()), ("/sys/fs/bpf".to_owned(), self.bpffs.dir.clone())]);
-        let field_refs = BTreeMap::from([("NODE_IP".to_owned(), self.node.ip4.to_string()), ("NODE_NAME".to_owned(), "node-1".to_owned())]);
+        let host_paths = BTreeMap::from([
+            ("/sys/fs/cgroup".to_owned(), self.node.cgroup_root.clone()),
+            ("/sys/fs/bpf".to_owned(), self.bpffs.dir.clone()),
+        ]);
+        let field_refs = BTreeMap::from([
+            ("NODE_IP".to_owned(), self.node.ip4.to_string()),
+            ("NODE_NAME".to_owned(), "node-1".to_owned()),
+        ]);
         let mut config_map = config_map.clone();
         config_map.insert("CLUSTER_NAME".into(), pod_identity_e2e::CLUSTER.into());
         let bundle = AgentBundle {
@@ -85,36 +122,81 @@ impl ContainerNode {
             field_refs,
             // The node reaches EKS Auth at the fake (the standard variable, as a VPC endpoint's
             // DNS would); credentials and region come from IMDS.
-            extra_env: vec![("AWS_ENDPOINT_URL_EKS_AUTH".into(), self.fake.endpoint()), ("RUST_LOG".into(), "info,pod_identity_agent=debug".into())],
+            extra_env: vec![
+                ("AWS_ENDPOINT_URL_EKS_AUTH".into(), self.fake.endpoint()),
+                ("RUST_LOG".into(), "info,pod_identity_agent=debug".into()),
+            ],
             seccomp,
         };
         let uid = format!("{:08x}-0000-4000-8000-00000000a9e7", std::process::id());
-        let (config, withheld) = oci::agent_config(&bundle, &self.runc, &self.node, &self.cgroup_path("burstable", &uid, "agent"));
+        let (config, withheld) = oci::agent_config(
+            &bundle,
+            &self.runc,
+            &self.node,
+            &self.cgroup_path("burstable", &uid, "agent"),
+        );
         (self.runc.start("pia-agent", &config), withheld)
     }
 
     /// `curl` from `pod` as a runc container in a new container cgroup of the pod.
     fn curl(&self, pod: &Pod, token: &str) -> (u16, String) {
-        let container = format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+        let container = format!(
+            "{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        );
         let cgroup = self.cgroup_path("besteffort", &pod.uid, &container);
         let auth = format!("Authorization: {token}");
-        let config = oci::pod_config(&self.runc, &pod.netns, &cgroup, &["curl", "-sS", "--max-time", "10", "-w", "\n%{http_code}", "-H", &auth, V4_URL]);
+        let config = oci::pod_config(
+            &self.runc,
+            &pod.netns,
+            &cgroup,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                "-w",
+                "\n%{http_code}",
+                "-H",
+                &auth,
+                V4_URL,
+            ],
+        );
         let out = self.runc.run("pia-pod", &config);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-        (code.trim().parse().unwrap_or(0), format!("{body}{}", String::from_utf8_lossy(&out.stderr)))
+        (
+            code.trim().parse().unwrap_or(0),
+            format!("{body}{}", String::from_utf8_lossy(&out.stderr)),
+        )
     }
 
     fn wait_ready(&self, agent: &Container) {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while self.node.http_get("127.0.0.1:2703".parse().unwrap(), "/readyz").map(|(s, _)| s).ok() != Some(200) {
-            assert!(std::time::Instant::now() < deadline, "the agent's container never became ready:\n{}", agent.log());
+        while self
+            .node
+            .http_get("127.0.0.1:2703".parse().unwrap(), "/readyz")
+            .map(|(s, _)| s)
+            .ok()
+            != Some(200)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent's container never became ready:\n{}",
+                agent.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
 
     fn readyz(&self) -> String {
-        self.node.http_get("127.0.0.1:2703".parse().unwrap(), "/readyz").map(|(_, b)| b).unwrap_or_default()
+        self.node
+            .http_get("127.0.0.1:2703".parse().unwrap(), "/readyz")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
     }
 }
 
@@ -129,7 +211,11 @@ impl Drop for ContainerNode {
         // On a host with cgroup v1 controllers too, runc made the same paths in each v1
         // hierarchy; the node's own cleanup only knows the cgroup2 tree.
         let name = self.node.cgroup_root.file_name().unwrap().to_owned();
-        for hierarchy in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let dir = hierarchy.path().join(&name);
             if dir.exists() && hierarchy.path() != pod_identity_e2e::node::cgroup2_mount() {
                 pod_identity_e2e::node::remove_cgroup_tree(&dir);
@@ -145,9 +231,17 @@ fn the_daemonsets_container_serves_pods_under_runc() {
     let (agent, withheld) = c.agent(&ds, &config_map, Seccomp::FromManifest);
     // This sandbox cannot grant CAP_SYS_RESOURCE (its own bounding set lacks it); it is only
     // needed on kernels before 5.11, where BPF memory counts against RLIMIT_MEMLOCK.
-    assert!(withheld.iter().all(|c| c == "CAP_SYS_RESOURCE"), "only SYS_RESOURCE may be withheld here: {withheld:?}");
+    assert!(
+        withheld.iter().all(|c| c == "CAP_SYS_RESOURCE"),
+        "only SYS_RESOURCE may be withheld here: {withheld:?}"
+    );
     c.wait_ready(&agent);
-    assert_eq!(c.readyz().trim(), "ready", "eBPF mode, not a fallback: {}", agent.log());
+    assert_eq!(
+        c.readyz().trim(),
+        "ready",
+        "eBPF mode, not a fallback: {}",
+        agent.log()
+    );
 
     let api = pod(&c.node, "payments", "api-0", "api");
     let other = pod(&c.node, "payments", "api-1", "api");
@@ -155,30 +249,88 @@ fn the_daemonsets_container_serves_pods_under_runc() {
     assert_eq!(status, 200, "{body}\n{}", agent.log());
     assert!(body.contains("\"AccessKeyId\""), "{body}");
     // Signed with IMDS's keys, for IMDS's region: nothing about AWS came from the manifest.
-    assert!(c.fake.calls().iter().all(|call| call.signed_by.starts_with("ASIAIMDSNODE")), "{:?}", c.fake.calls());
+    assert!(
+        c.fake
+            .calls()
+            .iter()
+            .all(|call| call.signed_by.starts_with("ASIAIMDSNODE")),
+        "{:?}",
+        c.fake.calls()
+    );
     // A stolen token is refused by the binding.
     let (status, body) = c.curl(&other, &api.token());
     assert_eq!(status, 403, "{body}");
-    assert!(body.contains("token belongs to pod payments/api-0"), "{body}");
+    assert!(
+        body.contains("token belongs to pod payments/api-0"),
+        "{body}"
+    );
 
     // The agent's own connects are not redirected: from its container (kubectl exec), the
     // credential address is not the agent.
     // (The node routes the credential address nowhere: a connect that is not redirected fails.)
-    let own = agent.exec(&["curl", "-sS", "--max-time", "3", "-o", "/dev/null", "-w", "%{http_code}", V4_URL]);
-    assert_eq!(String::from_utf8_lossy(&own.stdout), "000", "the agent's own cgroup must not be redirected: {}", String::from_utf8_lossy(&own.stderr));
+    let own = agent.exec(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "3",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        V4_URL,
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&own.stdout),
+        "000",
+        "the agent's own cgroup must not be redirected: {}",
+        String::from_utf8_lossy(&own.stderr)
+    );
     // Metrics and probes answer.
-    let (status, metrics) = c.node.http_get("127.0.0.1:2705".parse().unwrap(), "/metrics").unwrap();
+    let (status, metrics) = c
+        .node
+        .http_get("127.0.0.1:2705".parse().unwrap(), "/metrics")
+        .unwrap();
     assert_eq!(status, 200);
-    assert!(metrics.contains("pod_identity_agent_mode{mode=\"ebpf\"} 1"), "{metrics}");
-    assert_eq!(c.node.http_get("127.0.0.1:2703".parse().unwrap(), "/healthz").unwrap().0, 200);
+    assert!(
+        metrics.contains("pod_identity_agent_mode{mode=\"ebpf\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(
+        c.node
+            .http_get("127.0.0.1:2703".parse().unwrap(), "/healthz")
+            .unwrap()
+            .0,
+        200
+    );
 
     // Nothing was written to the (read-only) root: only the mount points runc made.
-    let written: Vec<PathBuf> = c.runc.written().into_iter().filter(|p| !p.starts_with("host") && !p.starts_with("sys") && !p.starts_with("dev") && !p.starts_with("proc")).collect();
-    assert!(written.is_empty(), "the container wrote outside its mounts: {written:?}");
+    let written: Vec<PathBuf> = c
+        .runc
+        .written()
+        .into_iter()
+        .filter(|p| {
+            !p.starts_with("host")
+                && !p.starts_with("sys")
+                && !p.starts_with("dev")
+                && !p.starts_with("proc")
+        })
+        .collect();
+    assert!(
+        written.is_empty(),
+        "the container wrote outside its mounts: {written:?}"
+    );
     // The pins went where the manifest said, in the host's bpffs.
-    assert!(c.bpffs.dir.join("pod-identity-agent/links/connect4").exists());
+    assert!(
+        c.bpffs
+            .dir
+            .join("pod-identity-agent/links/connect4")
+            .exists()
+    );
     drop(agent);
-    let _ = Command::new(pod_identity_e2e::agent::binary()).args(["cleanup", "--pin"]).arg(c.bpffs.dir.join("pod-identity-agent")).output();
+    let _ = Command::new(pod_identity_e2e::agent::binary())
+        .args(["cleanup", "--pin"])
+        .arg(c.bpffs.dir.join("pod-identity-agent"))
+        .output();
 }
 
 #[test]
@@ -199,47 +351,77 @@ fn a_pinned_handover_between_two_containers_keeps_serving() {
     }
     assert!(new.log().contains("TakenOver"), "{}", new.log());
     old.kill("TERM");
-    assert!(old.wait().success(), "the old agent exits cleanly on SIGTERM:\n{}", old.log());
+    assert!(
+        old.wait().success(),
+        "the old agent exits cleanly on SIGTERM:\n{}",
+        old.log()
+    );
     let (status, body) = c.curl(&api, &token);
     assert_eq!(status, 200, "{body}\n{}", new.log());
     drop(new);
-    let _ = Command::new(pod_identity_e2e::agent::binary()).args(["cleanup", "--pin"]).arg(c.bpffs.dir.join("pod-identity-agent")).output();
+    let _ = Command::new(pod_identity_e2e::agent::binary())
+        .args(["cleanup", "--pin"])
+        .arg(c.bpffs.dir.join("pod-identity-agent"))
+        .output();
 }
 
 #[test]
 fn under_seccomp_the_runtime_default_lets_the_agent_load_its_programs_and_crio_s_does_not() {
     let (ds, config_map) = rendered();
     assert_eq!(
-        ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
+        ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault",
         "the manifest asks for the runtime's default profile"
     );
     // containerd's default (what EKS nodes apply): bpf is allowed with CAP_BPF.
     let c = ContainerNode::new("seccomp-containerd");
-    let (agent, _) = c.agent(&ds, &config_map, Seccomp::Profile(oci::containerd_default()));
+    let (agent, _) = c.agent(
+        &ds,
+        &config_map,
+        Seccomp::Profile(oci::containerd_default()),
+    );
     c.wait_ready(&agent);
     assert_eq!(c.readyz().trim(), "ready", "{}", agent.log());
     let api = pod(&c.node, "payments", "api-0", "api");
     assert_eq!(c.curl(&api, &api.token()).0, 200);
     drop(agent);
-    let _ = Command::new(pod_identity_e2e::agent::binary()).args(["cleanup", "--pin"]).arg(c.bpffs.dir.join("pod-identity-agent")).output();
+    let _ = Command::new(pod_identity_e2e::agent::binary())
+        .args(["cleanup", "--pin"])
+        .arg(c.bpffs.dir.join("pod-identity-agent"))
+        .output();
 
     // containers-common's (CRI-O, Podman): bpf only with CAP_SYS_ADMIN. The agent says so, and
     // serves in link mode.
     let c = ContainerNode::new("seccomp-crio");
-    let (agent, _) = c.agent(&ds, &config_map, Seccomp::Profile(oci::containers_common_profile()));
+    let (agent, _) = c.agent(
+        &ds,
+        &config_map,
+        Seccomp::Profile(oci::containers_common_profile()),
+    );
     c.wait_ready(&agent);
     let ready = c.readyz();
-    assert!(ready.contains("link mode") && ready.contains("seccomp"), "{ready}\n{}", agent.log());
+    assert!(
+        ready.contains("link mode") && ready.contains("seccomp"),
+        "{ready}\n{}",
+        agent.log()
+    );
 }
 
 #[test]
 fn a_manifest_without_cap_bpf_cannot_serve_in_ebpf_mode() {
     let (mut ds, config_map) = rendered();
-    let add = ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"].as_array_mut().unwrap();
+    let add =
+        ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
+            .as_array_mut()
+            .unwrap();
     add.retain(|c| c != "BPF");
     let c = ContainerNode::new("nobpf");
     let (agent, _) = c.agent(&ds, &config_map, Seccomp::FromManifest);
     c.wait_ready(&agent);
     let ready = c.readyz();
-    assert!(ready.contains("link mode") && ready.contains("lacks CAP_BPF"), "{ready}\n{}", agent.log());
+    assert!(
+        ready.contains("link mode") && ready.contains("lacks CAP_BPF"),
+        "{ready}\n{}",
+        agent.log()
+    );
 }

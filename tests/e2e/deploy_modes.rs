@@ -12,7 +12,8 @@ use pod_identity_e2e::{
 use super::{Setup, V4_URL, V6_URL, assert_credentials, metric};
 
 fn readyz(node: &Node) -> (u16, String) {
-    node.http_get(PROBE_ADDR.parse().unwrap(), "/readyz").expect("probe")
+    node.http_get(PROBE_ADDR.parse().unwrap(), "/readyz")
+        .expect("probe")
 }
 
 #[test]
@@ -27,9 +28,16 @@ fn link_mode_serves_pods_with_token_only_checks() {
     assert_eq!(r.status, 200, "{}", r.body);
     let (status, body) = readyz(&s.node);
     assert_eq!(status, 200);
-    assert!(body.contains("link mode") && body.contains("token-only"), "{body}");
+    assert!(
+        body.contains("link mode") && body.contains("token-only"),
+        "{body}"
+    );
     let m = s.agent.metrics();
-    assert_eq!(metric(&m, r#"pod_identity_agent_mode{mode="link"}"#), 1.0, "{m}");
+    assert_eq!(
+        metric(&m, r#"pod_identity_agent_mode{mode="link"}"#),
+        1.0,
+        "{m}"
+    );
     assert!(s.agent.log().contains("callers are not attributed"));
 }
 
@@ -42,7 +50,12 @@ fn link_mode_setup_is_idempotent_across_restarts() {
     pod.route_credential_addresses_via_node();
     for round in 0..2 {
         let mut agent = Agent::start(&node, &fake, &["--mode", "link"]);
-        assert_eq!(pod.curl(V4_URL, &pod.token()).status, 200, "round {round}:\n{}", agent.log());
+        assert_eq!(
+            pod.curl(V4_URL, &pod.token()).status,
+            200,
+            "round {round}:\n{}",
+            agent.log()
+        );
         assert!(agent.stop().success());
     }
 }
@@ -54,10 +67,22 @@ fn auto_mode_falls_back_to_link_mode_when_attach_is_impossible() {
     fake.associate("payments", "api", "payments-api-role");
     let not_a_cgroup = std::env::temp_dir().join(format!("{}-plain-dir", node.netns));
     std::fs::create_dir_all(&not_a_cgroup).unwrap();
-    let agent = Agent::start(&node, &fake, &["--mode", "auto", "--cgroup-root", not_a_cgroup.to_str().unwrap()]);
+    let agent = Agent::start(
+        &node,
+        &fake,
+        &[
+            "--mode",
+            "auto",
+            "--cgroup-root",
+            not_a_cgroup.to_str().unwrap(),
+        ],
+    );
     let _ = std::fs::remove_dir_all(&not_a_cgroup);
     let log = agent.log();
-    assert!(log.contains("eBPF interception unavailable, falling back to link mode"), "{log}");
+    assert!(
+        log.contains("eBPF interception unavailable, falling back to link mode"),
+        "{log}"
+    );
     assert!(log.contains("attaching"), "the reason is given: {log}");
     assert!(readyz(&node).1.contains("link mode"));
     let pod = node.add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
@@ -85,14 +110,25 @@ fn a_node_without_cgroup_v2_is_served_in_link_mode_and_says_why() {
     let mut strict = Agent::spawn_wrapped(&node, &fake, &["--mode", "ebpf"], &WITHOUT_CGROUP2);
     assert!(!strict.wait_exit(Duration::from_secs(30)).success());
     let log = strict.log();
-    assert!(log.contains("no cgroup2 filesystem is mounted") && log.contains("cgroup v1 nodes, such as Amazon Linux 2"), "{log}");
+    assert!(
+        log.contains("no cgroup2 filesystem is mounted")
+            && log.contains("cgroup v1 nodes, such as Amazon Linux 2"),
+        "{log}"
+    );
     drop(strict);
 
     let agent = Agent::start_wrapped(&node, &fake, &["--mode", "auto"], &WITHOUT_CGROUP2);
     let (status, ready) = readyz(&node);
     assert_eq!(status, 200);
-    assert!(ready.contains("link mode") && ready.contains("no cgroup2 filesystem"), "{ready}");
-    assert!(agent.log().contains("deleted pods are not noticed"), "{}", agent.log());
+    assert!(
+        ready.contains("link mode") && ready.contains("no cgroup2 filesystem"),
+        "{ready}"
+    );
+    assert!(
+        agent.log().contains("deleted pods are not noticed"),
+        "{}",
+        agent.log()
+    );
     let pod = node.add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
     pod.route_credential_addresses_via_node();
     let r = pod.curl(V4_URL, &pod.token());
@@ -105,14 +141,32 @@ fn ipv6_only_node_serves_over_ipv6() {
     let fake = FakeAws::start_in(&node.netns);
     fake.associate("payments", "api", "payments-api-role");
     let [_, listen6] = node.listen_addrs(PORT);
-    let agent = Agent::start(&node, &fake, &["--mode", "ebpf", "--listen", &listen6.to_string()]);
+    let agent = Agent::start(
+        &node,
+        &fake,
+        &["--mode", "ebpf", "--listen", &listen6.to_string()],
+    );
     let pod = node.add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
     let token_file = pod.write_token_file(&pod.token());
-    let [key, ..] = pod.boto3(V6_URL, &token_file).unwrap_or_else(|e| panic!("boto3 over IPv6: {e}\n{}", agent.log()));
-    assert_eq!(key, pod_identity_e2e::fake_aws::access_key_for("payments", "api"));
+    let [key, ..] = pod
+        .boto3(V6_URL, &token_file)
+        .unwrap_or_else(|e| panic!("boto3 over IPv6: {e}\n{}", agent.log()));
+    assert_eq!(
+        key,
+        pod_identity_e2e::fake_aws::access_key_for("payments", "api")
+    );
     // No IPv4 target: IPv4 connects are left alone (and fail here, where nothing listens).
-    let out = pod.command("curl").args(["-sS", "--max-time", "5", V4_URL]).output().unwrap();
-    assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = pod
+        .command("curl")
+        .args(["-sS", "--max-time", "5", V4_URL])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(agent.log().contains("no IPv4 redirect target"));
 }
 
@@ -123,13 +177,33 @@ fn a_node_without_ipv6_never_makes_the_agent_fail() {
     fake.associate("payments", "api", "payments-api-role");
     let [listen4, _] = node.listen_addrs(PORT);
     for mode in ["ebpf", "link"] {
-        let mut agent = Agent::start(&node, &fake, &["--mode", mode, "--listen", &listen4.to_string()]);
-        let pod = node.add_pod("payments", &format!("api-{mode}"), "api", CgroupShape::SystemdBurstable);
+        let mut agent = Agent::start(
+            &node,
+            &fake,
+            &["--mode", mode, "--listen", &listen4.to_string()],
+        );
+        let pod = node.add_pod(
+            "payments",
+            &format!("api-{mode}"),
+            "api",
+            CgroupShape::SystemdBurstable,
+        );
         if mode == "link" {
             pod.route_credential_addresses_via_node();
-            assert!(agent.log().contains("IPv6 credential address not configured"), "{}", agent.log());
+            assert!(
+                agent
+                    .log()
+                    .contains("IPv6 credential address not configured"),
+                "{}",
+                agent.log()
+            );
         }
-        assert_eq!(pod.curl(V4_URL, &pod.token()).status, 200, "{mode}:\n{}", agent.log());
+        assert_eq!(
+            pod.curl(V4_URL, &pod.token()).status,
+            200,
+            "{mode}:\n{}",
+            agent.log()
+        );
         assert!(agent.stop().success());
     }
 }
@@ -144,7 +218,11 @@ fn the_listed_capabilities_are_enough_as_non_root() {
     drop(s.agent);
     let caps: Vec<String> = AGENT_CAPABILITIES.iter().map(|c| format!("+{c}")).collect();
     let caps = caps.join(",");
-    let (inh, amb, bounding) = (format!("-all,{caps}"), format!("-all,{caps}"), format!("-all,{caps}"));
+    let (inh, amb, bounding) = (
+        format!("-all,{caps}"),
+        format!("-all,{caps}"),
+        format!("-all,{caps}"),
+    );
     let wrapper = [
         "setpriv",
         "--reuid=65534",
@@ -158,14 +236,40 @@ fn the_listed_capabilities_are_enough_as_non_root() {
         bounding.as_str(),
     ];
     let agent = Agent::start_wrapped(&s.node, &s.fake, &["--mode", "ebpf"], &wrapper);
-    let pod = s.node.add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+    let pod = s
+        .node
+        .add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
     let r = pod.curl(V4_URL, &pod.token());
     assert_eq!(r.status, 200, "{}\n{}", r.body, agent.log());
     // And without them it fails with the cause named.
-    let mut weak = Agent::spawn_wrapped(&s.node, &s.fake, &["--mode", "ebpf", "--probe-addr", "127.0.0.1:2713", "--metrics-addr", "127.0.0.1:2715"], &["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--bounding-set", "-all"]);
+    let mut weak = Agent::spawn_wrapped(
+        &s.node,
+        &s.fake,
+        &[
+            "--mode",
+            "ebpf",
+            "--probe-addr",
+            "127.0.0.1:2713",
+            "--metrics-addr",
+            "127.0.0.1:2715",
+        ],
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--bounding-set",
+            "-all",
+        ],
+    );
     let status = weak.wait_exit(Duration::from_secs(30));
     assert!(!status.success());
-    assert!(weak.log().contains("permission denied: the agent lacks CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON"), "{}", weak.log());
+    assert!(
+        weak.log()
+            .contains("permission denied: the agent lacks CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON"),
+        "{}",
+        weak.log()
+    );
 }
 
 /// Runs a client loop in each pod for `seconds`: a request every 100 ms, each with the retry
@@ -215,7 +319,16 @@ fn results(clients: Vec<std::process::Child>) -> (u64, u64) {
 }
 
 fn twenty_pods(node: &Node) -> Vec<pod_identity_e2e::Pod> {
-    (0..20).map(|i| node.add_pod("payments", &format!("api-{i}"), "api", CgroupShape::SystemdBurstable)).collect()
+    (0..20)
+        .map(|i| {
+            node.add_pod(
+                "payments",
+                &format!("api-{i}"),
+                "api",
+                CgroupShape::SystemdBurstable,
+            )
+        })
+        .collect()
 }
 
 #[test]
@@ -232,8 +345,15 @@ fn restart_without_pin_under_load_stays_within_the_sdk_retry_budget() {
     let agent = Agent::start(&node, &fake, &["--mode", "ebpf"]);
     let gap = restarted.elapsed();
     let (ok, failed) = results(clients);
-    eprintln!("restart without --pin: gap {gap:?}, {ok} requests served, {failed} failed after retries");
-    assert_eq!(failed, 0, "every client got credentials within its retry budget (gap {gap:?})\n{}", agent.log());
+    eprintln!(
+        "restart without --pin: gap {gap:?}, {ok} requests served, {failed} failed after retries"
+    );
+    assert_eq!(
+        failed,
+        0,
+        "every client got credentials within its retry budget (gap {gap:?})\n{}",
+        agent.log()
+    );
     assert!(ok > 200);
 }
 
@@ -247,7 +367,12 @@ fn pinned_programs_survive_the_agent_and_are_taken_over_without_a_gap() {
     fake.associate("payments", "api", "payments-api-role");
     let pods = twenty_pods(&node);
     let mut first = Agent::start(&node, &fake, &["--mode", "ebpf", "--pin", &pin]);
-    assert!(first.log().contains("attachment: Some(Pinned)") || first.log().contains("attachment=Some(Pinned)"), "{}", first.log());
+    assert!(
+        first.log().contains("attachment: Some(Pinned)")
+            || first.log().contains("attachment=Some(Pinned)"),
+        "{}",
+        first.log()
+    );
 
     // A surge roll: the new agent starts beside the old one, takes over the pinned links, and
     // only then is the old one stopped.
@@ -256,7 +381,11 @@ fn pinned_programs_survive_the_agent_and_are_taken_over_without_a_gap() {
     let mut second = Agent::spawn(&node, &fake, &["--mode", "ebpf", "--pin", &pin]);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !second.log().contains("serving credentials") {
-        assert!(Instant::now() < deadline, "second agent never served:\n{}", second.log());
+        assert!(
+            Instant::now() < deadline,
+            "second agent never served:\n{}",
+            second.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(second.log().contains("TakenOver"), "{}", second.log());
@@ -269,22 +398,46 @@ fn pinned_programs_survive_the_agent_and_are_taken_over_without_a_gap() {
     // Interception outlives the agent: after the last one stops, connects are still redirected
     // (refused: nobody listens on the agent's port now) until `cleanup` unpins everything.
     assert!(second.stop().success());
-    assert_eq!(connect_errno(&pods[0]), libc::ECONNREFUSED, "still redirected to the agent's port");
+    assert_eq!(
+        connect_errno(&pods[0]),
+        libc::ECONNREFUSED,
+        "still redirected to the agent's port"
+    );
     assert!(connect4_attached(&node), "pinned programs stay attached");
-    let out = std::process::Command::new(binary()).args(["cleanup", "--pin", &pin]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(connect_errno(&pods[0]), libc::EHOSTUNREACH, "after cleanup nothing redirects");
-    assert!(!connect4_attached(&node), "programs still attached after cleanup");
+    let out = std::process::Command::new(binary())
+        .args(["cleanup", "--pin", &pin])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        connect_errno(&pods[0]),
+        libc::EHOSTUNREACH,
+        "after cleanup nothing redirects"
+    );
+    assert!(
+        !connect4_attached(&node),
+        "programs still attached after cleanup"
+    );
 }
 
 /// The errno of a TCP connect to the IPv4 credential address from `pod` (0 on success).
 fn connect_errno(pod: &pod_identity_e2e::Pod) -> i32 {
     let script = "import socket; s = socket.socket(); s.settimeout(3); print(s.connect_ex(('169.254.170.23', 80)))";
-    let out = pod.command("python3").args(["-c", script]).output().unwrap();
+    let out = pod
+        .command("python3")
+        .args(["-c", script])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
 /// Whether the agent's connect4 program is attached at the node's cgroup root.
 fn connect4_attached(node: &Node) -> bool {
-    pod_identity_e2e::bpf::attached(&node.cgroup_root).iter().any(|a| a.name == "connect4")
+    pod_identity_e2e::bpf::attached(&node.cgroup_root)
+        .iter()
+        .any(|a| a.name == "connect4")
 }

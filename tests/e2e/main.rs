@@ -32,7 +32,10 @@ pub(crate) fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bo
     let timeout = pod_identity_e2e::patient(timeout);
     let deadline = Instant::now() + timeout;
     while !ok() {
-        assert!(Instant::now() < deadline, "{what} did not happen within {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {timeout:?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -66,17 +69,37 @@ impl Setup {
 
 /// The value of one series in a Prometheus text exposition (0 when absent).
 fn metric(text: &str, series: &str) -> f64 {
-    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' '))).map(|v| v.trim().parse().expect("metric value")).unwrap_or(0.0)
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .map(|v| v.trim().parse().expect("metric value"))
+        .unwrap_or(0.0)
 }
 
 fn assert_credentials(body: &str, namespace: &str, sa: &str) {
-    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+    let v: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
     assert_eq!(v["AccessKeyId"], access_key_for(namespace, sa), "{body}");
-    assert!(v["SecretAccessKey"].as_str().is_some_and(|s| s.starts_with("fakeSecret")), "{body}");
-    assert!(v["Token"].as_str().is_some_and(|s| s.starts_with("fakeSession")), "{body}");
+    assert!(
+        v["SecretAccessKey"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("fakeSecret")),
+        "{body}"
+    );
+    assert!(
+        v["Token"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("fakeSession")),
+        "{body}"
+    );
     assert_eq!(v["AccountId"], ACCOUNT);
     let exp = v["Expiration"].as_str().expect("Expiration");
-    assert!(exp.ends_with('Z') && exp.len() == 20, "Expiration {exp:?} must be RFC 3339 UTC with Z");
+    assert!(
+        exp.ends_with('Z') && exp.len() == 20,
+        "Expiration {exp:?} must be RFC 3339 UTC with Z"
+    );
 }
 
 #[test]
@@ -95,7 +118,16 @@ fn curl_in_pod_gets_its_credentials() {
     assert_eq!(calls[0].cluster, pod_identity_e2e::CLUSTER);
     let m = s.agent.metrics();
     for family in ["ipv4", "ipv6"] {
-        assert_eq!(metric(&m, &format!("pod_identity_agent_kernel_redirected_connects_total{{family=\"{family}\"}}")), 1.0, "{m}");
+        assert_eq!(
+            metric(
+                &m,
+                &format!(
+                    "pod_identity_agent_kernel_redirected_connects_total{{family=\"{family}\"}}"
+                )
+            ),
+            1.0,
+            "{m}"
+        );
     }
 }
 
@@ -104,7 +136,9 @@ fn boto3_resolves_credentials_over_ipv4_link_local() {
     let s = Setup::new();
     let pod = s.pod("payments", "api-0", "api", CgroupShape::CgroupfsBestEffort);
     let token_file = pod.write_token_file(&pod.token());
-    let [key, secret, session] = pod.boto3(V4_URL, &token_file).unwrap_or_else(|e| panic!("boto3: {e}\n{}", s.agent.log()));
+    let [key, secret, session] = pod
+        .boto3(V4_URL, &token_file)
+        .unwrap_or_else(|e| panic!("boto3: {e}\n{}", s.agent.log()));
     assert_eq!(key, access_key_for("payments", "api"));
     assert!(secret.starts_with("fakeSecret") && session.starts_with("fakeSession"));
 }
@@ -112,12 +146,23 @@ fn boto3_resolves_credentials_over_ipv4_link_local() {
 #[test]
 fn boto3_resolves_credentials_over_ipv6_link_local() {
     let s = Setup::new();
-    let pod = s.pod("search", "indexer-0", "indexer", CgroupShape::SystemdGuaranteed);
+    let pod = s.pod(
+        "search",
+        "indexer-0",
+        "indexer",
+        CgroupShape::SystemdGuaranteed,
+    );
     let token_file = pod.write_token_file(&pod.token());
-    let [key, ..] = pod.boto3(V6_URL, &token_file).unwrap_or_else(|e| panic!("boto3: {e}\n{}", s.agent.log()));
+    let [key, ..] = pod
+        .boto3(V6_URL, &token_file)
+        .unwrap_or_else(|e| panic!("boto3: {e}\n{}", s.agent.log()));
     assert_eq!(key, access_key_for("search", "indexer"));
     let redirected = s.agent.metrics();
-    assert!(redirected.contains(r#"pod_identity_agent_kernel_redirected_connects_total{family="ipv6"} 1"#), "{redirected}");
+    assert!(
+        redirected
+            .contains(r#"pod_identity_agent_kernel_redirected_connects_total{family="ipv6"} 1"#),
+        "{redirected}"
+    );
 }
 
 #[test]
@@ -132,7 +177,9 @@ fn v4_mapped_address_on_a_dual_stack_socket_is_redirected() {
 #[test]
 fn host_network_pod_gets_credentials() {
     let s = Setup::new();
-    let pod = s.node.add_host_network_pod("payments", "node-exporter-x", "api");
+    let pod = s
+        .node
+        .add_host_network_pod("payments", "node-exporter-x", "api");
     let r = pod.curl(V4_URL, &pod.token());
     assert_eq!(r.status, 200, "{}\n{}", r.body, s.agent.log());
     assert_credentials(&r.body, "payments", "api");
@@ -141,7 +188,11 @@ fn host_network_pod_gets_credentials() {
 #[test]
 fn every_cgroup_shape_is_attributed_to_its_pod() {
     let s = Setup::new();
-    let shapes = [CgroupShape::SystemdBurstable, CgroupShape::SystemdGuaranteed, CgroupShape::CgroupfsBestEffort];
+    let shapes = [
+        CgroupShape::SystemdBurstable,
+        CgroupShape::SystemdGuaranteed,
+        CgroupShape::CgroupfsBestEffort,
+    ];
     for (i, shape) in shapes.into_iter().enumerate() {
         let pod = s.pod("payments", &format!("api-{i}"), "api", shape);
         let r = pod.curl(V4_URL, &pod.token());
@@ -156,9 +207,13 @@ fn every_cgroup_shape_is_attributed_to_its_pod() {
         let other = s.pod("payments", &format!("other-{i}"), "api", shape);
         assert_eq!(pod.curl(V4_URL, &other.token()).status, 403, "{shape:?}");
     }
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&s.agent.pods_cli(&["--json"])).unwrap();
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&s.agent.pods_cli(&["--json"])).unwrap();
     for i in 0..3 {
-        let row = rows.iter().find(|r| r["pod"] == format!("api-{i}")).unwrap_or_else(|| panic!("api-{i} not attributed: {rows:?}"));
+        let row = rows
+            .iter()
+            .find(|r| r["pod"] == format!("api-{i}"))
+            .unwrap_or_else(|| panic!("api-{i} not attributed: {rows:?}"));
         assert_eq!(row["requests"], 3, "{row}");
     }
 }
@@ -170,9 +225,16 @@ fn token_of_another_pod_is_refused() {
     let b = s.pod("payments", "api-1", "api", CgroupShape::SystemdBurstable);
     let r = b.curl(V4_URL, &a.token());
     assert_eq!(r.status, 403, "{}", r.body);
-    assert!(r.body.contains("token belongs to pod payments/api-0"), "{}", r.body);
+    assert!(
+        r.body.contains("token belongs to pod payments/api-0"),
+        "{}",
+        r.body
+    );
     assert!(r.body.contains(&b.uid), "{}", r.body);
-    assert!(s.fake.calls().is_empty(), "a refused token must not reach EKS Auth");
+    assert!(
+        s.fake.calls().is_empty(),
+        "a refused token must not reach EKS Auth"
+    );
 }
 
 #[test]
@@ -180,7 +242,12 @@ fn process_outside_any_pod_is_refused() {
     let s = Setup::new();
     let a = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
     let daemon = s.node.host_cgroup("system.slice/node-daemon.service");
-    let r = pod_identity_e2e::node::curl(s.node.command("curl", Some(&daemon)), V4_URL, &a.token(), &[]);
+    let r = pod_identity_e2e::node::curl(
+        s.node.command("curl", Some(&daemon)),
+        V4_URL,
+        &a.token(),
+        &[],
+    );
     assert_eq!(r.status, 403, "{}", r.body);
     assert!(r.body.contains("belongs to no pod"), "{}", r.body);
 }
@@ -192,7 +259,11 @@ fn direct_connection_to_the_listener_is_refused() {
     let [listen4, _] = s.node.listen_addrs(pod_identity_e2e::agent::PORT);
     let r = pod.curl(&format!("http://{listen4}/v1/credentials"), &pod.token());
     assert_eq!(r.status, 403, "{}", r.body);
-    assert!(r.body.contains("did not come through the agent's redirect"), "{}", r.body);
+    assert!(
+        r.body.contains("did not come through the agent's redirect"),
+        "{}",
+        r.body
+    );
 }
 
 #[test]
@@ -211,27 +282,68 @@ fn malformed_and_expired_tokens_get_400() {
     assert!(expired.body.contains("expired"), "{}", expired.body);
     assert!(s.fake.calls().is_empty());
     // A redirected request that names another host (DNS rebinding, a proxy) is refused.
-    let r = pod_identity_e2e::node::curl(pod.command("curl"), V4_URL, &pod.token(), &["-H", "Host: attacker.example"]);
+    let r = pod_identity_e2e::node::curl(
+        pod.command("curl"),
+        V4_URL,
+        &pod.token(),
+        &["-H", "Host: attacker.example"],
+    );
     assert_eq!(r.status, 403, "{}", r.body);
     assert!(r.body.contains("not a credential address"), "{}", r.body);
     // Other paths and methods.
-    let out = pod.command("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://169.254.170.23/latest"]).output().unwrap();
+    let out = pod
+        .command("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "http://169.254.170.23/latest",
+        ])
+        .output()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
-    let out = pod.command("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", V4_URL]).output().unwrap();
+    let out = pod
+        .command("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+            V4_URL,
+        ])
+        .output()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "405");
 }
 
 #[test]
 fn upstream_errors_pass_through_with_their_status() {
     let s = Setup::new();
-    let unassociated = s.pod("payments", "batch-0", "batch", CgroupShape::SystemdBurstable);
+    let unassociated = s.pod(
+        "payments",
+        "batch-0",
+        "batch",
+        CgroupShape::SystemdBurstable,
+    );
     let r = unassociated.curl(V4_URL, &unassociated.token());
     assert_eq!(r.status, 404, "{}", r.body);
-    assert!(r.body.contains("(ResourceNotFoundException)") && r.body.ends_with("fault: client"), "{}", r.body);
+    assert!(
+        r.body.contains("(ResourceNotFoundException)") && r.body.ends_with("fault: client"),
+        "{}",
+        r.body
+    );
     assert!(r.body.starts_with("[fake-"), "request id first: {}", r.body);
 
     let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
-    s.fake.set_fault(Some(Fault { status: 403, code: "AccessDeniedException".into() }));
+    s.fake.set_fault(Some(Fault {
+        status: 403,
+        code: "AccessDeniedException".into(),
+    }));
     let r = pod.curl(V4_URL, &pod.token());
     assert_eq!(r.status, 403, "{}", r.body);
     assert!(r.body.contains("(AccessDeniedException)"), "{}", r.body);
@@ -246,7 +358,18 @@ fn agents_own_cgroup_is_not_redirected() {
     let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
     // Something really listening on the credential address inside the pod's namespace: a
     // connect that is not redirected reaches it.
-    pod_identity_e2e::node::sh("ip", &["-n", &pod.netns, "addr", "add", "169.254.170.23/32", "dev", "lo"]);
+    pod_identity_e2e::node::sh(
+        "ip",
+        &[
+            "-n",
+            &pod.netns,
+            "addr",
+            "add",
+            "169.254.170.23/32",
+            "dev",
+            "lo",
+        ],
+    );
     let body = std::env::temp_dir().join(format!("{}-direct", s.node.netns));
     std::fs::write(&body, "direct").unwrap();
     let server_bin = pod_identity_e2e::agent::binary().with_file_name("baseline-server");
@@ -259,11 +382,21 @@ fn agents_own_cgroup_is_not_redirected() {
         .spawn()
         .unwrap();
     let from_agent_cgroup = || {
-        let out = pod_identity_e2e::node::command_in("curl", Some(&s.node.agent_cgroup), &pod.netns)
-            .args(["-sS", "--max-time", "5", "http://169.254.170.23/v1/credentials"])
-            .output()
-            .unwrap();
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        let out =
+            pod_identity_e2e::node::command_in("curl", Some(&s.node.agent_cgroup), &pod.netns)
+                .args([
+                    "-sS",
+                    "--max-time",
+                    "5",
+                    "http://169.254.170.23/v1/credentials",
+                ])
+                .output()
+                .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut seen = from_agent_cgroup();
@@ -271,7 +404,10 @@ fn agents_own_cgroup_is_not_redirected() {
         std::thread::sleep(Duration::from_millis(100));
         seen = from_agent_cgroup();
     }
-    assert_eq!(seen, "direct", "a connect from the agent's cgroup must not be redirected");
+    assert_eq!(
+        seen, "direct",
+        "a connect from the agent's cgroup must not be redirected"
+    );
     // The same address from the pod's cgroup goes to the agent.
     let r = pod.curl(V4_URL, &pod.token());
     assert_eq!(r.status, 200, "{}", r.body);
@@ -290,11 +426,24 @@ fn sigterm_exits_zero_and_leaves_nothing_attached() {
     let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
     assert_eq!(pod.curl(V4_URL, &pod.token()).status, 200);
     let status = s.agent.stop();
-    assert!(status.success(), "agent exit status {status}; log:\n{}", s.agent.log());
+    assert!(
+        status.success(),
+        "agent exit status {status}; log:\n{}",
+        s.agent.log()
+    );
     // Nothing redirects any more: the connect goes where it was addressed, and the node has no
     // route there, so curl fails to connect (exit 7) instead of reaching an agent.
-    let out = pod.command("curl").args(["-sS", "--max-time", "5", V4_URL]).output().unwrap();
-    assert_eq!(out.status.code(), Some(7), "curl: {}", String::from_utf8_lossy(&out.stderr));
+    let out = pod
+        .command("curl")
+        .args(["-sS", "--max-time", "5", V4_URL])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let left = pod_identity_e2e::bpf::attached(&s.node.cgroup_root);
     assert!(left.is_empty(), "still attached: {left:?}");
 }
@@ -305,11 +454,23 @@ fn attach_failure_is_a_clear_error() {
     let fake = FakeAws::start_in(&node.netns);
     let not_a_cgroup = std::env::temp_dir().join(format!("{}-not-a-cgroup", node.netns));
     std::fs::create_dir_all(&not_a_cgroup).unwrap();
-    let mut agent = Agent::spawn(&node, &fake, &["--mode", "ebpf", "--cgroup-root", not_a_cgroup.to_str().unwrap()]);
+    let mut agent = Agent::spawn(
+        &node,
+        &fake,
+        &[
+            "--mode",
+            "ebpf",
+            "--cgroup-root",
+            not_a_cgroup.to_str().unwrap(),
+        ],
+    );
     let status = agent.wait_exit(Duration::from_secs(30));
     let log = agent.log();
     let _ = std::fs::remove_dir_all(&not_a_cgroup);
     assert!(!status.success(), "agent must fail; log:\n{log}");
     assert!(log.contains("cannot intercept pods' connections"), "{log}");
-    assert!(log.contains("attaching") && log.contains("not-a-cgroup"), "{log}");
+    assert!(
+        log.contains("attaching") && log.contains("not-a-cgroup"),
+        "{log}"
+    );
 }

@@ -40,15 +40,32 @@ fn fresh_request(pod: &Pod) -> pod_identity_e2e::node::HttpResult {
 fn imds_credentials_and_region_sign_every_call_and_a_rotation_is_invisible_to_pods() {
     let (node, fake) = node();
     let imds = FakeImds::start_in(&node.netns, &fake);
-    let agent = start(&node, &fake, &[], Launch { aws: NodeAws::Imds, ..Launch::default() });
+    let agent = start(
+        &node,
+        &fake,
+        &[],
+        Launch {
+            aws: NodeAws::Imds,
+            ..Launch::default()
+        },
+    );
     let pod = node.add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
     let r = fresh_request(&pod);
     assert_eq!(r.status, 200, "{}\n{}", r.body, agent.log());
     let first_key = imds.access_key();
     // The fake checks each signature against the key and session token IMDS issued, and the
     // region in its scope: no --region, no AWS_REGION; it came from IMDS.
-    assert!(fake.calls().iter().all(|c| c.signed_by == first_key), "{:?}", fake.calls());
-    let (_, info) = node.http_get(pod_identity_e2e::agent::PROBE_ADDR.parse().unwrap(), "/v1/agent").unwrap();
+    assert!(
+        fake.calls().iter().all(|c| c.signed_by == first_key),
+        "{:?}",
+        fake.calls()
+    );
+    let (_, info) = node
+        .http_get(
+            pod_identity_e2e::agent::PROBE_ADDR.parse().unwrap(),
+            "/v1/agent",
+        )
+        .unwrap();
     assert!(info.contains(r#""region":"us-west-2""#), "{info}");
 
     // IMDS rotates the node's keys and the old ones stop working: the next calls are refused
@@ -63,7 +80,11 @@ fn imds_credentials_and_region_sign_every_call_and_a_rotation_is_invisible_to_po
     assert!(imds.fetches() > fetches, "the agent fetched the new keys");
     let last = fake.calls();
     assert_eq!(last.last().unwrap().signed_by, new_key);
-    assert!(agent.log().contains("NodeCredentialsRejected"), "the refused attempt is logged: {}", agent.log());
+    assert!(
+        agent.log().contains("NodeCredentialsRejected"),
+        "the refused attempt is logged: {}",
+        agent.log()
+    );
 }
 
 #[test]
@@ -72,23 +93,56 @@ fn imds_down_at_start_names_the_node_credentials_and_serving_resumes_without_a_r
     let imds = FakeImds::start_in(&node.netns, &fake);
     imds.set_mode(Mode::Down);
     // Region known (as with AWS_REGION on the DaemonSet): the credentials are what is missing.
-    let agent = start(&node, &fake, &["--region", "us-west-2"], Launch { aws: NodeAws::Imds, ..Launch::default() });
+    let agent = start(
+        &node,
+        &fake,
+        &["--region", "us-west-2"],
+        Launch {
+            aws: NodeAws::Imds,
+            ..Launch::default()
+        },
+    );
     let pod = node.add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
     let r = fresh_request(&pod);
     assert_eq!(r.status, 502, "{}", r.body);
-    assert!(r.body.contains("NodeCredentialsUnavailable") && r.body.contains("node's own AWS credentials"), "{}", r.body);
+    assert!(
+        r.body.contains("NodeCredentialsUnavailable")
+            && r.body.contains("node's own AWS credentials"),
+        "{}",
+        r.body
+    );
     imds.set_mode(Mode::Up);
-    wait_for("serving after IMDS came back", Duration::from_secs(20), || fresh_request(&pod).status == 200);
+    wait_for(
+        "serving after IMDS came back",
+        Duration::from_secs(20),
+        || fresh_request(&pod).status == 200,
+    );
     drop(agent);
 
     // Without a region either: the sentence says so, and both come back with IMDS.
     imds.set_mode(Mode::Down);
-    let agent = start(&node, &fake, &[], Launch { aws: NodeAws::Imds, ..Launch::default() });
+    let agent = start(
+        &node,
+        &fake,
+        &[],
+        Launch {
+            aws: NodeAws::Imds,
+            ..Launch::default()
+        },
+    );
     let r = fresh_request(&pod);
     assert_eq!(r.status, 502, "{}", r.body);
-    assert!(r.body.contains("NodeRegionUnavailable") && r.body.contains("IMDS"), "{}", r.body);
+    assert!(
+        r.body.contains("NodeRegionUnavailable") && r.body.contains("IMDS"),
+        "{}",
+        r.body
+    );
     imds.set_mode(Mode::Up);
-    wait_for("serving after IMDS came back", Duration::from_secs(20), || fresh_request(&pod).status == 200);
+    wait_for(
+        "serving after IMDS came back",
+        Duration::from_secs(20),
+        || fresh_request(&pod).status == 200,
+    );
     assert!(agent.log().contains("AWS region found"), "{}", agent.log());
 }
 
@@ -97,13 +151,27 @@ fn an_imds_token_refused_with_403_is_a_clear_log_line() {
     let (node, fake) = node();
     let imds = FakeImds::start_in(&node.netns, &fake);
     imds.set_mode(Mode::TokenForbidden);
-    let agent = start(&node, &fake, &["--region", "us-west-2"], Launch { aws: NodeAws::Imds, ..Launch::default() });
+    let agent = start(
+        &node,
+        &fake,
+        &["--region", "us-west-2"],
+        Launch {
+            aws: NodeAws::Imds,
+            ..Launch::default()
+        },
+    );
     let pod = node.add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
     let r = fresh_request(&pod);
     assert_eq!(r.status, 502, "{}", r.body);
     let log = agent.log();
-    let line = log.lines().find(|l| l.contains("NodeCredentialsUnavailable")).unwrap_or_else(|| panic!("no credentials line:\n{log}"));
-    assert!(line.contains("403") || line.to_lowercase().contains("forbidden"), "the line names the refused token: {line}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("NodeCredentialsUnavailable"))
+        .unwrap_or_else(|| panic!("no credentials line:\n{log}"));
+    assert!(
+        line.contains("403") || line.to_lowercase().contains("forbidden"),
+        "the line names the refused token: {line}"
+    );
 }
 
 /// A hybrid node's directory of AWS files.
@@ -116,7 +184,11 @@ fn aws_dir(node: &Node) -> PathBuf {
 fn write_credentials(path: &Path, akid: &str, secret: &str) {
     // As SSM and the Roles Anywhere helper write it: replaced whole.
     let tmp = path.with_extension("new");
-    std::fs::write(&tmp, format!("[default]\naws_access_key_id = {akid}\naws_secret_access_key = {secret}\n")).unwrap();
+    std::fs::write(
+        &tmp,
+        format!("[default]\naws_access_key_id = {akid}\naws_secret_access_key = {secret}\n"),
+    )
+    .unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
 
@@ -125,13 +197,27 @@ fn a_hybrid_nodes_credentials_file_replaced_mid_run_is_picked_up() {
     let (node, fake) = node();
     let dir = aws_dir(&node);
     let file = dir.join("credentials");
-    let secrets = ["hybrid-secret-one-0123456789abcdef", "hybrid-secret-two-0123456789abcdef"];
+    let secrets = [
+        "hybrid-secret-one-0123456789abcdef",
+        "hybrid-secret-two-0123456789abcdef",
+    ];
     for s in secrets {
         pod_identity_e2e::secrets::remember(s);
     }
     fake.allow_key("AKIDHYBRIDONE", secrets[0], None);
     write_credentials(&file, "AKIDHYBRIDONE", secrets[0]);
-    let agent = start(&node, &fake, &[], Launch { aws: NodeAws::Files { credentials: Some(file.clone()), config: None }, ..Launch::default() });
+    let agent = start(
+        &node,
+        &fake,
+        &[],
+        Launch {
+            aws: NodeAws::Files {
+                credentials: Some(file.clone()),
+                config: None,
+            },
+            ..Launch::default()
+        },
+    );
     let pod = node.add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
     assert_eq!(fresh_request(&pod).status, 200, "{}", agent.log());
     assert_eq!(fake.calls().last().unwrap().signed_by, "AKIDHYBRIDONE");
@@ -164,32 +250,81 @@ fn a_credential_process_is_called_again_before_its_credentials_expire() {
         ),
     )
     .unwrap();
-    std::process::Command::new("chmod").arg("+x").arg(&script).status().unwrap();
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()
+        .unwrap();
     for n in 1..=6 {
-        let (secret, session) = (format!("process-secret-{n}-0123456789"), format!("process-session-{n}-0123456789"));
+        let (secret, session) = (
+            format!("process-secret-{n}-0123456789"),
+            format!("process-session-{n}-0123456789"),
+        );
         pod_identity_e2e::secrets::remember(&secret);
         pod_identity_e2e::secrets::remember(&session);
         fake.allow_key(&format!("AKIDPROCESS{n}"), &secret, Some(&session));
     }
     let config = dir.join("config");
-    std::fs::write(&config, format!("[default]\ncredential_process = {}\n", script.display())).unwrap();
-    let agent = start(&node, &fake, &[], Launch { aws: NodeAws::Files { credentials: None, config: Some(config) }, ..Launch::default() });
+    std::fs::write(
+        &config,
+        format!("[default]\ncredential_process = {}\n", script.display()),
+    )
+    .unwrap();
+    let agent = start(
+        &node,
+        &fake,
+        &[],
+        Launch {
+            aws: NodeAws::Files {
+                credentials: None,
+                config: Some(config),
+            },
+            ..Launch::default()
+        },
+    );
     let pod = node.add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
     assert_eq!(fresh_request(&pod).status, 200, "{}", agent.log());
-    let calls = || std::fs::read_to_string(&counter).unwrap_or_default().trim().parse::<u32>().unwrap_or(0);
+    let calls = || {
+        std::fs::read_to_string(&counter)
+            .unwrap_or_default()
+            .trim()
+            .parse::<u32>()
+            .unwrap_or(0)
+    };
     assert_eq!(calls(), 1);
     assert_eq!(fake.calls().last().unwrap().signed_by, "AKIDPROCESS1");
     // Less than 5 minutes from expiry (and loaded more than 5 s ago): new credentials from the
     // helper first. Four pods asking at once wait for one run of the helper (it takes a second).
-    let pods: Vec<_> = (1..=4).map(|i| node.add_pod("payments", &format!("api-{i}"), "api", CgroupShape::SystemdBurstable)).collect();
+    let pods: Vec<_> = (1..=4)
+        .map(|i| {
+            node.add_pod(
+                "payments",
+                &format!("api-{i}"),
+                "api",
+                CgroupShape::SystemdBurstable,
+            )
+        })
+        .collect();
     std::thread::sleep(Duration::from_secs(6));
     std::thread::scope(|s| {
         for pod in &pods {
             s.spawn(move || assert_eq!(fresh_request(pod).status, 200));
         }
     });
-    assert_eq!(calls(), 2, "the helper ran again before the credentials expired, once for the burst");
-    assert!(fake.calls().iter().rev().take(4).all(|c| c.signed_by == "AKIDPROCESS2"), "{:?}", fake.calls());
+    assert_eq!(
+        calls(),
+        2,
+        "the helper ran again before the credentials expired, once for the burst"
+    );
+    assert!(
+        fake.calls()
+            .iter()
+            .rev()
+            .take(4)
+            .all(|c| c.signed_by == "AKIDPROCESS2"),
+        "{:?}",
+        fake.calls()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -202,7 +337,9 @@ fn tls_node(pki: &Pki) -> (Node, FakeAws) {
 }
 
 fn env(vars: &[(&str, &Path)]) -> Vec<(String, String)> {
-    vars.iter().map(|(k, v)| (k.to_string(), v.display().to_string())).collect()
+    vars.iter()
+        .map(|(k, v)| (k.to_string(), v.display().to_string()))
+        .collect()
 }
 
 #[test]
@@ -214,7 +351,15 @@ fn tls_to_eks_auth_trusts_the_configured_ca_and_nothing_else() {
     // The test CA through AWS_CA_BUNDLE (added to the system's), then through SSL_CERT_FILE
     // (instead of the system's).
     for var in ["AWS_CA_BUNDLE", "SSL_CERT_FILE"] {
-        let agent = start(&node, &fake, &[], Launch { env: env(&[(var, &pki.ca)]), ..Launch::default() });
+        let agent = start(
+            &node,
+            &fake,
+            &[],
+            Launch {
+                env: env(&[(var, &pki.ca)]),
+                ..Launch::default()
+            },
+        );
         let r = fresh_request(&pod);
         assert_eq!(r.status, 200, "{var}: {}\n{}", r.body, agent.log());
     }
@@ -224,20 +369,47 @@ fn tls_to_eks_auth_trusts_the_configured_ca_and_nothing_else() {
     let other = Pki::new("untrusted", &["IP:127.0.0.1"]);
     let (node2, fake2) = tls_node(&other);
     let pod2 = node2.add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
-    let _agent = start(&node2, &fake2, &[], Launch { env: env(&[("AWS_CA_BUNDLE", &pki.ca)]), ..Launch::default() });
+    let _agent = start(
+        &node2,
+        &fake2,
+        &[],
+        Launch {
+            env: env(&[("AWS_CA_BUNDLE", &pki.ca)]),
+            ..Launch::default()
+        },
+    );
     let r = fresh_request(&pod2);
     assert_eq!(r.status, 502, "{}", r.body);
-    assert!(r.body.contains("certificate") && r.body.contains("UnknownIssuer"), "{}", r.body);
-    assert!(fake2.calls().is_empty(), "nothing reached the untrusted endpoint, over TLS or plain HTTP");
+    assert!(
+        r.body.contains("certificate") && r.body.contains("UnknownIssuer"),
+        "{}",
+        r.body
+    );
+    assert!(
+        fake2.calls().is_empty(),
+        "nothing reached the untrusted endpoint, over TLS or plain HTTP"
+    );
 
     // A trusted CA, but a certificate for another name.
     let wrong_name = Pki::new("other-name", &["DNS:somewhere-else.example"]);
     let (node3, fake3) = tls_node(&wrong_name);
     let pod3 = node3.add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
-    let _agent = start(&node3, &fake3, &[], Launch { env: env(&[("AWS_CA_BUNDLE", &wrong_name.ca)]), ..Launch::default() });
+    let _agent = start(
+        &node3,
+        &fake3,
+        &[],
+        Launch {
+            env: env(&[("AWS_CA_BUNDLE", &wrong_name.ca)]),
+            ..Launch::default()
+        },
+    );
     let r = fresh_request(&pod3);
     assert_eq!(r.status, 502, "{}", r.body);
-    assert!(r.body.contains("certificate not valid for name"), "{}", r.body);
+    assert!(
+        r.body.contains("certificate not valid for name"),
+        "{}",
+        r.body
+    );
     assert!(fake3.calls().is_empty());
     assert_eq!(fake.calls().len(), served);
 }
@@ -255,25 +427,46 @@ fn a_real_proxy_carries_eks_auth_calls_no_proxy_bypasses_it_and_a_dead_one_is_na
         if let Some(np) = no_proxy {
             vars.push(("NO_PROXY".into(), np.into()));
         }
-        start(&node, &fake, &[], Launch { env: vars, ..Launch::default() })
+        start(
+            &node,
+            &fake,
+            &[],
+            Launch {
+                env: vars,
+                ..Launch::default()
+            },
+        )
     };
     let agent = through(None, &proxy.url());
     let r = fresh_request(&pod);
     assert_eq!(r.status, 200, "{}\n{}", r.body, agent.log());
-    assert!(proxy.connects_to(&target) >= 1, "the proxy's log shows the CONNECT to EKS Auth:\n{}", proxy.log());
+    assert!(
+        proxy.connects_to(&target) >= 1,
+        "the proxy's log shows the CONNECT to EKS Auth:\n{}",
+        proxy.log()
+    );
     drop(agent);
 
     let before = proxy.connects_to(&target);
     let agent = through(Some("127.0.0.1"), &proxy.url());
     let r = fresh_request(&pod);
     assert_eq!(r.status, 200, "{}\n{}", r.body, agent.log());
-    assert_eq!(proxy.connects_to(&target), before, "NO_PROXY bypasses the proxy");
+    assert_eq!(
+        proxy.connects_to(&target),
+        before,
+        "NO_PROXY bypasses the proxy"
+    );
     drop(agent);
 
     let agent = through(None, "http://127.0.0.1:1");
     let r = fresh_request(&pod);
     assert_eq!(r.status, 502, "{}\n{}", r.body, agent.log());
-    assert!(r.body.contains("UpstreamUnreachable") && r.body.contains("through the proxy http://127.0.0.1:1"), "the sentence names the proxy: {}", r.body);
+    assert!(
+        r.body.contains("UpstreamUnreachable")
+            && r.body.contains("through the proxy http://127.0.0.1:1"),
+        "the sentence names the proxy: {}",
+        r.body
+    );
 }
 
 #[test]
@@ -286,14 +479,34 @@ fn fips_resolves_the_fips_endpoint_and_signs_for_eks_auth_in_the_region() {
     let fake = FakeAws::start_tls_in(&node.netns, "127.0.0.1:443".parse().unwrap(), &pki);
     fake.associate("payments", "api", "payments-api-role");
     let hosts = std::env::temp_dir().join(format!("{}-hosts", node.netns));
-    std::fs::write(&hosts, format!("127.0.0.1 localhost\n127.0.0.1 {FIPS_HOST}\n")).unwrap();
-    let script = format!("mount --bind {} /etc/hosts && exec \"$0\" \"$@\"", hosts.display());
-    let wrapper = ["unshare", "-m", "--propagation", "private", "sh", "-c", script.as_str()];
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost\n127.0.0.1 {FIPS_HOST}\n"),
+    )
+    .unwrap();
+    let script = format!(
+        "mount --bind {} /etc/hosts && exec \"$0\" \"$@\"",
+        hosts.display()
+    );
+    let wrapper = [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        script.as_str(),
+    ];
     let agent = start(
         &node,
         &fake,
         &["--fips"],
-        Launch { wrapper: &wrapper, endpoint: false, env: env(&[("AWS_CA_BUNDLE", &pki.ca)]), ..Launch::default() },
+        Launch {
+            wrapper: &wrapper,
+            endpoint: false,
+            env: env(&[("AWS_CA_BUNDLE", &pki.ca)]),
+            ..Launch::default()
+        },
     );
     let pod = node.add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
     let r = fresh_request(&pod);

@@ -20,7 +20,11 @@ fn associations(s: &Setup, args: &[&str]) -> CliOutput {
 
 /// Lines of a table, without its header.
 fn rows(table: &str) -> Vec<&str> {
-    table.lines().skip(1).filter(|l| !l.trim().is_empty()).collect()
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .collect()
 }
 
 #[test]
@@ -28,20 +32,40 @@ fn associations_lists_every_page_as_a_table_and_as_json() {
     let s = Setup::new();
     // 2 from the setup, 148 more: two pages of 100.
     for i in 0..148 {
-        s.fake.associate(&format!("team-{}", i % 10), &format!("app-{i}"), &format!("role-{i}"));
+        s.fake.associate(
+            &format!("team-{}", i % 10),
+            &format!("app-{i}"),
+            &format!("role-{i}"),
+        );
     }
     let json = associations(&s, &["--json"]).ok();
     let listed: Vec<serde_json::Value> = serde_json::from_str(&json.stdout).unwrap();
     assert_eq!(listed.len(), 150);
     let api = s.fake.api_calls();
     let count = |op: &str| api.iter().filter(|c| c.operation == op).count();
-    assert_eq!(count("ListPodIdentityAssociations"), 2, "pagination: {api:?}");
+    assert_eq!(
+        count("ListPodIdentityAssociations"),
+        2,
+        "pagination: {api:?}"
+    );
     assert_eq!(count("DescribePodIdentityAssociation"), 150);
-    assert!(api.iter().all(|c| c.signed_by == OPERATOR_ACCESS_KEY && c.status == 200), "{api:?}");
-    let payments = listed.iter().find(|a| a["namespace"] == "payments").unwrap();
+    assert!(
+        api.iter()
+            .all(|c| c.signed_by == OPERATOR_ACCESS_KEY && c.status == 200),
+        "{api:?}"
+    );
+    let payments = listed
+        .iter()
+        .find(|a| a["namespace"] == "payments")
+        .unwrap();
     assert_eq!(payments["serviceAccount"], "api");
     assert_eq!(payments["roleArn"], role_arn("payments-api-role"));
-    assert!(payments["associationId"].as_str().unwrap().starts_with("a-"));
+    assert!(
+        payments["associationId"]
+            .as_str()
+            .unwrap()
+            .starts_with("a-")
+    );
 
     let table = associations(&s, &[]).ok().stdout;
     assert!(table.starts_with("ASSOCIATION"), "{table}");
@@ -50,7 +74,18 @@ fn associations_lists_every_page_as_a_table_and_as_json() {
     let one_namespace = associations(&s, &["--namespace", "team-3"]).ok().stdout;
     assert_eq!(rows(&one_namespace).len(), 15, "{one_namespace}");
     assert!(rows(&one_namespace).iter().all(|r| r.contains(" team-3 ")));
-    let one_account = associations(&s, &["--namespace", "search", "--service-account", "indexer", "--json"]).ok().stdout;
+    let one_account = associations(
+        &s,
+        &[
+            "--namespace",
+            "search",
+            "--service-account",
+            "indexer",
+            "--json",
+        ],
+    )
+    .ok()
+    .stdout;
     let one: Vec<serde_json::Value> = serde_json::from_str(&one_account).unwrap();
     assert_eq!(one.len(), 1);
     assert_eq!(one[0]["roleArn"], role_arn("search-indexer-role"));
@@ -59,7 +94,12 @@ fn associations_lists_every_page_as_a_table_and_as_json() {
 #[test]
 fn associations_create_and_delete_round_trip_and_the_new_association_serves_pods() {
     let s = Setup::with_args(&["--negative-ttl", "200ms"]);
-    let pod = s.pod("reports", "gen-0", "generator", CgroupShape::SystemdBurstable);
+    let pod = s.pod(
+        "reports",
+        "gen-0",
+        "generator",
+        CgroupShape::SystemdBurstable,
+    );
     let token = pod.token();
     let before = pod.curl(V4_URL, &token);
     assert_eq!(before.status, 404, "no association yet: {}", before.body);
@@ -69,22 +109,63 @@ fn associations_create_and_delete_round_trip_and_the_new_association_serves_pods
     let created = associations(
         &s,
         &[
-            "create", "--namespace", "reports", "--service-account", "generator", "--role-arn", &role, "--target-role-arn", target, "--tag", "team=reports",
-            "--tag", "cost-center=42",
+            "create",
+            "--namespace",
+            "reports",
+            "--service-account",
+            "generator",
+            "--role-arn",
+            &role,
+            "--target-role-arn",
+            target,
+            "--tag",
+            "team=reports",
+            "--tag",
+            "cost-center=42",
         ],
     )
     .ok();
     let id = created.stdout.trim().to_owned();
-    assert!(id.starts_with("a-") && !id.contains(' '), "stdout is the ID alone: {:?}", created.stdout);
-    assert!(created.stderr.contains(&format!("created association {id}")), "{}", created.stderr);
-    let stored = s.fake.associations().into_iter().find(|a| a.id == id).expect("created in the fake");
-    assert_eq!((stored.namespace.as_str(), stored.service_account.as_str(), stored.role_arn.as_str()), ("reports", "generator", role.as_str()));
+    assert!(
+        id.starts_with("a-") && !id.contains(' '),
+        "stdout is the ID alone: {:?}",
+        created.stdout
+    );
+    assert!(
+        created
+            .stderr
+            .contains(&format!("created association {id}")),
+        "{}",
+        created.stderr
+    );
+    let stored = s
+        .fake
+        .associations()
+        .into_iter()
+        .find(|a| a.id == id)
+        .expect("created in the fake");
+    assert_eq!(
+        (
+            stored.namespace.as_str(),
+            stored.service_account.as_str(),
+            stored.role_arn.as_str()
+        ),
+        ("reports", "generator", role.as_str())
+    );
     assert_eq!(stored.target_role_arn.as_deref(), Some(target));
     assert_eq!(stored.tags.get("team").map(String::as_str), Some("reports"));
-    assert_eq!(stored.tags.get("cost-center").map(String::as_str), Some("42"));
+    assert_eq!(
+        stored.tags.get("cost-center").map(String::as_str),
+        Some("42")
+    );
 
     // Described with everything it was created with.
-    let listed: Vec<serde_json::Value> = serde_json::from_str(&associations(&s, &["--namespace", "reports", "--json"]).ok().stdout).unwrap();
+    let listed: Vec<serde_json::Value> = serde_json::from_str(
+        &associations(&s, &["--namespace", "reports", "--json"])
+            .ok()
+            .stdout,
+    )
+    .unwrap();
     assert_eq!(listed[0]["targetRoleArn"], target);
     assert_eq!(listed[0]["tags"]["team"], "reports");
 
@@ -92,23 +173,63 @@ fn associations_create_and_delete_round_trip_and_the_new_association_serves_pods
     std::thread::sleep(Duration::from_millis(300));
     let after = pod.curl(V4_URL, &token);
     assert_eq!(after.status, 200, "{}", after.body);
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&s.agent.pods_cli(&["--json"])).unwrap();
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&s.agent.pods_cli(&["--json"])).unwrap();
     assert_eq!(rows[0]["association_id"], id.as_str());
 
     // EKS refuses a second association for the same service account.
-    let duplicate = associations(&s, &["create", "--namespace", "reports", "--service-account", "generator", "--role-arn", &role]);
+    let duplicate = associations(
+        &s,
+        &[
+            "create",
+            "--namespace",
+            "reports",
+            "--service-account",
+            "generator",
+            "--role-arn",
+            &role,
+        ],
+    );
     assert_ne!(duplicate.code, 0);
-    assert!(duplicate.stderr.contains("ResourceInUseException") && duplicate.stderr.contains(&id), "{}", duplicate.stderr);
+    assert!(
+        duplicate.stderr.contains("ResourceInUseException") && duplicate.stderr.contains(&id),
+        "{}",
+        duplicate.stderr
+    );
 
     let deleted = associations(&s, &["delete", &id]).ok();
-    assert!(deleted.stdout.contains(&format!("deleted association {id}")) && deleted.stdout.contains("reports/generator"), "{}", deleted.stdout);
+    assert!(
+        deleted
+            .stdout
+            .contains(&format!("deleted association {id}"))
+            && deleted.stdout.contains("reports/generator"),
+        "{}",
+        deleted.stdout
+    );
     assert!(s.fake.associations().iter().all(|a| a.id != id));
     let again = associations(&s, &["delete", &id]);
     assert_ne!(again.code, 0);
-    assert!(again.stderr.contains("ResourceNotFoundException"), "{}", again.stderr);
+    assert!(
+        again.stderr.contains("ResourceNotFoundException"),
+        "{}",
+        again.stderr
+    );
 
     // A tag that is not KEY=VALUE is refused before any call.
-    let bad = associations(&s, &["create", "--namespace", "x", "--service-account", "y", "--role-arn", &role, "--tag", "novalue"]);
+    let bad = associations(
+        &s,
+        &[
+            "create",
+            "--namespace",
+            "x",
+            "--service-account",
+            "y",
+            "--role-arn",
+            &role,
+            "--tag",
+            "novalue",
+        ],
+    );
     assert_ne!(bad.code, 0);
     assert!(bad.stderr.contains("is not KEY=VALUE"), "{}", bad.stderr);
 }
@@ -117,8 +238,18 @@ fn associations_create_and_delete_round_trip_and_the_new_association_serves_pods
 fn associations_join_flags_pods_without_an_association_with_the_fix() {
     let s = Setup::new();
     let served = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
-    let orphan = s.pod("search", "crawler-0", "crawler", CgroupShape::CgroupfsBestEffort);
-    let orphan_twin = s.pod("search", "crawler-1", "crawler", CgroupShape::SystemdGuaranteed);
+    let orphan = s.pod(
+        "search",
+        "crawler-0",
+        "crawler",
+        CgroupShape::CgroupfsBestEffort,
+    );
+    let orphan_twin = s.pod(
+        "search",
+        "crawler-1",
+        "crawler",
+        CgroupShape::SystemdGuaranteed,
+    );
     assert_eq!(served.curl(V4_URL, &served.token()).status, 200);
     for p in [&orphan, &orphan_twin] {
         let r = p.curl(V4_URL, &p.token());
@@ -126,25 +257,63 @@ fn associations_join_flags_pods_without_an_association_with_the_fix() {
     }
     let pods_json = s.agent.pods_cli(&["--json"]);
     let table = s.agent.pods_cli(&[]);
-    assert!(table.contains("ResourceNotFoundException (404,"), "the pods table shows the last error:\n{table}");
+    assert!(
+        table.contains("ResourceNotFoundException (404,"),
+        "the pods table shows the last error:\n{table}"
+    );
     let file = std::env::temp_dir().join(format!("{}-pods.json", s.node.netns));
     std::fs::write(&file, &pods_json).unwrap();
 
-    let joined = associations(&s, &["--pods", file.to_str().unwrap()]).ok().stdout;
+    let joined = associations(&s, &["--pods", file.to_str().unwrap()])
+        .ok()
+        .stdout;
     let _ = std::fs::remove_file(&file);
-    let line = |pod: &str| joined.lines().find(|l| l.contains(pod)).unwrap_or_else(|| panic!("no row for {pod}:\n{joined}"));
-    let payments_id = s.fake.associations().into_iter().find(|a| a.namespace == "payments").unwrap().id;
-    assert!(line("api-0").contains("served") && line("api-0").contains(&payments_id), "{joined}");
+    let line = |pod: &str| {
+        joined
+            .lines()
+            .find(|l| l.contains(pod))
+            .unwrap_or_else(|| panic!("no row for {pod}:\n{joined}"))
+    };
+    let payments_id = s
+        .fake
+        .associations()
+        .into_iter()
+        .find(|a| a.namespace == "payments")
+        .unwrap()
+        .id;
+    assert!(
+        line("api-0").contains("served") && line("api-0").contains(&payments_id),
+        "{joined}"
+    );
     assert!(line("crawler-0").contains("no association"), "{joined}");
     assert!(line("crawler-1").contains("no association"), "{joined}");
     let fix = "aws eks create-pod-identity-association --cluster-name e2e-cluster --region us-west-2 --namespace search --service-account crawler --role-arn arn:aws:iam::123456789012:role/ROLE_NAME";
-    assert_eq!(joined.matches(fix).count(), 1, "one fix per service account:\n{joined}");
+    assert_eq!(
+        joined.matches(fix).count(),
+        1,
+        "one fix per service account:\n{joined}"
+    );
 
     // The same from standard input, as JSON.
-    let out = cli_with_stdin(&s.node, &s.fake, Caller::Operator, &["associations", "--pods", "-", "--json"], &pods_json).ok();
+    let out = cli_with_stdin(
+        &s.node,
+        &s.fake,
+        Caller::Operator,
+        &["associations", "--pods", "-", "--json"],
+        &pods_json,
+    )
+    .ok();
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-    let states: Vec<(&str, &str)> = v["pods"].as_array().unwrap().iter().map(|p| (p["pod"].as_str().unwrap(), p["state"].as_str().unwrap())).collect();
-    assert!(states.contains(&("api-0", "served")) && states.contains(&("crawler-0", "no-association")), "{states:?}");
+    let states: Vec<(&str, &str)> = v["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["pod"].as_str().unwrap(), p["state"].as_str().unwrap()))
+        .collect();
+    assert!(
+        states.contains(&("api-0", "served")) && states.contains(&("crawler-0", "no-association")),
+        "{states:?}"
+    );
     assert_eq!(v["fixes"][0]["command"], fix);
 }
 
@@ -204,15 +373,50 @@ fn doctor_passes_every_check_on_a_healthy_node() {
         assert_eq!(status, "ok", "{text}");
     }
     assert!(check(&checks, "kernel programs").1.contains("detached"));
-    assert!(check(&checks, "redirect").1.contains("reached the agent (403"), "{}", out.stdout);
-    assert!(check(&checks, "node credentials").1.contains("environment variables") && check(&checks, "node credentials").1.contains("****MPLE"));
-    assert!(check(&checks, "EKS Auth").1.contains(&format!("{} is reachable", s.fake.endpoint())), "{}", out.stdout);
+    assert!(
+        check(&checks, "redirect")
+            .1
+            .contains("reached the agent (403"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        check(&checks, "node credentials")
+            .1
+            .contains("environment variables")
+            && check(&checks, "node credentials").1.contains("****MPLE")
+    );
+    assert!(
+        check(&checks, "EKS Auth")
+            .1
+            .contains(&format!("{} is reachable", s.fake.endpoint())),
+        "{}",
+        out.stdout
+    );
     assert!(check(&checks, "cluster").1.contains("ACTIVE"));
     // The EKS Auth probe and the control-plane checks were signed with the node's key.
-    assert!(s.fake.calls().iter().all(|c| c.signed_by == NODE_ACCESS_KEY));
-    assert!(s.fake.api_calls().iter().all(|c| c.signed_by == NODE_ACCESS_KEY));
+    assert!(
+        s.fake
+            .calls()
+            .iter()
+            .all(|c| c.signed_by == NODE_ACCESS_KEY)
+    );
+    assert!(
+        s.fake
+            .api_calls()
+            .iter()
+            .all(|c| c.signed_by == NODE_ACCESS_KEY)
+    );
     // The scratch cgroup is gone.
-    assert!(std::fs::read_dir(&s.node.cgroup_root).unwrap().flatten().all(|e| !e.file_name().to_string_lossy().starts_with("pod-identity-doctor")));
+    assert!(
+        std::fs::read_dir(&s.node.cgroup_root)
+            .unwrap()
+            .flatten()
+            .all(|e| !e
+                .file_name()
+                .to_string_lossy()
+                .starts_with("pod-identity-doctor"))
+    );
 
     // In the agent's own cgroup (kubectl exec) the redirect cannot be tried: a warning.
     let inside = doctor(&s, Some(&s.node.agent_cgroup), Caller::Node, &[]);
@@ -237,7 +441,11 @@ fn doctor_fails_each_check_with_how_to_fix_it() {
     let checks = doctor_checks(&out);
     let (status, text) = check(&checks, "EKS Auth");
     assert_eq!(status, "fail");
-    assert!(text.contains("AccessDeniedException") && text.contains("fix: grant the node role eks-auth:AssumeRoleForPodIdentity"), "{text}");
+    assert!(
+        text.contains("AccessDeniedException")
+            && text.contains("fix: grant the node role eks-auth:AssumeRoleForPodIdentity"),
+        "{text}"
+    );
     let (status, text) = check(&checks, "cluster");
     assert_eq!(status, "fail");
     assert!(text.contains("is CREATING"), "{text}");
@@ -251,51 +459,112 @@ fn doctor_fails_each_check_with_how_to_fix_it() {
     let out = doctor(&s, Some(&host), Caller::Node, &[]);
     let (status, text) = check(&doctor_checks(&out), "EKS Auth");
     assert_eq!(status, "fail");
-    assert!(text.contains("rejected the node's credentials") && text.contains("UnrecognizedClientException"), "{text}");
-    assert!(text.contains("fix: the node credentials are invalid or expired") && !text.contains("cannot reach"), "{text}");
+    assert!(
+        text.contains("rejected the node's credentials")
+            && text.contains("UnrecognizedClientException"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fix: the node credentials are invalid or expired")
+            && !text.contains("cannot reach"),
+        "{text}"
+    );
     s.fake.allow_key(NODE_ACCESS_KEY, NODE_SECRET, None);
 
     // No such cluster; EKS Auth unreachable.
     s.fake.set_cluster_status(None);
-    let out = doctor(&s, Some(&host), Caller::Node, &["--eks-auth-endpoint", "http://127.0.0.1:9"]);
+    let out = doctor(
+        &s,
+        Some(&host),
+        Caller::Node,
+        &["--eks-auth-endpoint", "http://127.0.0.1:9"],
+    );
     let checks = doctor_checks(&out);
     let (status, text) = check(&checks, "EKS Auth");
     assert_eq!(status, "fail");
-    assert!(text.contains("cannot reach http://127.0.0.1:9") && text.contains("fix: check DNS, the proxy"), "{text}");
+    assert!(
+        text.contains("cannot reach http://127.0.0.1:9")
+            && text.contains("fix: check DNS, the proxy"),
+        "{text}"
+    );
     let (status, text) = check(&checks, "cluster");
     assert_eq!(status, "fail");
-    assert!(text.contains("no cluster e2e-cluster") && text.contains("fix: check CLUSTER_NAME"), "{text}");
+    assert!(
+        text.contains("no cluster e2e-cluster") && text.contains("fix: check CLUSTER_NAME"),
+        "{text}"
+    );
 
     // Outside the cgroup root the programs cover, a connect is not redirected.
     let out = doctor(&s, None, Caller::Node, &[]);
     let (status, text) = check(&doctor_checks(&out), "redirect");
     assert_eq!(status, "fail");
-    assert!(text.contains("did not reach the agent") && text.contains("fix: check that the programs are attached"), "{text}");
+    assert!(
+        text.contains("did not reach the agent")
+            && text.contains("fix: check that the programs are attached"),
+        "{text}"
+    );
 
     // No credentials on the node: no region-independent signing, so EKS Auth is not tried.
     let out = doctor(&s, Some(&host), Caller::Nobody, &[]);
     let checks = doctor_checks(&out);
     let (status, text) = check(&checks, "node credentials");
     assert_eq!(status, "fail");
-    assert!(text.contains("none found") && text.contains("fix: give the node an instance role"), "{text}");
+    assert!(
+        text.contains("none found") && text.contains("fix: give the node an instance role"),
+        "{text}"
+    );
     assert_eq!(check(&checks, "EKS Auth").0, "fail");
 
     // Without capabilities the programs cannot load.
-    let weak = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--bounding-set", "-all"];
-    let out = cli_wrapped(&s.node, Some(&host), &s.fake, Caller::Node, &weak, &["doctor"]);
+    let weak = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--bounding-set",
+        "-all",
+    ];
+    let out = cli_wrapped(
+        &s.node,
+        Some(&host),
+        &s.fake,
+        Caller::Node,
+        &weak,
+        &["doctor"],
+    );
     let (status, text) = check(&doctor_checks(&out), "kernel programs");
     assert_eq!(status, "fail", "{}", out.stdout);
-    assert!(text.contains("permission denied") && text.contains("fix: run the agent with CAP_BPF"), "{text}");
+    assert!(
+        text.contains("permission denied") && text.contains("fix: run the agent with CAP_BPF"),
+        "{text}"
+    );
 
     // An unreadable cgroup root, and no agent.
-    let out = doctor(&s, Some(&host), Caller::Node, &["--cgroup-root", "/nonexistent/cgroup", "--probe-addr", "127.0.0.1:9"]);
+    let out = doctor(
+        &s,
+        Some(&host),
+        Caller::Node,
+        &[
+            "--cgroup-root",
+            "/nonexistent/cgroup",
+            "--probe-addr",
+            "127.0.0.1:9",
+        ],
+    );
     let checks = doctor_checks(&out);
     let (status, text) = check(&checks, "cgroup root");
     assert_eq!(status, "fail");
-    assert!(text.contains("cannot read /nonexistent/cgroup") && text.contains("fix: mount the host's /sys/fs/cgroup"), "{text}");
+    assert!(
+        text.contains("cannot read /nonexistent/cgroup")
+            && text.contains("fix: mount the host's /sys/fs/cgroup"),
+        "{text}"
+    );
     let (status, text) = check(&checks, "agent");
     assert_eq!(status, "fail");
-    assert!(text.contains("no agent answers on 127.0.0.1:9") && text.contains("fix: start the agent"), "{text}");
+    assert!(
+        text.contains("no agent answers on 127.0.0.1:9") && text.contains("fix: start the agent"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -305,7 +574,11 @@ fn doctor_names_an_agent_that_is_not_ready_and_listeners_that_are_gone() {
     let host = node.host_cgroup("system.slice/doctor.scope");
     // Waiting for a cgroup root kubelet has not made yet: alive, not ready.
     let missing = node.cgroup_root.join("never-created.slice");
-    let _waiting = Agent::spawn(&node, &fake, &["--cgroup-root", missing.to_str().unwrap(), "--mode", "ebpf"]);
+    let _waiting = Agent::spawn(
+        &node,
+        &fake,
+        &["--cgroup-root", missing.to_str().unwrap(), "--mode", "ebpf"],
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let out = loop {
         let out = cli(&node, Some(&host), &fake, Caller::Node, &["doctor"]);
@@ -316,15 +589,34 @@ fn doctor_names_an_agent_that_is_not_ready_and_listeners_that_are_gone() {
     };
     let (status, text) = check(&doctor_checks(&out), "agent");
     assert_eq!(status, "fail", "{}", out.stdout);
-    assert!(text.contains("not ready: waiting for cgroup root") && text.contains("fix: read the agent's log"), "{text}");
+    assert!(
+        text.contains("not ready: waiting for cgroup root")
+            && text.contains("fix: read the agent's log"),
+        "{text}"
+    );
     drop(_waiting);
 
     // An agent whose listen address and metrics address left the node (an address removed
     // from the interface): nothing answers there any more.
     let [listen4, _] = node.listen_addrs(pod_identity_e2e::agent::PORT);
     let metrics = format!("{}:2705", listen4.ip());
-    let _agent = Agent::start(&node, &fake, &["--listen", &listen4.to_string(), "--metrics-addr", &metrics]);
-    pod_identity_e2e::node::sh("ip", &["-n", &node.netns, "addr", "del", &format!("{}/32", listen4.ip()), "dev", "lo"]);
+    let _agent = Agent::start(
+        &node,
+        &fake,
+        &["--listen", &listen4.to_string(), "--metrics-addr", &metrics],
+    );
+    pod_identity_e2e::node::sh(
+        "ip",
+        &[
+            "-n",
+            &node.netns,
+            "addr",
+            "del",
+            &format!("{}/32", listen4.ip()),
+            "dev",
+            "lo",
+        ],
+    );
     let out = cli(&node, Some(&host), &fake, Caller::Node, &["doctor"]);
     assert_ne!(out.code, 0);
     let checks = doctor_checks(&out);
@@ -333,6 +625,10 @@ fn doctor_names_an_agent_that_is_not_ready_and_listeners_that_are_gone() {
         assert_eq!(status, "fail", "{text}");
         assert!(text.contains("fix: "), "{text}");
     }
-    assert!(check(&checks, "listeners").1.contains(&format!("the credential listener {listen4} did not answer")));
+    assert!(
+        check(&checks, "listeners")
+            .1
+            .contains(&format!("the credential listener {listen4} did not answer"))
+    );
     assert_eq!(check(&checks, "agent").0, "ok");
 }

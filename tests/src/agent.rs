@@ -27,7 +27,10 @@ pub enum NodeAws {
     Imds,
     /// A hybrid node: a shared credentials file and/or a config file (e.g. with a
     /// `credential_process`), and `--region`.
-    Files { credentials: Option<PathBuf>, config: Option<PathBuf> },
+    Files {
+        credentials: Option<PathBuf>,
+        config: Option<PathBuf>,
+    },
 }
 
 /// How to start the agent, beyond its arguments.
@@ -45,7 +48,13 @@ pub struct Launch<'a> {
 
 impl Default for Launch<'_> {
     fn default() -> Self {
-        Launch { wrapper: &[], binary: None, aws: NodeAws::StaticKeys, endpoint: true, env: Vec::new() }
+        Launch {
+            wrapper: &[],
+            binary: None,
+            aws: NodeAws::StaticKeys,
+            endpoint: true,
+            env: Vec::new(),
+        }
     }
 }
 
@@ -70,7 +79,9 @@ pub fn binary() -> PathBuf {
             return candidate;
         }
     }
-    panic!("pod-identity-agent binary not found; build it first (cargo xtask test does) or set PIA_AGENT_BIN");
+    panic!(
+        "pod-identity-agent binary not found; build it first (cargo xtask test does) or set PIA_AGENT_BIN"
+    );
 }
 
 impl Agent {
@@ -98,13 +109,36 @@ impl Agent {
     /// Starts `wrapper... agent run ...` without waiting. The harness passes the node's cgroup
     /// root and listen addresses unless `extra` gives its own.
     pub fn spawn_wrapped(node: &Node, fake: &FakeAws, extra: &[&str], wrapper: &[&str]) -> Agent {
-        Agent::launch(node, fake, extra, &Launch { wrapper, ..Launch::default() })
+        Agent::launch(
+            node,
+            fake,
+            extra,
+            &Launch {
+                wrapper,
+                ..Launch::default()
+            },
+        )
     }
 
     /// Starts another build of the agent (e.g. the bench's allocation-counting one) under
     /// `wrapper`, and waits for readiness.
-    pub fn start_binary(node: &Node, fake: &FakeAws, extra: &[&str], wrapper: &[&str], binary: &std::path::Path) -> Agent {
-        let mut agent = Agent::launch(node, fake, extra, &Launch { wrapper, binary: Some(binary), ..Launch::default() });
+    pub fn start_binary(
+        node: &Node,
+        fake: &FakeAws,
+        extra: &[&str],
+        wrapper: &[&str],
+        binary: &std::path::Path,
+    ) -> Agent {
+        let mut agent = Agent::launch(
+            node,
+            fake,
+            extra,
+            &Launch {
+                wrapper,
+                binary: Some(binary),
+                ..Launch::default()
+            },
+        );
         agent.wait_ready(node);
         agent
     }
@@ -112,7 +146,11 @@ impl Agent {
     /// Starts the agent as `launch` describes, without waiting for readiness.
     pub fn launch(node: &Node, fake: &FakeAws, extra: &[&str], launch: &Launch<'_>) -> Agent {
         let [listen4, listen6] = node.listen_addrs(PORT);
-        let log_path = std::env::temp_dir().join(format!("{}-agent-{}.log", node.netns, NEXT_LOG.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
+        let log_path = std::env::temp_dir().join(format!(
+            "{}-agent-{}.log",
+            node.netns,
+            NEXT_LOG.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         let log = fs::File::create(&log_path).expect("create agent log");
         crate::secrets::remember(NODE_SECRET);
         let default_binary = binary();
@@ -175,16 +213,24 @@ impl Agent {
         ] {
             command.env_remove(var);
         }
-        command.env("AWS_CONFIG_FILE", "/nonexistent").env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent").env("AWS_EC2_METADATA_DISABLED", "true");
+        command
+            .env("AWS_CONFIG_FILE", "/nonexistent")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+            .env("AWS_EC2_METADATA_DISABLED", "true");
         match &launch.aws {
             // The node's own credentials sign the EKS Auth calls.
             NodeAws::StaticKeys => {
-                command.env("AWS_ACCESS_KEY_ID", NODE_ACCESS_KEY).env("AWS_SECRET_ACCESS_KEY", NODE_SECRET);
+                command
+                    .env("AWS_ACCESS_KEY_ID", NODE_ACCESS_KEY)
+                    .env("AWS_SECRET_ACCESS_KEY", NODE_SECRET);
             }
             NodeAws::Imds => {
                 command.env_remove("AWS_EC2_METADATA_DISABLED");
             }
-            NodeAws::Files { credentials, config } => {
+            NodeAws::Files {
+                credentials,
+                config,
+            } => {
                 if let Some(file) = credentials {
                     command.env("AWS_SHARED_CREDENTIALS_FILE", file);
                 }
@@ -198,14 +244,28 @@ impl Agent {
         }
         let child = command
             // Our own debug lines are on, so the secret scan at drop covers them too.
-            .env("RUST_LOG", std::env::var("PIA_AGENT_LOG").unwrap_or_else(|_| "info,pod_identity_agent=debug".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("PIA_AGENT_LOG")
+                    .unwrap_or_else(|_| "info,pod_identity_agent=debug".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start agent");
-        let probe =
-            extra.iter().position(|a| *a == "--probe-addr").and_then(|i| extra.get(i + 1)).unwrap_or(&PROBE_ADDR).parse().expect("--probe-addr IP:PORT");
-        Agent { child: Some(child), netns: node.netns.clone(), log_path, probe }
+        let probe = extra
+            .iter()
+            .position(|a| *a == "--probe-addr")
+            .and_then(|i| extra.get(i + 1))
+            .unwrap_or(&PROBE_ADDR)
+            .parse()
+            .expect("--probe-addr IP:PORT");
+        Agent {
+            child: Some(child),
+            netns: node.netns.clone(),
+            log_path,
+            probe,
+        }
     }
 
     pub fn wait_ready(&mut self, node: &Node) {
@@ -215,10 +275,21 @@ impl Agent {
             if let Ok((200, _)) = node.http_get(self.probe, "/readyz") {
                 return;
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("agent exited with {status} before it was ready; log:\n{}", self.log());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "agent exited with {status} before it was ready; log:\n{}",
+                    self.log()
+                );
             }
-            assert!(Instant::now() < deadline, "agent not ready after {timeout:?}; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready after {timeout:?}; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -234,14 +305,23 @@ impl Agent {
 
     /// `pod-identity-agent pods` run in the node, as an operator would through `kubectl exec`.
     pub fn pods_cli(&self, args: &[&str]) -> String {
-        let out =
-            crate::node::command_in(binary().to_str().unwrap(), None, &self.netns).args(["pods", "--addr", PROBE_ADDR]).args(args).output().expect("run pods");
-        assert!(out.status.success(), "pods failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = crate::node::command_in(binary().to_str().unwrap(), None, &self.netns)
+            .args(["pods", "--addr", PROBE_ADDR])
+            .args(args)
+            .output()
+            .expect("run pods");
+        assert!(
+            out.status.success(),
+            "pods failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     pub fn metrics(&self) -> String {
-        let (status, body) = crate::node::http_get(&self.netns, METRICS_ADDR.parse().unwrap(), "/metrics").expect("scrape metrics");
+        let (status, body) =
+            crate::node::http_get(&self.netns, METRICS_ADDR.parse().unwrap(), "/metrics")
+                .expect("scrape metrics");
         assert_eq!(status, 200);
         body
     }
@@ -264,7 +344,10 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("agent still running after {timeout:?}; log:\n{}", self.log());
+                panic!(
+                    "agent still running after {timeout:?}; log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -298,7 +381,11 @@ pub struct CliOutput {
 impl CliOutput {
     /// Panics with everything printed unless the command exited 0.
     pub fn ok(self) -> CliOutput {
-        assert_eq!(self.code, 0, "command failed:\n{}{}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, 0,
+            "command failed:\n{}{}",
+            self.stdout, self.stderr
+        );
         self
     }
 }
@@ -317,21 +404,48 @@ pub enum Caller {
 /// `pod-identity-agent ARGS` in `node`'s network namespace and `cgroup` (or the test's own),
 /// reaching `fake` for every AWS API through the standard `AWS_ENDPOINT_URL_*` variables, with
 /// `caller`'s credentials and nothing else of this machine's AWS configuration.
-pub fn cli(node: &Node, cgroup: Option<&std::path::Path>, fake: &FakeAws, caller: Caller, args: &[&str]) -> CliOutput {
+pub fn cli(
+    node: &Node,
+    cgroup: Option<&std::path::Path>,
+    fake: &FakeAws,
+    caller: Caller,
+    args: &[&str],
+) -> CliOutput {
     cli_wrapped(node, cgroup, fake, caller, &[], args)
 }
 
 /// Like [`cli`], run under `wrapper` (e.g. setpriv with fewer privileges).
-pub fn cli_wrapped(node: &Node, cgroup: Option<&std::path::Path>, fake: &FakeAws, caller: Caller, wrapper: &[&str], args: &[&str]) -> CliOutput {
+pub fn cli_wrapped(
+    node: &Node,
+    cgroup: Option<&std::path::Path>,
+    fake: &FakeAws,
+    caller: Caller,
+    wrapper: &[&str],
+    args: &[&str],
+) -> CliOutput {
     run_cli(node, cgroup, fake, caller, wrapper, args, None)
 }
 
 /// Like [`cli`], with `stdin` as the command's standard input.
-pub fn cli_with_stdin(node: &Node, fake: &FakeAws, caller: Caller, args: &[&str], stdin: &str) -> CliOutput {
+pub fn cli_with_stdin(
+    node: &Node,
+    fake: &FakeAws,
+    caller: Caller,
+    args: &[&str],
+    stdin: &str,
+) -> CliOutput {
     run_cli(node, None, fake, caller, &[], args, Some(stdin))
 }
 
-fn run_cli(node: &Node, cgroup: Option<&std::path::Path>, fake: &FakeAws, caller: Caller, wrapper: &[&str], args: &[&str], stdin: Option<&str>) -> CliOutput {
+fn run_cli(
+    node: &Node,
+    cgroup: Option<&std::path::Path>,
+    fake: &FakeAws,
+    caller: Caller,
+    wrapper: &[&str],
+    args: &[&str],
+    stdin: Option<&str>,
+) -> CliOutput {
     crate::secrets::remember(NODE_SECRET);
     crate::secrets::remember(crate::OPERATOR_SECRET);
     let binary = binary();
@@ -356,16 +470,32 @@ fn run_cli(node: &Node, cgroup: Option<&std::path::Path>, fake: &FakeAws, caller
         .env_remove("AWS_SESSION_TOKEN")
         .env_remove("AWS_PROFILE");
     match caller {
-        Caller::Operator => command.env("AWS_ACCESS_KEY_ID", crate::OPERATOR_ACCESS_KEY).env("AWS_SECRET_ACCESS_KEY", crate::OPERATOR_SECRET),
-        Caller::Node => command.env("AWS_ACCESS_KEY_ID", NODE_ACCESS_KEY).env("AWS_SECRET_ACCESS_KEY", NODE_SECRET),
-        Caller::Nobody => command.env_remove("AWS_ACCESS_KEY_ID").env_remove("AWS_SECRET_ACCESS_KEY"),
+        Caller::Operator => command
+            .env("AWS_ACCESS_KEY_ID", crate::OPERATOR_ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", crate::OPERATOR_SECRET),
+        Caller::Node => command
+            .env("AWS_ACCESS_KEY_ID", NODE_ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", NODE_SECRET),
+        Caller::Nobody => command
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY"),
     };
     let out = match stdin {
         None => command.output().expect("run the agent's CLI"),
         Some(input) => {
             use std::io::Write as _;
-            let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run the agent's CLI");
-            child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write stdin");
+            let mut child = command
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("run the agent's CLI");
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(input.as_bytes())
+                .expect("write stdin");
             child.wait_with_output().expect("wait for the agent's CLI")
         }
     };
@@ -374,8 +504,12 @@ fn run_cli(node: &Node, cgroup: Option<&std::path::Path>, fake: &FakeAws, caller
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     };
-    if let Some(secret) = crate::secrets::leaked_in(&format!("{}{}", output.stdout, output.stderr)) {
-        panic!("`pod-identity-agent {}` printed a secret ({secret})", args.join(" "));
+    if let Some(secret) = crate::secrets::leaked_in(&format!("{}{}", output.stdout, output.stderr))
+    {
+        panic!(
+            "`pod-identity-agent {}` printed a secret ({secret})",
+            args.join(" ")
+        );
     }
     output
 }

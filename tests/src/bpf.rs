@@ -35,7 +35,10 @@ pub const BPF_F_ALLOW_MULTI: u32 = 2;
 fn lift_memlock() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
         // SAFETY: setrlimit with a valid struct; failure leaves the limit as it was.
         unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
     });
@@ -45,7 +48,11 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
     lift_memlock();
     // SAFETY: `attr` is a valid, zero-padded bpf_attr prefix for `cmd` that outlives the call.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
 }
 
 /// One program attached to a cgroup.
@@ -62,7 +69,11 @@ pub struct Attached {
 pub fn attached(cgroup: &Path) -> Vec<Attached> {
     let dir = File::open(cgroup).unwrap_or_else(|e| panic!("open {}: {e}", cgroup.display()));
     let mut out = Vec::new();
-    for attach_type in [BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_SOCK_OPS] {
+    for attach_type in [
+        BPF_CGROUP_INET4_CONNECT,
+        BPF_CGROUP_INET6_CONNECT,
+        BPF_CGROUP_SOCK_OPS,
+    ] {
         #[repr(C)]
         struct Query {
             target_fd: u32,
@@ -83,9 +94,15 @@ pub fn attached(cgroup: &Path) -> Vec<Attached> {
             prog_cnt: ids.len() as u32,
             _pad: 0,
         };
-        bpf(BPF_PROG_QUERY, &mut q).unwrap_or_else(|e| panic!("BPF_PROG_QUERY on {}: {e}", cgroup.display()));
+        bpf(BPF_PROG_QUERY, &mut q)
+            .unwrap_or_else(|e| panic!("BPF_PROG_QUERY on {}: {e}", cgroup.display()));
         for &id in &ids[..q.prog_cnt as usize] {
-            out.push(Attached { attach_type, flags: q.attach_flags, id, name: program_name(id) });
+            out.push(Attached {
+                attach_type,
+                flags: q.attach_flags,
+                id,
+                name: program_name(id),
+            });
         }
     }
     out
@@ -104,12 +121,25 @@ fn program_name(id: u32) -> String {
         info_len: u32,
         info: u64,
     }
-    let Ok(fd) = bpf(BPF_PROG_GET_FD_BY_ID, &mut GetFd { prog_id: id, next_id: 0, open_flags: 0 }) else { return String::new() };
+    let Ok(fd) = bpf(
+        BPF_PROG_GET_FD_BY_ID,
+        &mut GetFd {
+            prog_id: id,
+            next_id: 0,
+            open_flags: 0,
+        },
+    ) else {
+        return String::new();
+    };
     // SAFETY: a new fd from the kernel, owned here.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     // struct bpf_prog_info up to and including `name` (offset 64, 16 bytes).
     let mut info = [0u8; 80];
-    let mut attr = GetInfo { bpf_fd: fd.as_raw_fd() as u32, info_len: info.len() as u32, info: info.as_mut_ptr() as u64 };
+    let mut attr = GetInfo {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: info.len() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
     if bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).is_err() {
         return String::new();
     }
@@ -141,7 +171,12 @@ pub struct Neighbour {
 pub const NEIGHBOUR_NAME: &str = "svc_lb_connect4";
 
 impl Neighbour {
-    pub fn attach(cgroup: &Path, how: Attach, service: SocketAddrV4, backend: SocketAddrV4) -> io::Result<Neighbour> {
+    pub fn attach(
+        cgroup: &Path,
+        how: Attach,
+        service: SocketAddrV4,
+        backend: SocketAddrV4,
+    ) -> io::Result<Neighbour> {
         let prog = load_connect4(service, backend)?;
         let cgroup = File::open(cgroup)?;
         let link = match how {
@@ -153,18 +188,32 @@ impl Neighbour {
                     attach_type: u32,
                     flags: u32,
                 }
-                let mut attr = LinkCreate { prog_fd: prog.as_raw_fd() as u32, target_fd: cgroup.as_raw_fd() as u32, attach_type: BPF_CGROUP_INET4_CONNECT, flags: 0 };
+                let mut attr = LinkCreate {
+                    prog_fd: prog.as_raw_fd() as u32,
+                    target_fd: cgroup.as_raw_fd() as u32,
+                    attach_type: BPF_CGROUP_INET4_CONNECT,
+                    flags: 0,
+                };
                 let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
                 // SAFETY: a new fd from the kernel, owned here.
                 Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
             }
             Attach::Multi | Attach::Exclusive => {
-                let flags = if how == Attach::Multi { BPF_F_ALLOW_MULTI } else { 0 };
+                let flags = if how == Attach::Multi {
+                    BPF_F_ALLOW_MULTI
+                } else {
+                    0
+                };
                 bpf(BPF_PROG_ATTACH, &mut attach_attr(&cgroup, &prog, flags))?;
                 None
             }
         };
-        Ok(Neighbour { prog, cgroup, how, link })
+        Ok(Neighbour {
+            prog,
+            cgroup,
+            how,
+            link,
+        })
     }
 
     pub fn how(&self) -> Attach {
@@ -195,7 +244,10 @@ impl Drop for Neighbour {
     fn drop(&mut self) {
         // A link detaches when its last fd closes; a legacy attachment must be detached.
         if self.link.take().is_none() {
-            let _ = bpf(BPF_PROG_DETACH, &mut attach_attr(&self.cgroup, &self.prog, 0));
+            let _ = bpf(
+                BPF_PROG_DETACH,
+                &mut attach_attr(&self.cgroup, &self.prog, 0),
+            );
         }
     }
 }
@@ -276,8 +328,12 @@ fn load_connect4(service: SocketAddrV4, backend: SocketAddrV4) -> io::Result<Own
         expected_attach_type: BPF_CGROUP_INET4_CONNECT,
     };
     let fd = bpf(BPF_PROG_LOAD, &mut attr).map_err(|e| {
-        let text = String::from_utf8_lossy(&log[..log.iter().position(|b| *b == 0).unwrap_or(0)]).into_owned();
-        io::Error::new(e.kind(), format!("loading the neighbour program: {e}; verifier: {text}"))
+        let text = String::from_utf8_lossy(&log[..log.iter().position(|b| *b == 0).unwrap_or(0)])
+            .into_owned();
+        io::Error::new(
+            e.kind(),
+            format!("loading the neighbour program: {e}; verifier: {text}"),
+        )
     })?;
     // SAFETY: a new fd from the kernel, owned here.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })

@@ -51,10 +51,36 @@ pub struct FakeImds {
 impl FakeImds {
     /// Starts the fake in `netns` (the node's), issuing keys `aws` accepts.
     pub fn start_in(netns: &str, aws: &FakeAws) -> FakeImds {
-        crate::node::sh("ip", &["-n", netns, "addr", "add", "169.254.169.254/32", "dev", "lo"]);
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let state = Arc::new(Mutex::new(State { mode: Mode::Up, key: Default::default(), serial: 0, lifetime: Duration::from_secs(6 * 3600), fetches: 0 }));
-        let imds = FakeImds { state, netns: netns.to_owned(), listener: Mutex::new(None), runtime };
+        crate::node::sh(
+            "ip",
+            &[
+                "-n",
+                netns,
+                "addr",
+                "add",
+                "169.254.169.254/32",
+                "dev",
+                "lo",
+            ],
+        );
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let state = Arc::new(Mutex::new(State {
+            mode: Mode::Up,
+            key: Default::default(),
+            serial: 0,
+            lifetime: Duration::from_secs(6 * 3600),
+            fetches: 0,
+        }));
+        let imds = FakeImds {
+            state,
+            netns: netns.to_owned(),
+            listener: Mutex::new(None),
+            runtime,
+        };
         imds.rotate(aws);
         imds.set_mode(Mode::Up);
         imds
@@ -102,19 +128,26 @@ impl FakeImds {
             (Mode::Up | Mode::TokenForbidden, false) => {
                 let addr: SocketAddr = ADDR.parse().unwrap();
                 // std's listeners set SO_REUSEADDR: closed and opened again at once.
-                let std_listener = crate::node::in_netns(&self.netns, move || std::net::TcpListener::bind(addr).expect("bind the fake IMDS"));
+                let std_listener = crate::node::in_netns(&self.netns, move || {
+                    std::net::TcpListener::bind(addr).expect("bind the fake IMDS")
+                });
                 std_listener.set_nonblocking(true).unwrap();
                 let state = self.state.clone();
                 *listener = Some(self.runtime.spawn(async move {
                     let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
                     loop {
-                        let Ok((stream, _)) = listener.accept().await else { continue };
+                        let Ok((stream, _)) = listener.accept().await else {
+                            continue;
+                        };
                         let state = state.clone();
                         let service = hyper::service::service_fn(move |req| {
                             let state = state.clone();
                             async move { Ok::<_, std::convert::Infallible>(handle(&state, req)) }
                         });
-                        tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+                        tokio::spawn(
+                            hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), service),
+                        );
                     }
                 }));
             }
@@ -124,7 +157,11 @@ impl FakeImds {
 }
 
 fn text(status: u16, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    Response::builder().status(status).header("content-type", "text/plain").body(Full::new(body.into())).unwrap()
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain")
+        .body(Full::new(body.into()))
+        .unwrap()
 }
 
 const TOKEN: &str = "fake-imds-session-token";
@@ -136,18 +173,30 @@ fn handle(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<Bytes>>
         if st.mode == Mode::TokenForbidden {
             return text(403, "Forbidden");
         }
-        let ttl = req.headers().get("x-aws-ec2-metadata-token-ttl-seconds").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u32>().ok());
+        let ttl = req
+            .headers()
+            .get("x-aws-ec2-metadata-token-ttl-seconds")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u32>().ok());
         return match ttl {
             Some(ttl) if (1..=21600).contains(&ttl) => Response::builder()
                 .status(200)
                 .header("x-aws-ec2-metadata-token-ttl-seconds", ttl.to_string())
                 .body(Full::new(Bytes::from_static(TOKEN.as_bytes())))
                 .unwrap(),
-            _ => text(400, "Bad Request: missing or invalid x-aws-ec2-metadata-token-ttl-seconds"),
+            _ => text(
+                400,
+                "Bad Request: missing or invalid x-aws-ec2-metadata-token-ttl-seconds",
+            ),
         };
     }
     // IMDSv2 only: every read needs the session token.
-    if req.headers().get("x-aws-ec2-metadata-token").and_then(|v| v.to_str().ok()) != Some(TOKEN) {
+    if req
+        .headers()
+        .get("x-aws-ec2-metadata-token")
+        .and_then(|v| v.to_str().ok())
+        != Some(TOKEN)
+    {
         return text(401, "Unauthorized");
     }
     match path.as_str() {
@@ -177,7 +226,10 @@ fn handle(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<Bytes>>
 
 /// RFC 3339 UTC, whole seconds.
 fn time_string(unix: i64) -> String {
-    let out = std::process::Command::new("date").args(["-u", "-d", &format!("@{unix}"), "+%Y-%m-%dT%H:%M:%SZ"]).output().expect("date");
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", &format!("@{unix}"), "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .expect("date");
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 

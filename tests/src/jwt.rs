@@ -22,7 +22,10 @@ pub struct TokenSpec {
 }
 
 pub fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 /// The claims kubelet's projected token for `spec` carries, from issuer `iss`.
@@ -49,11 +52,25 @@ fn claims_for(spec: &TokenSpec, iss: &str) -> serde_json::Value {
 
 /// A fresh token for `spec`; two calls give different tokens (as kubelet rotation does).
 pub fn mint(spec: &TokenSpec) -> String {
-    let claims = claims_for(spec, "https://oidc.eks.us-west-2.amazonaws.com/id/E2E0000000000000000000000000000");
+    let claims = claims_for(
+        spec,
+        "https://oidc.eks.us-west-2.amazonaws.com/id/E2E0000000000000000000000000000",
+    );
     let header = serde_json::json!({"alg": "RS256", "kid": "e2e-signing-key"});
-    let seed = claims["jti"].as_str().unwrap().bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
-    let signature: Vec<u8> = (0..256u32).map(|i| seed.wrapping_mul(2654435761).wrapping_add(i * 97) as u8).collect();
-    let token = format!("{}.{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()), URL_SAFE_NO_PAD.encode(signature));
+    let seed = claims["jti"]
+        .as_str()
+        .unwrap()
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    let signature: Vec<u8> = (0..256u32)
+        .map(|i| seed.wrapping_mul(2654435761).wrapping_add(i * 97) as u8)
+        .collect();
+    let token = format!(
+        "{}.{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string()),
+        URL_SAFE_NO_PAD.encode(signature)
+    );
     crate::secrets::remember(&token);
     token
 }
@@ -68,14 +85,24 @@ fn rsa_components(der: &[u8]) -> (Vec<u8>, Vec<u8>) {
             (first, at + 2)
         } else {
             let n = first & 0x7f;
-            (der[at + 2..at + 2 + n].iter().fold(0usize, |l, b| l << 8 | *b as usize), at + 2 + n)
+            (
+                der[at + 2..at + 2 + n]
+                    .iter()
+                    .fold(0usize, |l, b| l << 8 | *b as usize),
+                at + 2 + n,
+            )
         };
         (start, start + len)
     }
     let (body, _) = tlv(der, 0);
     let (n_start, n_end) = tlv(der, body);
     let (e_start, e_end) = tlv(der, n_end);
-    let strip = |v: &[u8]| v.iter().skip_while(|b| **b == 0).copied().collect::<Vec<u8>>();
+    let strip = |v: &[u8]| {
+        v.iter()
+            .skip_while(|b| **b == 0)
+            .copied()
+            .collect::<Vec<u8>>()
+    };
     (strip(&der[n_start..n_end]), strip(&der[e_start..e_end]))
 }
 
@@ -102,7 +129,8 @@ impl Issuer {
         use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
         Issuer {
             url: url.to_owned(),
-            rsa: aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).expect("RSA key"),
+            rsa: aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
+                .expect("RSA key"),
             ec: EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).expect("P-256 key"),
             rsa_kid: format!("{name}-rsa"),
             ec_kid: format!("{name}-ec"),
@@ -126,7 +154,12 @@ impl Issuer {
     }
 
     /// [`Issuer::mint`], with the claims edited before signing (a wrong audience, issuer, ...).
-    pub fn mint_with(&self, spec: &TokenSpec, alg: Alg, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    pub fn mint_with(
+        &self,
+        spec: &TokenSpec,
+        alg: Alg,
+        edit: impl FnOnce(&mut serde_json::Value),
+    ) -> String {
         let mut claims = claims_for(spec, &self.url);
         edit(&mut claims);
         let (name, kid) = match alg {
@@ -134,15 +167,31 @@ impl Issuer {
             Alg::Es256 => ("ES256", &self.ec_kid),
         };
         let header = serde_json::json!({"alg": name, "kid": kid});
-        let signed = format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
+        let signed = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
         let rng = aws_lc_rs::rand::SystemRandom::new();
         let signature = match alg {
             Alg::Rs256 => {
                 let mut sig = vec![0u8; self.rsa.public_modulus_len()];
-                self.rsa.sign(&aws_lc_rs::signature::RSA_PKCS1_SHA256, &rng, signed.as_bytes(), &mut sig).expect("RS256");
+                self.rsa
+                    .sign(
+                        &aws_lc_rs::signature::RSA_PKCS1_SHA256,
+                        &rng,
+                        signed.as_bytes(),
+                        &mut sig,
+                    )
+                    .expect("RS256");
                 sig
             }
-            Alg::Es256 => self.ec.sign(&rng, signed.as_bytes()).expect("ES256").as_ref().to_vec(),
+            Alg::Es256 => self
+                .ec
+                .sign(&rng, signed.as_bytes())
+                .expect("ES256")
+                .as_ref()
+                .to_vec(),
         };
         let token = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature));
         crate::secrets::remember(&token);
@@ -153,6 +202,8 @@ impl Issuer {
 /// The `kubernetes.io` claims and `exp`, `aud` of a token, or why it cannot be read.
 pub fn claims(token: &str) -> Result<serde_json::Value, String> {
     let payload = token.split('.').nth(1).ok_or("not a JWT")?;
-    let bytes = URL_SAFE_NO_PAD.decode(payload).map_err(|e| format!("payload not base64url: {e}"))?;
+    let bytes = URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|e| format!("payload not base64url: {e}"))?;
     serde_json::from_slice(&bytes).map_err(|e| format!("payload not JSON: {e}"))
 }

@@ -39,12 +39,20 @@ pub const OPERATOR_SECRET: &str = "operator-secret-example-0123456789ab";
 /// system's CA certificates) takes seconds rather than milliseconds, and a deadline sized for
 /// the host would fail a test that is only slow.
 pub fn patient(timeout: std::time::Duration) -> std::time::Duration {
-    let scale = std::env::var("PIA_TIME_SCALE").ok().and_then(|s| s.parse::<u32>().ok()).filter(|s| *s > 0).unwrap_or(1);
+    let scale = std::env::var("PIA_TIME_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .filter(|s| *s > 0)
+        .unwrap_or(1);
     timeout * scale
 }
 
 /// Fails early, with the reason, when the harness cannot work here.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "end-to-end tests need root (netns, cgroups, BPF): run them through `cargo xtask test`");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "end-to-end tests need root (netns, cgroups, BPF): run them through `cargo xtask test`"
+    );
 }

@@ -79,7 +79,10 @@ pub fn cgroup2_mount() -> PathBuf {
 
 /// Runs a command and panics with its output if it fails.
 pub fn sh(program: &str, args: &[&str]) {
-    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
     assert!(
         out.status.success(),
         "{program} {} failed: {}",
@@ -91,14 +94,46 @@ pub fn sh(program: &str, args: &[&str]) {
 /// A connect that is not redirected must fail at once (EHOSTUNREACH) rather than wait for a SYN
 /// to time out, so tests can tell "not redirected" from "slow".
 fn unreachable_credential_addresses(netns: &str, ipv6: bool) {
-    sh("ip", &["-n", netns, "route", "add", "unreachable", "169.254.170.23/32"]);
+    sh(
+        "ip",
+        &[
+            "-n",
+            netns,
+            "route",
+            "add",
+            "unreachable",
+            "169.254.170.23/32",
+        ],
+    );
     if ipv6 {
-        sh("ip", &["-n", netns, "-6", "route", "add", "unreachable", "fd00:ec2::23/128"]);
+        sh(
+            "ip",
+            &[
+                "-n",
+                netns,
+                "-6",
+                "route",
+                "add",
+                "unreachable",
+                "fd00:ec2::23/128",
+            ],
+        );
     }
 }
 
 fn disable_ipv6(netns: &str) {
-    sh("ip", &["netns", "exec", netns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]);
+    sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            netns,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ],
+    );
 }
 
 /// Runs `f` on a thread that has joined network namespace `netns` (sockets made there stay there).
@@ -107,7 +142,11 @@ pub fn in_netns<R: Send + 'static>(netns: &str, f: impl FnOnce() -> R + Send + '
     std::thread::spawn(move || {
         let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
         // SAFETY: setns on this thread only; the fd is valid.
-        assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {path}");
+        assert_eq!(
+            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns {path}"
+        );
         f()
     })
     .join()
@@ -118,7 +157,8 @@ pub fn in_netns<R: Send + 'static>(netns: &str, f: impl FnOnce() -> R + Send + '
 pub fn command_in(program: &str, cgroup: Option<&Path>, netns: &str) -> Command {
     let mut cmd = Command::new(program);
     let procs = cgroup.map(|c| CString::new(c.join("cgroup.procs").to_str().unwrap()).unwrap());
-    let ns = File::open(format!("/run/netns/{netns}")).unwrap_or_else(|e| panic!("open netns {netns}: {e}"));
+    let ns = File::open(format!("/run/netns/{netns}"))
+        .unwrap_or_else(|e| panic!("open netns {netns}: {e}"));
     // SAFETY: the closure only makes async-signal-safe syscalls on memory prepared before fork.
     unsafe {
         cmd.pre_exec(move || {
@@ -150,11 +190,21 @@ pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> std::io::Result<(u
     in_netns(netns, move || {
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
         let mut raw = String::new();
         stream.read_to_string(&mut raw)?;
-        let status = raw.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let status = raw
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = raw
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         Ok((status, body))
     })
 }
@@ -193,9 +243,33 @@ impl Node {
         fs::create_dir_all(&node.agent_cgroup).expect("create node cgroup");
         sh("ip", &["netns", "add", &name]);
         sh("ip", &["-n", &name, "link", "set", "lo", "up"]);
-        sh("ip", &["-n", &name, "addr", "add", &format!("{}/32", node.ip4), "dev", "lo"]);
+        sh(
+            "ip",
+            &[
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("{}/32", node.ip4),
+                "dev",
+                "lo",
+            ],
+        );
         if ipv6 {
-            sh("ip", &["-n", &name, "-6", "addr", "add", &format!("{}/128", node.ip6), "dev", "lo", "nodad"]);
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    &name,
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{}/128", node.ip6),
+                    "dev",
+                    "lo",
+                    "nodad",
+                ],
+            );
         } else {
             disable_ipv6(&name);
         }
@@ -205,11 +279,20 @@ impl Node {
 
     /// Where the agent listens: the node addresses, one per family.
     pub fn listen_addrs(&self, port: u16) -> [SocketAddr; 2] {
-        [SocketAddr::new(self.ip4.into(), port), SocketAddr::new(self.ip6.into(), port)]
+        [
+            SocketAddr::new(self.ip4.into(), port),
+            SocketAddr::new(self.ip6.into(), port),
+        ]
     }
 
     /// A pod with its own network namespace.
-    pub fn add_pod(&self, namespace: &str, name: &str, service_account: &str, shape: CgroupShape) -> Pod {
+    pub fn add_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        service_account: &str,
+        shape: CgroupShape,
+    ) -> Pod {
         let i = {
             let mut n = self.pods.lock().unwrap();
             *n += 1;
@@ -221,26 +304,125 @@ impl Node {
         self.pod_netns.lock().unwrap().push(netns.clone());
         let veth = format!("veth{i}");
         let ip4 = Ipv4Addr::new(198, 18, self.index as u8, (10 + i) as u8);
-        let ip6: Ipv6Addr = format!("2001:2:0:{:x}::{:x}", self.index, 10 + i).parse().unwrap();
+        let ip6: Ipv6Addr = format!("2001:2:0:{:x}::{:x}", self.index, 10 + i)
+            .parse()
+            .unwrap();
         let n = self.netns.as_str();
-        sh("ip", &["-n", n, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
+        sh(
+            "ip",
+            &[
+                "-n", n, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns",
+                &netns,
+            ],
+        );
         sh("ip", &["-n", n, "link", "set", &veth, "up"]);
-        sh("ip", &["-n", n, "route", "add", &format!("{ip4}/32"), "dev", &veth]);
+        sh(
+            "ip",
+            &["-n", n, "route", "add", &format!("{ip4}/32"), "dev", &veth],
+        );
         sh("ip", &["-n", &netns, "link", "set", "lo", "up"]);
-        sh("ip", &["-n", &netns, "addr", "add", &format!("{ip4}/32"), "dev", "eth0"]);
+        sh(
+            "ip",
+            &[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{ip4}/32"),
+                "dev",
+                "eth0",
+            ],
+        );
         if self.ipv6 {
-            sh("ip", &["-n", n, "-6", "addr", "add", "fe80::1/64", "dev", &veth, "nodad"]);
-            sh("ip", &["-n", n, "-6", "route", "add", &format!("{ip6}/128"), "dev", &veth]);
-            sh("ip", &["netns", "exec", &netns, "sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0"]);
-            sh("ip", &["-n", &netns, "-6", "addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"]);
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    n,
+                    "-6",
+                    "addr",
+                    "add",
+                    "fe80::1/64",
+                    "dev",
+                    &veth,
+                    "nodad",
+                ],
+            );
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    n,
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("{ip6}/128"),
+                    "dev",
+                    &veth,
+                ],
+            );
+            sh(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &netns,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv6.conf.eth0.accept_dad=0",
+                ],
+            );
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    &netns,
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{ip6}/128"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            );
         } else {
             disable_ipv6(&netns);
         }
         sh("ip", &["-n", &netns, "link", "set", "eth0", "up"]);
-        sh("ip", &["-n", &netns, "route", "add", &format!("{}/32", self.ip4), "dev", "eth0"]);
-        sh("ip", &["-n", &netns, "route", "add", "default", "via", &self.ip4.to_string(), "dev", "eth0"]);
+        sh(
+            "ip",
+            &[
+                "-n",
+                &netns,
+                "route",
+                "add",
+                &format!("{}/32", self.ip4),
+                "dev",
+                "eth0",
+            ],
+        );
+        sh(
+            "ip",
+            &[
+                "-n",
+                &netns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &self.ip4.to_string(),
+                "dev",
+                "eth0",
+            ],
+        );
         if self.ipv6 {
-            sh("ip", &["-n", &netns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"]);
+            sh(
+                "ip",
+                &[
+                    "-n", &netns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+                ],
+            );
         }
         unreachable_credential_addresses(&netns, self.ipv6);
         pod.netns = netns;
@@ -255,7 +437,13 @@ impl Node {
             *n += 1;
             *n
         };
-        self.pod_cgroup(namespace, name, service_account, CgroupShape::SystemdBurstable, i)
+        self.pod_cgroup(
+            namespace,
+            name,
+            service_account,
+            CgroupShape::SystemdBurstable,
+            i,
+        )
     }
 
     /// A process group on the node that is not a pod (e.g. a system daemon).
@@ -265,15 +453,31 @@ impl Node {
         dir
     }
 
-    fn pod_cgroup(&self, namespace: &str, name: &str, service_account: &str, shape: CgroupShape, i: u32) -> Pod {
-        let uid = format!("{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}", std::process::id(), self.index, i, i, u64::from(i) * 7919);
+    fn pod_cgroup(
+        &self,
+        namespace: &str,
+        name: &str,
+        service_account: &str,
+        shape: CgroupShape,
+        i: u32,
+    ) -> Pod {
+        let uid = format!(
+            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+            std::process::id(),
+            self.index,
+            i,
+            i,
+            u64::from(i) * 7919
+        );
         let u = uid.replace('-', "_");
         let container = format!("{:064x}", u64::from(i) * 104_729 + u64::from(self.index));
         let rel = match shape {
             CgroupShape::SystemdBurstable => format!(
                 "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{container}.scope"
             ),
-            CgroupShape::SystemdGuaranteed => format!("kubepods.slice/kubepods-pod{u}.slice/crio-{container}.scope"),
+            CgroupShape::SystemdGuaranteed => {
+                format!("kubepods.slice/kubepods-pod{u}.slice/crio-{container}.scope")
+            }
             CgroupShape::CgroupfsBestEffort => format!("kubepods/besteffort/pod{uid}/{container}"),
         };
         let cgroup = self.cgroup_root.join(rel);
@@ -308,7 +512,9 @@ impl Drop for Node {
         for netns in self.pod_netns.lock().unwrap().drain(..) {
             let _ = Command::new("ip").args(["netns", "del", &netns]).output();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.netns]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
         remove_cgroup_tree(&self.cgroup_root);
         let _ = fs::remove_dir_all(std::env::temp_dir().join(format!("{}-pod", self.netns)));
         for i in 1..=*self.pods.lock().unwrap() {
@@ -320,7 +526,13 @@ impl Drop for Node {
 /// Removes the namespaces and cgroups of harness processes whose pid matches `owner_gone` (a run
 /// killed before its Drop ran, or this process on Ctrl-C). Names are `pia-<pid>-...`.
 pub fn remove_leftovers(owner_gone: impl Fn(u32) -> bool) {
-    let pid_of = |name: &str| name.strip_prefix("pia-")?.split('-').next()?.parse::<u32>().ok();
+    let pid_of = |name: &str| {
+        name.strip_prefix("pia-")?
+            .split('-')
+            .next()?
+            .parse::<u32>()
+            .ok()
+    };
     let mount = cgroup2_mount();
     if let Ok(entries) = fs::read_dir(&mount) {
         for e in entries.flatten() {
@@ -331,7 +543,11 @@ pub fn remove_leftovers(owner_gone: impl Fn(u32) -> bool) {
             }
         }
     }
-    let list = Command::new("ip").args(["netns", "list"]).output().map(|o| o.stdout).unwrap_or_default();
+    let list = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
     for line in String::from_utf8_lossy(&list).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
         if pid_of(name).is_some_and(&owner_gone) {
@@ -444,17 +660,44 @@ impl Pod {
     /// Lets the pod route the credential addresses to the node (link mode serves them there);
     /// by default they are unreachable in a pod so a connect that is not redirected fails fast.
     pub fn route_credential_addresses_via_node(&self) {
-        sh("ip", &["-n", &self.netns, "route", "del", "unreachable", "169.254.170.23/32"]);
+        sh(
+            "ip",
+            &[
+                "-n",
+                &self.netns,
+                "route",
+                "del",
+                "unreachable",
+                "169.254.170.23/32",
+            ],
+        );
         // Absent on pods of a node without IPv6.
-        let _ = Command::new("ip").args(["-n", &self.netns, "-6", "route", "del", "unreachable", "fd00:ec2::23/128"]).output();
+        let _ = Command::new("ip")
+            .args([
+                "-n",
+                &self.netns,
+                "-6",
+                "route",
+                "del",
+                "unreachable",
+                "fd00:ec2::23/128",
+            ])
+            .output();
     }
 
     /// Deletes the pod as kubelet would: its processes end, its cgroups and network go away.
     pub fn delete(&self) {
-        let pod_cgroup = self.cgroup.parent().expect("container cgroup has a pod parent");
+        let pod_cgroup = self
+            .cgroup
+            .parent()
+            .expect("container cgroup has a pod parent");
         kill_cgroup_tree(pod_cgroup);
         remove_cgroup_tree(pod_cgroup);
-        assert!(!pod_cgroup.exists(), "pod cgroup {} still exists", pod_cgroup.display());
+        assert!(
+            !pod_cgroup.exists(),
+            "pod cgroup {} still exists",
+            pod_cgroup.display()
+        );
     }
 
     pub fn token_spec(&self) -> TokenSpec {
@@ -524,10 +767,15 @@ print(json.dumps([f.access_key, f.secret_key, f.token]))
         if !out.status.success() {
             return Err(said);
         }
-        let line = stdout.lines().find(|l| l.trim_start().starts_with("access_key")).ok_or_else(|| said.clone())?;
+        let line = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with("access_key"))
+            .ok_or_else(|| said.clone())?;
         let fields: Vec<&str> = line.split_whitespace().collect();
         match fields.as_slice() {
-            ["access_key", masked, "container-role", ..] => Ok(masked.trim_start_matches('*').to_owned()),
+            ["access_key", masked, "container-role", ..] => {
+                Ok(masked.trim_start_matches('*').to_owned())
+            }
             _ => Err(said),
         }
     }
@@ -539,7 +787,9 @@ print(json.dumps([f.access_key, f.secret_key, f.token]))
             .unwrap_or_else(|| crate::agent::binary().with_file_name("ecs-credentials"));
         let mut cmd = self.command(exe.to_str().expect("utf-8 path"));
         sdk_env(&mut cmd, full_uri, token_file);
-        let out = cmd.output().unwrap_or_else(|e| panic!("run {}: {e}", exe.display()));
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("run {}: {e}", exe.display()));
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
@@ -563,7 +813,17 @@ print(json.dumps([f.access_key, f.secret_key, f.token]))
 /// token as Authorization and `extra` curl arguments.
 pub fn curl(mut cmd: Command, url: &str, token: &str, extra: &[&str]) -> HttpResult {
     let out = cmd
-        .args(["-sS", "-g", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}", "-H"])
+        .args([
+            "-sS",
+            "-g",
+            "--max-time",
+            "10",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+        ])
         .arg(format!("Authorization: {token}"))
         .args(extra)
         .arg(url)
@@ -576,5 +836,8 @@ pub fn curl(mut cmd: Command, url: &str, token: &str, extra: &[&str]) -> HttpRes
 fn parse_curl(out: Output) -> HttpResult {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
-    HttpResult { status: code.trim().parse().unwrap_or(0), body: body.to_owned() }
+    HttpResult {
+        status: code.trim().parse().unwrap_or(0),
+        body: body.to_owned(),
+    }
 }

@@ -36,7 +36,12 @@ impl Runc {
     pub fn new(name: &str) -> Runc {
         let dir = std::env::temp_dir().join(format!("pia-{}-runc-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        let (state, rootfs, upper, work) = (dir.join("state"), dir.join("rootfs"), dir.join("upper"), dir.join("work"));
+        let (state, rootfs, upper, work) = (
+            dir.join("state"),
+            dir.join("rootfs"),
+            dir.join("upper"),
+            dir.join("work"),
+        );
         for d in [&state, &rootfs, &upper, &work] {
             fs::create_dir_all(d).unwrap();
         }
@@ -47,11 +52,20 @@ impl Runc {
                 "overlay",
                 "overlay",
                 "-o",
-                &format!("lowerdir=/,upperdir={},workdir={}", upper.display(), work.display()),
+                &format!(
+                    "lowerdir=/,upperdir={},workdir={}",
+                    upper.display(),
+                    work.display()
+                ),
                 rootfs.to_str().unwrap(),
             ],
         );
-        Runc { dir, state, rootfs, upper }
+        Runc {
+            dir,
+            state,
+            rootfs,
+            upper,
+        }
     }
 
     fn runc(&self) -> Command {
@@ -63,21 +77,47 @@ impl Runc {
     /// Writes `config` as a bundle and starts it: `runc run` in the foreground, its output in
     /// files of the bundle.
     pub fn start(&self, id_prefix: &str, config: &Value) -> Container {
-        let id = format!("{id_prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let id = format!(
+            "{id_prefix}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         let bundle = self.dir.join(&id);
         fs::create_dir_all(&bundle).unwrap();
-        fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(config).unwrap()).unwrap();
+        fs::write(
+            bundle.join("config.json"),
+            serde_json::to_vec_pretty(config).unwrap(),
+        )
+        .unwrap();
         let out = fs::File::create(bundle.join("stdout")).unwrap();
         let err = fs::File::create(bundle.join("stderr")).unwrap();
-        let child = self.runc().args(["run", "--bundle"]).arg(&bundle).arg(&id).stdin(Stdio::null()).stdout(out).stderr(err).spawn().expect("runc (cargo xtask setup installs it)");
-        Container { id, bundle, child: Some(child), state: self.state.clone() }
+        let child = self
+            .runc()
+            .args(["run", "--bundle"])
+            .arg(&bundle)
+            .arg(&id)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("runc (cargo xtask setup installs it)");
+        Container {
+            id,
+            bundle,
+            child: Some(child),
+            state: self.state.clone(),
+        }
     }
 
     /// Runs `config` to completion: its output.
     pub fn run(&self, id_prefix: &str, config: &Value) -> Output {
         let mut c = self.start(id_prefix, config);
         let status = c.child.take().unwrap().wait().unwrap();
-        let output = Output { status, stdout: fs::read(c.bundle.join("stdout")).unwrap_or_default(), stderr: fs::read(c.bundle.join("stderr")).unwrap_or_default() };
+        let output = Output {
+            status,
+            stdout: fs::read(c.bundle.join("stdout")).unwrap_or_default(),
+            stderr: fs::read(c.bundle.join("stderr")).unwrap_or_default(),
+        };
         drop(c);
         output
     }
@@ -121,7 +161,11 @@ impl Container {
 
     /// Sends `signal` (TERM, KILL) to the container's first process.
     pub fn kill(&self, signal: &str) {
-        let _ = Command::new("runc").arg("--root").arg(&self.state).args(["kill", &self.id, signal]).output();
+        let _ = Command::new("runc")
+            .arg("--root")
+            .arg(&self.state)
+            .args(["kill", &self.id, signal])
+            .output();
     }
 
     /// Waits for the container to exit: its status.
@@ -131,7 +175,13 @@ impl Container {
 
     /// `runc exec` in the running container (same namespaces and cgroup): its output.
     pub fn exec(&self, args: &[&str]) -> Output {
-        Command::new("runc").arg("--root").arg(&self.state).args(["exec", &self.id]).args(args).output().unwrap()
+        Command::new("runc")
+            .arg("--root")
+            .arg(&self.state)
+            .args(["exec", &self.id])
+            .args(args)
+            .output()
+            .unwrap()
     }
 }
 
@@ -141,7 +191,11 @@ impl Drop for Container {
             self.kill("KILL");
             let _ = child.wait();
         }
-        let _ = Command::new("runc").arg("--root").arg(&self.state).args(["delete", "--force", &self.id]).output();
+        let _ = Command::new("runc")
+            .arg("--root")
+            .arg(&self.state)
+            .args(["delete", "--force", &self.id])
+            .output();
         if std::thread::panicking() {
             eprintln!("--- container {} stderr ---\n{}", self.id, self.log());
         }
@@ -151,16 +205,62 @@ impl Drop for Container {
 /// The capabilities this process may grant (its bounding set), as `CAP_*` names.
 pub fn grantable_capabilities() -> Vec<String> {
     let status = fs::read_to_string("/proc/self/status").unwrap();
-    let bounding = status.lines().find_map(|l| l.strip_prefix("CapBnd:")).map(|h| u64::from_str_radix(h.trim(), 16).unwrap()).unwrap();
-    CAPABILITY_NAMES.iter().enumerate().filter(|(i, _)| bounding & (1 << i) != 0).map(|(_, n)| format!("CAP_{n}")).collect()
+    let bounding = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .map(|h| u64::from_str_radix(h.trim(), 16).unwrap())
+        .unwrap();
+    CAPABILITY_NAMES
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| bounding & (1 << i) != 0)
+        .map(|(_, n)| format!("CAP_{n}"))
+        .collect()
 }
 
 /// Linux capabilities in bit order.
 const CAPABILITY_NAMES: [&str; 41] = [
-    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE",
-    "NET_BROADCAST", "NET_ADMIN", "NET_RAW", "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN",
-    "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE",
-    "MAC_ADMIN", "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
 ];
 
 /// How the bundle's seccomp filter is chosen.
@@ -194,13 +294,25 @@ pub struct AgentBundle<'a> {
 /// The OCI config of the DaemonSet's container, in `node`'s network namespace and in `cgroup`
 /// (relative to the cgroup2 root). Returns it, and the capabilities the manifest asks for that
 /// this machine cannot grant (left out).
-pub fn agent_config(b: &AgentBundle<'_>, runc: &Runc, node: &Node, cgroup: &str) -> (Value, Vec<String>) {
+pub fn agent_config(
+    b: &AgentBundle<'_>,
+    runc: &Runc,
+    node: &Node,
+    cgroup: &str,
+) -> (Value, Vec<String>) {
     let pod = &b.daemonset["spec"]["template"]["spec"];
     let c = &pod["containers"][0];
     let sc = &c["securityContext"];
     let mut args = vec![b.binary.display().to_string()];
-    args.extend(c["args"].as_array().into_iter().flatten().map(|a| a.as_str().unwrap().to_owned()));
-    let mut env: Vec<String> = vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()];
+    args.extend(
+        c["args"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|a| a.as_str().unwrap().to_owned()),
+    );
+    let mut env: Vec<String> =
+        vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()];
     if c["envFrom"].as_array().is_some_and(|e| !e.is_empty()) {
         env.extend(b.config_map.iter().map(|(k, v)| format!("{k}={v}")));
     }
@@ -208,22 +320,44 @@ pub fn agent_config(b: &AgentBundle<'_>, runc: &Runc, node: &Node, cgroup: &str)
         let name = e["name"].as_str().unwrap();
         let value = match e["value"].as_str() {
             Some(v) => v.to_owned(),
-            None => b.field_refs.get(name).unwrap_or_else(|| panic!("no value for fieldRef env {name}")).clone(),
+            None => b
+                .field_refs
+                .get(name)
+                .unwrap_or_else(|| panic!("no value for fieldRef env {name}"))
+                .clone(),
         };
         env.push(format!("{name}={value}"));
     }
     env.extend(b.extra_env.iter().map(|(k, v)| format!("{k}={v}")));
-    let wanted: Vec<String> = sc["capabilities"]["add"].as_array().into_iter().flatten().map(|c| format!("CAP_{}", c.as_str().unwrap())).collect();
-    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "the manifest drops every capability it does not add");
+    let wanted: Vec<String> = sc["capabilities"]["add"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| format!("CAP_{}", c.as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        sc["capabilities"]["drop"],
+        json!(["ALL"]),
+        "the manifest drops every capability it does not add"
+    );
     let grantable = grantable_capabilities();
-    let (caps, withheld): (Vec<String>, Vec<String>) = wanted.into_iter().partition(|c| grantable.contains(c));
+    let (caps, withheld): (Vec<String>, Vec<String>) =
+        wanted.into_iter().partition(|c| grantable.contains(c));
     let uid = sc["runAsUser"].as_u64().unwrap_or(0);
     let mut mounts = base_mounts();
     let volumes = pod["volumes"].as_array().unwrap();
     for m in c["volumeMounts"].as_array().into_iter().flatten() {
-        let volume = volumes.iter().find(|v| v["name"] == m["name"]).unwrap_or_else(|| panic!("no volume {}", m["name"]));
-        let host = volume["hostPath"]["path"].as_str().expect("only hostPath volumes");
-        let source = b.host_paths.get(host).unwrap_or_else(|| panic!("the test gives no directory for hostPath {host}"));
+        let volume = volumes
+            .iter()
+            .find(|v| v["name"] == m["name"])
+            .unwrap_or_else(|| panic!("no volume {}", m["name"]));
+        let host = volume["hostPath"]["path"]
+            .as_str()
+            .expect("only hostPath volumes");
+        let source = b
+            .host_paths
+            .get(host)
+            .unwrap_or_else(|| panic!("the test gives no directory for hostPath {host}"));
         let mut options = vec!["rbind", "nosuid", "nodev"];
         if m["readOnly"] == true {
             options.push("ro");
@@ -231,7 +365,10 @@ pub fn agent_config(b: &AgentBundle<'_>, runc: &Runc, node: &Node, cgroup: &str)
         mounts.push(json!({"destination": m["mountPath"], "type": "bind", "source": source, "options": options}));
     }
     let seccomp = match &b.seccomp {
-        Seccomp::FromManifest => match sc["seccompProfile"]["type"].as_str().or(pod["securityContext"]["seccompProfile"]["type"].as_str()) {
+        Seccomp::FromManifest => match sc["seccompProfile"]["type"]
+            .as_str()
+            .or(pod["securityContext"]["seccompProfile"]["type"].as_str())
+        {
             Some("RuntimeDefault") => Some(oci_seccomp(&containerd_default(), &caps)),
             None | Some("Unconfined") => None,
             Some(other) => panic!("seccompProfile {other} is not supported by the test"),
@@ -304,8 +441,13 @@ fn base_mounts() -> Vec<Value> {
 /// Debian's containers-common seccomp profile (`/usr/share/containers/seccomp.json`, the
 /// default of CRI-O and Podman), fetched by `cargo xtask setup` into target/oci.
 pub fn containers_common_profile() -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/oci/containers-common-seccomp.json");
-    serde_json::from_str(&fs::read_to_string(&path).unwrap_or_else(|e| panic!("{} (cargo xtask setup fetches it): {e}", path.display()))).unwrap()
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/oci/containers-common-seccomp.json");
+    serde_json::from_str(
+        &fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{} (cargo xtask setup fetches it): {e}", path.display())),
+    )
+    .unwrap()
 }
 
 /// containerd's default profile (what `seccompProfile: RuntimeDefault` gives on EKS nodes), as far
@@ -318,7 +460,10 @@ pub fn containers_common_profile() -> Value {
 pub fn containerd_default() -> Value {
     let mut profile = containers_common_profile();
     let syscalls = profile["syscalls"].as_array_mut().unwrap();
-    for rule in syscalls.iter_mut().filter(|r| r["action"] == "SCMP_ACT_ERRNO") {
+    for rule in syscalls
+        .iter_mut()
+        .filter(|r| r["action"] == "SCMP_ACT_ERRNO")
+    {
         if let Some(names) = rule["names"].as_array_mut() {
             names.retain(|n| n != "bpf" && n != "perf_event_open");
         }
@@ -334,16 +479,30 @@ pub fn containerd_default() -> Value {
 /// its `excludes`, the way the engines build it.
 pub fn oci_seccomp(profile: &Value, caps: &[String]) -> Value {
     let arch = "SCMP_ARCH_X86_64";
-    let caps_match = |list: &Value| list.as_array().map(|l| l.iter().all(|c| caps.iter().any(|have| have == c.as_str().unwrap_or(""))));
-    let arches_match = |list: &Value| list.as_array().map(|l| l.iter().any(|a| a == arch || a == "amd64"));
+    let caps_match = |list: &Value| {
+        list.as_array().map(|l| {
+            l.iter()
+                .all(|c| caps.iter().any(|have| have == c.as_str().unwrap_or("")))
+        })
+    };
+    let arches_match = |list: &Value| {
+        list.as_array()
+            .map(|l| l.iter().any(|a| a == arch || a == "amd64"))
+    };
     let mut syscalls = Vec::new();
     for rule in profile["syscalls"].as_array().unwrap() {
         let inc = &rule["includes"];
         let exc = &rule["excludes"];
-        if caps_match(&inc["caps"]) == Some(false) || arches_match(&inc["arches"]) == Some(false) || inc.get("minKernel").is_some_and(|k| !k.is_null()) {
+        if caps_match(&inc["caps"]) == Some(false)
+            || arches_match(&inc["arches"]) == Some(false)
+            || inc.get("minKernel").is_some_and(|k| !k.is_null())
+        {
             continue;
         }
-        let excluded_by_caps = exc["caps"].as_array().is_some_and(|l| l.iter().any(|c| caps.iter().any(|have| have == c.as_str().unwrap_or(""))));
+        let excluded_by_caps = exc["caps"].as_array().is_some_and(|l| {
+            l.iter()
+                .any(|c| caps.iter().any(|have| have == c.as_str().unwrap_or("")))
+        });
         if excluded_by_caps || arches_match(&exc["arches"]) == Some(true) {
             continue;
         }

@@ -25,8 +25,16 @@ impl Proxy {
         let log = dir.join("tinyproxy.log");
         // tinyproxy drops to `nobody`, which must be able to write its log.
         fs::write(&log, "").unwrap();
-        std::process::Command::new("chmod").args(["0777"]).arg(&dir).status().unwrap();
-        std::process::Command::new("chmod").args(["0666"]).arg(&log).status().unwrap();
+        std::process::Command::new("chmod")
+            .args(["0777"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        std::process::Command::new("chmod")
+            .args(["0666"])
+            .arg(&log)
+            .status()
+            .unwrap();
         let conf = dir.join("tinyproxy.conf");
         fs::write(
             &conf,
@@ -46,7 +54,9 @@ impl Proxy {
             .expect("tinyproxy (cargo xtask setup installs tinyproxy-bin)");
         let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while crate::node::in_netns(&node.netns, move || std::net::TcpStream::connect(addr)).is_err() {
+        while crate::node::in_netns(&node.netns, move || std::net::TcpStream::connect(addr))
+            .is_err()
+        {
             assert!(Instant::now() < deadline, "tinyproxy did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -64,7 +74,10 @@ impl Proxy {
 
     /// CONNECT requests it logged for `target` (`host:port`).
     pub fn connects_to(&self, target: &str) -> usize {
-        self.log().lines().filter(|l| l.contains("CONNECT") && l.contains(target)).count()
+        self.log()
+            .lines()
+            .filter(|l| l.contains("CONNECT") && l.contains(target))
+            .count()
     }
 }
 

@@ -10,7 +10,11 @@ static SECRETS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 pub fn remember(secret: &str) {
     let mut all = SECRETS.lock().unwrap();
     all.push(secret.to_owned());
-    if let Some(signature) = secret.rsplit('.').next().filter(|s| s.len() >= 32 && *s != secret) {
+    if let Some(signature) = secret
+        .rsplit('.')
+        .next()
+        .filter(|s| s.len() >= 32 && *s != secret)
+    {
         all.push(signature.to_owned());
     }
 }
@@ -18,7 +22,9 @@ pub fn remember(secret: &str) {
 /// The first remembered secret that occurs in `text`, shown only by its first characters.
 pub fn leaked_in(text: &str) -> Option<String> {
     let all = SECRETS.lock().unwrap();
-    all.iter().find(|s| text.contains(s.as_str())).map(|s| format!("{}… ({} chars)", &s[..s.len().min(6)], s.len()))
+    all.iter()
+        .find(|s| text.contains(s.as_str()))
+        .map(|s| format!("{}… ({} chars)", &s[..s.len().min(6)], s.len()))
 }
 
 #[cfg(test)]
@@ -31,7 +37,10 @@ mod tests {
         remember(&format!("aGVhZGVy.cGF5bG9hZA.{signature}"));
         assert!(leaked_in(&format!("log line with {signature} in it")).is_some());
         let shown = leaked_in(&format!("Authorization: aGVhZGVy.cGF5bG9hZA.{signature}")).unwrap();
-        assert!(!shown.contains(signature), "the report must not repeat the secret");
+        assert!(
+            !shown.contains(signature),
+            "the report must not repeat the secret"
+        );
         assert!(leaked_in("a clean log line").is_none());
     }
 }

@@ -46,14 +46,31 @@ const VM_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// Installs the cross toolchain and the VM's host packages, idempotently.
 pub fn setup() -> anyhow::Result<()> {
     crate::apt_install(PACKAGES)?;
-    if !output(Command::new("rustup").args(["target", "list", "--installed"])).lines().any(|t| t == TARGET) {
+    if !output(Command::new("rustup").args(["target", "list", "--installed"]))
+        .lines()
+        .any(|t| t == TARGET)
+    {
         run(Command::new("rustup").args(["target", "add", TARGET]))?;
     }
     if !output(Command::new("python3").args(["-m", "ziglang", "version"])).starts_with(ZIGLANG) {
-        run(Command::new("python3").args(["-m", "pip", "install", "-q", "--disable-pip-version-check", &format!("ziglang=={ZIGLANG}")]))?;
+        run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            &format!("ziglang=={ZIGLANG}"),
+        ]))?;
     }
     if !output(Command::new("cargo-zigbuild").arg("--version")).contains(CARGO_ZIGBUILD) {
-        run(Command::new("cargo").args(["install", "cargo-zigbuild", "--version", CARGO_ZIGBUILD, "--locked", "--force"]))?;
+        run(Command::new("cargo").args([
+            "install",
+            "cargo-zigbuild",
+            "--version",
+            CARGO_ZIGBUILD,
+            "--locked",
+            "--force",
+        ]))?;
     }
     Ok(())
 }
@@ -62,14 +79,29 @@ pub fn setup() -> anyhow::Result<()> {
 /// directory that holds them.
 pub fn build(smoke: bool) -> anyhow::Result<PathBuf> {
     let mut cmd = crate::cargo();
-    cmd.args(["zigbuild", "--release", "--target", TARGET, "-p", "pod-identity-agent", "--bin", "pod-identity-agent"]);
+    cmd.args([
+        "zigbuild",
+        "--release",
+        "--target",
+        TARGET,
+        "-p",
+        "pod-identity-agent",
+        "--bin",
+        "pod-identity-agent",
+    ]);
     if smoke {
         cmd.args(["-p", "pod-identity-e2e", "--bin", "arm64-smoke"]);
     }
-    run(&mut cmd).context("cross-building for aarch64 (cargo xtask setup installs zig and cargo-zigbuild)")?;
+    run(&mut cmd).context(
+        "cross-building for aarch64 (cargo xtask setup installs zig and cargo-zigbuild)",
+    )?;
     let dir = crate::target_dir().join(TARGET).join("release");
     let agent = dir.join("pod-identity-agent");
-    eprintln!("xtask: {}: {} bytes, static", agent.display(), fs::metadata(&agent)?.len());
+    eprintln!(
+        "xtask: {}: {} bytes, static",
+        agent.display(),
+        fs::metadata(&agent)?.len()
+    );
     Ok(dir)
 }
 
@@ -78,12 +110,25 @@ pub fn smoke(binaries: &Path) -> anyhow::Result<vm::Outcome> {
     let (version, kernel_dir) = vm::fetch(&KERNEL)?;
     let initrd = initramfs(binaries)?;
     let kernel = kernel_dir.join("boot").join(format!("vmlinuz-{version}"));
-    eprintln!("xtask: booting {version} (arm64) under qemu-system-aarch64 (TCG) for the smoke test");
+    eprintln!(
+        "xtask: booting {version} (arm64) under qemu-system-aarch64 (TCG) for the smoke test"
+    );
     let started = Instant::now();
     let out = Command::new("timeout")
         .args(["-k", "20", &VM_TIMEOUT.as_secs().to_string()])
         .arg("qemu-system-aarch64")
-        .args(["-M", "virt", "-cpu", "cortex-a57", "-smp", "2", "-m", "1G", "-nographic", "-no-reboot"])
+        .args([
+            "-M",
+            "virt",
+            "-cpu",
+            "cortex-a57",
+            "-smp",
+            "2",
+            "-m",
+            "1G",
+            "-nographic",
+            "-no-reboot",
+        ])
         .arg("-kernel")
         .arg(&kernel)
         .arg("-initrd")
@@ -103,11 +148,20 @@ pub fn smoke(binaries: &Path) -> anyhow::Result<vm::Outcome> {
         }
     }
     if !console.lines().any(|l| l.starts_with("SMOKE DONE")) {
-        failed.push(format!("the smoke test did not finish (qemu exit {:?}); console:\n{console}", out.status.code()));
+        failed.push(format!(
+            "the smoke test did not finish (qemu exit {:?}); console:\n{console}",
+            out.status.code()
+        ));
     } else if !failed.is_empty() {
         eprintln!("xtask: arm64 console:\n{console}");
     }
-    Ok(vm::Outcome { series: KERNEL.series, version, passed, failed, took })
+    Ok(vm::Outcome {
+        series: KERNEL.series,
+        version,
+        passed,
+        failed,
+        took,
+    })
 }
 
 /// busybox, the agent and the smoke program, and an init that mounts what the agent needs and
@@ -123,9 +177,15 @@ fn initramfs(binaries: &Path) -> anyhow::Result<PathBuf> {
     let unpacked = dir.join("busybox");
     let _ = fs::remove_dir_all(&unpacked);
     fs::create_dir_all(&unpacked)?;
-    run(Command::new("dpkg-deb").arg("-x").arg(&busybox_deb).arg(&unpacked))?;
+    run(Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&busybox_deb)
+        .arg(&unpacked))?;
     fs::copy(unpacked.join("bin/busybox"), root.join("bin/busybox"))?;
-    fs::copy(binaries.join("pod-identity-agent"), root.join("pod-identity-agent"))?;
+    fs::copy(
+        binaries.join("pod-identity-agent"),
+        root.join("pod-identity-agent"),
+    )?;
     fs::copy(binaries.join("arm64-smoke"), root.join("arm64-smoke"))?;
     let init = "#!/bin/busybox sh\n\
         /bin/busybox --install -s /bin\n\
@@ -147,7 +207,11 @@ fn initramfs(binaries: &Path) -> anyhow::Result<PathBuf> {
     let initrd = dir.join("initrd.cpio.gz");
     let status = Command::new("sh")
         .arg("-c")
-        .arg(format!("cd {} && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1 > {}", root.display(), initrd.display()))
+        .arg(format!(
+            "cd {} && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1 > {}",
+            root.display(),
+            initrd.display()
+        ))
         .status()?;
     if !status.success() {
         bail!("building the initramfs failed");
@@ -162,7 +226,10 @@ pub fn run_smoke() -> anyhow::Result<vm::Outcome> {
     }
     let binaries = build(true)?;
     let outcome = smoke(&binaries)?;
-    let table = format!("\narm64 smoke (static aarch64 binaries, inside qemu-system-aarch64):\n{}", outcome.row(KERNEL.distributions));
+    let table = format!(
+        "\narm64 smoke (static aarch64 binaries, inside qemu-system-aarch64):\n{}",
+        outcome.row(KERNEL.distributions)
+    );
     eprintln!("{table}");
     fs::create_dir_all(crate::target_dir().join("vm/results"))?;
     fs::write(crate::target_dir().join("vm/results/arm64.txt"), &table)?;

@@ -47,15 +47,25 @@ fn main() -> ExitCode {
         Some("setup") => setup(),
         Some("build") => match value_after(&args, "--target") {
             None => setup().and_then(|()| build()),
-            Some("aarch64" | "arm64") | Some(arm64::TARGET) => setup().and_then(|()| arm64::build(false)).map(drop),
-            Some(other) => Err(anyhow::anyhow!("--target {other}: the targets are the host's (no flag) and aarch64")),
+            Some("aarch64" | "arm64") | Some(arm64::TARGET) => {
+                setup().and_then(|()| arm64::build(false)).map(drop)
+            }
+            Some(other) => Err(anyhow::anyhow!(
+                "--target {other}: the targets are the host's (no flag) and aarch64"
+            )),
         },
         Some("test") => setup().and_then(|()| build()).and_then(|()| test()),
         Some("demo") => setup().and_then(|()| build()).and_then(|()| demo()),
         Some("bench") => setup().and_then(|()| bench(args.iter().any(|a| a == "--profile"))),
-        Some("fuzz") => setup().and_then(|()| fuzz(number_after(&args, "--seconds").unwrap_or(60.0))),
-        Some("soak") => setup().and_then(|()| build()).and_then(|()| soak(number_after(&args, "--minutes").unwrap_or(10.0))),
-        Some("matrix") => setup().and_then(|()| build()).and_then(|()| matrix(value_after(&args, "--kernel"))),
+        Some("fuzz") => {
+            setup().and_then(|()| fuzz(number_after(&args, "--seconds").unwrap_or(60.0)))
+        }
+        Some("soak") => setup()
+            .and_then(|()| build())
+            .and_then(|()| soak(number_after(&args, "--minutes").unwrap_or(10.0))),
+        Some("matrix") => setup()
+            .and_then(|()| build())
+            .and_then(|()| matrix(value_after(&args, "--kernel"))),
         Some("arm64") => setup().and_then(|()| arm64::run_smoke()).map(drop),
         _ => {
             eprintln!(
@@ -78,16 +88,24 @@ fn number_after(args: &[String], flag: &str) -> Option<f64> {
 }
 
 fn value_after<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
-    args.iter().skip_while(|a| *a != flag).nth(1).map(String::as_str)
+    args.iter()
+        .skip_while(|a| *a != flag)
+        .nth(1)
+        .map(String::as_str)
 }
 
 fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("xtask: running {cmd:?}");
-    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -99,7 +117,9 @@ fn succeeds(cmd: &mut Command) -> bool {
 }
 
 fn output(cmd: &mut Command) -> String {
-    cmd.output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+    cmd.output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 fn is_root() -> bool {
@@ -111,14 +131,23 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()
-        .filter(|p| !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p])).contains("install ok installed"))
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .contains("install ok installed")
+        })
         .collect();
     if !missing.is_empty() {
         if !is_root() {
-            bail!("missing Debian packages {missing:?}; install them as root: apt-get update && apt-get install -y {}", missing.join(" "));
+            bail!(
+                "missing Debian packages {missing:?}; install them as root: apt-get update && apt-get install -y {}",
+                missing.join(" ")
+            );
         }
         run(Command::new("apt-get").args(["update", "-qq"]))?;
-        run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     Ok(())
 }
@@ -132,17 +161,47 @@ fn setup() -> anyhow::Result<()> {
     fetch_containers_seccomp()?;
 
     if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))
-            .context("the kernel programs need a nightly toolchain (rustup toolchain install nightly)")?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))
+        .context(
+            "the kernel programs need a nightly toolchain (rustup toolchain install nightly)",
+        )?;
     }
-    if !output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"])).lines().any(|l| l.starts_with("rust-src")) {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    if !output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .lines()
+    .any(|l| l.starts_with("rust-src"))
+    {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
 
     let linker = output(Command::new("bpf-linker").arg("--version"));
     if !linker.contains(BPF_LINKER_VERSION) {
         run(Command::new("cargo")
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--force",
+            ])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
         .context("building bpf-linker against Debian's LLVM 22")?;
@@ -150,17 +209,31 @@ fn setup() -> anyhow::Result<()> {
 
     for (module, package) in PIP_PACKAGES {
         if !succeeds(Command::new("python3").args(["-c", &format!("import {module}")])) {
-            run(Command::new("python3").args(["-m", "pip", "install", "-q", "--disable-pip-version-check", package]))?;
+            run(Command::new("python3").args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                package,
+            ]))?;
         }
     }
 
     // The AWS SDK for JavaScript v3 credential provider, from tests/node/package-lock.json.
     let node_dir = workspace_root().join("tests").join("node");
-    if !node_dir.join("node_modules/@aws-sdk/credential-provider-http").is_dir() {
+    if !node_dir
+        .join("node_modules/@aws-sdk/credential-provider-http")
+        .is_dir()
+    {
         if !succeeds(Command::new("npm").arg("--version")) {
-            bail!("npm is missing (the Node SDK client test needs it): apt-get install -y nodejs npm");
+            bail!(
+                "npm is missing (the Node SDK client test needs it): apt-get install -y nodejs npm"
+            );
         }
-        run(Command::new("npm").args(["ci", "--no-audit", "--no-fund", "--silent"]).current_dir(&node_dir))?;
+        run(Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--silent"])
+            .current_dir(&node_dir))?;
     }
     Ok(())
 }
@@ -178,7 +251,8 @@ fn fetch_containers_seccomp() -> anyhow::Result<()> {
     let unpacked = dir.join("containers-common");
     std::fs::create_dir_all(&unpacked)?;
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
-    std::fs::copy(unpacked.join("usr/share/containers/seccomp.json"), &profile).context("containers-common has no seccomp.json")?;
+    std::fs::copy(unpacked.join("usr/share/containers/seccomp.json"), &profile)
+        .context("containers-common has no seccomp.json")?;
     Ok(())
 }
 
@@ -189,7 +263,9 @@ fn cargo() -> Command {
 }
 
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 fn agent_binary() -> PathBuf {
@@ -198,7 +274,14 @@ fn agent_binary() -> PathBuf {
 
 /// Every cargo invocation names the same packages, so features resolve the same way each time
 /// and no dependency is compiled twice.
-const PACKAGES: &[&str] = &["-p", "pod-identity-common", "-p", "pod-identity-agent", "-p", "pod-identity-e2e"];
+const PACKAGES: &[&str] = &[
+    "-p",
+    "pod-identity-common",
+    "-p",
+    "pod-identity-agent",
+    "-p",
+    "pod-identity-e2e",
+];
 
 fn build() -> anyhow::Result<()> {
     run(cargo().arg("build").args(PACKAGES))
@@ -214,10 +297,16 @@ fn test() -> anyhow::Result<()> {
     run(cargo().arg("test").args(PACKAGES).args(["--lib", "--bins"]))?;
     fuzz(TEST_FUZZ_SECONDS)?;
     if !is_root() {
-        bail!("the end-to-end tests create network namespaces, cgroups and BPF programs: run `cargo xtask test` as root");
+        bail!(
+            "the end-to-end tests create network namespaces, cgroups and BPF programs: run `cargo xtask test` as root"
+        );
     }
     soak(TEST_SOAK_MINUTES)?;
-    run(cargo().arg("test").args(PACKAGES).args(["--test", "e2e", "--", "--test-threads", "4"]).env("PIA_AGENT_BIN", agent_binary()))?;
+    run(cargo()
+        .arg("test")
+        .args(PACKAGES)
+        .args(["--test", "e2e", "--", "--test-threads", "4"])
+        .env("PIA_AGENT_BIN", agent_binary()))?;
     matrix(None)?;
     arm64::run_smoke().map(drop)
 }
@@ -225,28 +314,54 @@ fn test() -> anyhow::Result<()> {
 /// The kernel-facing end-to-end tests on every kernel of the matrix (or one `series`).
 fn matrix(series: Option<&str>) -> anyhow::Result<()> {
     if !is_root() {
-        bail!("the kernel matrix boots VMs that create namespaces, cgroups and BPF programs: run it as root");
+        bail!(
+            "the kernel matrix boots VMs that create namespaces, cgroups and BPF programs: run it as root"
+        );
     }
     let e2e = e2e_binary()?;
     match series {
         None => vm::run_matrix(&e2e, &agent_binary()).map(drop),
         Some(series) => {
-            let kernel = vm::KERNELS.iter().find(|k| k.series == series).with_context(|| format!("no kernel {series} in the matrix"))?;
+            let kernel = vm::KERNELS
+                .iter()
+                .find(|k| k.series == series)
+                .with_context(|| format!("no kernel {series} in the matrix"))?;
             let outcome = vm::run_matrix_on(kernel, &e2e, &agent_binary())?;
-            eprintln!("xtask: {}: {} passed, {} failed in {:.0}s", outcome.version, outcome.passed.len(), outcome.failed.len(), outcome.took.as_secs_f64());
-            if outcome.failed.is_empty() { Ok(()) } else { bail!("failed on {}: {:?}", outcome.version, outcome.failed) }
+            eprintln!(
+                "xtask: {}: {} passed, {} failed in {:.0}s",
+                outcome.version,
+                outcome.passed.len(),
+                outcome.failed.len(),
+                outcome.took.as_secs_f64()
+            );
+            if outcome.failed.is_empty() {
+                Ok(())
+            } else {
+                bail!("failed on {}: {:?}", outcome.version, outcome.failed)
+            }
         }
     }
 }
 
 /// The end-to-end test executable, built with the shared package set.
 fn e2e_binary() -> anyhow::Result<PathBuf> {
-    let out = cargo().arg("test").args(PACKAGES).args(["--test", "e2e", "--no-run", "--message-format=json"]).stderr(std::process::Stdio::inherit()).output()?;
+    let out = cargo()
+        .arg("test")
+        .args(PACKAGES)
+        .args(["--test", "e2e", "--no-run", "--message-format=json"])
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     stdout
         .lines()
         .filter(|l| l.contains("\"name\":\"e2e\"") && l.contains("\"test\":true"))
-        .find_map(|l| l.split("\"executable\":\"").nth(1)?.split('"').next().map(PathBuf::from))
+        .find_map(|l| {
+            l.split("\"executable\":\"")
+                .nth(1)?
+                .split('"')
+                .next()
+                .map(PathBuf::from)
+        })
         .context("cargo did not report the e2e test executable")
 }
 
@@ -255,7 +370,9 @@ fn e2e_binary() -> anyhow::Result<PathBuf> {
 /// inferno as well, for a flame graph of the keep-alive scenario.
 fn bench(profile: bool) -> anyhow::Result<()> {
     if !is_root() {
-        bail!("the benchmark creates network namespaces, cgroups and BPF programs: run `cargo xtask bench` as root");
+        bail!(
+            "the benchmark creates network namespaces, cgroups and BPF programs: run `cargo xtask bench` as root"
+        );
     }
     apt_install(&["nginx-light", "util-linux"])?;
     if profile {
@@ -266,14 +383,24 @@ fn bench(profile: bool) -> anyhow::Result<()> {
     }
     let release = target_dir().join("release");
     // The counting build first, kept aside under its own name; then the one that is measured.
-    run(cargo().args(["build", "--release"]).args(PACKAGES).args(["--features", "pod-identity-agent/count-allocations"]))?;
-    std::fs::copy(release.join("pod-identity-agent"), release.join("pod-identity-agent-counting")).context("keeping the counting build")?;
+    run(cargo()
+        .args(["build", "--release"])
+        .args(PACKAGES)
+        .args(["--features", "pod-identity-agent/count-allocations"]))?;
+    std::fs::copy(
+        release.join("pod-identity-agent"),
+        release.join("pod-identity-agent-counting"),
+    )
+    .context("keeping the counting build")?;
     run(cargo().args(["build", "--release"]).args(PACKAGES))?;
     let mut bench = Command::new(release.join("bench"));
     bench
         .current_dir(workspace_root())
         .env("PIA_AGENT_BIN", release.join("pod-identity-agent"))
-        .env("PIA_AGENT_COUNTING_BIN", release.join("pod-identity-agent-counting"))
+        .env(
+            "PIA_AGENT_COUNTING_BIN",
+            release.join("pod-identity-agent-counting"),
+        )
         // Per-request debug lines would be measured too.
         .env("PIA_AGENT_LOG", "warn")
         .env("PIA_BENCH_OUT", target_dir().join("bench"));
@@ -303,7 +430,9 @@ fn fuzz(seconds: f64) -> anyhow::Result<()> {
             .arg("--")
             .arg(format!("-max_total_time={}", seconds.round() as u64))
             .current_dir(workspace_root().join("agent")))
-        .with_context(|| format!("fuzz target {target} failed: see agent/fuzz/artifacts/{target}/"))?;
+        .with_context(|| {
+            format!("fuzz target {target} failed: see agent/fuzz/artifacts/{target}/")
+        })?;
     }
     Ok(())
 }
@@ -323,9 +452,13 @@ fn soak(minutes: f64) -> anyhow::Result<()> {
 
 fn demo() -> anyhow::Result<()> {
     if !is_root() {
-        bail!("the demo creates network namespaces, cgroups and BPF programs: run `cargo xtask demo` as root");
+        bail!(
+            "the demo creates network namespaces, cgroups and BPF programs: run `cargo xtask demo` as root"
+        );
     }
     // Built by `build` with the shared package set; `cargo run` would resolve features anew.
     let demo = agent_binary().with_file_name("demo");
-    run(Command::new(&demo).current_dir(workspace_root()).env("PIA_AGENT_BIN", agent_binary()))
+    run(Command::new(&demo)
+        .current_dir(workspace_root())
+        .env("PIA_AGENT_BIN", agent_binary()))
 }

@@ -26,7 +26,12 @@ use crate::{output, run, succeeds};
 
 /// The kernels of the matrix: what EKS nodes run, as Debian builds them.
 pub const KERNELS: &[Kernel] = &[
-    Kernel { series: "5.10", distributions: "Amazon Linux 2", arch: Arch::Amd64, package: Pattern::Exact("linux-image-5.10.0-32-amd64-unsigned") },
+    Kernel {
+        series: "5.10",
+        distributions: "Amazon Linux 2",
+        arch: Arch::Amd64,
+        package: Pattern::Exact("linux-image-5.10.0-32-amd64-unsigned"),
+    },
     Kernel {
         series: "6.1",
         distributions: "Amazon Linux 2023, Bottlerocket",
@@ -108,7 +113,13 @@ pub enum Pattern {
 /// virtme-ng, pinned: the version these steps were measured with.
 const VIRTME_NG: &str = "virtme-ng==1.42";
 /// Host packages the VMs need (qemu without recommends: a backported qemu-utils conflicts).
-const VM_PACKAGES: &[&str] = &["qemu-system-x86", "kmod", "busybox-static", "udev", "python3-venv"];
+const VM_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "kmod",
+    "busybox-static",
+    "udev",
+    "python3-venv",
+];
 const SOURCES: &str = "\
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bullseye main
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bullseye-security main
@@ -158,8 +169,16 @@ pub fn setup() -> anyhow::Result<()> {
     crate::apt_install(VM_PACKAGES)?;
     let venv = vm_dir().join("venv");
     if !output(Command::new(venv.join("bin/vng")).arg("--version")).contains("1.42") {
-        run(Command::new("/usr/bin/python3").arg("-m").arg("venv").arg(&venv))?;
-        run(Command::new(venv.join("bin/pip")).args(["install", "-q", "--disable-pip-version-check", VIRTME_NG]))?;
+        run(Command::new("/usr/bin/python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv))?;
+        run(Command::new(venv.join("bin/pip")).args([
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            VIRTME_NG,
+        ]))?;
     }
     Ok(())
 }
@@ -170,7 +189,10 @@ fn apt(arch: Arch, program: &str, args: &[&str]) -> Command {
     let apt = arch.dir("apt");
     let mut cmd = Command::new(program);
     for option in [
-        format!("Dir::Etc::SourceList={}", apt.join("sources.list").display()),
+        format!(
+            "Dir::Etc::SourceList={}",
+            apt.join("sources.list").display()
+        ),
         "Dir::Etc::SourceParts=/dev/null".to_owned(),
         format!("Dir::State::Lists={}", apt.join("lists").display()),
         format!("Dir::Cache={}", apt.join("cache").display()),
@@ -206,7 +228,12 @@ pub fn fetch(kernel: &Kernel) -> anyhow::Result<(String, PathBuf)> {
             let listing = output(&mut apt(kernel.arch, "apt-cache", &["pkgnames", prefix]));
             listing
                 .lines()
-                .filter(|p| p.ends_with(suffix) && p[prefix.len()..p.len() - suffix.len()].chars().all(|c| c.is_ascii_digit() || c == '.' || c == '-'))
+                .filter(|p| {
+                    p.ends_with(suffix)
+                        && p[prefix.len()..p.len() - suffix.len()]
+                            .chars()
+                            .all(|c| c.is_ascii_digit() || c == '.' || c == '-')
+                })
                 .max_by(|a, b| compare_versions(a, b))
                 .with_context(|| format!("no {prefix}*{suffix} package in Debian's archive"))?
                 .to_owned()
@@ -220,7 +247,11 @@ pub fn fetch(kernel: &Kernel) -> anyhow::Result<(String, PathBuf)> {
     fs::create_dir_all(&unpacking)?;
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacking))?;
     // The packages ship no modules.dep; the guest's modprobe needs it.
-    run(Command::new("depmod").arg("-a").arg("-b").arg(&unpacking).arg(&version))?;
+    run(Command::new("depmod")
+        .arg("-a")
+        .arg("-b")
+        .arg(&unpacking)
+        .arg(&version))?;
     let _ = fs::remove_dir_all(&dir);
     fs::rename(&unpacking, &dir)?;
     fs::write(dir.join(".ok"), "")?;
@@ -234,8 +265,14 @@ fn apt_lists(arch: Arch) -> anyhow::Result<()> {
     fs::create_dir_all(apt_dir.join("lists/partial"))?;
     fs::create_dir_all(apt_dir.join("cache/archives/partial"))?;
     fs::write(apt_dir.join("sources.list"), SOURCES)?;
-    if !apt_dir.join("lists").read_dir()?.flatten().any(|e| e.file_name().to_string_lossy().contains("_Packages")) {
-        run(&mut apt(arch, "apt-get", &["update"])).context("updating the private apt lists (Debian's archive)")?;
+    if !apt_dir
+        .join("lists")
+        .read_dir()?
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().contains("_Packages"))
+    {
+        run(&mut apt(arch, "apt-get", &["update"]))
+            .context("updating the private apt lists (Debian's archive)")?;
     }
     Ok(())
 }
@@ -246,22 +283,40 @@ pub fn download(arch: Arch, package: &str) -> anyhow::Result<PathBuf> {
     apt_lists(arch)?;
     let debs = arch.dir("debs");
     fs::create_dir_all(&debs)?;
-    let find = || fs::read_dir(&debs).ok()?.flatten().map(|e| e.path()).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_"))));
+    let find = || {
+        fs::read_dir(&debs)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
+            })
+    };
     if let Some(deb) = find() {
         return Ok(deb);
     }
-    run(apt(arch, "apt-get", &["download", package]).current_dir(&debs)).with_context(|| format!("downloading {package}"))?;
+    run(apt(arch, "apt-get", &["download", package]).current_dir(&debs))
+        .with_context(|| format!("downloading {package}"))?;
     find().context("downloaded package not found")
 }
 
 /// `linux-image-6.1.0-57-amd64-unsigned` -> `6.1.0-57-amd64`.
 fn version_of(package: &str) -> String {
-    package.trim_start_matches("linux-image-").trim_end_matches("-unsigned").to_owned()
+    package
+        .trim_start_matches("linux-image-")
+        .trim_end_matches("-unsigned")
+        .to_owned()
 }
 
 /// Orders dotted and dashed version strings by their numbers.
 fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
-    let numbers = |s: &str| s.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty()).map(|p| p.parse::<u64>().unwrap_or(0)).collect::<Vec<_>>();
+    let numbers = |s: &str| {
+        s.split(|c: char| !c.is_ascii_digit())
+            .filter(|p| !p.is_empty())
+            .map(|p| p.parse::<u64>().unwrap_or(0))
+            .collect::<Vec<_>>()
+    };
     numbers(a).cmp(&numbers(b))
 }
 
@@ -273,7 +328,10 @@ pub fn run_matrix_on(kernel: &Kernel, e2e: &Path, agent: &Path) -> anyhow::Resul
     let results = out_dir.join(format!("{}.txt", kernel.series));
     let _ = fs::remove_file(&results);
     // The host's Python (boto3 and the rest of the test clients are installed there) and tools.
-    let python = output(Command::new("python3").args(["-c", "import sys, os; print(os.path.dirname(sys.executable))"]));
+    let python = output(Command::new("python3").args([
+        "-c",
+        "import sys, os; print(os.path.dirname(sys.executable))",
+    ]));
     let script = vm_dir().join(format!("guest-{}.sh", kernel.series));
     let names: Vec<String> = TESTS.iter().map(|t| format!("'{t}'")).collect();
     fs::write(
@@ -301,10 +359,17 @@ pub fn run_matrix_on(kernel: &Kernel, e2e: &Path, agent: &Path) -> anyhow::Resul
         ),
     )?;
     let kernel_image = dir.join("boot").join(format!("vmlinuz-{version}"));
-    eprintln!("xtask: booting {version} under QEMU (TCG) for {} tests", TESTS.len());
+    eprintln!(
+        "xtask: booting {version} under QEMU (TCG) for {} tests",
+        TESTS.len()
+    );
     let started = Instant::now();
     let venv_bin = vm_dir().join("venv/bin");
-    let path = format!("{}:{}", venv_bin.display(), std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}:{}",
+        venv_bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let status = Command::new("timeout")
         .args(["-k", "20", &VM_TIMEOUT.as_secs().to_string()])
         .arg(venv_bin.join("vng"))
@@ -313,7 +378,10 @@ pub fn run_matrix_on(kernel: &Kernel, e2e: &Path, agent: &Path) -> anyhow::Resul
         .arg("--rwdir")
         .arg(&out_dir)
         .arg("--exec")
-        .arg(format!("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf; sh {}", script.display()))
+        .arg(format!(
+            "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf; sh {}",
+            script.display()
+        ))
         .env("PATH", path)
         .stdin(Stdio::null())
         // Pipes, not files: QEMU reopens its stdout and stderr with O_TRUNC.
@@ -326,7 +394,9 @@ pub fn run_matrix_on(kernel: &Kernel, e2e: &Path, agent: &Path) -> anyhow::Resul
     let mut passed = Vec::new();
     let mut failed = Vec::new();
     for line in report.lines() {
-        let Some(rest) = line.strip_prefix("test ") else { continue };
+        let Some(rest) = line.strip_prefix("test ") else {
+            continue;
+        };
         if let Some(name) = rest.strip_suffix(" ... ok") {
             passed.push(name.to_owned());
         } else if let Some(name) = rest.strip_suffix(" ... FAILED") {
@@ -350,7 +420,13 @@ pub fn run_matrix_on(kernel: &Kernel, e2e: &Path, agent: &Path) -> anyhow::Resul
     } else if !failed.is_empty() {
         eprintln!("xtask: {version}: failures:\n{report}");
     }
-    Ok(Outcome { series: kernel.series, version, passed, failed, took })
+    Ok(Outcome {
+        series: kernel.series,
+        version,
+        passed,
+        failed,
+        took,
+    })
 }
 
 /// Runs the matrix on every kernel, one VM after the other; fails if any test failed anywhere.
@@ -363,13 +439,23 @@ pub fn run_matrix(e2e: &Path, agent: &Path) -> anyhow::Result<Vec<Outcome>> {
         outcomes.push(run_matrix_on(kernel, e2e, agent)?);
     }
     let mut table = String::from("\nkernel matrix (the same tests on each kernel, inside QEMU):\n");
-    table.push_str(&format!("  {:<6} {:<24} {:<34} {:>6} {:>6} {:>8}\n", "series", "kernel", "runs on", "passed", "failed", "time"));
+    table.push_str(&format!(
+        "  {:<6} {:<24} {:<34} {:>6} {:>6} {:>8}\n",
+        "series", "kernel", "runs on", "passed", "failed", "time"
+    ));
     for (o, k) in outcomes.iter().zip(KERNELS) {
         table.push_str(&o.row(k.distributions));
     }
     eprintln!("{table}");
     fs::write(vm_dir().join("results/matrix.txt"), &table)?;
-    let failures: Vec<String> = outcomes.iter().flat_map(|o| o.failed.iter().map(move |t| format!("{} on {}", t, o.version))).collect();
+    let failures: Vec<String> = outcomes
+        .iter()
+        .flat_map(|o| {
+            o.failed
+                .iter()
+                .map(move |t| format!("{} on {}", t, o.version))
+        })
+        .collect();
     if !failures.is_empty() {
         bail!("kernel matrix failures:\n  {}", failures.join("\n  "));
     }

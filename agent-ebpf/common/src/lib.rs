@@ -16,13 +16,18 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// The all-zero endpoint; used in [`RedirectConfig`] to mean "no target for this family".
-    pub const NONE: Endpoint = Endpoint { addr: [0; 16], port: [0; 2] };
+    pub const NONE: Endpoint = Endpoint {
+        addr: [0; 16],
+        port: [0; 2],
+    };
 
     /// `addr` and `port` in network byte order.
     #[inline(always)]
     pub const fn v4(addr: [u8; 4], port: [u8; 2]) -> Endpoint {
         Endpoint {
-            addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3]],
+            addr: [
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3],
+            ],
             port,
         }
     }
@@ -150,8 +155,9 @@ mod user {
 #[cfg(test)]
 mod tests {
     extern crate std;
-    use super::*;
     use core::mem::size_of;
+
+    use super::*;
 
     #[test]
     fn layouts_have_no_implicit_padding() {
@@ -168,9 +174,15 @@ mod tests {
         assert!(RedirectConfig::may_intercept(&ports, p80));
         assert!(!RedirectConfig::may_intercept(&ports, 443u16.to_be_bytes()));
         // A zero port is never an intercepted one when the filter is on.
-        assert!(!RedirectConfig::may_intercept(&[p80, 8080u16.to_be_bytes(), [0, 0], [0, 0]], [1, 0]));
+        assert!(!RedirectConfig::may_intercept(
+            &[p80, 8080u16.to_be_bytes(), [0, 0], [0, 0]],
+            [1, 0]
+        ));
         // No filter: the map decides.
-        assert!(RedirectConfig::may_intercept(&[[0, 0]; 4], 443u16.to_be_bytes()));
+        assert!(RedirectConfig::may_intercept(
+            &[[0, 0]; 4],
+            443u16.to_be_bytes()
+        ));
     }
 
     #[test]

@@ -49,19 +49,34 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a valid, fully initialised bpf_attr prefix for `cmd` that outlives the
     // call; the kernel reads at most size_of::<T>() bytes and writes only within them.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
 }
 
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
-    let mut attr = ObjGetAttr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0 };
+    let c =
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+    };
     let fd = bpf(BPF_OBJ_GET, &mut attr)?;
     // SAFETY: the kernel returned a new fd that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
-    let mut attr = LinkUpdateAttr { link_fd: link.as_raw_fd() as u32, new_prog_fd: prog.as_raw_fd() as u32, flags: 0, old_prog_fd: 0 };
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
     bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
 }
 
@@ -106,7 +121,12 @@ pub enum Lookup {
     Unsupported,
 }
 
-fn map_elem<K, V>(cmd: libc::c_long, map: BorrowedFd<'_>, key: &K, value: Option<&mut V>) -> io::Result<Lookup> {
+fn map_elem<K, V>(
+    cmd: libc::c_long,
+    map: BorrowedFd<'_>,
+    key: &K,
+    value: Option<&mut V>,
+) -> io::Result<Lookup> {
     let mut attr = MapElemAttr {
         map_fd: map.as_raw_fd() as u32,
         _pad: 0,
@@ -118,14 +138,25 @@ fn map_elem<K, V>(cmd: libc::c_long, map: BorrowedFd<'_>, key: &K, value: Option
         Ok(_) => Ok(Lookup::Found),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Lookup::Missing),
         // ENOTSUPP (524, kernel-internal) or EINVAL from kernels without the command.
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(524) | Some(libc::EOPNOTSUPP)) => Ok(Lookup::Unsupported),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL) | Some(524) | Some(libc::EOPNOTSUPP)
+            ) =>
+        {
+            Ok(Lookup::Unsupported)
+        }
         Err(e) => Err(e),
     }
 }
 
 /// Reads and removes `key` in one command; `value` is written when found. The key and value
 /// must be the map's `#[repr(C)]` types, with padding zeroed.
-pub fn map_lookup_and_delete<K, V>(map: BorrowedFd<'_>, key: &K, value: &mut V) -> io::Result<Lookup> {
+pub fn map_lookup_and_delete<K, V>(
+    map: BorrowedFd<'_>,
+    key: &K,
+    value: &mut V,
+) -> io::Result<Lookup> {
     map_elem(BPF_MAP_LOOKUP_AND_DELETE_ELEM, map, key, Some(value))
 }
 

@@ -25,7 +25,10 @@ pub struct AttachSite<'a> {
 /// Adds the likely cause to an error from the kernel, from the errno deepest in the chain; for an
 /// attach (`site`), EPERM is traced to missing capabilities or to the program in the way.
 pub fn explain(err: anyhow::Error, site: Option<AttachSite<'_>>) -> anyhow::Error {
-    let errno = err.chain().find_map(|e| e.downcast_ref::<io::Error>()).and_then(io::Error::raw_os_error);
+    let errno = err
+        .chain()
+        .find_map(|e| e.downcast_ref::<io::Error>())
+        .and_then(io::Error::raw_os_error);
     let hint = match errno {
         Some(libc::EPERM) | Some(libc::EACCES) => match missing_capabilities() {
             Some(missing) => format!(
@@ -63,7 +66,10 @@ const CAP_BPF: u32 = 39;
 /// The capabilities the agent needs but does not hold, by name; `None` when it holds them.
 fn missing_capabilities() -> Option<String> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let effective = status.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())?;
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())?;
     missing_from(effective)
 }
 
@@ -71,8 +77,15 @@ fn missing_from(effective: u64) -> Option<String> {
     let has = |cap: u32| effective & (1 << cap) != 0;
     // CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON; attaching to a cgroup needs
     // CAP_NET_ADMIN either way.
-    let needed: &[(u32, &str)] =
-        if has(CAP_SYS_ADMIN) { &[(CAP_NET_ADMIN, "CAP_NET_ADMIN")] } else { &[(CAP_BPF, "CAP_BPF"), (CAP_NET_ADMIN, "CAP_NET_ADMIN"), (CAP_PERFMON, "CAP_PERFMON")] };
+    let needed: &[(u32, &str)] = if has(CAP_SYS_ADMIN) {
+        &[(CAP_NET_ADMIN, "CAP_NET_ADMIN")]
+    } else {
+        &[
+            (CAP_BPF, "CAP_BPF"),
+            (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+            (CAP_PERFMON, "CAP_PERFMON"),
+        ]
+    };
     let missing: Vec<&str> = needed
         .iter()
         .copied()
@@ -96,7 +109,9 @@ fn attach_type(program: &str) -> Option<u32> {
 /// attachments fail (see [`program_in_the_way`]), so the agent fails cleanly instead of halfway.
 /// `None` when nothing is in the way, or when the cgroup cannot be asked.
 pub fn exclusive_in_the_way(cgroup: &Path) -> Option<String> {
-    [names::SOCK_OPS, names::CONNECT4, names::CONNECT6].into_iter().find_map(|program| program_in_the_way(&AttachSite { cgroup, program }))
+    [names::SOCK_OPS, names::CONNECT4, names::CONNECT6]
+        .into_iter()
+        .find_map(|program| program_in_the_way(&AttachSite { cgroup, program }))
 }
 
 /// A sentence naming the program attached without `BPF_F_ALLOW_MULTI` at the cgroup or one of
@@ -110,9 +125,17 @@ fn program_in_the_way(site: &AttachSite<'_>) -> Option<String> {
             && !ids.is_empty()
             && flags & BPF_F_ALLOW_MULTI == 0
         {
-            let how = if flags & BPF_F_ALLOW_OVERRIDE != 0 { "with BPF_F_ALLOW_OVERRIDE" } else { "exclusively (no flags)" };
+            let how = if flags & BPF_F_ALLOW_OVERRIDE != 0 {
+                "with BPF_F_ALLOW_OVERRIDE"
+            } else {
+                "exclusively (no flags)"
+            };
             let programs: Vec<String> = ids.iter().map(|id| describe_program(*id)).collect();
-            let place = if cgroup == site.cgroup { "to this cgroup".to_owned() } else { format!("to the parent cgroup {}", cgroup.display()) };
+            let place = if cgroup == site.cgroup {
+                "to this cgroup".to_owned()
+            } else {
+                format!("to the parent cgroup {}", cgroup.display())
+            };
             let kind = site.program;
             return Some(format!(
                 "{} is attached {place} {how} as a {kind} program: a legacy attachment that lets no other {kind} program attach at or below it, and the agent does not displace it; re-attach it with BPF_F_ALLOW_MULTI or as a bpf link, or run the agent with --mode link",
@@ -120,7 +143,10 @@ fn program_in_the_way(site: &AttachSite<'_>) -> Option<String> {
             ));
         }
         // Only cgroup2 directories answer the query: stop at the top of the hierarchy.
-        dir = cgroup.parent().filter(|p| p.join("cgroup.procs").exists()).map(Path::to_path_buf);
+        dir = cgroup
+            .parent()
+            .filter(|p| p.join("cgroup.procs").exists())
+            .map(Path::to_path_buf);
     }
     None
 }
@@ -146,9 +172,21 @@ mod tests {
     fn missing_capabilities_are_named() {
         let all = (1 << CAP_BPF) | (1 << CAP_NET_ADMIN) | (1 << CAP_PERFMON);
         assert_eq!(missing_from(all), None);
-        assert_eq!(missing_from((1 << CAP_SYS_ADMIN) | (1 << CAP_NET_ADMIN)), None);
-        assert_eq!(missing_from(1 << CAP_NET_ADMIN).as_deref(), Some("CAP_BPF, CAP_PERFMON"));
-        assert_eq!(missing_from(0).as_deref(), Some("CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON"));
-        assert_eq!(missing_from(1 << CAP_SYS_ADMIN).as_deref(), Some("CAP_NET_ADMIN"));
+        assert_eq!(
+            missing_from((1 << CAP_SYS_ADMIN) | (1 << CAP_NET_ADMIN)),
+            None
+        );
+        assert_eq!(
+            missing_from(1 << CAP_NET_ADMIN).as_deref(),
+            Some("CAP_BPF, CAP_PERFMON")
+        );
+        assert_eq!(
+            missing_from(0).as_deref(),
+            Some("CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON")
+        );
+        assert_eq!(
+            missing_from(1 << CAP_SYS_ADMIN).as_deref(),
+            Some("CAP_NET_ADMIN")
+        );
     }
 }

@@ -64,7 +64,12 @@ pub enum Attachment {
 }
 
 /// Maps that are pinned with `--pin`, so records survive a handover between agents.
-const PINNED_MAPS: [&str; 4] = [names::INTERCEPTED, names::PENDING, names::CONNECTIONS, names::REDIRECT_COUNTS];
+const PINNED_MAPS: [&str; 4] = [
+    names::INTERCEPTED,
+    names::PENDING,
+    names::CONNECTIONS,
+    names::REDIRECT_COUNTS,
+];
 
 /// Connects redirected by the kernel since the programs were attached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -93,7 +98,10 @@ pub fn endpoint(addr: SocketAddr) -> Endpoint {
         IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
             // Keep one canonical form: IPv4 peers on a dual-stack socket look like IPv4 peers.
             Some(v4) => Endpoint::v4(v4.octets(), port),
-            None => Endpoint { addr: ip.octets(), port },
+            None => Endpoint {
+                addr: ip.octets(),
+                port,
+            },
         },
     }
 }
@@ -117,7 +125,10 @@ impl Redirector {
     pub fn attach(spec: &RedirectSpec) -> anyhow::Result<Redirector> {
         // Fail before attaching anything, rather than halfway (sock_ops in, connect4 refused).
         if let Some(in_the_way) = diagnose::exclusive_in_the_way(&spec.cgroup_root) {
-            anyhow::bail!("{}: {in_the_way}", attach_context("the programs", &spec.cgroup_root));
+            anyhow::bail!(
+                "{}: {in_the_way}",
+                attach_context("the programs", &spec.cgroup_root)
+            );
         }
         let config = RedirectConfig {
             target_v4: spec.target_v4.map_or(Endpoint::NONE, endpoint),
@@ -131,40 +142,76 @@ impl Redirector {
         let map_paths: Vec<(&str, PathBuf)> = match &spec.pin {
             Some(dir) => {
                 check_bpffs(dir)?;
-                fs::create_dir_all(dir.join("maps")).and_then(|()| fs::create_dir_all(dir.join("links"))).with_context(|| format!("creating {}", dir.display()))?;
-                PINNED_MAPS.iter().map(|name| (*name, dir.join("maps").join(name))).collect()
+                fs::create_dir_all(dir.join("maps"))
+                    .and_then(|()| fs::create_dir_all(dir.join("links")))
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                PINNED_MAPS
+                    .iter()
+                    .map(|name| (*name, dir.join("maps").join(name)))
+                    .collect()
             }
             None => Vec::new(),
         };
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path);
         }
-        let mut ebpf = loader.load(OBJECT).map_err(|e| explain(anyhow::Error::new(e).context("loading the kernel object"), None))?;
+        let mut ebpf = loader.load(OBJECT).map_err(|e| {
+            explain(
+                anyhow::Error::new(e).context("loading the kernel object"),
+                None,
+            )
+        })?;
         // The log reader must exist before the programs load (they reference its ring buffer).
-        let logger = aya_log::EbpfLogger::init(&mut ebpf).context("starting the kernel log reader")?;
+        let logger =
+            aya_log::EbpfLogger::init(&mut ebpf).context("starting the kernel log reader")?;
         let logger = tokio::spawn(forward_kernel_logs(logger));
 
-        let mut intercepted: BpfHashMap<_, Endpoint, u8> =
-            BpfHashMap::try_from(ebpf.map_mut(names::INTERCEPTED).context("INTERCEPTED map missing")?)?;
+        let mut intercepted: BpfHashMap<_, Endpoint, u8> = BpfHashMap::try_from(
+            ebpf.map_mut(names::INTERCEPTED)
+                .context("INTERCEPTED map missing")?,
+        )?;
         for addr in &spec.intercept {
-            intercepted.insert(endpoint(*addr), 1, 0).context("filling the intercept map")?;
+            intercepted
+                .insert(endpoint(*addr), 1, 0)
+                .context("filling the intercept map")?;
         }
 
         let cgroup = open_cgroup(&spec.cgroup_root)?;
-        let attachment = load_and_attach(&mut ebpf, Some((&cgroup, &spec.cgroup_root)), spec.pin.as_deref())?.unwrap_or(Attachment::Owned);
+        let attachment = load_and_attach(
+            &mut ebpf,
+            Some((&cgroup, &spec.cgroup_root)),
+            spec.pin.as_deref(),
+        )?
+        .unwrap_or(Attachment::Owned);
 
-        let connections = match ebpf.take_map(names::CONNECTIONS).context("CONNECTIONS map missing")? {
+        let connections = match ebpf
+            .take_map(names::CONNECTIONS)
+            .context("CONNECTIONS map missing")?
+        {
             Map::LruHashMap(data) | Map::HashMap(data) => data,
             other => anyhow::bail!("CONNECTIONS is a {other:?}, not a hash map"),
         };
-        let counts = PerCpuArray::try_from(ebpf.take_map(names::REDIRECT_COUNTS).context("REDIRECT_COUNTS map missing")?)?;
-        Ok(Redirector { _ebpf: ebpf, attachment, connections, lookup_and_delete: AtomicBool::new(true), counts, _logger: logger })
+        let counts = PerCpuArray::try_from(
+            ebpf.take_map(names::REDIRECT_COUNTS)
+                .context("REDIRECT_COUNTS map missing")?,
+        )?;
+        Ok(Redirector {
+            _ebpf: ebpf,
+            attachment,
+            connections,
+            lookup_and_delete: AtomicBool::new(true),
+            counts,
+            _logger: logger,
+        })
     }
 
     /// The attribution of an accepted connection, removed from the kernel map: each record is
     /// read exactly once. `None` when the connection did not come through the redirect.
     pub fn take(&self, peer: SocketAddr, local: SocketAddr) -> Option<Attribution> {
-        let key = ConnectionKey { client: endpoint(peer), server: endpoint(local) };
+        let key = ConnectionKey {
+            client: endpoint(peer),
+            server: endpoint(local),
+        };
         let map = self.connections.fd().as_fd();
         // SAFETY: Attribution is plain #[repr(C)] integers and bytes: all zeroes is a value.
         let mut found: Attribution = unsafe { std::mem::zeroed() };
@@ -173,7 +220,9 @@ impl Redirector {
                 Ok(bpf_sys::Lookup::Found) => return Some(found),
                 Ok(bpf_sys::Lookup::Missing) | Err(_) => return None,
                 Ok(bpf_sys::Lookup::Unsupported) => {
-                    tracing::info!("this kernel has no lookup-and-delete for hash maps (Linux < 5.14): two map commands per accepted connection");
+                    tracing::info!(
+                        "this kernel has no lookup-and-delete for hash maps (Linux < 5.14): two map commands per accepted connection"
+                    );
                     self.lookup_and_delete.store(false, Ordering::Relaxed);
                 }
             }
@@ -188,23 +237,45 @@ impl Redirector {
     }
 
     pub fn counts(&self) -> RedirectCounts {
-        let sum = |i: u32| self.counts.get(&i, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0);
-        RedirectCounts { v4: sum(REDIRECTED_V4), v6: sum(REDIRECTED_V6) }
+        let sum = |i: u32| {
+            self.counts
+                .get(&i, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        RedirectCounts {
+            v4: sum(REDIRECTED_V4),
+            v6: sum(REDIRECTED_V6),
+        }
     }
 }
 
 /// Loads the programs and, given a cgroup, attaches them there (sock_ops first: once connect4/6
 /// redirect, every redirected connection gets its record). Returns how they were attached.
-fn load_and_attach(ebpf: &mut Ebpf, cgroup: Option<(&File, &Path)>, pin: Option<&Path>) -> anyhow::Result<Option<Attachment>> {
+fn load_and_attach(
+    ebpf: &mut Ebpf,
+    cgroup: Option<(&File, &Path)>,
+    pin: Option<&Path>,
+) -> anyhow::Result<Option<Attachment>> {
     let sock_ops: &mut SockOps = program(ebpf, names::SOCK_OPS)?;
-    sock_ops.load().map_err(|e| explain(anyhow::Error::new(e).context("loading the sock_ops program"), None))?;
+    sock_ops.load().map_err(|e| {
+        explain(
+            anyhow::Error::new(e).context("loading the sock_ops program"),
+            None,
+        )
+    })?;
     let mut attachment = match cgroup {
         Some((file, path)) => Some(install(sock_ops, names::SOCK_OPS, file, path, pin)?),
         None => None,
     };
     for name in [names::CONNECT4, names::CONNECT6] {
         let prog: &mut CgroupSockAddr = program(ebpf, name)?;
-        prog.load().map_err(|e| explain(anyhow::Error::new(e).context(format!("loading the {name} program")), None))?;
+        prog.load().map_err(|e| {
+            explain(
+                anyhow::Error::new(e).context(format!("loading the {name} program")),
+                None,
+            )
+        })?;
         if let Some((file, path)) = cgroup {
             attachment = Some(install(prog, name, file, path, pin)?);
         }
@@ -213,13 +284,23 @@ fn load_and_attach(ebpf: &mut Ebpf, cgroup: Option<(&File, &Path)>, pin: Option<
 }
 
 fn open_cgroup(path: &Path) -> anyhow::Result<File> {
-    File::open(path).map_err(|e| anyhow::anyhow!("cannot open cgroup root {}: {e} (it must be a directory in the cgroup2 hierarchy)", path.display()))
+    File::open(path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open cgroup root {}: {e} (it must be a directory in the cgroup2 hierarchy)",
+            path.display()
+        )
+    })
 }
 
 /// Proves the kernel accepts the programs: loads them and, given a cgroup, attaches them there,
 /// then detaches everything. Nothing is redirected meanwhile (no address is intercepted).
 pub fn dry_run(cgroup: Option<&Path>) -> anyhow::Result<()> {
-    let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| explain(anyhow::Error::new(e).context("loading the kernel object"), None))?;
+    let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| {
+        explain(
+            anyhow::Error::new(e).context("loading the kernel object"),
+            None,
+        )
+    })?;
     // The programs reference the log ring buffer: its reader must exist while they load.
     let _logger = aya_log::EbpfLogger::init(&mut ebpf).context("starting the kernel log reader")?;
     let file = cgroup.map(open_cgroup).transpose()?;
@@ -230,7 +311,10 @@ pub fn dry_run(cgroup: Option<&Path>) -> anyhow::Result<()> {
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the cgroup.
 pub fn raise_memlock_limit() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: setrlimit with a valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         tracing::debug!(error = %io::Error::last_os_error(), "cannot raise RLIMIT_MEMLOCK (fine on Linux >= 5.11)");
@@ -241,7 +325,9 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut T>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let prog = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the kernel object"))?;
+    let prog = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the kernel object"))?;
     Ok(prog.try_into()?)
 }
 
@@ -277,48 +363,88 @@ macro_rules! cgroup_program {
     };
 }
 
-cgroup_program!(CgroupSockAddr, aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId, aya::programs::cgroup_sock_addr::CgroupSockAddrLink);
-cgroup_program!(SockOps, aya::programs::sock_ops::SockOpsLinkId, aya::programs::sock_ops::SockOpsLink);
+cgroup_program!(
+    CgroupSockAddr,
+    aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId,
+    aya::programs::cgroup_sock_addr::CgroupSockAddrLink
+);
+cgroup_program!(
+    SockOps,
+    aya::programs::sock_ops::SockOpsLinkId,
+    aya::programs::sock_ops::SockOpsLink
+);
 
 /// Attaches `prog`: owned by the program without a pin directory; otherwise into the pinned link
 /// of a previous agent (swapping programs in place) or as a new pinned link.
-fn install<P>(prog: &mut P, name: &str, cgroup: &File, root: &Path, pin: Option<&Path>) -> anyhow::Result<Attachment>
+fn install<P>(
+    prog: &mut P,
+    name: &str,
+    cgroup: &File,
+    root: &Path,
+    pin: Option<&Path>,
+) -> anyhow::Result<Attachment>
 where
     P: CgroupProgram,
     FdLink: TryFrom<P::Link>,
     <FdLink as TryFrom<P::Link>>::Error: std::error::Error + Send + Sync + 'static,
 {
-    let attach_err = |e: ProgramError| explain(anyhow::Error::new(e).context(attach_context(name, root)), Some(AttachSite { cgroup: root, program: name }));
+    let attach_err = |e: ProgramError| {
+        explain(
+            anyhow::Error::new(e).context(attach_context(name, root)),
+            Some(AttachSite {
+                cgroup: root,
+                program: name,
+            }),
+        )
+    };
     let Some(dir) = pin else {
         prog.attach_to(cgroup).map_err(attach_err)?;
         return Ok(Attachment::Owned);
     };
     let path = dir.join("links").join(name);
     if path.exists() {
-        let link = bpf_sys::obj_get(&path).with_context(|| format!("opening pinned link {}", path.display()))?;
+        let link = bpf_sys::obj_get(&path)
+            .with_context(|| format!("opening pinned link {}", path.display()))?;
         let prog_fd = prog.program_fd()?;
-        bpf_sys::link_update(link.as_fd(), prog_fd.as_fd())
-            .map_err(|e| explain(anyhow::Error::new(e).context(format!("swapping {name} into pinned link {}", path.display())), None))?;
+        bpf_sys::link_update(link.as_fd(), prog_fd.as_fd()).map_err(|e| {
+            explain(
+                anyhow::Error::new(e).context(format!(
+                    "swapping {name} into pinned link {}",
+                    path.display()
+                )),
+                None,
+            )
+        })?;
         return Ok(Attachment::TakenOver);
     }
     let id = prog.attach_to(cgroup).map_err(attach_err)?;
-    let link = FdLink::try_from(prog.take(id)?).map_err(|e| anyhow::anyhow!("{name}: link is not a bpf link ({e}); pinning needs Linux >= 5.7"))?;
-    link.pin(&path).map_err(|e| anyhow::anyhow!("pinning {name} at {}: {e}", path.display()))?;
+    let link = FdLink::try_from(prog.take(id)?).map_err(|e| {
+        anyhow::anyhow!("{name}: link is not a bpf link ({e}); pinning needs Linux >= 5.7")
+    })?;
+    link.pin(&path)
+        .map_err(|e| anyhow::anyhow!("pinning {name} at {}: {e}", path.display()))?;
     Ok(Attachment::Pinned)
 }
 
 /// Fails unless `dir` is on a bpffs (pins elsewhere are refused by the kernel with a vague error).
 fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let probe = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let probe = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
     let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()).context("pin path")?;
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: statfs writes into `st`, a properly sized struct.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error()).with_context(|| format!("statfs {}", probe.display()));
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", probe.display()));
     }
     if st.f_type as i64 != BPF_FS_MAGIC {
-        anyhow::bail!("--pin {}: not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)", dir.display());
+        anyhow::bail!(
+            "--pin {}: not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)",
+            dir.display()
+        );
     }
     Ok(())
 }
@@ -328,9 +454,12 @@ fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
 pub fn cleanup(dir: &Path) -> anyhow::Result<usize> {
     let mut removed = 0;
     for sub in ["links", "maps"] {
-        let Ok(entries) = fs::read_dir(dir.join(sub)) else { continue };
+        let Ok(entries) = fs::read_dir(dir.join(sub)) else {
+            continue;
+        };
         for entry in entries.flatten() {
-            fs::remove_file(entry.path()).with_context(|| format!("unpinning {}", entry.path().display()))?;
+            fs::remove_file(entry.path())
+                .with_context(|| format!("unpinning {}", entry.path().display()))?;
             removed += 1;
         }
         let _ = fs::remove_dir(dir.join(sub));
@@ -342,11 +471,15 @@ pub fn cleanup(dir: &Path) -> anyhow::Result<usize> {
 async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     // SAFETY: the logger owns its ring buffer's fd and keeps it open, unchanged, until the
     // AsyncFd (which owns the logger) is dropped.
-    let Ok(mut fd) = (unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }) else {
+    let Ok(mut fd) =
+        (unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) })
+    else {
         return;
     };
     loop {
-        let Ok(mut guard) = fd.readable_mut().await else { return };
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
         guard.get_inner_mut().flush();
         guard.clear_ready();
     }
@@ -358,9 +491,18 @@ mod tests {
 
     #[test]
     fn the_port_filter_lists_each_port_once_or_stands_aside() {
-        let a: Vec<SocketAddr> = ["169.254.170.23:80", "[fd00:ec2::23]:80"].iter().map(|s| s.parse().unwrap()).collect();
+        let a: Vec<SocketAddr> = ["169.254.170.23:80", "[fd00:ec2::23]:80"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
         assert_eq!(port_filter(&a), [[0, 80], [0, 0], [0, 0], [0, 0]]);
-        let many: Vec<SocketAddr> = (1..=5).map(|p| SocketAddr::from(([169, 254, 170, 23], p))).collect();
-        assert_eq!(port_filter(&many), [[0, 0]; 4], "more ports than slots: no filter, the map decides");
+        let many: Vec<SocketAddr> = (1..=5)
+            .map(|p| SocketAddr::from(([169, 254, 170, 23], p)))
+            .collect();
+        assert_eq!(
+            port_filter(&many),
+            [[0, 0]; 4],
+            "more ports than slots: no filter, the map decides"
+        );
     }
 }

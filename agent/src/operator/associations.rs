@@ -76,9 +76,14 @@ fn parse_tag(s: &str) -> Result<(String, String), String> {
 impl AssociationsArgs {
     /// The listing flags mean nothing to `create` and `delete`: say so rather than ignore them.
     pub fn check(&self) -> anyhow::Result<()> {
-        let listing = self.namespace.is_some() || self.service_account.is_some() || self.json || self.pods.is_some();
+        let listing = self.namespace.is_some()
+            || self.service_account.is_some()
+            || self.json
+            || self.pods.is_some();
         if self.action.is_some() && listing {
-            bail!("--namespace, --service-account, --json and --pods are for listing; give create's own flags after `create`");
+            bail!(
+                "--namespace, --service-account, --json and --pods are for listing; give create's own flags after `create`"
+            );
         }
         Ok(())
     }
@@ -86,7 +91,9 @@ impl AssociationsArgs {
 
 pub fn run(args: AssociationsArgs) -> anyhow::Result<ExitCode> {
     args.check()?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let eks = Eks::connect(&args.cluster, APP_NAME).await?;
         match &args.action {
@@ -106,24 +113,37 @@ async fn create_one(eks: &Eks, args: &CreateArgs) -> anyhow::Result<()> {
         target_role_arn: args.target_role_arn.clone(),
         tags: args.tags.iter().cloned().collect(),
     };
-    let created = eks
-        .create(&new)
-        .await
-        .with_context(|| format!("creating the association for {}/{} in cluster {}", args.namespace, args.service_account, eks.cluster))?;
+    let created = eks.create(&new).await.with_context(|| {
+        format!(
+            "creating the association for {}/{} in cluster {}",
+            args.namespace, args.service_account, eks.cluster
+        )
+    })?;
     // The ID alone on standard output, for scripts; the sentence for people on standard error.
     eprintln!(
         "created association {} in cluster {}: pods of {}/{} get {}",
-        created.association_id, eks.cluster, created.namespace, created.service_account, created.role_arn
+        created.association_id,
+        eks.cluster,
+        created.namespace,
+        created.service_account,
+        created.role_arn
     );
     println!("{}", created.association_id);
     Ok(())
 }
 
 async fn delete_one(eks: &Eks, id: &str) -> anyhow::Result<()> {
-    let deleted = eks.delete(id).await.with_context(|| format!("deleting association {id} in cluster {}", eks.cluster))?;
+    let deleted = eks
+        .delete(id)
+        .await
+        .with_context(|| format!("deleting association {id} in cluster {}", eks.cluster))?;
     println!(
         "deleted association {} in cluster {} ({}/{} -> {})",
-        deleted.association_id, eks.cluster, deleted.namespace, deleted.service_account, deleted.role_arn
+        deleted.association_id,
+        eks.cluster,
+        deleted.namespace,
+        deleted.service_account,
+        deleted.role_arn
     );
     Ok(())
 }
@@ -133,7 +153,12 @@ async fn list(eks: &Eks, args: &AssociationsArgs) -> anyhow::Result<()> {
     let associations = eks
         .associations(args.namespace.as_deref(), args.service_account.as_deref())
         .await
-        .with_context(|| format!("listing the pod identity associations of cluster {}", eks.cluster))?;
+        .with_context(|| {
+            format!(
+                "listing the pod identity associations of cluster {}",
+                eks.cluster
+            )
+        })?;
     match (pods, args.json) {
         (None, true) => println!("{}", serde_json::to_string_pretty(&associations)?),
         (None, false) => print!("{}", render_associations(&eks.cluster, &associations)),
@@ -152,12 +177,15 @@ async fn list(eks: &Eks, args: &AssociationsArgs) -> anyhow::Result<()> {
 fn read_pods(source: &str) -> anyhow::Result<Vec<PodStats>> {
     let mut text = String::new();
     if source == "-" {
-        std::io::stdin().read_to_string(&mut text).context("reading the pods JSON from standard input")?;
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading the pods JSON from standard input")?;
     } else {
         text = std::fs::read_to_string(source).with_context(|| format!("reading {source}"))?;
     }
-    let pods: Vec<PodStats> = serde_json::from_str(&text)
-        .with_context(|| format!("{source} is not the output of `pod-identity-agent pods --json`"))?;
+    let pods: Vec<PodStats> = serde_json::from_str(&text).with_context(|| {
+        format!("{source} is not the output of `pod-identity-agent pods --json`")
+    })?;
     if pods.is_empty() && text.trim() != "[]" {
         bail!("{source}: no pods");
     }
@@ -177,11 +205,27 @@ fn render_associations(cluster: &str, associations: &[Association]) -> String {
                 a.service_account.clone(),
                 a.role_arn.clone(),
                 or_dash(a.target_role_arn.as_deref().unwrap_or_default()),
-                or_dash(&a.tags.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")),
+                or_dash(
+                    &a.tags
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
             ]
         })
         .collect();
-    table(["ASSOCIATION", "NAMESPACE", "SERVICE-ACCOUNT", "ROLE-ARN", "TARGET-ROLE-ARN", "TAGS"], &rows)
+    table(
+        [
+            "ASSOCIATION",
+            "NAMESPACE",
+            "SERVICE-ACCOUNT",
+            "ROLE-ARN",
+            "TARGET-ROLE-ARN",
+            "TAGS",
+        ],
+        &rows,
+    )
 }
 
 /// How one pod of the node stands with the cluster's associations.
@@ -248,19 +292,37 @@ pub struct Joined {
 
 const NOT_FOUND: &str = "ResourceNotFoundException";
 
-pub fn join(pods: &[PodStats], associations: &[Association], cluster: &str, region: Option<&str>) -> Joined {
+pub fn join(
+    pods: &[PodStats],
+    associations: &[Association],
+    cluster: &str,
+    region: Option<&str>,
+) -> Joined {
     let mut by_account: BTreeMap<(&str, &str), Vec<&Association>> = BTreeMap::new();
     for a in associations {
-        by_account.entry((a.namespace.as_str(), a.service_account.as_str())).or_default().push(a);
+        by_account
+            .entry((a.namespace.as_str(), a.service_account.as_str()))
+            .or_default()
+            .push(a);
     }
     // Roles in the account the cluster's associations already use, for the fix's placeholder.
-    let account = associations.iter().find_map(|a| crate::upstream::account_from_arn(&a.role_arn)).unwrap_or("ACCOUNT_ID");
+    let account = associations
+        .iter()
+        .find_map(|a| crate::upstream::account_from_arn(&a.role_arn))
+        .unwrap_or("ACCOUNT_ID");
     let mut rows = Vec::new();
     let mut fixes: BTreeMap<(String, String), Fix> = BTreeMap::new();
     for p in pods {
-        let matching = by_account.get(&(p.namespace.as_str(), p.service_account.as_str())).cloned().unwrap_or_default();
+        let matching = by_account
+            .get(&(p.namespace.as_str(), p.service_account.as_str()))
+            .cloned()
+            .unwrap_or_default();
         let last_code = p.last_error.as_ref().map(|e| e.code.as_str());
-        let served_by = (!p.association_id.is_empty()).then(|| associations.iter().find(|a| a.association_id == p.association_id));
+        let served_by = (!p.association_id.is_empty()).then(|| {
+            associations
+                .iter()
+                .find(|a| a.association_id == p.association_id)
+        });
         let (state, association, detail) = match (served_by, last_code) {
             (_, Some(NOT_FOUND)) if matching.is_empty() => {
                 fixes.entry((p.namespace.clone(), p.service_account.clone())).or_insert_with(|| Fix {
@@ -293,19 +355,36 @@ pub fn join(pods: &[PodStats], associations: &[Association], cluster: &str, regi
         };
         rows.push(PodJoin {
             namespace: p.namespace.clone(),
-            pod: if p.pod.is_empty() { format!("uid:{}", p.pod_uid) } else { p.pod.clone() },
+            pod: if p.pod.is_empty() {
+                format!("uid:{}", p.pod_uid)
+            } else {
+                p.pod.clone()
+            },
             service_account: p.service_account.clone(),
             state,
-            association_id: association.map(|a| a.association_id.clone()).or_else(|| (state == JoinState::AssociationGone).then(|| p.association_id.clone())),
-            role_arn: association.map(|a| a.role_arn.clone()).or_else(|| (!p.role_arn.is_empty()).then(|| p.role_arn.clone())),
+            association_id: association.map(|a| a.association_id.clone()).or_else(|| {
+                (state == JoinState::AssociationGone).then(|| p.association_id.clone())
+            }),
+            role_arn: association
+                .map(|a| a.role_arn.clone())
+                .or_else(|| (!p.role_arn.is_empty()).then(|| p.role_arn.clone())),
             detail,
         });
     }
     rows.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)));
-    Joined { pods: rows, fixes: fixes.into_values().collect() }
+    Joined {
+        pods: rows,
+        fixes: fixes.into_values().collect(),
+    }
 }
 
-fn fix_command(cluster: &str, region: Option<&str>, namespace: &str, service_account: &str, account: &str) -> String {
+fn fix_command(
+    cluster: &str,
+    region: Option<&str>,
+    namespace: &str,
+    service_account: &str,
+    account: &str,
+) -> String {
     let region = region.map(|r| format!(" --region {r}")).unwrap_or_default();
     format!(
         "aws eks create-pod-identity-association --cluster-name {cluster}{region} --namespace {namespace} --service-account {service_account} --role-arn arn:aws:iam::{account}:role/ROLE_NAME"
@@ -327,7 +406,17 @@ fn render_join(joined: &Joined) -> String {
             ]
         })
         .collect();
-    let mut out = table(["NAMESPACE", "POD", "SERVICE-ACCOUNT", "STATE", "ASSOCIATION", "ROLE-ARN"], &rows);
+    let mut out = table(
+        [
+            "NAMESPACE",
+            "POD",
+            "SERVICE-ACCOUNT",
+            "STATE",
+            "ASSOCIATION",
+            "ROLE-ARN",
+        ],
+        &rows,
+    );
     if rows.is_empty() {
         out.push_str("(the node has no pods that asked for credentials)\n");
     }
@@ -362,14 +451,21 @@ mod tests {
             pod: name.into(),
             service_account: sa.into(),
             association_id: association.into(),
-            last_error: last.map(|code| LastError { status: 404, code: code.into(), age_seconds: 1.0 }),
+            last_error: last.map(|code| LastError {
+                status: 404,
+                code: code.into(),
+                age_seconds: 1.0,
+            }),
             ..Default::default()
         }
     }
 
     #[test]
     fn join_names_each_pods_state_and_one_fix_per_service_account() {
-        let associations = [assoc("a-1", "payments", "api"), assoc("a-3", "batch", "late")];
+        let associations = [
+            assoc("a-1", "payments", "api"),
+            assoc("a-3", "batch", "late"),
+        ];
         let pods = [
             pod("payments", "api-0", "api", "a-1", None),
             pod("search", "idx-0", "indexer", "", Some(NOT_FOUND)),
@@ -385,18 +481,29 @@ mod tests {
         assert_eq!(state("old-0"), JoinState::AssociationGone);
         assert_eq!(state("job-0"), JoinState::AssociationNew);
         assert_eq!(state("bad-0"), JoinState::Failing);
-        assert_eq!(j.fixes.len(), 1, "one fix per service account: {:?}", j.fixes);
+        assert_eq!(
+            j.fixes.len(),
+            1,
+            "one fix per service account: {:?}",
+            j.fixes
+        );
         assert_eq!(
             j.fixes[0].command,
             "aws eks create-pod-identity-association --cluster-name prod --region eu-west-1 --namespace search --service-account indexer --role-arn arn:aws:iam::123456789012:role/ROLE_NAME"
         );
         let text = render_join(&j);
-        assert!(text.contains("no association for service account search/indexer"), "{text}");
+        assert!(
+            text.contains("no association for service account search/indexer"),
+            "{text}"
+        );
     }
 
     #[test]
     fn tags_parse_as_key_value() {
-        assert_eq!(parse_tag("team=payments"), Ok(("team".into(), "payments".into())));
+        assert_eq!(
+            parse_tag("team=payments"),
+            Ok(("team".into(), "payments".into()))
+        );
         assert_eq!(parse_tag("k="), Ok(("k".into(), String::new())));
         assert!(parse_tag("novalue").is_err());
         assert!(parse_tag("=v").is_err());

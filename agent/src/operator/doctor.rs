@@ -81,15 +81,30 @@ pub struct Check {
 
 impl Check {
     fn ok(name: &'static str, detail: impl Into<String>) -> Check {
-        Check { name, status: Status::Ok, detail: detail.into(), fix: None }
+        Check {
+            name,
+            status: Status::Ok,
+            detail: detail.into(),
+            fix: None,
+        }
     }
 
     fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
-        Check { name, status: Status::Warn, detail: detail.into(), fix: Some(fix.into()) }
+        Check {
+            name,
+            status: Status::Warn,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
     }
 
     fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
-        Check { name, status: Status::Fail, detail: detail.into(), fix: Some(fix.into()) }
+        Check {
+            name,
+            status: Status::Fail,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
     }
 
     fn print(&self) {
@@ -107,7 +122,9 @@ impl Check {
 }
 
 pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let failed = runtime.block_on(async move {
         let mut failed = false;
         let mut report = |check: Check| {
@@ -117,13 +134,20 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
         check_all(&args, &mut report).await;
         failed
     });
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Runs every check in order, handing each verdict to `report` as soon as it is known.
 pub async fn check_all(args: &DoctorArgs, report: &mut dyn FnMut(Check)) {
     let agent = running_agent(args.probe_addr);
-    let cgroup_root = args.cgroup_root.clone().or_else(|| agent.as_ref().ok().and_then(|a| a.cgroup_root.clone()));
+    let cgroup_root = args
+        .cgroup_root
+        .clone()
+        .or_else(|| agent.as_ref().ok().and_then(|a| a.cgroup_root.clone()));
     let mount = attribution::cgroup2_mount(cgroup_root.as_deref()).ok();
     let cgroup_root = cgroup_root.or_else(|| mount.clone());
 
@@ -131,7 +155,13 @@ pub async fn check_all(args: &DoctorArgs, report: &mut dyn FnMut(Check)) {
     report(check_kernel(cgroup_root.as_deref()).await);
     let agent = match agent {
         Ok(agent) => {
-            report(Check::ok("agent", format!("{}: ready, {} mode, credentials from {}, version {}", args.probe_addr, agent.mode, agent.credential_source, agent.version)));
+            report(Check::ok(
+                "agent",
+                format!(
+                    "{}: ready, {} mode, credentials from {}, version {}",
+                    args.probe_addr, agent.mode, agent.credential_source, agent.version
+                ),
+            ));
             report(check_listeners(&agent));
             report(check_redirect(&agent, mount.as_deref()));
             report(check_metrics(&agent));
@@ -143,33 +173,71 @@ pub async fn check_all(args: &DoctorArgs, report: &mut dyn FnMut(Check)) {
         }
     };
 
-    let cluster = args.cluster_name.clone().or_else(|| agent.as_ref().map(|a| a.cluster_name.clone())).filter(|c| !c.is_empty());
-    let region = args.region.clone().or_else(|| agent.as_ref().and_then(|a| a.region.clone()));
+    let cluster = args
+        .cluster_name
+        .clone()
+        .or_else(|| agent.as_ref().map(|a| a.cluster_name.clone()))
+        .filter(|c| !c.is_empty());
+    let region = args
+        .region
+        .clone()
+        .or_else(|| agent.as_ref().and_then(|a| a.region.clone()));
     let fips = args.fips || agent.as_ref().is_some_and(|a| a.fips);
-    let endpoint = args.eks_auth_endpoint.clone().or_else(|| agent.as_ref().and_then(|a| a.eks_auth_endpoint.clone()));
+    let endpoint = args
+        .eks_auth_endpoint
+        .clone()
+        .or_else(|| agent.as_ref().and_then(|a| a.eks_auth_endpoint.clone()));
     let credentials_found = check_node_credentials(region.as_deref(), report).await;
     if agent.as_ref().is_some_and(|a| a.credential_source == "sts") {
         // Off EKS: no EKS Auth, no cluster or add-on to ask EKS about; the node's STS identity
         // is what every association role must trust.
-        report(if credentials_found { check_sts(region).await } else { Check::fail("STS", "not tried: no node credentials to sign with", "fix the node credentials first") });
+        report(if credentials_found {
+            check_sts(region).await
+        } else {
+            Check::fail(
+                "STS",
+                "not tried: no node credentials to sign with",
+                "fix the node credentials first",
+            )
+        });
         return;
     }
     let Some(cluster) = cluster else {
-        report(Check::fail("EKS Auth", "no cluster name to ask about", "pass --cluster-name or set CLUSTER_NAME"));
+        report(Check::fail(
+            "EKS Auth",
+            "no cluster name to ask about",
+            "pass --cluster-name or set CLUSTER_NAME",
+        ));
         return;
     };
     if credentials_found {
         report(check_eks_auth(&cluster, region.clone(), endpoint, fips).await);
     } else {
-        report(Check::fail("EKS Auth", "not tried: no node credentials to sign with", "fix the node credentials first"));
+        report(Check::fail(
+            "EKS Auth",
+            "not tried: no node credentials to sign with",
+            "fix the node credentials first",
+        ));
     }
-    let eks = Eks::connect(&ClusterArgs { cluster_name: Some(cluster), region, eks_endpoint: args.eks_endpoint.clone() }, "pod-identity-agent-doctor").await;
+    let eks = Eks::connect(
+        &ClusterArgs {
+            cluster_name: Some(cluster),
+            region,
+            eks_endpoint: args.eks_endpoint.clone(),
+        },
+        "pod-identity-agent-doctor",
+    )
+    .await;
     match eks {
         Ok(eks) => {
             report(check_cluster(&eks).await);
             report(check_addon(&eks).await);
         }
-        Err(e) => report(Check::warn("cluster", format!("cannot build an EKS client: {e:#}"), "set a region (--region or AWS_REGION)")),
+        Err(e) => report(Check::warn(
+            "cluster",
+            format!("cannot build an EKS client: {e:#}"),
+            "set a region (--region or AWS_REGION)",
+        )),
     }
 }
 
@@ -190,23 +258,47 @@ fn running_agent(probe: SocketAddr) -> Result<AgentInfo, Check> {
     match super::http_get(probe, "/readyz") {
         Ok((200, _)) => {}
         other => {
-            return Err(Check::fail(NAME, format!("{probe}: alive but {}", describe(&other)), "read the agent's log: it says why it is not ready"));
+            return Err(Check::fail(
+                NAME,
+                format!("{probe}: alive but {}", describe(&other)),
+                "read the agent's log: it says why it is not ready",
+            ));
         }
     }
     let info = super::http_get(probe, "/v1/agent").and_then(|(status, body)| {
-        anyhow::ensure!(status == 200, "/v1/agent answered {status}: {}", body.trim());
+        anyhow::ensure!(
+            status == 200,
+            "/v1/agent answered {status}: {}",
+            body.trim()
+        );
         Ok(serde_json::from_str::<AgentInfo>(&body)?)
     });
-    info.map_err(|e| Check::fail(NAME, format!("{probe}: cannot read /v1/agent: {e:#}"), "run a doctor of the same version as the agent"))
+    info.map_err(|e| {
+        Check::fail(
+            NAME,
+            format!("{probe}: cannot read /v1/agent: {e:#}"),
+            "run a doctor of the same version as the agent",
+        )
+    })
 }
 
 fn check_cgroup_root(root: Option<&Path>) -> Check {
     const NAME: &str = "cgroup root";
     let Some(root) = root else {
-        return Check::fail(NAME, "no cgroup2 filesystem is mounted", "the agent needs cgroup v2: boot the node with the unified hierarchy");
+        return Check::fail(
+            NAME,
+            "no cgroup2 filesystem is mounted",
+            "the agent needs cgroup v2: boot the node with the unified hierarchy",
+        );
     };
     match attribution::CgroupIndex::build(root, root).map(|index| (index.len(), index.pods())) {
-        Ok((cgroups, pods)) => Check::ok(NAME, format!("{} is readable: {cgroups} cgroups, {pods} pods", root.display())),
+        Ok((cgroups, pods)) => Check::ok(
+            NAME,
+            format!(
+                "{} is readable: {cgroups} cgroups, {pods} pods",
+                root.display()
+            ),
+        ),
         Err(e) => Check::fail(
             NAME,
             format!("cannot read {}: {e}", root.display()),
@@ -221,7 +313,9 @@ async fn check_kernel(root: Option<&Path>) -> Check {
     const NAME: &str = "kernel programs";
     kernel::raise_memlock_limit();
     let scratch = root.map(|r| r.join(format!("pod-identity-doctor-{}", std::process::id())));
-    let created = scratch.as_ref().map(|dir| fs::create_dir(dir).map(|()| dir.clone()));
+    let created = scratch
+        .as_ref()
+        .map(|dir| fs::create_dir(dir).map(|()| dir.clone()));
     let result = match &created {
         Some(Ok(dir)) => kernel::dry_run(Some(dir)),
         _ => kernel::dry_run(None),
@@ -230,7 +324,13 @@ async fn check_kernel(root: Option<&Path>) -> Check {
         let _ = fs::remove_dir(dir);
     }
     match (result, created) {
-        (Ok(()), Some(Ok(dir))) => Check::ok(NAME, format!("connect4, connect6 and sock_ops load and attach (dry run on {}, detached)", dir.display())),
+        (Ok(()), Some(Ok(dir))) => Check::ok(
+            NAME,
+            format!(
+                "connect4, connect6 and sock_ops load and attach (dry run on {}, detached)",
+                dir.display()
+            ),
+        ),
         (Ok(()), other) => {
             let why = match other {
                 Some(Err(e)) => format!("cannot create a scratch cgroup: {e}"),
@@ -238,13 +338,17 @@ async fn check_kernel(root: Option<&Path>) -> Check {
             };
             Check::warn(
                 NAME,
-                format!("connect4, connect6 and sock_ops load (the verifier accepts them); attaching not tried: {why}"),
+                format!(
+                    "connect4, connect6 and sock_ops load (the verifier accepts them); attaching not tried: {why}"
+                ),
                 "run the doctor on the node as root to try attaching too",
             )
         }
-        (Err(e), _) => {
-            Check::fail(NAME, format!("{e:#}"), "run the agent with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN on Linux >= 5.7 with cgroup v2, or use --mode link")
-        }
+        (Err(e), _) => Check::fail(
+            NAME,
+            format!("{e:#}"),
+            "run the agent with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN on Linux >= 5.7 with cgroup v2, or use --mode link",
+        ),
     }
 }
 
@@ -259,14 +363,21 @@ fn check_listeners(agent: &AgentInfo) -> Check {
             other => {
                 return Check::fail(
                     NAME,
-                    format!("the credential listener {addr} did not answer as the agent does ({})", describe(&other)),
+                    format!(
+                        "the credential listener {addr} did not answer as the agent does ({})",
+                        describe(&other)
+                    ),
                     "check that nothing else holds the port and that NODE_IP is the node's address",
                 );
             }
         }
     }
     if answered.is_empty() {
-        return Check::fail(NAME, "the agent reports no credential listener", "read the agent's log");
+        return Check::fail(
+            NAME,
+            "the agent reports no credential listener",
+            "read the agent's log",
+        );
     }
     Check::ok(NAME, format!("{} answer", answered.join(", ")))
 }
@@ -275,17 +386,28 @@ fn check_listeners(agent: &AgentInfo) -> Check {
 /// process is the agent's own cgroup (kubectl exec), whose connects are never redirected.
 fn check_redirect(agent: &AgentInfo, mount: Option<&Path>) -> Check {
     const NAME: &str = "redirect";
-    let Some(target) = agent.intercept.iter().find(|a| a.is_ipv4()).or(agent.intercept.first()).copied() else {
+    let Some(target) = agent
+        .intercept
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(agent.intercept.first())
+        .copied()
+    else {
         return Check::warn(NAME, "the agent intercepts no address", "check --intercept");
     };
     if agent.mode != "ebpf" {
         return Check::warn(
             NAME,
-            format!("{} mode: connects are not redirected, the addresses are served on a local interface", agent.mode),
+            format!(
+                "{} mode: connects are not redirected, the addresses are served on a local interface",
+                agent.mode
+            ),
             "eBPF mode attributes callers to pods; see the agent's log for why it fell back",
         );
     }
-    let own = mount.and_then(|m| attribution::own_cgroup(m).ok()).map(|(_, id)| id);
+    let own = mount
+        .and_then(|m| attribution::own_cgroup(m).ok())
+        .map(|(_, id)| id);
     if own.is_some() && own == agent.cgroup_id {
         return Check::warn(
             NAME,
@@ -293,19 +415,34 @@ fn check_redirect(agent: &AgentInfo, mount: Option<&Path>) -> Check {
             "run the doctor on the node (or in any other pod) to test the redirect",
         );
     }
-    let host = if target.port() == 80 { target.ip().to_string() } else { target.to_string() };
+    let host = if target.port() == 80 {
+        target.ip().to_string()
+    } else {
+        target.to_string()
+    };
     match raw_get(target, &host, "/v1/credentials") {
         // A host process gets "belongs to no pod", a pod without a token "empty token": either
         // way the agent answered a connect to the credential address.
-        Ok((status, body)) if status == 400 || status == 403 => {
-            Check::ok(NAME, format!("a connect to {target} reached the agent ({status}: {})", first_sentence(&body)))
-        }
+        Ok((status, body)) if status == 400 || status == 403 => Check::ok(
+            NAME,
+            format!(
+                "a connect to {target} reached the agent ({status}: {})",
+                first_sentence(&body)
+            ),
+        ),
         other => Check::fail(
             NAME,
-            format!("a connect to {target} did not reach the agent ({})", describe(&other)),
+            format!(
+                "a connect to {target} did not reach the agent ({})",
+                describe(&other)
+            ),
             format!(
                 "check that the programs are attached to a cgroup above this process: bpftool cgroup tree {}",
-                agent.cgroup_root.as_deref().unwrap_or(Path::new("/sys/fs/cgroup")).display()
+                agent
+                    .cgroup_root
+                    .as_deref()
+                    .unwrap_or(Path::new("/sys/fs/cgroup"))
+                    .display()
             ),
         ),
     }
@@ -315,22 +452,46 @@ fn check_metrics(agent: &AgentInfo) -> Check {
     const NAME: &str = "metrics";
     let mut addr = agent.metrics_addr;
     if addr.ip().is_unspecified() {
-        addr.set_ip(if addr.is_ipv4() { std::net::Ipv4Addr::LOCALHOST.into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
     }
     match super::http_get(addr, "/metrics") {
-        Ok((200, body)) if body.contains("pod_identity_agent_build_info") => {
-            Check::ok(NAME, format!("{addr}/metrics answers ({} series)", body.lines().filter(|l| !l.starts_with('#')).count()))
-        }
-        other => Check::fail(NAME, format!("{addr}/metrics did not answer with the agent's metrics ({})", describe(&other)), "check --metrics-addr"),
+        Ok((200, body)) if body.contains("pod_identity_agent_build_info") => Check::ok(
+            NAME,
+            format!(
+                "{addr}/metrics answers ({} series)",
+                body.lines().filter(|l| !l.starts_with('#')).count()
+            ),
+        ),
+        other => Check::fail(
+            NAME,
+            format!(
+                "{addr}/metrics did not answer with the agent's metrics ({})",
+                describe(&other)
+            ),
+            "check --metrics-addr",
+        ),
     }
 }
 
 /// The node's own credentials, as the default chain finds them. Returns whether it found any.
 async fn check_node_credentials(region: Option<&str>, report: &mut dyn FnMut(Check)) -> bool {
-    let config = match aws::sdk_config(&aws::AwsOptions { region: region.map(str::to_owned), ..Default::default() }).await {
+    let config = match aws::sdk_config(&aws::AwsOptions {
+        region: region.map(str::to_owned),
+        ..Default::default()
+    })
+    .await
+    {
         Ok(c) => c,
         Err(e) => {
-            report(Check::fail("node credentials", format!("{e:#}"), "check the AWS configuration of the node"));
+            report(Check::fail(
+                "node credentials",
+                format!("{e:#}"),
+                "check the AWS configuration of the node",
+            ));
             return false;
         }
     };
@@ -344,19 +505,32 @@ async fn check_node_credentials(region: Option<&str>, report: &mut dyn FnMut(Che
     }
     const NAME: &str = "node credentials";
     let Some(provider) = config.credentials_provider() else {
-        report(Check::fail(NAME, "no credential provider is configured", "give the node an instance role, or set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"));
+        report(Check::fail(
+            NAME,
+            "no credential provider is configured",
+            "give the node an instance role, or set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY",
+        ));
         return false;
     };
     match aws_credential_types::provider::ProvideCredentials::provide_credentials(&provider).await {
         Ok(creds) => {
             let key = creds.access_key_id();
             let tail = &key[key.len().saturating_sub(4)..];
-            let expiry = match creds.expiry().and_then(|t| t.duration_since(SystemTime::now()).ok()) {
+            let expiry = match creds
+                .expiry()
+                .and_then(|t| t.duration_since(SystemTime::now()).ok())
+            {
                 Some(left) => format!("expire in {}", human(left)),
                 None if creds.expiry().is_some() => "expired".to_owned(),
                 None => "do not expire".to_owned(),
             };
-            report(Check::ok(NAME, format!("found through {}: access key ****{tail}, {expiry}", aws::credential_source(&creds))));
+            report(Check::ok(
+                NAME,
+                format!(
+                    "found through {}: access key ****{tail}, {expiry}",
+                    aws::credential_source(&creds)
+                ),
+            ));
             true
         }
         Err(e) => {
@@ -374,10 +548,21 @@ async fn check_node_credentials(region: Option<&str>, report: &mut dyn FnMut(Che
 /// names is the principal association roles must trust.
 async fn check_sts(region: Option<String>) -> Check {
     const NAME: &str = "STS";
-    let options = aws::AwsOptions { region, app_name: Some("pod-identity-agent-doctor".into()), sdk_retries: true, ..Default::default() };
+    let options = aws::AwsOptions {
+        region,
+        app_name: Some("pod-identity-agent-doctor".into()),
+        sdk_retries: true,
+        ..Default::default()
+    };
     let config = match aws::sdk_config(&options).await {
         Ok(c) => c,
-        Err(e) => return Check::fail(NAME, format!("{e:#}"), "check the AWS configuration of the node"),
+        Err(e) => {
+            return Check::fail(
+                NAME,
+                format!("{e:#}"),
+                "check the AWS configuration of the node",
+            );
+        }
     };
     let client = aws_sdk_sts::Client::new(&config);
     match client.get_caller_identity().send().await {
@@ -388,24 +573,49 @@ async fn check_sts(region: Option<String>) -> Check {
                 id.arn().unwrap_or("an unnamed identity")
             ),
         ),
-        Err(e) => {
-            Check::fail(NAME, aws::api_error(e).to_string(), "check the node credentials, the region, and that STS is reachable (AWS_ENDPOINT_URL_STS, the proxy)")
-        }
+        Err(e) => Check::fail(
+            NAME,
+            aws::api_error(e).to_string(),
+            "check the node credentials, the region, and that STS is reachable (AWS_ENDPOINT_URL_STS, the proxy)",
+        ),
     }
 }
 
-async fn check_eks_auth(cluster: &str, region: Option<String>, endpoint: Option<String>, fips: bool) -> Check {
+async fn check_eks_auth(
+    cluster: &str,
+    region: Option<String>,
+    endpoint: Option<String>,
+    fips: bool,
+) -> Check {
     const NAME: &str = "EKS Auth";
-    let client = match EksAuth::new(EksAuthOptions { cluster_name: cluster.to_owned(), region, endpoint, fips, node_name: Some("doctor".into()) }).await {
+    let client = match EksAuth::new(EksAuthOptions {
+        cluster_name: cluster.to_owned(),
+        region,
+        endpoint,
+        fips,
+        node_name: Some("doctor".into()),
+    })
+    .await
+    {
         Ok(c) => c,
         Err(e) => {
-            return Check::fail(NAME, format!("{e:#}"), "check the AWS configuration of the node");
+            return Check::fail(
+                NAME,
+                format!("{e:#}"),
+                "check the AWS configuration of the node",
+            );
         }
     };
     let result = client.assume_role(PROBE_TOKEN).await;
-    let at = client.last_endpoint().unwrap_or_else(|| "its endpoint".into());
+    let at = client
+        .last_endpoint()
+        .unwrap_or_else(|| "its endpoint".into());
     match result {
-        Ok(_) => Check::fail(NAME, format!("{at} accepted a deliberately invalid token"), "this is not EKS Auth: check --eks-auth-endpoint"),
+        Ok(_) => Check::fail(
+            NAME,
+            format!("{at} accepted a deliberately invalid token"),
+            "this is not EKS Auth: check --eks-auth-endpoint",
+        ),
         Err(e) if e.code == "InvalidTokenException" => Check::ok(
             NAME,
             format!(
@@ -424,29 +634,56 @@ async fn check_eks_auth(cluster: &str, region: Option<String>, endpoint: Option<
             format!("{at} rejected the node's credentials: {}", e.message),
             "the node credentials are invalid or expired: check the instance role or the credentials source",
         ),
-        Err(e) if e.code == "NodeCredentialsUnavailable" => {
-            Check::fail(NAME, format!("not tried: {}", e.message), "give the node an instance role, or credentials (see the node credentials check)")
-        }
-        Err(e) if e.code == "NodeRegionUnavailable" => Check::fail(NAME, format!("not tried: {}", e.message), "set AWS_REGION or --region"),
-        Err(e) if e.code == "ResourceNotFoundException" => {
-            Check::fail(NAME, format!("{at} does not know cluster {cluster}: {e}"), "check CLUSTER_NAME and the region")
-        }
+        Err(e) if e.code == "NodeCredentialsUnavailable" => Check::fail(
+            NAME,
+            format!("not tried: {}", e.message),
+            "give the node an instance role, or credentials (see the node credentials check)",
+        ),
+        Err(e) if e.code == "NodeRegionUnavailable" => Check::fail(
+            NAME,
+            format!("not tried: {}", e.message),
+            "set AWS_REGION or --region",
+        ),
+        Err(e) if e.code == "ResourceNotFoundException" => Check::fail(
+            NAME,
+            format!("{at} does not know cluster {cluster}: {e}"),
+            "check CLUSTER_NAME and the region",
+        ),
         Err(e) if e.status == 502 || e.status == 504 => Check::fail(
             NAME,
             format!("cannot reach {at}: {}", e.message),
             "check DNS, the proxy (HTTPS_PROXY, NO_PROXY), the CA bundle, and that the node may reach eks-auth (security groups, VPC endpoint)",
         ),
-        Err(e) => Check::fail(NAME, format!("{at} answered {}: {e}", e.status), "read the message; it is EKS Auth's own"),
+        Err(e) => Check::fail(
+            NAME,
+            format!("{at} answered {}: {e}", e.status),
+            "read the message; it is EKS Auth's own",
+        ),
     }
 }
 
 async fn check_cluster(eks: &Eks) -> Check {
     const NAME: &str = "cluster";
     match eks.cluster().await {
-        Ok(c) if c.status == "ACTIVE" => Check::ok(NAME, format!("{} is ACTIVE (Kubernetes {})", eks.cluster, c.version)),
-        Ok(c) => Check::fail(NAME, format!("{} is {}", eks.cluster, c.status), "wait for the cluster to become ACTIVE, or check CLUSTER_NAME"),
+        Ok(c) if c.status == "ACTIVE" => Check::ok(
+            NAME,
+            format!("{} is ACTIVE (Kubernetes {})", eks.cluster, c.version),
+        ),
+        Ok(c) => Check::fail(
+            NAME,
+            format!("{} is {}", eks.cluster, c.status),
+            "wait for the cluster to become ACTIVE, or check CLUSTER_NAME",
+        ),
         Err(e) => not_checked(NAME, &eks.cluster, e, "eks:DescribeCluster", || {
-            Check::fail(NAME, format!("no cluster {} in {}", eks.cluster, eks.region.as_deref().unwrap_or("this region")), "check CLUSTER_NAME and the region")
+            Check::fail(
+                NAME,
+                format!(
+                    "no cluster {} in {}",
+                    eks.cluster,
+                    eks.region.as_deref().unwrap_or("this region")
+                ),
+                "check CLUSTER_NAME and the region",
+            )
         }),
     }
 }
@@ -454,26 +691,54 @@ async fn check_cluster(eks: &Eks) -> Check {
 async fn check_addon(eks: &Eks) -> Check {
     const NAME: &str = "stock add-on";
     match eks.addon(STOCK_ADDON).await {
-        Ok(None) => Check::ok(NAME, format!("the {STOCK_ADDON} add-on is not installed in {}", eks.cluster)),
+        Ok(None) => Check::ok(
+            NAME,
+            format!(
+                "the {STOCK_ADDON} add-on is not installed in {}",
+                eks.cluster
+            ),
+        ),
         Ok(Some(addon)) => Check::fail(
             NAME,
-            format!("the {STOCK_ADDON} add-on is installed ({}, {}): it serves the same addresses as this agent", addon.status, addon.version),
-            format!("remove it: aws eks delete-addon --cluster-name {} --addon-name {STOCK_ADDON}", eks.cluster),
+            format!(
+                "the {STOCK_ADDON} add-on is installed ({}, {}): it serves the same addresses as this agent",
+                addon.status, addon.version
+            ),
+            format!(
+                "remove it: aws eks delete-addon --cluster-name {} --addon-name {STOCK_ADDON}",
+                eks.cluster
+            ),
         ),
         Err(e) => not_checked(NAME, &eks.cluster, e, "eks:DescribeAddon", || {
-            Check::fail(NAME, format!("no cluster {}", eks.cluster), "check CLUSTER_NAME and the region")
+            Check::fail(
+                NAME,
+                format!("no cluster {}", eks.cluster),
+                "check CLUSTER_NAME and the region",
+            )
         }),
     }
 }
 
 /// A control-plane check the node may not be allowed to make: a warning, not a failure.
-fn not_checked(name: &'static str, cluster: &str, e: aws::ApiError, action: &str, not_found: impl FnOnce() -> Check) -> Check {
+fn not_checked(
+    name: &'static str,
+    cluster: &str,
+    e: aws::ApiError,
+    action: &str,
+    not_found: impl FnOnce() -> Check,
+) -> Check {
     match (e.kind, e.code.as_str()) {
-        (ApiErrorKind::Service, "AccessDeniedException") => {
-            Check::warn(name, format!("not checked: the caller may not call {action} on {cluster}"), format!("grant {action} to check this (optional)"))
-        }
+        (ApiErrorKind::Service, "AccessDeniedException") => Check::warn(
+            name,
+            format!("not checked: the caller may not call {action} on {cluster}"),
+            format!("grant {action} to check this (optional)"),
+        ),
         (ApiErrorKind::Service, "ResourceNotFoundException") => not_found(),
-        _ => Check::warn(name, format!("not checked: {e}"), "check the node's access to the EKS API (optional)"),
+        _ => Check::warn(
+            name,
+            format!("not checked: {e}"),
+            "check the node's access to the EKS API (optional)",
+        ),
     }
 }
 
@@ -481,11 +746,21 @@ fn not_checked(name: &'static str, cluster: &str, e: aws::ApiError, action: &str
 fn raw_get(addr: SocketAddr, host: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = String::new();
     stream.read_to_string(&mut raw)?;
-    let status = raw.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| anyhow::anyhow!("not an HTTP answer"))?;
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("not an HTTP answer"))?;
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -498,7 +773,11 @@ fn describe(result: &anyhow::Result<(u16, String)>) -> String {
 
 fn first_sentence(body: &str) -> String {
     let line = body.lines().next().unwrap_or("").trim();
-    if line.len() > 120 { format!("{}...", &line[..line.floor_char_boundary(120)]) } else { line.to_owned() }
+    if line.len() > 120 {
+        format!("{}...", &line[..line.floor_char_boundary(120)])
+    } else {
+        line.to_owned()
+    }
 }
 
 fn human(d: Duration) -> String {

@@ -24,7 +24,10 @@ pub struct ClusterArgs {
 
 impl ClusterArgs {
     pub fn name(&self) -> anyhow::Result<&str> {
-        self.cluster_name.as_deref().filter(|n| !n.trim().is_empty()).ok_or_else(|| anyhow::anyhow!("no cluster: pass --cluster-name or set CLUSTER_NAME"))
+        self.cluster_name
+            .as_deref()
+            .filter(|n| !n.trim().is_empty())
+            .ok_or_else(|| anyhow::anyhow!("no cluster: pass --cluster-name or set CLUSTER_NAME"))
     }
 }
 
@@ -95,12 +98,20 @@ impl Eks {
         })
         .await?;
         let region = config.region().map(ToString::to_string);
-        Ok(Eks { client: aws_sdk_eks::Client::new(&config), cluster: args.name()?.to_owned(), region })
+        Ok(Eks {
+            client: aws_sdk_eks::Client::new(&config),
+            cluster: args.name()?.to_owned(),
+            region,
+        })
     }
 
     /// Every association of the cluster (all pages), optionally only one namespace's or one
     /// service account's, each described in full.
-    pub async fn associations(&self, namespace: Option<&str>, service_account: Option<&str>) -> Result<Vec<Association>, ApiError> {
+    pub async fn associations(
+        &self,
+        namespace: Option<&str>,
+        service_account: Option<&str>,
+    ) -> Result<Vec<Association>, ApiError> {
         let mut ids = Vec::new();
         let mut next_token = None;
         loop {
@@ -115,8 +126,15 @@ impl Eks {
                 .send()
                 .await
                 .map_err(api_error)?;
-            ids.extend(page.associations().iter().filter_map(|a| a.association_id().map(str::to_owned)));
-            next_token = page.next_token().filter(|t| !t.is_empty()).map(str::to_owned);
+            ids.extend(
+                page.associations()
+                    .iter()
+                    .filter_map(|a| a.association_id().map(str::to_owned)),
+            );
+            next_token = page
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned);
             if next_token.is_none() {
                 break;
             }
@@ -135,7 +153,13 @@ impl Eks {
         while let Some(done) = running.join_next().await {
             out.push(done.expect("describe task panicked")?);
         }
-        out.sort_by(|a, b| (&a.namespace, &a.service_account, &a.association_id).cmp(&(&b.namespace, &b.service_account, &b.association_id)));
+        out.sort_by(|a, b| {
+            (&a.namespace, &a.service_account, &a.association_id).cmp(&(
+                &b.namespace,
+                &b.service_account,
+                &b.association_id,
+            ))
+        });
         Ok(out)
     }
 
@@ -180,20 +204,45 @@ impl Eks {
     }
 
     pub async fn cluster(&self) -> Result<Cluster, ApiError> {
-        let out = self.client.describe_cluster().name(&self.cluster).send().await.map_err(api_error)?;
+        let out = self
+            .client
+            .describe_cluster()
+            .name(&self.cluster)
+            .send()
+            .await
+            .map_err(api_error)?;
         let c = out.cluster();
         Ok(Cluster {
-            status: c.and_then(|c| c.status()).map(|s| s.as_str().to_owned()).unwrap_or_else(|| "UNKNOWN".into()),
+            status: c
+                .and_then(|c| c.status())
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_else(|| "UNKNOWN".into()),
             version: c.and_then(|c| c.version()).unwrap_or_default().to_owned(),
         })
     }
 
     /// The add-on, or `None` when the cluster does not have it.
     pub async fn addon(&self, name: &str) -> Result<Option<Addon>, ApiError> {
-        match self.client.describe_addon().cluster_name(&self.cluster).addon_name(name).send().await.map_err(api_error) {
+        match self
+            .client
+            .describe_addon()
+            .cluster_name(&self.cluster)
+            .addon_name(name)
+            .send()
+            .await
+            .map_err(api_error)
+        {
             Ok(out) => Ok(Some(Addon {
-                status: out.addon().and_then(|a| a.status()).map(|s| s.as_str().to_owned()).unwrap_or_else(|| "UNKNOWN".into()),
-                version: out.addon().and_then(|a| a.addon_version()).unwrap_or_default().to_owned(),
+                status: out
+                    .addon()
+                    .and_then(|a| a.status())
+                    .map(|s| s.as_str().to_owned())
+                    .unwrap_or_else(|| "UNKNOWN".into()),
+                version: out
+                    .addon()
+                    .and_then(|a| a.addon_version())
+                    .unwrap_or_default()
+                    .to_owned(),
             })),
             Err(e) if e.code == "ResourceNotFoundException" => Ok(None),
             Err(e) => Err(e),
@@ -203,17 +252,25 @@ impl Eks {
 
 fn association(a: &aws_sdk_eks::types::PodIdentityAssociation) -> Association {
     let text = |v: Option<&str>| v.unwrap_or_default().to_owned();
-    let time = |t: Option<&aws_smithy_types::DateTime>| t.and_then(|t| t.fmt(aws_smithy_types::date_time::Format::DateTime).ok());
+    let time = |t: Option<&aws_smithy_types::DateTime>| {
+        t.and_then(|t| t.fmt(aws_smithy_types::date_time::Format::DateTime).ok())
+    };
     Association {
         association_id: text(a.association_id()),
         association_arn: text(a.association_arn()),
         namespace: text(a.namespace()),
         service_account: text(a.service_account()),
         role_arn: text(a.role_arn()),
-        target_role_arn: a.target_role_arn().filter(|s| !s.is_empty()).map(str::to_owned),
+        target_role_arn: a
+            .target_role_arn()
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned),
         external_id: a.external_id().filter(|s| !s.is_empty()).map(str::to_owned),
         disable_session_tags: a.disable_session_tags().unwrap_or(false),
-        tags: a.tags().map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default(),
+        tags: a
+            .tags()
+            .map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default(),
         created_at: time(a.created_at()),
         modified_at: time(a.modified_at()),
         owner_arn: a.owner_arn().filter(|s| !s.is_empty()).map(str::to_owned),

@@ -18,21 +18,38 @@ use anyhow::Context as _;
 
 /// A plain HTTP/1.1 GET to a running agent's probe or metrics address: (status, body).
 pub(crate) fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).with_context(|| format!("cannot connect to {addr}"))?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .with_context(|| format!("cannot connect to {addr}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).with_context(|| format!("reading the answer of {addr}"))?;
+    stream
+        .read_to_end(&mut raw)
+        .with_context(|| format!("reading the answer of {addr}"))?;
     let raw = String::from_utf8_lossy(&raw);
-    let (head, body) = raw.split_once("\r\n\r\n").with_context(|| format!("malformed HTTP response from {addr}"))?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("malformed HTTP response from {addr}"))?;
     let status = head
         .lines()
         .next()
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("malformed HTTP status line from {addr}"))?;
-    let chunked = head.lines().any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
-    Ok((status, if chunked { dechunk(body) } else { body.to_owned() }))
+    let chunked = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
+    Ok((
+        status,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        },
+    ))
 }
 
 /// Undoes chunked transfer encoding.
@@ -40,7 +57,9 @@ fn dechunk(body: &str) -> String {
     let mut out = String::new();
     let mut rest = body;
     while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         let Some(chunk) = after.get(..n) else { break };
         if n == 0 {
             break;
@@ -80,7 +99,11 @@ pub(crate) fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> 
 }
 
 pub(crate) fn or_dash(s: &str) -> String {
-    if s.is_empty() { "-".to_owned() } else { s.to_owned() }
+    if s.is_empty() {
+        "-".to_owned()
+    } else {
+        s.to_owned()
+    }
 }
 
 #[cfg(test)]
@@ -89,7 +112,10 @@ mod tests {
 
     #[test]
     fn dechunk_joins_chunks() {
-        assert_eq!(dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"), "hello world");
+        assert_eq!(
+            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+            "hello world"
+        );
     }
 
     #[test]

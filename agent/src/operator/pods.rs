@@ -58,8 +58,9 @@ pub fn run(args: &PodsArgs) -> anyhow::Result<()> {
 
 /// `/v1/pods` of the agent whose probe address is `addr`: the raw JSON and its rows.
 pub fn fetch(addr: SocketAddr) -> anyhow::Result<(String, Vec<PodStats>)> {
-    let (status, body) =
-        super::http_get(addr, "/v1/pods").with_context(|| format!("cannot reach the agent's probe address {addr} (is the agent running? pass --addr)"))?;
+    let (status, body) = super::http_get(addr, "/v1/pods").with_context(|| {
+        format!("cannot reach the agent's probe address {addr} (is the agent running? pass --addr)")
+    })?;
     if status != 200 {
         bail!("agent answered {status}: {}", body.trim());
     }
@@ -75,20 +76,31 @@ fn errors(p: &PodStats) -> u64 {
 fn sort(pods: &mut [PodStats], by: SortField) {
     let f = |x: Option<f64>| x.unwrap_or(f64::INFINITY);
     match by {
-        SortField::Namespace => pods.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod))),
+        SortField::Namespace => {
+            pods.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)))
+        }
         SortField::Pod => pods.sort_by(|a, b| a.pod.cmp(&b.pod)),
         SortField::Requests => pods.sort_by(|a, b| b.requests.cmp(&a.requests)),
         SortField::Errors => pods.sort_by_key(|p| std::cmp::Reverse(errors(p))),
         SortField::Upstream => pods.sort_by(|a, b| b.upstream_calls.cmp(&a.upstream_calls)),
-        SortField::Last => pods.sort_by(|a, b| f(a.last_request_age_seconds).total_cmp(&f(b.last_request_age_seconds))),
-        SortField::P99 => pods.sort_by(|a, b| b.latency_p99_ms.unwrap_or(0.0).total_cmp(&a.latency_p99_ms.unwrap_or(0.0))),
+        SortField::Last => pods.sort_by(|a, b| {
+            f(a.last_request_age_seconds).total_cmp(&f(b.last_request_age_seconds))
+        }),
+        SortField::P99 => pods.sort_by(|a, b| {
+            b.latency_p99_ms
+                .unwrap_or(0.0)
+                .total_cmp(&a.latency_p99_ms.unwrap_or(0.0))
+        }),
     }
 }
 
 /// Errors as `bad-token/refused/429/upstream-4xx/upstream-5xx`.
 fn error_cell(p: &PodStats) -> String {
     let e = &p.errors;
-    format!("{}/{}/{}/{}/{}", e.bad_token, e.refused, e.rate_limited, e.upstream_client, e.upstream_server)
+    format!(
+        "{}/{}/{}/{}/{}",
+        e.bad_token, e.refused, e.rate_limited, e.upstream_client, e.upstream_server
+    )
 }
 
 fn age(seconds: Option<f64>) -> String {
@@ -108,7 +120,12 @@ fn ms(v: Option<f64>) -> String {
 fn last_error_cell(p: &PodStats) -> String {
     match &p.last_error {
         None => "-".into(),
-        Some(e) => format!("{} ({}, {} ago)", e.code, e.status, age(Some(e.age_seconds))),
+        Some(e) => format!(
+            "{} ({}, {} ago)",
+            e.code,
+            e.status,
+            age(Some(e.age_seconds))
+        ),
     }
 }
 
@@ -118,7 +135,11 @@ pub fn render(pods: &[PodStats]) -> String {
         .map(|p| {
             [
                 or_dash(&p.namespace),
-                if p.pod.is_empty() { format!("uid:{}", p.pod_uid) } else { p.pod.clone() },
+                if p.pod.is_empty() {
+                    format!("uid:{}", p.pod_uid)
+                } else {
+                    p.pod.clone()
+                },
                 or_dash(&p.service_account),
                 p.requests.to_string(),
                 p.cache_hits.to_string(),

@@ -27,8 +27,14 @@ use serde::Deserialize;
 use super::file_stamp::FileStamp;
 
 /// Tag keys the agent sets itself on every session, as EKS Pod Identity does.
-pub const EKS_TAG_KEYS: [&str; 6] =
-    ["eks-cluster-arn", "eks-cluster-name", "kubernetes-namespace", "kubernetes-service-account", "kubernetes-pod-name", "kubernetes-pod-uid"];
+pub const EKS_TAG_KEYS: [&str; 6] = [
+    "eks-cluster-arn",
+    "eks-cluster-name",
+    "kubernetes-namespace",
+    "kubernetes-service-account",
+    "kubernetes-pod-name",
+    "kubernetes-pod-uid",
+];
 
 /// STS accepts at most 50 session tags per call.
 const MAX_SESSION_TAGS: usize = 50;
@@ -74,7 +80,12 @@ fn parse(text: &str) -> anyhow::Result<Table> {
         .context("not an associations file (a list under `associations:` of namespace, serviceAccount, roleArn, targetRoleArn, tags)")?;
     let mut table = Table::new();
     for (i, e) in file.associations.into_iter().enumerate() {
-        let at = format!("association {} ({}/{})", i + 1, e.namespace, e.service_account);
+        let at = format!(
+            "association {} ({}/{})",
+            i + 1,
+            e.namespace,
+            e.service_account
+        );
         if e.namespace.is_empty() || e.service_account.is_empty() {
             bail!("{at}: namespace and serviceAccount must not be empty");
         }
@@ -91,8 +102,16 @@ fn parse(text: &str) -> anyhow::Result<Table> {
             );
         }
         let id = format!("{}/{}", e.namespace, e.service_account);
-        let association = Association { id, role_arn: e.role_arn, target_role_arn: e.target_role_arn, tags: e.tags.into_iter().collect() };
-        if table.insert((e.namespace, e.service_account), Arc::new(association)).is_some() {
+        let association = Association {
+            id,
+            role_arn: e.role_arn,
+            target_role_arn: e.target_role_arn,
+            tags: e.tags.into_iter().collect(),
+        };
+        if table
+            .insert((e.namespace, e.service_account), Arc::new(association))
+            .is_some()
+        {
             bail!("{at}: the service account has two associations");
         }
     }
@@ -104,7 +123,10 @@ fn parse(text: &str) -> anyhow::Result<Table> {
 /// of letters, digits, spaces and `_.:/=+-@`; no `aws:` prefix; keys unique ignoring case; none
 /// of the keys the agent sets itself.
 fn check_tags(tags: &BTreeMap<String, String>) -> anyhow::Result<()> {
-    let allowed = |s: &str| s.chars().all(|c| c.is_alphanumeric() || c.is_whitespace() || "_.:/=+-@".contains(c));
+    let allowed = |s: &str| {
+        s.chars()
+            .all(|c| c.is_alphanumeric() || c.is_whitespace() || "_.:/=+-@".contains(c))
+    };
     let mut seen = std::collections::HashSet::new();
     for (k, v) in tags {
         if EKS_TAG_KEYS.iter().any(|eks| eks.eq_ignore_ascii_case(k)) {
@@ -136,8 +158,14 @@ fn check_role_arn(arn: &str) -> anyhow::Result<()> {
         && parts[3].is_empty()
         && parts[4].len() == 12
         && parts[4].bytes().all(|b| b.is_ascii_digit())
-        && parts[5].strip_prefix("role/").is_some_and(|name| !name.is_empty());
-    if ok { Ok(()) } else { bail!("{arn:?} is not an IAM role ARN (arn:aws:iam::123456789012:role/NAME)") }
+        && parts[5]
+            .strip_prefix("role/")
+            .is_some_and(|name| !name.is_empty());
+    if ok {
+        Ok(())
+    } else {
+        bail!("{arn:?} is not an IAM role ARN (arn:aws:iam::123456789012:role/NAME)")
+    }
 }
 
 /// The associations in force, re-read when the file changes.
@@ -157,15 +185,26 @@ struct State {
 impl Associations {
     /// Reads the file; at start an unreadable or invalid file is an error.
     pub fn load(path: &Path) -> anyhow::Result<Associations> {
-        let (table, stamp) = read(path).with_context(|| format!("--associations-file {}", path.display()))?;
+        let (table, stamp) =
+            read(path).with_context(|| format!("--associations-file {}", path.display()))?;
         tracing::info!(file = %path.display(), associations = table.len(), "associations loaded");
-        Ok(Associations { path: path.to_owned(), state: Mutex::new(State { table: Arc::new(table), stamp, checked: Instant::now(), unreadable: None }) })
+        Ok(Associations {
+            path: path.to_owned(),
+            state: Mutex::new(State {
+                table: Arc::new(table),
+                stamp,
+                checked: Instant::now(),
+                unreadable: None,
+            }),
+        })
     }
 
     /// The association of a service account, from the file as it is now.
     pub fn find(&self, namespace: &str, service_account: &str) -> Option<Arc<Association>> {
         let table = self.current();
-        table.get(&(namespace.to_owned(), service_account.to_owned())).cloned()
+        table
+            .get(&(namespace.to_owned(), service_account.to_owned()))
+            .cloned()
     }
 
     fn current(&self) -> Arc<Table> {
@@ -229,9 +268,16 @@ mod tests {
         let t = parse(GOOD).unwrap();
         let a = &t[&("payments".to_owned(), "api".to_owned())];
         assert_eq!(a.id, "payments/api");
-        assert_eq!(a.target_role_arn.as_deref(), Some("arn:aws:iam::444455556666:role/reader"));
+        assert_eq!(
+            a.target_role_arn.as_deref(),
+            Some("arn:aws:iam::444455556666:role/reader")
+        );
         assert_eq!(a.tags, vec![("team".to_owned(), "payments".to_owned())]);
-        assert!(t[&("web".to_owned(), "default".to_owned())].target_role_arn.is_none());
+        assert!(
+            t[&("web".to_owned(), "default".to_owned())]
+                .target_role_arn
+                .is_none()
+        );
         assert!(parse("associations: []").unwrap().is_empty());
     }
 
@@ -239,13 +285,23 @@ mod tests {
     fn mistakes_are_named() {
         let err = |text: &str| format!("{:#}", parse(text).unwrap_err());
         assert!(err("associations:\n  - namespace: a\n    serviceAccount: b\n    roleArn: arn:aws:iam::1:role/x\n").contains("not an IAM role ARN"));
-        assert!(err("associations:\n  - namespace: a\n    serviceAccount: b\n    rolearn: x\n").contains("not an associations file"));
-        let eks_tag =
-            "associations:\n  - namespace: a\n    serviceAccount: b\n    roleArn: arn:aws:iam::111122223333:role/x\n    tags: {kubernetes-namespace: other}\n";
+        assert!(
+            err("associations:\n  - namespace: a\n    serviceAccount: b\n    rolearn: x\n")
+                .contains("not an associations file")
+        );
+        let eks_tag = "associations:\n  - namespace: a\n    serviceAccount: b\n    roleArn: arn:aws:iam::111122223333:role/x\n    tags: {kubernetes-namespace: other}\n";
         assert!(err(eks_tag).contains("a key the agent sets itself"));
-        let tagged =
-            |tags: &str| format!("associations:\n  - namespace: a\n    serviceAccount: b\n    roleArn: arn:aws:iam::111122223333:role/x\n    tags: {tags}\n");
-        assert!(parse(&tagged("{team: payments, cost-center: 'a b/c=d+e@f.g:h_i'}")).is_ok());
+        let tagged = |tags: &str| {
+            format!(
+                "associations:\n  - namespace: a\n    serviceAccount: b\n    roleArn: arn:aws:iam::111122223333:role/x\n    tags: {tags}\n"
+            )
+        };
+        assert!(
+            parse(&tagged(
+                "{team: payments, cost-center: 'a b/c=d+e@f.g:h_i'}"
+            ))
+            .is_ok()
+        );
         assert!(err(&tagged("{'aws:team': x}")).contains("aws: prefix is reserved"));
         assert!(err(&tagged("{Team: x, team: y}")).contains("ignoring case"));
         assert!(err(&tagged("{team: 'a;b'}")).contains("letters, digits, spaces"));
@@ -270,11 +326,16 @@ mod tests {
             std::fs::rename(&next, &path).unwrap();
             a.state.lock().unwrap().checked -= CHECK_INTERVAL;
         };
-        swap("associations:\n  - {namespace: payments, serviceAccount: worker, roleArn: 'arn:aws:iam::111122223333:role/w'}\n");
+        swap(
+            "associations:\n  - {namespace: payments, serviceAccount: worker, roleArn: 'arn:aws:iam::111122223333:role/w'}\n",
+        );
         assert!(a.find("payments", "worker").is_some());
         assert!(a.find("payments", "api").is_none());
         swap("associations: [broken");
-        assert!(a.find("payments", "worker").is_some(), "a broken edit keeps what was in force");
+        assert!(
+            a.find("payments", "worker").is_some(),
+            "a broken edit keeps what was in force"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

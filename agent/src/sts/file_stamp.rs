@@ -13,7 +13,11 @@ pub struct FileStamp {
 impl FileStamp {
     pub fn of(path: &Path) -> std::io::Result<FileStamp> {
         let m = std::fs::metadata(path)?;
-        Ok(FileStamp { inode: m.ino(), size: m.size(), modified: (m.mtime(), m.mtime_nsec()) })
+        Ok(FileStamp {
+            inode: m.ino(),
+            size: m.size(),
+            modified: (m.mtime(), m.mtime_nsec()),
+        })
     }
 }
 
@@ -31,7 +35,11 @@ mod tests {
         assert_eq!(FileStamp::of(&path).unwrap(), first);
         std::fs::write(dir.join("g"), "three").unwrap();
         std::fs::rename(dir.join("g"), &path).unwrap();
-        assert_ne!(FileStamp::of(&path).unwrap(), first, "a swapped file is a new version");
+        assert_ne!(
+            FileStamp::of(&path).unwrap(),
+            first,
+            "a swapped file is a new version"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(FileStamp::of(&path).is_err());
     }

@@ -49,7 +49,12 @@ impl std::fmt::Display for KeySource {
             KeySource::File(path) => write!(f, "{}", path.display()),
             // Logged and told to pods: no userinfo or query, which could carry a credential.
             KeySource::Url { url, .. } => {
-                write!(f, "{}://{}", url.scheme_str().unwrap_or("https"), url.host().unwrap_or_default())?;
+                write!(
+                    f,
+                    "{}://{}",
+                    url.scheme_str().unwrap_or("https"),
+                    url.host().unwrap_or_default()
+                )?;
                 if let Some(port) = url.port_u16() {
                     write!(f, ":{port}")?;
                 }
@@ -80,9 +85,12 @@ pub fn parse_jwks(json: &[u8]) -> anyhow::Result<Vec<Jwk>> {
     struct Set {
         keys: Vec<serde_json::Value>,
     }
-    let set: Set = serde_json::from_slice(json).context("not a JWKS document (a JSON object with \"keys\")")?;
+    let set: Set = serde_json::from_slice(json)
+        .context("not a JWKS document (a JSON object with \"keys\")")?;
     let b64 = |v: &serde_json::Value, field: &str| -> Option<Vec<u8>> {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(v[field].as_str()?.trim_end_matches('=')).ok()
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(v[field].as_str()?.trim_end_matches('='))
+            .ok()
     };
     let mut keys = Vec::new();
     for k in &set.keys {
@@ -95,18 +103,25 @@ pub fn parse_jwks(json: &[u8]) -> anyhow::Result<Vec<Jwk>> {
                 _ => continue,
             },
             (Some("EC"), Some("P-256")) => match (b64(k, "x"), b64(k, "y")) {
-                (Some(x), Some(y)) if x.len() == 32 && y.len() == 32 => PublicKey::P256 { point: [&[4u8][..], &x, &y].concat() },
+                (Some(x), Some(y)) if x.len() == 32 && y.len() == 32 => PublicKey::P256 {
+                    point: [&[4u8][..], &x, &y].concat(),
+                },
                 _ => continue,
             },
             _ => continue,
         };
-        keys.push(Jwk { kid: k["kid"].as_str().map(str::to_owned), key });
+        keys.push(Jwk {
+            kid: k["kid"].as_str().map(str::to_owned),
+            key,
+        });
     }
     Ok(keys)
 }
 
-type HttpsClient =
-    hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, http_body_util::Empty<Bytes>>;
+type HttpsClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Empty<Bytes>,
+>;
 
 /// The issuer's keys, as fresh as the rules above keep them.
 pub struct KeySet {
@@ -149,7 +164,12 @@ impl KeySet {
             KeySource::File(_) => None,
             KeySource::Url { ca_file, .. } => Some(https_client(ca_file.as_deref())?),
         };
-        let set = KeySet { source, client, state: Mutex::new(State::default()), refreshing: tokio::sync::Mutex::new(()) };
+        let set = KeySet {
+            source,
+            client,
+            state: Mutex::new(State::default()),
+            refreshing: tokio::sync::Mutex::new(()),
+        };
         set.refresh().await;
         let error = set.lock().error.clone();
         match (&set.source, error) {
@@ -172,9 +192,20 @@ impl KeySet {
         let known = kid.is_none_or(|kid| state.keys.iter().any(|k| k.kid.as_deref() == Some(kid)));
         if state.keys.is_empty() {
             // None held (a URL that has not answered yet): try again, but not on every token.
-            return if state.looked.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) { Look::Needed } else { Look::None };
+            return if state
+                .looked
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(2))
+            {
+                Look::Needed
+            } else {
+                Look::None
+            };
         }
-        if !known && state.prompted.is_none_or(|t| t.elapsed() >= UNKNOWN_KID_REFETCH) {
+        if !known
+            && state
+                .prompted
+                .is_none_or(|t| t.elapsed() >= UNKNOWN_KID_REFETCH)
+        {
             state.prompted = Some(Instant::now());
             return Look::Needed;
         }
@@ -182,7 +213,11 @@ impl KeySet {
             KeySource::File(_) => FILE_CHECK,
             KeySource::Url { .. } => URL_REFRESH,
         };
-        if state.looked.is_none_or(|t| t.elapsed() >= every) { Look::Due } else { Look::None }
+        if state.looked.is_none_or(|t| t.elapsed() >= every) {
+            Look::Due
+        } else {
+            Look::None
+        }
     }
 
     /// The keys, refreshed first if due; `kid` is the key id a token names, which prompts an
@@ -206,7 +241,15 @@ impl KeySet {
         }
         let state = self.lock();
         if state.keys.is_empty() {
-            return Err(format!("no keys from {}{}", self.source, state.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()));
+            return Err(format!(
+                "no keys from {}{}",
+                self.source,
+                state
+                    .error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ));
         }
         Ok(state.keys.clone())
     }
@@ -223,9 +266,13 @@ impl KeySet {
                 let seen = self.lock().file_stamp;
                 read_file(path, seen)
             }
-            KeySource::Url { url, token_file, .. } => {
+            KeySource::Url {
+                url, token_file, ..
+            } => {
                 let client = self.client.as_ref().expect("a URL source has a client");
-                fetch(client, url, token_file.as_deref()).await.map(|keys| Some((keys, None)))
+                fetch(client, url, token_file.as_deref())
+                    .await
+                    .map(|keys| Some((keys, None)))
             }
         };
         let mut state = self.lock();
@@ -253,7 +300,10 @@ impl KeySet {
 
 /// The file's keys, with its version, if it changed since `seen`. A file without a usable key
 /// is an error (the keys held stay), as a URL answering without one is.
-fn read_file(path: &Path, seen: Option<FileStamp>) -> anyhow::Result<Option<(Vec<Jwk>, Option<FileStamp>)>> {
+fn read_file(
+    path: &Path,
+    seen: Option<FileStamp>,
+) -> anyhow::Result<Option<(Vec<Jwk>, Option<FileStamp>)>> {
     let stamp = FileStamp::of(path)?;
     if seen == Some(stamp) {
         return Ok(None);
@@ -273,46 +323,79 @@ fn https_client(ca_file: Option<&Path>) -> anyhow::Result<HttpsClient> {
     }
     if let Some(ca) = ca_file {
         let mut added = 0;
-        for cert in CertificateDer::pem_file_iter(ca).with_context(|| format!("--jwks-ca-file {}", ca.display()))? {
-            roots.add(cert.with_context(|| format!("--jwks-ca-file {}", ca.display()))?).with_context(|| format!("--jwks-ca-file {}", ca.display()))?;
+        for cert in CertificateDer::pem_file_iter(ca)
+            .with_context(|| format!("--jwks-ca-file {}", ca.display()))?
+        {
+            roots
+                .add(cert.with_context(|| format!("--jwks-ca-file {}", ca.display()))?)
+                .with_context(|| format!("--jwks-ca-file {}", ca.display()))?;
             added += 1;
         }
         if added == 0 {
             bail!("--jwks-ca-file {}: no PEM certificate in it", ca.display());
         }
     }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .context("TLS set-up")?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().build();
-    Ok(hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector))
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS set-up")?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(connector),
+    )
 }
 
-async fn fetch(client: &HttpsClient, url: &http::Uri, token_file: Option<&Path>) -> anyhow::Result<Vec<Jwk>> {
-    let mut request = http::Request::get(url.clone()).header(http::header::ACCEPT, "application/json, application/jwk-set+json");
+async fn fetch(
+    client: &HttpsClient,
+    url: &http::Uri,
+    token_file: Option<&Path>,
+) -> anyhow::Result<Vec<Jwk>> {
+    let mut request = http::Request::get(url.clone()).header(
+        http::header::ACCEPT,
+        "application/json, application/jwk-set+json",
+    );
     if let Some(file) = token_file {
-        let token = std::fs::read_to_string(file).with_context(|| format!("--jwks-token-file {}", file.display()))?;
-        let mut bearer = http::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
-            .map_err(|_| anyhow::anyhow!("--jwks-token-file {}: not a token (it has characters a header cannot carry)", file.display()))?;
+        let token = std::fs::read_to_string(file)
+            .with_context(|| format!("--jwks-token-file {}", file.display()))?;
+        let mut bearer =
+            http::HeaderValue::from_str(&format!("Bearer {}", token.trim())).map_err(|_| {
+                anyhow::anyhow!(
+                    "--jwks-token-file {}: not a token (it has characters a header cannot carry)",
+                    file.display()
+                )
+            })?;
         bearer.set_sensitive(true);
         request = request.header(http::header::AUTHORIZATION, bearer);
     }
-    let request = request.body(http_body_util::Empty::new()).context("building the request")?;
+    let request = request
+        .body(http_body_util::Empty::new())
+        .context("building the request")?;
     let response = tokio::time::timeout(FETCH_TIMEOUT, client.request(request))
         .await
         .map_err(|_| anyhow::anyhow!("no answer within {FETCH_TIMEOUT:?}"))?
         .map_err(|e| anyhow::anyhow!("{}", crate::aws::error_chain(Some(&e))))?;
     let status = response.status();
-    let body = tokio::time::timeout(FETCH_TIMEOUT, http_body_util::Limited::new(response.into_body(), MAX_JWKS_BYTES).collect())
-        .await
-        .map_err(|_| anyhow::anyhow!("no whole answer within {FETCH_TIMEOUT:?}"))?
-        .map_err(|e| anyhow::anyhow!("reading the answer: {e}"))?
-        .to_bytes();
+    let body = tokio::time::timeout(
+        FETCH_TIMEOUT,
+        http_body_util::Limited::new(response.into_body(), MAX_JWKS_BYTES).collect(),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("no whole answer within {FETCH_TIMEOUT:?}"))?
+    .map_err(|e| anyhow::anyhow!("reading the answer: {e}"))?
+    .to_bytes();
     if !status.is_success() {
         let hint = match status.as_u16() {
-            401 | 403 => " (the API server serves /openid/v1/jwks to authenticated service accounts: check --jwks-token-file)",
+            401 | 403 => {
+                " (the API server serves /openid/v1/jwks to authenticated service accounts: check --jwks-token-file)"
+            }
             _ => "",
         };
         bail!("HTTP {status}{hint}");
@@ -338,9 +421,22 @@ mod tests {
             {"kty":"oct","k":"c2VjcmV0"}
         ]}"#;
         let keys = parse_jwks(jwks).unwrap();
-        assert_eq!(keys.iter().map(|k| k.kid.as_deref().unwrap()).collect::<Vec<_>>(), ["r1", "e1"]);
-        assert_eq!(keys[0].key, PublicKey::Rsa { n: vec![1, 0, 1], e: vec![1, 0, 1] });
-        assert!(matches!(&keys[1].key, PublicKey::P256 { point } if point.len() == 65 && point[0] == 4));
+        assert_eq!(
+            keys.iter()
+                .map(|k| k.kid.as_deref().unwrap())
+                .collect::<Vec<_>>(),
+            ["r1", "e1"]
+        );
+        assert_eq!(
+            keys[0].key,
+            PublicKey::Rsa {
+                n: vec![1, 0, 1],
+                e: vec![1, 0, 1]
+            }
+        );
+        assert!(
+            matches!(&keys[1].key, PublicKey::P256 { point } if point.len() == 65 && point[0] == 4)
+        );
         assert!(parse_jwks(b"[]").is_err());
     }
 }

@@ -63,12 +63,21 @@ impl Sts {
     pub async fn new(options: StsOptions) -> anyhow::Result<Sts> {
         let associations = Associations::load(&options.associations_file)?;
         let keys = KeySet::new(options.keys).await?;
-        let aws = AwsOptions { region: options.region, fips: options.fips, app_name: Some(app_name(options.node_name.as_deref())), ..AwsOptions::default() };
+        let aws = AwsOptions {
+            region: options.region,
+            fips: options.fips,
+            app_name: Some(app_name(options.node_name.as_deref())),
+            ..AwsOptions::default()
+        };
         let client = NodeSigned::new(SERVICE, aws, build_client).await?;
         Ok(Sts {
             cluster_name: options.cluster_name,
             cluster_arn: options.cluster_arn,
-            verifier: Verifier { issuer: options.issuer, audience: options.audience, keys },
+            verifier: Verifier {
+                issuer: options.issuer,
+                audience: options.audience,
+                keys,
+            },
             associations,
             client,
         })
@@ -79,7 +88,11 @@ impl Sts {
     }
 
     /// The session tags EKS Pod Identity sets, then the association's own.
-    fn tags(&self, claims: &TokenClaims, association: &Association) -> Vec<aws_sdk_sts::types::Tag> {
+    fn tags(
+        &self,
+        claims: &TokenClaims,
+        association: &Association,
+    ) -> Vec<aws_sdk_sts::types::Tag> {
         let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(6 + association.tags.len());
         if let Some(arn) = &self.cluster_arn {
             pairs.push(("eks-cluster-arn", arn));
@@ -87,24 +100,39 @@ impl Sts {
         pairs.extend([
             ("eks-cluster-name", self.cluster_name.as_str()),
             ("kubernetes-namespace", claims.namespace.as_str()),
-            ("kubernetes-service-account", claims.service_account.as_str()),
+            (
+                "kubernetes-service-account",
+                claims.service_account.as_str(),
+            ),
             ("kubernetes-pod-name", claims.pod_name.as_str()),
             ("kubernetes-pod-uid", claims.pod_uid.as_str()),
         ]);
-        pairs.extend(association.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        pairs.extend(
+            association
+                .tags
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
         pairs.into_iter().filter_map(|(k, v)| tag(k, v)).collect()
     }
 
     /// The EKS tags' keys: marked transitive, as EKS marks them, so a role the pod chains into
     /// carries them too.
     fn transitive_keys(&self) -> Vec<String> {
-        associations::EKS_TAG_KEYS.iter().filter(|k| self.cluster_arn.is_some() || **k != "eks-cluster-arn").map(|k| (*k).to_owned()).collect()
+        associations::EKS_TAG_KEYS
+            .iter()
+            .filter(|k| self.cluster_arn.is_some() || **k != "eks-cluster-arn")
+            .map(|k| (*k).to_owned())
+            .collect()
     }
 
     /// The token's verified claims and its service account's association: EKS Auth's own checks,
     /// done locally.
     async fn admit(&self, token: &str) -> Result<(TokenClaims, Arc<Association>), UpstreamError> {
-        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let claims = self.verifier.verify(token, now).await?;
         let association = self.associations.find(&claims.namespace, &claims.service_account).ok_or_else(|| UpstreamError {
             status: 404,
@@ -120,11 +148,22 @@ impl Sts {
 }
 
 fn tag(key: &str, value: &str) -> Option<aws_sdk_sts::types::Tag> {
-    aws_sdk_sts::types::Tag::builder().key(key).value(value).build().ok()
+    aws_sdk_sts::types::Tag::builder()
+        .key(key)
+        .value(value)
+        .build()
+        .ok()
 }
 
-fn build_client(config: &aws_config::SdkConfig, endpoint: &EndpointRecorder) -> aws_sdk_sts::Client {
-    aws_sdk_sts::Client::from_conf(aws_sdk_sts::config::Builder::from(config).interceptor(endpoint.clone()).build())
+fn build_client(
+    config: &aws_config::SdkConfig,
+    endpoint: &EndpointRecorder,
+) -> aws_sdk_sts::Client {
+    aws_sdk_sts::Client::from_conf(
+        aws_sdk_sts::config::Builder::from(config)
+            .interceptor(endpoint.clone())
+            .build(),
+    )
 }
 
 /// EKS's role session name, `eks-CLUSTER-POD-UUID`, in STS's 64 characters of
@@ -136,10 +175,23 @@ pub fn session_name(cluster: &str, pod: &str, random: [u8; 16]) -> String {
     uuid[6] = (uuid[6] & 0x0f) | 0x40;
     uuid[8] = (uuid[8] & 0x3f) | 0x80;
     let hex: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
-    let uuid = format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..]);
+    let uuid = format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    );
     let prefix: String = format!("eks-{cluster}-{pod}-")
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "+=,.@_-".contains(c) { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "+=,.@_-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(MAX - uuid.len())
         .collect();
     prefix + &uuid
@@ -174,7 +226,9 @@ impl Upstream for Sts {
             .map_err(|e| self.client.error(e))?;
         let mut out = first;
         if let Some(target) = &association.target_role_arn {
-            let creds = out.credentials().ok_or_else(|| UpstreamError::malformed(CALL, "credentials", out.request_id()))?;
+            let creds = out
+                .credentials()
+                .ok_or_else(|| UpstreamError::malformed(CALL, "credentials", out.request_id()))?;
             let expiry = SystemTime::try_from(*creds.expiration()).ok();
             let hop = aws_credential_types::Credentials::new(
                 creds.access_key_id(),
@@ -183,10 +237,20 @@ impl Upstream for Sts {
                 expiry,
                 "sts-first-hop",
             );
-            let chained = aws_sdk_sts::Client::from_conf(client.config().to_builder().credentials_provider(hop).build());
+            let chained = aws_sdk_sts::Client::from_conf(
+                client
+                    .config()
+                    .to_builder()
+                    .credentials_provider(hop)
+                    .build(),
+            );
             // The EKS tags come along as transitive tags (passing them again would be refused);
             // the association's own are not transitive, so they are set again.
-            let own: Vec<_> = association.tags.iter().filter_map(|(k, v)| tag(k, v)).collect();
+            let own: Vec<_> = association
+                .tags
+                .iter()
+                .filter_map(|(k, v)| tag(k, v))
+                .collect();
             out = chained
                 .assume_role()
                 .role_arn(target)
@@ -197,14 +261,22 @@ impl Upstream for Sts {
                 .await
                 .map_err(|e| {
                     let mut e = map_sdk_error(SERVICE, e);
-                    e.message = format!("assuming the target role {target} with {}'s credentials: {}", association.role_arn, e.message);
+                    e.message = format!(
+                        "assuming the target role {target} with {}'s credentials: {}",
+                        association.role_arn, e.message
+                    );
                     e
                 })?;
         }
         let request_id = out.request_id().map(str::to_owned);
-        let creds = out.credentials().ok_or_else(|| UpstreamError::malformed(CALL, "credentials", out.request_id()))?;
-        let role = out.assumed_role_user().ok_or_else(|| UpstreamError::malformed(CALL, "AssumedRoleUser", out.request_id()))?;
-        let expiration = SystemTime::try_from(*creds.expiration()).map_err(|_| UpstreamError::malformed(CALL, "valid expiration", out.request_id()))?;
+        let creds = out
+            .credentials()
+            .ok_or_else(|| UpstreamError::malformed(CALL, "credentials", out.request_id()))?;
+        let role = out
+            .assumed_role_user()
+            .ok_or_else(|| UpstreamError::malformed(CALL, "AssumedRoleUser", out.request_id()))?;
+        let expiration = SystemTime::try_from(*creds.expiration())
+            .map_err(|_| UpstreamError::malformed(CALL, "valid expiration", out.request_id()))?;
         Ok(AssumedRole::new(
             Credentials {
                 access_key_id: creds.access_key_id().to_owned(),
@@ -227,10 +299,26 @@ mod tests {
     #[test]
     fn session_names_follow_eks_and_fit_sts() {
         let name = session_name("prod", "api-7d9f", [0xab; 16]);
-        assert_eq!(name, "eks-prod-api-7d9f-abababab-abab-4bab-abab-abababababab");
-        let long = session_name("a-very-long-cluster-name", "a-pod-with-a-long-generated-name-x7k2p", [0; 16]);
-        assert_eq!(long, "eks-a-very-long-cluster-name00000000-0000-4000-8000-000000000000");
-        assert_eq!(session_name("prod/eu", "api:0", [0; 16]), "eks-prod-eu-api-0-00000000-0000-4000-8000-000000000000");
-        assert!(long.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c)));
+        assert_eq!(
+            name,
+            "eks-prod-api-7d9f-abababab-abab-4bab-abab-abababababab"
+        );
+        let long = session_name(
+            "a-very-long-cluster-name",
+            "a-pod-with-a-long-generated-name-x7k2p",
+            [0; 16],
+        );
+        assert_eq!(
+            long,
+            "eks-a-very-long-cluster-name00000000-0000-4000-8000-000000000000"
+        );
+        assert_eq!(
+            session_name("prod/eu", "api:0", [0; 16]),
+            "eks-prod-eu-api-0-00000000-0000-4000-8000-000000000000"
+        );
+        assert!(
+            long.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c))
+        );
     }
 }

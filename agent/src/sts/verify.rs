@@ -56,7 +56,12 @@ impl Audience {
 
 /// The refusal of a token, shaped as EKS Auth shapes it (400 InvalidTokenException).
 fn invalid(message: String) -> UpstreamError {
-    UpstreamError { status: 400, code: "InvalidTokenException".into(), message, request_id: None }
+    UpstreamError {
+        status: 400,
+        code: "InvalidTokenException".into(),
+        message,
+        request_id: None,
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -71,14 +76,25 @@ impl Verifier {
         let token = token.trim();
         // Size, shape and the kubernetes.io claims first: cheap, and the same checks as today.
         let claims = token::parse(token, now).map_err(|e| match e {
-            TokenError::Expired => UpstreamError { status: 400, code: "ExpiredTokenException".into(), message: e.to_string(), request_id: None },
+            TokenError::Expired => UpstreamError {
+                status: 400,
+                code: "ExpiredTokenException".into(),
+                message: e.to_string(),
+                request_id: None,
+            },
             e => invalid(e.to_string()),
         })?;
         let mut parts = token.split('.');
-        let (Some(header_b64), Some(payload_b64), Some(signature_b64)) = (parts.next(), parts.next(), parts.next()) else {
+        let (Some(header_b64), Some(payload_b64), Some(signature_b64)) =
+            (parts.next(), parts.next(), parts.next())
+        else {
             return Err(invalid("Service account token is not a valid JWT".into()));
         };
-        let decode = |part: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part.trim_end_matches('=')).ok();
+        let decode = |part: &str| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(part.trim_end_matches('='))
+                .ok()
+        };
         let header: Header = decode(header_b64)
             .and_then(|h| serde_json::from_slice(&h).ok())
             .ok_or_else(|| invalid("Service account token has no readable JWT header".into()))?;
@@ -86,24 +102,37 @@ impl Verifier {
             "RS256" => Algorithm::Rs256,
             "ES256" => Algorithm::Es256,
             other => {
-                return Err(invalid(format!("Service account token is signed with {other:?}; only RS256 and ES256 are accepted")));
+                return Err(invalid(format!(
+                    "Service account token is signed with {other:?}; only RS256 and ES256 are accepted"
+                )));
             }
         };
-        let signature = decode(signature_b64).ok_or_else(|| invalid("Service account token's signature is not base64url".into()))?;
-        let keys = self.keys.keys(header.kid.as_deref()).await.map_err(|why| UpstreamError {
-            status: 502,
-            code: "IssuerKeysUnavailable".into(),
-            message: format!("cannot verify service-account tokens: {why}"),
-            request_id: None,
-        })?;
+        let signature = decode(signature_b64)
+            .ok_or_else(|| invalid("Service account token's signature is not base64url".into()))?;
+        let keys = self
+            .keys
+            .keys(header.kid.as_deref())
+            .await
+            .map_err(|why| UpstreamError {
+                status: 502,
+                code: "IssuerKeysUnavailable".into(),
+                message: format!("cannot verify service-account tokens: {why}"),
+                request_id: None,
+            })?;
         let signed = &token.as_bytes()[..header_b64.len() + 1 + payload_b64.len()];
-        let verified = keys.iter().filter(|k| header.kid.is_none() || k.kid == header.kid).any(|k| verifies(algorithm, &k.key, signed, &signature));
+        let verified = keys
+            .iter()
+            .filter(|k| header.kid.is_none() || k.kid == header.kid)
+            .any(|k| verifies(algorithm, &k.key, signed, &signature));
         if !verified {
             return Err(invalid(match &header.kid {
                 Some(kid) if !keys.iter().any(|k| k.kid.as_deref() == Some(kid.as_str())) => {
-                    format!("Service account token is signed with key {kid:?}, which the issuer's keys do not include")
+                    format!(
+                        "Service account token is signed with key {kid:?}, which the issuer's keys do not include"
+                    )
                 }
-                _ => "Service account token's signature does not verify against the issuer's keys".into(),
+                _ => "Service account token's signature does not verify against the issuer's keys"
+                    .into(),
             }));
         }
         // Only now are the claims worth reading: they are the issuer's.
@@ -113,15 +142,26 @@ impl Verifier {
         match registered.iss.as_deref() {
             Some(iss) if iss == self.issuer => {}
             Some(iss) => {
-                return Err(invalid(format!("Service account token was issued by {iss:?}, not by this cluster's issuer {:?}", self.issuer)));
+                return Err(invalid(format!(
+                    "Service account token was issued by {iss:?}, not by this cluster's issuer {:?}",
+                    self.issuer
+                )));
             }
             None => return Err(invalid("Service account token has no iss claim".into())),
         }
         if !registered.aud.contains(&self.audience) {
-            return Err(invalid(format!("Service account token is not for the audience {:?}", self.audience)));
+            return Err(invalid(format!(
+                "Service account token is not for the audience {:?}",
+                self.audience
+            )));
         }
-        if registered.nbf.is_some_and(|nbf| nbf > now + NBF_LEEWAY_SECONDS) {
-            return Err(invalid("Service account token is not valid yet (nbf)".into()));
+        if registered
+            .nbf
+            .is_some_and(|nbf| nbf > now + NBF_LEEWAY_SECONDS)
+        {
+            return Err(invalid(
+                "Service account token is not valid yet (nbf)".into(),
+            ));
         }
         Ok(claims)
     }
@@ -130,11 +170,13 @@ impl Verifier {
 fn verifies(algorithm: Algorithm, key: &PublicKey, signed: &[u8], signature: &[u8]) -> bool {
     use aws_lc_rs::signature;
     match (algorithm, key) {
-        (Algorithm::Rs256, PublicKey::Rsa { n, e }) => {
-            signature::RsaPublicKeyComponents { n, e }.verify(&signature::RSA_PKCS1_2048_8192_SHA256, signed, signature).is_ok()
-        }
+        (Algorithm::Rs256, PublicKey::Rsa { n, e }) => signature::RsaPublicKeyComponents { n, e }
+            .verify(&signature::RSA_PKCS1_2048_8192_SHA256, signed, signature)
+            .is_ok(),
         (Algorithm::Es256, PublicKey::P256 { point }) => {
-            signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, point).verify(signed, signature).is_ok()
+            signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, point)
+                .verify(signed, signature)
+                .is_ok()
         }
         _ => false,
     }

@@ -48,18 +48,37 @@ fn main() {
 fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let auth = token.map(|t| format!("Authorization: {t}\r\n")).unwrap_or_default();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")?;
+    let auth = token
+        .map(|t| format!("Authorization: {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )?;
     let mut raw = String::new();
     stream.read_to_string(&mut raw)?;
-    let status = raw.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    Ok((status, raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()))
+    let status = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((
+        status,
+        raw.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    ))
 }
 
 /// The pod's process: into its cgroup, then the request an SDK makes.
 fn client(cgroup: &Path, token: &str) {
-    std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string()).expect("join the pod cgroup");
-    match get("169.254.170.23:80".parse().unwrap(), "/v1/credentials", Some(token)) {
+    std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+        .expect("join the pod cgroup");
+    match get(
+        "169.254.170.23:80".parse().unwrap(),
+        "/v1/credentials",
+        Some(token),
+    ) {
         Ok((status, body)) => println!("{status} {body}"),
         Err(e) => println!("0 {e}"),
     }
@@ -78,9 +97,16 @@ fn pod(name: &str, n: u32) -> Pod {
     let cgroup = Path::new(CGROUP_ROOT)
         .join("kubepods.slice/kubepods-burstable.slice")
         .join(slice)
-        .join(format!("cri-containerd-{}.scope", format!("{n:02x}").repeat(32)));
+        .join(format!(
+            "cri-containerd-{}.scope",
+            format!("{n:02x}").repeat(32)
+        ));
     std::fs::create_dir_all(&cgroup).expect("pod cgroup");
-    Pod { uid, name: name.to_owned(), cgroup }
+    Pod {
+        uid,
+        name: name.to_owned(),
+        cgroup,
+    }
 }
 
 impl Pod {
@@ -96,7 +122,12 @@ impl Pod {
 
     /// The request, from a process in this pod's cgroup: (status, body).
     fn request(&self, token: &str) -> (u16, String) {
-        let out = Command::new(std::env::current_exe().unwrap()).arg("client").arg(&self.cgroup).arg(token).output().expect("client");
+        let out = Command::new(std::env::current_exe().unwrap())
+            .arg("client")
+            .arg(&self.cgroup)
+            .arg(token)
+            .output()
+            .expect("client");
         let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         let (status, body) = text.split_once(' ').unwrap_or((&text, ""));
         (status.parse().unwrap_or(0), body.to_owned())
@@ -124,7 +155,10 @@ impl Report {
 }
 
 fn smoke(agent_binary: &Path) {
-    let mut report = Report { passed: 0, failed: 0 };
+    let mut report = Report {
+        passed: 0,
+        failed: 0,
+    };
     let root = Path::new(CGROUP_ROOT);
     let fake = FakeAws::start_here("127.0.0.1:0".parse().unwrap());
     fake.associate("payments", "api", "payments-api-role");
@@ -133,8 +167,25 @@ fn smoke(agent_binary: &Path) {
     std::fs::create_dir_all(&agent_cgroup).expect("agent cgroup");
     let log = std::fs::File::create("/tmp/agent.log").unwrap();
     let mut agent = Command::new(agent_binary)
-        .args(["run", "--cluster-name", CLUSTER, "--mode", "ebpf", "--cgroup-root", CGROUP_ROOT, "--region", REGION])
-        .args(["--listen", &format!("{NODE_IP}:2704"), "--probe-addr", PROBE, "--metrics-addr", "127.0.0.1:2705"])
+        .args([
+            "run",
+            "--cluster-name",
+            CLUSTER,
+            "--mode",
+            "ebpf",
+            "--cgroup-root",
+            CGROUP_ROOT,
+            "--region",
+            REGION,
+        ])
+        .args([
+            "--listen",
+            &format!("{NODE_IP}:2704"),
+            "--probe-addr",
+            PROBE,
+            "--metrics-addr",
+            "127.0.0.1:2705",
+        ])
         .args(["--eks-auth-endpoint", &fake.endpoint()])
         .env("AWS_ACCESS_KEY_ID", NODE_ACCESS_KEY)
         .env("AWS_SECRET_ACCESS_KEY", NODE_SECRET)
@@ -144,7 +195,8 @@ fn smoke(agent_binary: &Path) {
         .stderr(log)
         .spawn()
         .expect("start the agent");
-    std::fs::write(agent_cgroup.join("cgroup.procs"), agent.id().to_string()).expect("agent into its cgroup");
+    std::fs::write(agent_cgroup.join("cgroup.procs"), agent.id().to_string())
+        .expect("agent into its cgroup");
     let agent_log = || std::fs::read_to_string("/tmp/agent.log").unwrap_or_default();
 
     // TCG is slow: the kernel object's load and verification take a while.
@@ -152,15 +204,30 @@ fn smoke(agent_binary: &Path) {
     let ready = loop {
         match get(PROBE.parse().unwrap(), "/readyz", None) {
             Ok((200, body)) => break Ok(body),
-            _ if Instant::now() > deadline => break Err(format!("not ready within 300 s:\n{}", agent_log())),
+            _ if Instant::now() > deadline => {
+                break Err(format!("not ready within 300 s:\n{}", agent_log()));
+            }
             _ => std::thread::sleep(Duration::from_millis(500)),
         }
     };
     let ready_ok = ready.as_ref().is_ok_and(|b| b.trim() == "ready");
-    report.check("the agent starts in eBPF mode", ready.and_then(|b| if b.trim() == "ready" { Ok(()) } else { Err(format!("/readyz: {b}")) }));
+    report.check(
+        "the agent starts in eBPF mode",
+        ready.and_then(|b| {
+            if b.trim() == "ready" {
+                Ok(())
+            } else {
+                Err(format!("/readyz: {b}"))
+            }
+        }),
+    );
     if !ready_ok {
         let _ = agent.kill();
-        println!("SMOKE DONE passed={} failed={}", report.passed, report.failed + 4);
+        println!(
+            "SMOKE DONE passed={} failed={}",
+            report.passed,
+            report.failed + 4
+        );
         return;
     }
 
@@ -168,7 +235,11 @@ fn smoke(agent_binary: &Path) {
     let names: Vec<&str> = attached.iter().map(|a| a.name.as_str()).collect();
     report.check(
         "connect4, connect6 and sock_ops are attached at the cgroup root",
-        if attached.len() == 3 { Ok(()) } else { Err(format!("attached: {names:?}")) },
+        if attached.len() == 3 {
+            Ok(())
+        } else {
+            Err(format!("attached: {names:?}"))
+        },
     );
 
     let api = pod("api-0", 1);
@@ -177,12 +248,19 @@ fn smoke(agent_binary: &Path) {
     let key = access_key_for("payments", "api");
     report.check(
         "a pod's connect to 169.254.170.23:80 is redirected and answered with its credentials",
-        if status == 200 && body.contains(&key) { Ok(()) } else { Err(format!("{status} {body}\n{}", agent_log())) },
+        if status == 200 && body.contains(&key) {
+            Ok(())
+        } else {
+            Err(format!("{status} {body}\n{}", agent_log()))
+        },
     );
     let calls = fake.calls();
     report.check(
         "the connection is attributed to its pod",
-        if calls.len() == 1 && calls[0].pod_uid == api.uid && !agent_log().contains("token_pod_mismatch") {
+        if calls.len() == 1
+            && calls[0].pod_uid == api.uid
+            && !agent_log().contains("token_pod_mismatch")
+        {
             // The pods view names the pod by its cgroup, which only attribution can know.
             match get(PROBE.parse().unwrap(), "/v1/pods", None) {
                 Ok((200, pods)) if pods.contains(&api.uid) => Ok(()),
@@ -197,7 +275,11 @@ fn smoke(agent_binary: &Path) {
     let (status, body) = thief.request(&token);
     report.check(
         "another pod presenting that token is refused",
-        if status == 403 && body.contains("token belongs to pod payments/api-0") { Ok(()) } else { Err(format!("{status} {body}")) },
+        if status == 403 && body.contains("token belongs to pod payments/api-0") {
+            Ok(())
+        } else {
+            Err(format!("{status} {body}"))
+        },
     );
 
     // SAFETY: kill(2) on the agent's pid.
@@ -206,7 +288,17 @@ fn smoke(agent_binary: &Path) {
     let left = bpf::attached(root);
     report.check(
         "SIGTERM: the agent exits 0 and leaves nothing attached",
-        if exit.success() && left.is_empty() { Ok(()) } else { Err(format!("exit {exit}, still attached {left:?}\n{}", agent_log())) },
+        if exit.success() && left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "exit {exit}, still attached {left:?}\n{}",
+                agent_log()
+            ))
+        },
     );
-    println!("SMOKE DONE passed={} failed={}", report.passed, report.failed);
+    println!(
+        "SMOKE DONE passed={} failed={}",
+        report.passed, report.failed
+    );
 }

@@ -26,9 +26,26 @@ async fn main() {
     let mut delay = std::time::Duration::ZERO;
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--listen" => listen = Some(args.next().expect("--listen IP:PORT").parse().expect("IP:PORT")),
-            "--body-file" => body = Some(std::fs::read(args.next().expect("--body-file FILE")).expect("body file")),
-            "--delay-ms" => delay = std::time::Duration::from_millis(args.next().expect("--delay-ms MS").parse().expect("milliseconds")),
+            "--listen" => {
+                listen = Some(
+                    args.next()
+                        .expect("--listen IP:PORT")
+                        .parse()
+                        .expect("IP:PORT"),
+                )
+            }
+            "--body-file" => {
+                body =
+                    Some(std::fs::read(args.next().expect("--body-file FILE")).expect("body file"))
+            }
+            "--delay-ms" => {
+                delay = std::time::Duration::from_millis(
+                    args.next()
+                        .expect("--delay-ms MS")
+                        .parse()
+                        .expect("milliseconds"),
+                )
+            }
             other => panic!("unknown argument {other}"),
         }
     }
@@ -36,29 +53,47 @@ async fn main() {
     // The agent's backlog (1024), not mio's default (libc::SOMAXCONN, 128 in the libc crate): a
     // shorter accept queue overflows in the 250-client burst and its SYNs wait out a 1 s timeout.
     let addr = listen.expect("--listen");
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }.expect("socket");
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .expect("socket");
     socket.set_reuseaddr(true).expect("SO_REUSEADDR");
     socket.bind(addr).expect("bind");
     let listener = socket.listen(1024).expect("listen");
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let body = body.clone();
-        let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-            let body = if req.uri().path() == "/allocations" {
-                Bytes::from(format!("{} {}", alloc_count::allocations(), alloc_count::live_bytes()))
-            } else {
-                body.clone()
-            };
-            let mut response = hyper::Response::new(Full::new(body));
-            response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
-            async move {
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
+        let service =
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let body = if req.uri().path() == "/allocations" {
+                    Bytes::from(format!(
+                        "{} {}",
+                        alloc_count::allocations(),
+                        alloc_count::live_bytes()
+                    ))
+                } else {
+                    body.clone()
+                };
+                let mut response = hyper::Response::new(Full::new(body));
+                response.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/json"),
+                );
+                async move {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    Ok::<_, Infallible>(response)
                 }
-                Ok::<_, Infallible>(response)
-            }
-        });
-        tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+            });
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service),
+        );
     }
 }

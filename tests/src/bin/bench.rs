@@ -50,7 +50,12 @@ fn load(pods: &[Pod], args: &[String], token: impl Fn(&Pod) -> String) -> Load {
 }
 
 /// [`load`], with every load generator pinned to `cpu` (taskset) when given.
-fn load_on(pods: &[Pod], args: &[String], token: impl Fn(&Pod) -> String, cpu: Option<&str>) -> Load {
+fn load_on(
+    pods: &[Pod],
+    args: &[String],
+    token: impl Fn(&Pod) -> String,
+    cpu: Option<&str>,
+) -> Load {
     let children: Vec<Child> = pods
         .iter()
         .map(|p| {
@@ -62,7 +67,11 @@ fn load_on(pods: &[Pod], args: &[String], token: impl Fn(&Pod) -> String, cpu: O
                 }
                 None => p.command(tool("loadgen").to_str().unwrap()),
             };
-            cmd.args(["--token", &token(p)]).args(args).stdout(Stdio::piped()).spawn().expect("loadgen")
+            cmd.args(["--token", &token(p)])
+                .args(args)
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("loadgen")
         })
         .collect();
     let (mut ok, mut failed, mut seconds, mut lat) = (0, 0, 0f64, Vec::new());
@@ -72,27 +81,54 @@ fn load_on(pods: &[Pod], args: &[String], token: impl Fn(&Pod) -> String, cpu: O
         ok += v["ok"].as_u64().unwrap();
         failed += v["failed"].as_u64().unwrap();
         seconds = seconds.max(v["seconds"].as_f64().unwrap());
-        lat.extend(v["latencies_us"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32));
+        lat.extend(
+            v["latencies_us"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32),
+        );
     }
     lat.sort_unstable();
-    Load { ok, failed, rps: ok as f64 / seconds.max(1e-9), p50_ms: percentile(&lat, 0.5), p99_ms: percentile(&lat, 0.99), p999_ms: percentile(&lat, 0.999) }
+    Load {
+        ok,
+        failed,
+        rps: ok as f64 / seconds.max(1e-9),
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+        p999_ms: percentile(&lat, 0.999),
+    }
 }
 
 /// The TCP counters of a network namespace that explain a latency tail of whole seconds: a SYN
 /// dropped by a full queue waits out the 1 s retransmission timeout.
 struct TcpCounters(BTreeMap<String, i64>);
 
-const TCP_COUNTERS: [&str; 5] = ["ListenOverflows", "ListenDrops", "TCPReqQFullDrop", "TCPSynRetrans", "TCPTimeouts"];
+const TCP_COUNTERS: [&str; 5] = [
+    "ListenOverflows",
+    "ListenDrops",
+    "TCPReqQFullDrop",
+    "TCPSynRetrans",
+    "TCPTimeouts",
+];
 
 fn tcp_counters(node: &Node) -> TcpCounters {
-    let out = node.command("cat", None).arg("/proc/net/netstat").output().expect("cat /proc/net/netstat");
+    let out = node
+        .command("cat", None)
+        .arg("/proc/net/netstat")
+        .output()
+        .expect("cat /proc/net/netstat");
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().collect();
     let mut counters = BTreeMap::new();
     // Pairs of lines: "TcpExt: Name Name ..." then "TcpExt: value value ...".
     for pair in lines.chunks(2) {
         if let [names, values] = pair {
-            for (n, v) in names.split_whitespace().zip(values.split_whitespace()).skip(1) {
+            for (n, v) in names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .skip(1)
+            {
                 if TCP_COUNTERS.contains(&n) {
                     counters.insert(n.to_string(), v.parse().unwrap_or(0));
                 }
@@ -104,7 +140,11 @@ fn tcp_counters(node: &Node) -> TcpCounters {
 
 impl TcpCounters {
     fn since(&self, before: &TcpCounters) -> String {
-        self.0.iter().map(|(k, v)| format!("{k} {}", v - before.0.get(k).copied().unwrap_or(0))).collect::<Vec<_>>().join(", ")
+        self.0
+            .iter()
+            .map(|(k, v)| format!("{k} {}", v - before.0.get(k).copied().unwrap_or(0)))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -116,14 +156,25 @@ fn cpu_seconds(pid: u32, children: bool) -> f64 {
     let of = |pid: u32| -> (f64, u32) {
         let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         // Fields after the command name (which may hold spaces): state is field 3.
-        let rest: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-        let field = |n: usize| rest.get(n - 3).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let rest: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.split_whitespace().collect())
+            .unwrap_or_default();
+        let field = |n: usize| {
+            rest.get(n - 3)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
         ((field(14) + field(15)) / ticks, field(4) as u32)
     };
     let mut total = of(pid).0;
     if children {
         for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-            if let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) {
+            if let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            {
                 let (cpu, parent) = of(child);
                 if parent == pid {
                     total += cpu;
@@ -136,15 +187,26 @@ fn cpu_seconds(pid: u32, children: bool) -> f64 {
 
 /// The value of a metric without labels from the agent's /metrics in `netns`.
 fn agent_metric(netns: &str, name: &str) -> f64 {
-    let (_, text) = pod_identity_e2e::node::http_get(netns, "127.0.0.1:2705".parse().unwrap(), "/metrics").expect("scrape");
-    text.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' '))).and_then(|v| v.trim().parse().ok()).unwrap_or(f64::NAN)
+    let (_, text) =
+        pod_identity_e2e::node::http_get(netns, "127.0.0.1:2705".parse().unwrap(), "/metrics")
+            .expect("scrape");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 /// (run_time_ns, run_cnt) of a BPF program, from bpftool (kernel.bpf_stats_enabled must be 1).
 fn prog_stats(id: u32) -> (u64, u64) {
-    let out = Command::new("bpftool").args(["prog", "show", "id", &id.to_string(), "-j"]).output().expect("bpftool");
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string(), "-j"])
+        .output()
+        .expect("bpftool");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    (v["run_time_ns"].as_u64().unwrap_or(0), v["run_cnt"].as_u64().unwrap_or(0))
+    (
+        v["run_time_ns"].as_u64().unwrap_or(0),
+        v["run_cnt"].as_u64().unwrap_or(0),
+    )
 }
 
 fn args(list: &[&str]) -> Vec<String> {
@@ -153,7 +215,11 @@ fn args(list: &[&str]) -> Vec<String> {
 
 fn rss_kib(pid: u32) -> u64 {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 struct Row {
@@ -169,7 +235,10 @@ struct Row {
 }
 
 fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
 }
 
 struct Servers {
@@ -191,7 +260,10 @@ impl Drop for Servers {
 fn start_baselines(node: &Node, body: &Path, dir: &Path) -> Servers {
     let hyper = node
         .command(tool("baseline-server").to_str().unwrap(), None)
-        .args(["--listen", &SocketAddr::new(node.ip4.into(), HYPER_PORT).to_string()])
+        .args([
+            "--listen",
+            &SocketAddr::new(node.ip4.into(), HYPER_PORT).to_string(),
+        ])
         .arg("--body-file")
         .arg(body)
         .spawn()
@@ -216,28 +288,51 @@ fn start_baselines(node: &Node, body: &Path, dir: &Path) -> Servers {
 
 fn main() {
     pod_identity_e2e::require_root();
-    let out_dir = PathBuf::from(std::env::var("PIA_BENCH_OUT").unwrap_or_else(|_| "target/bench".into()));
+    let out_dir =
+        PathBuf::from(std::env::var("PIA_BENCH_OUT").unwrap_or_else(|_| "target/bench".into()));
     fs::create_dir_all(&out_dir).unwrap();
     let work = std::env::temp_dir().join(format!("pia-bench-{}", std::process::id()));
     fs::create_dir_all(&work).unwrap();
     let mut rows: Vec<Row> = Vec::new();
-    let counting = PathBuf::from(std::env::var("PIA_AGENT_COUNTING_BIN").expect("PIA_AGENT_COUNTING_BIN: cargo xtask bench builds it"));
+    let counting = PathBuf::from(
+        std::env::var("PIA_AGENT_COUNTING_BIN")
+            .expect("PIA_AGENT_COUNTING_BIN: cargo xtask bench builds it"),
+    );
     let profile = std::env::var_os("PIA_BENCH_PROFILE").is_some();
     // PIA_BENCH_ONLY=throughput,latency,connect,allocations,burst runs only those scenarios.
     let only = std::env::var("PIA_BENCH_ONLY").ok();
-    let selected = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == name));
+    let selected = |name: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|x| x == name))
+    };
 
     let node = Node::new();
     let fake = FakeAws::start_in(&node.netns);
     fake.associate("bench", "app", "bench-role");
     eprintln!("bench: creating 100 simulated pods");
-    let pods: Vec<Pod> = (0..100).map(|i| node.add_pod("bench", &format!("app-{i}"), "app", CgroupShape::SystemdBurstable)).collect();
+    let pods: Vec<Pod> = (0..100)
+        .map(|i| {
+            node.add_pod(
+                "bench",
+                &format!("app-{i}"),
+                "app",
+                CgroupShape::SystemdBurstable,
+            )
+        })
+        .collect();
     let tokens: Vec<String> = pods.iter().map(Pod::token).collect();
     let token_of = |p: &Pod| tokens[pods.iter().position(|q| q.uid == p.uid).unwrap()].clone();
 
     // Throughput and latency measure the server, so the per-pod request limit (20/s by default,
     // which would cap 50 pods at 1,000 req/s) is lifted; it is measured by its own tests.
-    const UNLIMITED: [&str; 6] = ["--mode", "ebpf", "--pod-rps", "1000000", "--pod-burst", "1000000"];
+    const UNLIMITED: [&str; 6] = [
+        "--mode",
+        "ebpf",
+        "--pod-rps",
+        "1000000",
+        "--pod-burst",
+        "1000000",
+    ];
     // The body the baselines serve: exactly what the agent answers.
     let mut agent = Agent::start(&node, &fake, &UNLIMITED);
     let sample = pods[0].curl("http://169.254.170.23/v1/credentials", &tokens[0]);
@@ -268,7 +363,10 @@ fn main() {
         eprintln!("bench: throughput");
         assert!(agent.stop().success());
         let nginx_target = SocketAddr::new(node.ip4.into(), NGINX_PORT).to_string();
-        let mut contenders: Vec<(&str, Vec<&str>)> = vec![("ours", vec![]), ("hyper", vec!["--redirect-target", &hyper_target])];
+        let mut contenders: Vec<(&str, Vec<&str>)> = vec![
+            ("ours", vec![]),
+            ("hyper", vec!["--redirect-target", &hyper_target]),
+        ];
         if servers.nginx.is_some() {
             contenders.push(("nginx", vec!["--redirect-target", &nginx_target]));
         }
@@ -288,25 +386,46 @@ fn main() {
                 let before = cpu_seconds(server, children);
                 let l = load(p50, &run(false), token_of);
                 new_rps[i].push(l.rps);
-                new_cpu[i].push((cpu_seconds(server, children) - before) * 1e6 / l.ok.max(1) as f64);
-                let recording = (profile && round == 0 && *name == "ours").then(|| start_profile(a.pid(), &out_dir, "keepalive", 3));
+                new_cpu[i]
+                    .push((cpu_seconds(server, children) - before) * 1e6 / l.ok.max(1) as f64);
+                let recording = (profile && round == 0 && *name == "ours")
+                    .then(|| start_profile(a.pid(), &out_dir, "keepalive", 3));
                 let before = cpu_seconds(server, children);
                 let l = load(p50, &run(true), token_of);
                 ka_rps[i].push(l.rps);
                 ka_cpu[i].push((cpu_seconds(server, children) - before) * 1e6 / l.ok.max(1) as f64);
                 if let Some(recording) = recording {
-                    finish_profile(recording, &out_dir, "keepalive", "pod-identity-agent, cached, keep-alive, 50 pods");
+                    finish_profile(
+                        recording,
+                        &out_dir,
+                        "keepalive",
+                        "pod-identity-agent, cached, keep-alive, 50 pods",
+                    );
                 }
                 assert!(a.stop().success());
             }
         }
-        let rounds = |v: &Vec<f64>| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join("/");
-        let rounds_f = |v: &Vec<f64>| v.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join("/");
+        let rounds = |v: &Vec<f64>| {
+            v.iter()
+                .map(|x| format!("{x:.0}"))
+                .collect::<Vec<_>>()
+                .join("/")
+        };
+        let rounds_f = |v: &Vec<f64>| {
+            v.iter()
+                .map(|x| format!("{x:.1}"))
+                .collect::<Vec<_>>()
+                .join("/")
+        };
         let (ours_new, hyper_new) = (median(new_rps[0].clone()), median(new_rps[1].clone()));
         let (ours_ka, hyper_ka) = (median(ka_rps[0].clone()), median(ka_rps[1].clone()));
         rows.push(Row {
             scenario: "cached, new connection per request, 50 pods",
-            measure: format!("req/s, median of 3 interleaved rounds (ours {}; hyper {})", rounds(&new_rps[0]), rounds(&new_rps[1])),
+            measure: format!(
+                "req/s, median of 3 interleaved rounds (ours {}; hyper {})",
+                rounds(&new_rps[0]),
+                rounds(&new_rps[1])
+            ),
             ours: ours_new,
             baseline_name: "minimal hyper server",
             baseline: hyper_new,
@@ -318,7 +437,11 @@ fn main() {
             let nginx_new = median(new_rps[2].clone());
             rows.push(Row {
                 scenario: "cached, new connection per request, 50 pods",
-                measure: format!("req/s, median of 3 interleaved rounds (ours {}; nginx {})", rounds(&new_rps[0]), rounds(&new_rps[2])),
+                measure: format!(
+                    "req/s, median of 3 interleaved rounds (ours {}; nginx {})",
+                    rounds(&new_rps[0]),
+                    rounds(&new_rps[2])
+                ),
                 ours: ours_new,
                 baseline_name: "nginx, static file",
                 baseline: nginx_new,
@@ -329,7 +452,11 @@ fn main() {
         }
         rows.push(Row {
             scenario: "cached, keep-alive, 50 pods",
-            measure: format!("req/s, median of 3 interleaved rounds (ours {}; hyper {})", rounds(&ka_rps[0]), rounds(&ka_rps[1])),
+            measure: format!(
+                "req/s, median of 3 interleaved rounds (ours {}; hyper {})",
+                rounds(&ka_rps[0]),
+                rounds(&ka_rps[1])
+            ),
             ours: ours_ka,
             baseline_name: "minimal hyper server",
             baseline: hyper_ka,
@@ -338,11 +465,18 @@ fn main() {
             met: Some(ours_ka / hyper_ka >= 0.9),
         });
 
-        for (scenario, cpu) in [("cached, new connection per request, 50 pods", &new_cpu), ("cached, keep-alive, 50 pods", &ka_cpu)] {
+        for (scenario, cpu) in [
+            ("cached, new connection per request, 50 pods", &new_cpu),
+            ("cached, keep-alive, 50 pods", &ka_cpu),
+        ] {
             let (ours, hyper) = (median(cpu[0].clone()), median(cpu[1].clone()));
             rows.push(Row {
                 scenario,
-                measure: format!("server CPU µs per request, median of 3 rounds (ours {}; hyper {})", rounds_f(&cpu[0]), rounds_f(&cpu[1])),
+                measure: format!(
+                    "server CPU µs per request, median of 3 rounds (ours {}; hyper {})",
+                    rounds_f(&cpu[0]),
+                    rounds_f(&cpu[1])
+                ),
                 ours,
                 baseline_name: "minimal hyper server",
                 baseline: hyper,
@@ -357,17 +491,35 @@ fn main() {
         // server under test pinned to CPU 1 and the load generators to CPU 0, for the agent and the
         // hyper floor alike.
         eprintln!("bench: latency at 2,000 req/s, pinned");
-        let paced = args(&["--seconds", &SECONDS.to_string(), "--concurrency", "2", "--rate", "20"]);
+        let paced = args(&[
+            "--seconds",
+            &SECONDS.to_string(),
+            "--concurrency",
+            "2",
+            "--rate",
+            "20",
+        ]);
         let pin = |pid: u32, cpus: &str| {
-            let out = Command::new("taskset").args(["-a", "-p", "-c", cpus, &pid.to_string()]).output().expect("taskset");
-            assert!(out.status.success(), "taskset: {}", String::from_utf8_lossy(&out.stderr));
+            let out = Command::new("taskset")
+                .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+                .output()
+                .expect("taskset");
+            assert!(
+                out.status.success(),
+                "taskset: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         };
         let (mut ours_l, mut hyper_l) = (Vec::new(), Vec::new());
         for _round in 0..3 {
             let mut a = Agent::start_wrapped(&node, &fake, &UNLIMITED, &["taskset", "-c", "1"]);
             ours_l.push(load_on(&pods, &paced, token_of, Some("0")));
             assert!(a.stop().success());
-            let mut a = Agent::start(&node, &fake, &[&UNLIMITED[..], &["--redirect-target", &hyper_target]].concat());
+            let mut a = Agent::start(
+                &node,
+                &fake,
+                &[&UNLIMITED[..], &["--redirect-target", &hyper_target]].concat(),
+            );
             pin(servers.hyper.id(), "1");
             hyper_l.push(load_on(&pods, &paced, token_of, Some("0")));
             pin(servers.hyper.id(), "0-1");
@@ -408,11 +560,19 @@ fn main() {
             .spawn()
             .expect("baseline-server in a pod");
         std::thread::sleep(Duration::from_millis(300));
-        let stats_was = fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
-        fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").expect("enable BPF run-time statistics");
+        let stats_was =
+            fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+        fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
+            .expect("enable BPF run-time statistics");
         let stats_agent = Agent::start(&node, &fake, &UNLIMITED);
         let programs = pod_identity_e2e::bpf::attached(&node.cgroup_root);
-        let id_of = |name: &str| programs.iter().find(|p| p.name == name).map(|p| p.id).unwrap_or_else(|| panic!("{name} not attached: {programs:?}"));
+        let id_of = |name: &str| {
+            programs
+                .iter()
+                .find(|p| p.name == name)
+                .map(|p| p.id)
+                .unwrap_or_else(|| panic!("{name} not attached: {programs:?}"))
+        };
         let (connect4, sock_ops) = (id_of("connect4"), id_of("record_connecti"));
         // (ns per call, calls) of each program over one load run.
         let per_call = |ids: &[u32], load_args: &[&str]| -> Vec<(f64, u64)> {
@@ -426,13 +586,31 @@ fn main() {
                 })
                 .collect()
         };
-        let plain_run = per_call(&[connect4, sock_ops], &["--addr", "127.0.0.1:2900", "--connect-only", "--seconds", "2", "--concurrency", "4"]);
+        let plain_run = per_call(
+            &[connect4, sock_ops],
+            &[
+                "--addr",
+                "127.0.0.1:2900",
+                "--connect-only",
+                "--seconds",
+                "2",
+                "--concurrency",
+                "4",
+            ],
+        );
         let (plain, sock_ops_ns) = (plain_run[0], plain_run[1]);
-        let intercepted = per_call(&[connect4], &["--connect-only", "--seconds", "2", "--concurrency", "4"])[0];
+        let intercepted = per_call(
+            &[connect4],
+            &["--connect-only", "--seconds", "2", "--concurrency", "4"],
+        )[0];
         let _ = fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_was.trim());
-        let attribution_ns = agent_metric(&node.netns, "pod_identity_agent_attribution_duration_seconds_sum")
-            / agent_metric(&node.netns, "pod_identity_agent_attribution_duration_seconds_count")
-            * 1e9;
+        let attribution_ns = agent_metric(
+            &node.netns,
+            "pod_identity_agent_attribution_duration_seconds_sum",
+        ) / agent_metric(
+            &node.netns,
+            "pod_identity_agent_attribution_duration_seconds_count",
+        ) * 1e9;
         drop(stats_agent);
         let _ = local.kill();
         let _ = local.wait();
@@ -465,9 +643,16 @@ fn main() {
         // agent made for it, and in the hyper floor.
         eprintln!("bench: allocations per cached request");
         let hyper_allocs = || -> f64 {
-            let (_, text) =
-                pod_identity_e2e::node::http_get(&node.netns, SocketAddr::new(node.ip4.into(), HYPER_PORT), "/allocations").expect("hyper allocations");
-            text.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(f64::NAN)
+            let (_, text) = pod_identity_e2e::node::http_get(
+                &node.netns,
+                SocketAddr::new(node.ip4.into(), HYPER_PORT),
+                "/allocations",
+            )
+            .expect("hyper allocations");
+            text.split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(f64::NAN)
         };
         let agent_allocs = || agent_metric(&node.netns, "process_heap_allocations_total");
         // Reading a counter allocates too: the overhead of one reading is measured and taken off.
@@ -484,18 +669,38 @@ fn main() {
         let counting_agent = Agent::start_binary(&node, &fake, &UNLIMITED, &[], &counting);
         // The pod's first request fetches; the rest are hits.
         load(&pods[..1], &args(&["--once"]), token_of);
-        let (ours_ka_allocs, ours_new_allocs) = (per_request(&agent_allocs, true), per_request(&agent_allocs, false));
+        let (ours_ka_allocs, ours_new_allocs) = (
+            per_request(&agent_allocs, true),
+            per_request(&agent_allocs, false),
+        );
         drop(counting_agent);
-        let redirect = Agent::start(&node, &fake, &[&UNLIMITED[..], &["--redirect-target", &hyper_target]].concat());
-        let (hyper_ka_allocs, hyper_new_allocs) = (per_request(&hyper_allocs, true), per_request(&hyper_allocs, false));
+        let redirect = Agent::start(
+            &node,
+            &fake,
+            &[&UNLIMITED[..], &["--redirect-target", &hyper_target]].concat(),
+        );
+        let (hyper_ka_allocs, hyper_new_allocs) = (
+            per_request(&hyper_allocs, true),
+            per_request(&hyper_allocs, false),
+        );
         drop(redirect);
         for (scenario, ours, hyper) in [
-            ("allocations per cached request, keep-alive", ours_ka_allocs, hyper_ka_allocs),
-            ("allocations per cached request, new connection", ours_new_allocs, hyper_new_allocs),
+            (
+                "allocations per cached request, keep-alive",
+                ours_ka_allocs,
+                hyper_ka_allocs,
+            ),
+            (
+                "allocations per cached request, new connection",
+                ours_new_allocs,
+                hyper_new_allocs,
+            ),
         ] {
             rows.push(Row {
                 scenario,
-                measure: format!("heap allocations per request, counting allocator ({ours:.2} vs {hyper:.2})"),
+                measure: format!(
+                    "heap allocations per request, counting allocator ({ours:.2} vs {hyper:.2})"
+                ),
                 ours,
                 baseline_name: "minimal hyper server",
                 baseline: hyper,
@@ -512,7 +717,9 @@ fn main() {
         let burst_fake = FakeAws::start_in(&burst_node.netns);
         burst_fake.associate("bench", "app", "bench-role");
         burst_fake.set_latency(Duration::from_millis(50));
-        let burst_pods: Vec<Pod> = (0..250).map(|i| burst_node.add_host_network_pod("bench", &format!("burst-{i}"), "app")).collect();
+        let burst_pods: Vec<Pod> = (0..250)
+            .map(|i| burst_node.add_host_network_pod("bench", &format!("burst-{i}"), "app"))
+            .collect();
         // The counting build from here on: it also reports the heap in use. Its two atomic adds per
         // allocation are nothing beside a 50 ms upstream.
         // The floor first: the same 250 clients, redirected to a server that answers every request
@@ -523,30 +730,65 @@ fn main() {
             fs::write(&body, &sample.body).unwrap();
             let mut delayed = burst_node
                 .command(tool("baseline-server").to_str().unwrap(), None)
-                .args(["--listen", &SocketAddr::new(burst_node.ip4.into(), HYPER_PORT).to_string(), "--delay-ms", "50", "--body-file"])
+                .args([
+                    "--listen",
+                    &SocketAddr::new(burst_node.ip4.into(), HYPER_PORT).to_string(),
+                    "--delay-ms",
+                    "50",
+                    "--body-file",
+                ])
                 .arg(&body)
                 .spawn()
                 .expect("baseline-server");
             std::thread::sleep(Duration::from_millis(300));
             let target = SocketAddr::new(burst_node.ip4.into(), HYPER_PORT).to_string();
-            let redirect = Agent::start(&burst_node, &burst_fake, &["--mode", "ebpf", "--redirect-target", &target]);
+            let redirect = Agent::start(
+                &burst_node,
+                &burst_fake,
+                &["--mode", "ebpf", "--redirect-target", &target],
+            );
             let start_at = (now() + 2.0).to_string();
             let before = tcp_counters(&burst_node);
-            let l = load(&burst_pods, &args(&["--once", "--start-at", &start_at]), Pod::token);
-            eprintln!("bench: burst floor TCP: {}", tcp_counters(&burst_node).since(&before));
+            let l = load(
+                &burst_pods,
+                &args(&["--once", "--start-at", &start_at]),
+                Pod::token,
+            );
+            eprintln!(
+                "bench: burst floor TCP: {}",
+                tcp_counters(&burst_node).since(&before)
+            );
             drop(redirect);
             let _ = delayed.kill();
             let _ = delayed.wait();
             l
         };
-        let burst_agent = Agent::start_binary(&burst_node, &burst_fake, &["--mode", "ebpf"], &[], &counting);
+        let burst_agent = Agent::start_binary(
+            &burst_node,
+            &burst_fake,
+            &["--mode", "ebpf"],
+            &[],
+            &counting,
+        );
         let recording = profile.then(|| start_profile(burst_agent.pid(), &out_dir, "burst", 5));
         let start_at = (now() + 2.0).to_string();
         let before = tcp_counters(&burst_node);
-        let first = load(&burst_pods, &args(&["--once", "--start-at", &start_at]), Pod::token);
-        eprintln!("bench: burst agent TCP: {}", tcp_counters(&burst_node).since(&before));
+        let first = load(
+            &burst_pods,
+            &args(&["--once", "--start-at", &start_at]),
+            Pod::token,
+        );
+        eprintln!(
+            "bench: burst agent TCP: {}",
+            tcp_counters(&burst_node).since(&before)
+        );
         if let Some(recording) = recording {
-            finish_profile(recording, &out_dir, "burst", "pod-identity-agent, 250 first requests at once, upstream 50 ms");
+            finish_profile(
+                recording,
+                &out_dir,
+                "burst",
+                "pod-identity-agent, 250 first requests at once, upstream 50 ms",
+            );
         }
         let calls = burst_fake.calls().len();
         rows.push(Row {
@@ -571,11 +813,17 @@ fn main() {
             let f = FakeAws::start_in(&n.netns);
             let a = Agent::start_binary(&n, &f, &["--mode", "ebpf"], &[], &counting);
             std::thread::sleep(Duration::from_secs(3));
-            (rss_kib(a.pid()), agent_metric(&n.netns, "process_heap_live_bytes"))
+            (
+                rss_kib(a.pid()),
+                agent_metric(&n.netns, "process_heap_live_bytes"),
+            )
         };
-        let more: Vec<Pod> = (0..750).map(|i| burst_node.add_host_network_pod("bench", &format!("mem-{i}"), "app")).collect();
+        let more: Vec<Pod> = (0..750)
+            .map(|i| burst_node.add_host_network_pod("bench", &format!("mem-{i}"), "app"))
+            .collect();
         let more_tokens: Vec<String> = more.iter().map(Pod::token).collect();
-        let token_of_more = |p: &Pod| more_tokens[more.iter().position(|q| q.uid == p.uid).unwrap()].clone();
+        let token_of_more =
+            |p: &Pod| more_tokens[more.iter().position(|q| q.uid == p.uid).unwrap()].clone();
         for chunk in more.chunks(50) {
             load(chunk, &args(&["--once"]), token_of_more);
         }
@@ -583,9 +831,20 @@ fn main() {
         // Steady state: the EKS Auth connections of the burst and of this load close once idle
         // (20 s), and a maintenance pass (every 2 s) runs, as on a node.
         std::thread::sleep(Duration::from_secs(25));
-        let entries = pod_identity_e2e::node::http_get(&burst_node.netns, "127.0.0.1:2705".parse().unwrap(), "/metrics")
-            .map(|(_, m)| m.lines().find_map(|l| l.strip_prefix("pod_identity_agent_cache_entries ").map(|v| v.trim().to_owned())).unwrap_or_default())
-            .unwrap_or_default();
+        let entries = pod_identity_e2e::node::http_get(
+            &burst_node.netns,
+            "127.0.0.1:2705".parse().unwrap(),
+            "/metrics",
+        )
+        .map(|(_, m)| {
+            m.lines()
+                .find_map(|l| {
+                    l.strip_prefix("pod_identity_agent_cache_entries ")
+                        .map(|v| v.trim().to_owned())
+                })
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
         let full_kib = rss_kib(burst_agent.pid());
         let full_heap = agent_metric(&burst_node.netns, "process_heap_live_bytes");
         let per_pod = |full: f64, idle: f64| (full - idle) / 1000.0;
@@ -622,14 +881,27 @@ fn main() {
         let bogus = format!("{}.bogus", flooder.token().rsplit_once('.').unwrap().0);
         let flood = flooder
             .command(tool("loadgen").to_str().unwrap())
-            .args(["--token", &bogus, "--unique-tokens", "--concurrency", "16", "--seconds", "30"])
+            .args([
+                "--token",
+                &bogus,
+                "--unique-tokens",
+                "--concurrency",
+                "16",
+                "--seconds",
+                "30",
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(500));
         // The other pod keeps using the token it already has (kubelet rotates it every ~19 hours).
-        let served = load(std::slice::from_ref(victim), &args(&["--seconds", "5", "--rate", "50", "--concurrency", "1"]), token_of_more);
-        let flood_out: serde_json::Value = serde_json::from_slice(&flood.wait_with_output().unwrap().stdout).unwrap();
+        let served = load(
+            std::slice::from_ref(victim),
+            &args(&["--seconds", "5", "--rate", "50", "--concurrency", "1"]),
+            token_of_more,
+        );
+        let flood_out: serde_json::Value =
+            serde_json::from_slice(&flood.wait_with_output().unwrap().stdout).unwrap();
         let flood_sent = flood_out["ok"].as_u64().unwrap() + flood_out["failed"].as_u64().unwrap();
         let after_kib = rss_kib(burst_agent.pid());
         rows.push(Row {
@@ -658,12 +930,26 @@ fn main() {
     // Report.
     let machine = format!(
         "{} cores, {} MiB, kernel {}",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        fs::read_to_string("/proc/meminfo").unwrap_or_default().lines().next().and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()).unwrap_or(0)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0)
             / 1024,
-        fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()
+        fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
     );
-    let date = Command::new("date").arg("-u").arg("+%Y-%m-%d").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
+    let date = Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
     let mut md = format!(
         "Measured {date} on {machine}, release build, `cargo xtask bench` (all load generators, servers and the fake EKS Auth share the machine).\n\n| scenario | measure | ours | baseline | ratio | target | met |\n|---|---|---|---|---|---|---|\n"
     );
@@ -694,7 +980,11 @@ fn main() {
         })).collect::<Vec<_>>(),
     });
     fs::write(out_dir.join("results.md"), &md).unwrap();
-    fs::write(out_dir.join("results.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    fs::write(
+        out_dir.join("results.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
     let _ = fs::remove_dir_all(&work);
     println!("{md}");
 }
@@ -702,7 +992,15 @@ fn main() {
 /// `perf record` of the agent for `seconds` (`cargo xtask bench --profile`).
 fn start_profile(pid: u32, out_dir: &Path, name: &str, seconds: u32) -> Child {
     Command::new("perf")
-        .args(["record", "-F", "997", "-g", "--call-graph", "dwarf,16384", "-o"])
+        .args([
+            "record",
+            "-F",
+            "997",
+            "-g",
+            "--call-graph",
+            "dwarf,16384",
+            "-o",
+        ])
         .arg(out_dir.join(format!("{name}.perf.data")))
         .args(["-p", &pid.to_string(), "--", "sleep", &seconds.to_string()])
         .stdout(Stdio::null())
@@ -715,14 +1013,21 @@ fn start_profile(pid: u32, out_dir: &Path, name: &str, seconds: u32) -> Child {
 fn finish_profile(mut recording: Child, out_dir: &Path, name: &str, title: &str) {
     use std::io::Write as _;
     let _ = recording.wait();
-    let script = Command::new("perf").arg("script").arg("-i").arg(out_dir.join(format!("{name}.perf.data"))).output().expect("perf script");
+    let script = Command::new("perf")
+        .arg("script")
+        .arg("-i")
+        .arg(out_dir.join(format!("{name}.perf.data")))
+        .output()
+        .expect("perf script");
     let pipe = |program: &str, args: &[&str], input: &[u8]| -> Vec<u8> {
         let mut c = Command::new(program)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("{program} (cargo xtask bench --profile installs inferno): {e}"));
+            .unwrap_or_else(|e| {
+                panic!("{program} (cargo xtask bench --profile installs inferno): {e}")
+            });
         c.stdin.take().unwrap().write_all(input).unwrap();
         c.wait_with_output().unwrap().stdout
     };

@@ -19,7 +19,10 @@ fn main() {
     // SAFETY: set before any other thread exists.
     unsafe { std::env::set_var("PIA_AGENT_LOG", "info,pod_identity_agent::server=debug") };
     std::thread::spawn(|| {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let _ = tokio::signal::ctrl_c().await;
         });
@@ -34,15 +37,41 @@ fn main() {
     fake.associate("payments", "worker", "payments-worker");
     fake.associate("search", "indexer", "search-indexer");
     let pods = [
-        node.add_pod("payments", "api-7d9f8-x2k4p", "api", CgroupShape::SystemdBurstable),
-        node.add_pod("payments", "worker-0", "worker", CgroupShape::SystemdGuaranteed),
-        node.add_pod("search", "indexer-5c6b7-q8w2e", "indexer", CgroupShape::CgroupfsBestEffort),
+        node.add_pod(
+            "payments",
+            "api-7d9f8-x2k4p",
+            "api",
+            CgroupShape::SystemdBurstable,
+        ),
+        node.add_pod(
+            "payments",
+            "worker-0",
+            "worker",
+            CgroupShape::SystemdGuaranteed,
+        ),
+        node.add_pod(
+            "search",
+            "indexer-5c6b7-q8w2e",
+            "indexer",
+            CgroupShape::CgroupfsBestEffort,
+        ),
     ];
     // A service account nobody created an association for.
-    let crawler = node.add_pod("search", "crawler-0", "crawler", CgroupShape::SystemdBurstable);
+    let crawler = node.add_pod(
+        "search",
+        "crawler-0",
+        "crawler",
+        CgroupShape::SystemdBurstable,
+    );
     println!("pod-identity-agent demo: real eBPF redirect, real agent, fake EKS Auth\n");
-    println!("node: network namespace {}, addresses {} and {}", node.netns, node.ip4, node.ip6);
-    println!("      programs attach at cgroup {}\n", node.cgroup_root.display());
+    println!(
+        "node: network namespace {}, addresses {} and {}",
+        node.netns, node.ip4, node.ip6
+    );
+    println!(
+        "      programs attach at cgroup {}\n",
+        node.cgroup_root.display()
+    );
     let agent = Agent::start(&node, &fake, &[]);
     println!("simulated pods:");
     for pod in &pods {
@@ -52,11 +81,16 @@ fn main() {
             pod.uid,
             pod.ip4.map(|ip| ip.to_string()).unwrap_or_default(),
             "",
-            pod.cgroup.strip_prefix(&node.cgroup_root).unwrap_or(&pod.cgroup).display()
+            pod.cgroup
+                .strip_prefix(&node.cgroup_root)
+                .unwrap_or(&pod.cgroup)
+                .display()
         );
     }
 
-    println!("\nrequests (each pod dials the link-local address; the kernel sends it to the agent):");
+    println!(
+        "\nrequests (each pod dials the link-local address; the kernel sends it to the agent):"
+    );
     for pod in &pods {
         let token = pod.token();
         show(pod, "curl  ", V4_URL, &pod.curl(V4_URL, &token));
@@ -69,7 +103,12 @@ fn main() {
                 V4_URL,
                 redact(&secret)
             ),
-            Err(e) => println!("  {:<30} boto3  {:<40} FAILED: {}", who(pod), V4_URL, e.lines().last().unwrap_or("")),
+            Err(e) => println!(
+                "  {:<30} boto3  {:<40} FAILED: {}",
+                who(pod),
+                V4_URL,
+                e.lines().last().unwrap_or("")
+            ),
         }
     }
     let stolen = pods[0].token();
@@ -83,18 +122,29 @@ fn main() {
     );
 
     let r = crawler.curl(V4_URL, &crawler.token());
-    println!("  {:<30} curl   {:<40} -> {} {}", who(&crawler), V4_URL, r.status, r.body.trim());
+    println!(
+        "  {:<30} curl   {:<40} -> {} {}",
+        who(&crawler),
+        V4_URL,
+        r.status,
+        r.body.trim()
+    );
 
     // Let the agent's log catch up before reading it.
     std::thread::sleep(Duration::from_millis(200));
     println!("\nwhom the agent attributed each request to (its log, debug level):");
     for line in agent.log().lines() {
-        if let Some(at) = line.find("served credentials").or_else(|| line.find("refused credential request")) {
+        if let Some(at) = line
+            .find("served credentials")
+            .or_else(|| line.find("refused credential request"))
+        {
             let fields = &line[at..];
             println!("  {}", fields);
         }
     }
-    println!("\nper-pod statistics (`pod-identity-agent pods`, as an operator runs it in the agent's pod):");
+    println!(
+        "\nper-pod statistics (`pod-identity-agent pods`, as an operator runs it in the agent's pod):"
+    );
     for line in agent.pods_cli(&[]).lines() {
         println!("  {line}");
     }
@@ -105,16 +155,38 @@ fn main() {
         pods.len() * 3
     );
     let metrics = agent.metrics();
-    for line in metrics.lines().filter(|l| l.starts_with("pod_identity_agent_kernel_redirected_connects_total")) {
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("pod_identity_agent_kernel_redirected_connects_total"))
+    {
         println!("kernel: {line}");
     }
 
-    println!("\nthe cluster's associations (`pod-identity-agent associations`, an operator's credentials, the fake EKS API):");
+    println!(
+        "\nthe cluster's associations (`pod-identity-agent associations`, an operator's credentials, the fake EKS API):"
+    );
     indent(&cli(&node, None, &fake, Caller::Operator, &["associations"]).stdout);
-    println!("\nthis node's pods joined to them (`pod-identity-agent pods --json | pod-identity-agent associations --pods -`):");
-    indent(&cli_with_stdin(&node, &fake, Caller::Operator, &["associations", "--pods", "-"], &agent.pods_cli(&["--json"])).stdout);
+    println!(
+        "\nthis node's pods joined to them (`pod-identity-agent pods --json | pod-identity-agent associations --pods -`):"
+    );
+    indent(
+        &cli_with_stdin(
+            &node,
+            &fake,
+            Caller::Operator,
+            &["associations", "--pods", "-"],
+            &agent.pods_cli(&["--json"]),
+        )
+        .stdout,
+    );
     println!("\nthe node's set-up checked (`pod-identity-agent doctor`, run on the node):");
-    let doctor = cli(&node, Some(&node.host_cgroup("system.slice/doctor.scope")), &fake, Caller::Node, &["doctor"]);
+    let doctor = cli(
+        &node,
+        Some(&node.host_cgroup("system.slice/doctor.scope")),
+        &fake,
+        Caller::Node,
+        &["doctor"],
+    );
     indent(&doctor.stdout);
     drop(agent);
     drop(fake);
@@ -133,7 +205,11 @@ fn who(pod: &Pod) -> String {
 }
 
 fn redact(secret: &str) -> String {
-    format!("{}…(redacted, {} chars)", &secret[..secret.len().min(4)], secret.len())
+    format!(
+        "{}…(redacted, {} chars)",
+        &secret[..secret.len().min(4)],
+        secret.len()
+    )
 }
 
 fn show(pod: &Pod, client: &str, url: &str, r: &HttpResult) {
@@ -149,6 +225,12 @@ fn show(pod: &Pod, client: &str, url: &str, r: &HttpResult) {
             v["Expiration"].as_str().unwrap_or("?")
         );
     } else {
-        println!("  {:<30} {client} {:<40} -> {} {}", who(pod), url, r.status, r.body.trim());
+        println!(
+            "  {:<30} {client} {:<40} -> {} {}",
+            who(pod),
+            url,
+            r.status,
+            r.body.trim()
+        );
     }
 }

@@ -101,10 +101,18 @@ async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Re
         buf.extend_from_slice(&chunk[..n]);
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = std::str::from_utf8(&buf[..end]).map_err(std::io::Error::other)?;
-            let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| std::io::Error::other("bad status line"))?;
+            let status: u16 = head
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| std::io::Error::other("bad status line"))?;
             let length: usize = head
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap_or(0))
+                })
                 .unwrap_or(0);
             while buf.len() < end + 4 + length {
                 let n = stream.read(&mut chunk).await?;
@@ -118,12 +126,21 @@ async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Re
     }
 }
 
-async fn worker(o: Arc<Options>, id: usize, deadline: Instant, stop: tokio::sync::watch::Receiver<bool>, tally: Arc<Mutex<Tally>>) {
+async fn worker(
+    o: Arc<Options>,
+    id: usize,
+    deadline: Instant,
+    stop: tokio::sync::watch::Receiver<bool>,
+    tally: Arc<Mutex<Tally>>,
+) {
     let mut conn: Option<TcpStream> = None;
     let mut buf = Vec::with_capacity(2048);
     let mut local = Tally::default();
     let interval = (o.rate > 0.0).then(|| Duration::from_secs_f64(o.concurrency as f64 / o.rate));
-    let mut next = Instant::now() + interval.map(|i| i.mul_f64(id as f64 / o.concurrency as f64)).unwrap_or_default();
+    let mut next = Instant::now()
+        + interval
+            .map(|i| i.mul_f64(id as f64 / o.concurrency as f64))
+            .unwrap_or_default();
     let mut serial = 0u64;
     loop {
         if let Some(i) = interval {
@@ -134,7 +151,11 @@ async fn worker(o: Arc<Options>, id: usize, deadline: Instant, stop: tokio::sync
             break;
         }
         // Latency from the scheduled send time (open loop) or from now (closed loop).
-        let started = if interval.is_some() { next - interval.unwrap() } else { Instant::now() };
+        let started = if interval.is_some() {
+            next - interval.unwrap()
+        } else {
+            Instant::now()
+        };
         let result: std::io::Result<u16> = async {
             if conn.is_none() {
                 let s = TcpStream::connect(o.addr).await?;
@@ -150,9 +171,20 @@ async fn worker(o: Arc<Options>, id: usize, deadline: Instant, stop: tokio::sync
             }
             let stream = conn.as_mut().expect("connected");
             serial += 1;
-            let token = if o.unique_tokens { format!("{}x{id}x{serial}", o.token) } else { o.token.clone() };
-            let close = if o.keepalive { "" } else { "Connection: close\r\n" };
-            let request = format!("GET /v1/credentials HTTP/1.1\r\nHost: {}\r\nAuthorization: {token}\r\n{close}\r\n", o.host);
+            let token = if o.unique_tokens {
+                format!("{}x{id}x{serial}", o.token)
+            } else {
+                o.token.clone()
+            };
+            let close = if o.keepalive {
+                ""
+            } else {
+                "Connection: close\r\n"
+            };
+            let request = format!(
+                "GET /v1/credentials HTTP/1.1\r\nHost: {}\r\nAuthorization: {token}\r\n{close}\r\n",
+                o.host
+            );
             stream.write_all(request.as_bytes()).await?;
             let status = read_response(stream, &mut buf).await?;
             if !o.keepalive {
@@ -167,7 +199,9 @@ async fn worker(o: Arc<Options>, id: usize, deadline: Instant, stop: tokio::sync
                 *local.statuses.entry(status).or_default() += 1;
                 if status == 200 || o.connect_only {
                     local.ok += 1;
-                    local.latencies_us.push(elapsed.as_micros().min(u32::MAX as u128) as u32);
+                    local
+                        .latencies_us
+                        .push(elapsed.as_micros().min(u32::MAX as u128) as u32);
                     if let Some(key) = &o.expect_key
                         && !buf.windows(key.len()).any(|w| w == key.as_bytes())
                     {
@@ -205,10 +239,16 @@ async fn worker(o: Arc<Options>, id: usize, deadline: Instant, stop: tokio::sync
 
 fn main() {
     let o = Arc::new(parse());
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         if let Some(at) = o.start_at {
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64();
             if at > now {
                 tokio::time::sleep(Duration::from_secs_f64(at - now)).await;
             }
@@ -218,17 +258,33 @@ fn main() {
         let tally = Arc::new(Mutex::new(Tally::default()));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
-            if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            if let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            {
                 term.recv().await;
                 let _ = stop_tx.send(true);
             }
         });
-        let workers: Vec<_> = (0..o.concurrency).map(|id| tokio::spawn(worker(o.clone(), id, deadline, stop_rx.clone(), tally.clone()))).collect();
+        let workers: Vec<_> = (0..o.concurrency)
+            .map(|id| {
+                tokio::spawn(worker(
+                    o.clone(),
+                    id,
+                    deadline,
+                    stop_rx.clone(),
+                    tally.clone(),
+                ))
+            })
+            .collect();
         for w in workers {
             let _ = w.await;
         }
         let t = tally.lock().unwrap();
-        let statuses: BTreeMap<String, u64> = t.statuses.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let statuses: BTreeMap<String, u64> = t
+            .statuses
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect();
         println!(
             "{}",
             serde_json::json!({

@@ -31,7 +31,16 @@ fn start_client(pod: Pod, seconds: f64) -> Client {
     let key = access_key_for(&pod.namespace, &pod.service_account);
     let loadgen = pod
         .command(binary().with_file_name("loadgen").to_str().unwrap())
-        .args(["--token", &pod.token(), "--rate", "5", "--concurrency", "1", "--seconds", &seconds.to_string()])
+        .args([
+            "--token",
+            &pod.token(),
+            "--rate",
+            "5",
+            "--concurrency",
+            "1",
+            "--seconds",
+            &seconds.to_string(),
+        ])
         .args(["--expect-key", &key])
         .stdout(Stdio::piped())
         .spawn()
@@ -55,7 +64,12 @@ fn finish(client: Client, seen: &mut Seen, stop: bool) -> Pod {
     }
     let out = client.loadgen.wait_with_output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("loadgen result");
-    let statuses: u64 = v["statuses"].as_object().unwrap().values().map(|n| n.as_u64().unwrap()).sum();
+    let statuses: u64 = v["statuses"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
     seen.responses += statuses;
     seen.ok += v["ok"].as_u64().unwrap();
     seen.wrong += v["wrong"].as_u64().unwrap();
@@ -68,15 +82,24 @@ fn proc_figures(pid: u32) -> (u64, usize) {
     let rss = fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.split_whitespace().next()?.parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
         .unwrap_or(0);
-    let fds = fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+    let fds = fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
     (rss, fds)
 }
 
 fn main() {
     pod_identity_e2e::require_root();
-    let minutes: f64 = std::env::args().skip_while(|a| a != "--minutes").nth(1).map(|m| m.parse().expect("--minutes N")).unwrap_or(2.0);
+    let minutes: f64 = std::env::args()
+        .skip_while(|a| a != "--minutes")
+        .nth(1)
+        .map(|m| m.parse().expect("--minutes N"))
+        .unwrap_or(2.0);
     let total = Duration::from_secs_f64(minutes * 60.0);
     let node = Node::new();
     let fake = FakeAws::start_in(&node.netns);
@@ -99,15 +122,41 @@ fn main() {
         }
     };
     eprintln!("soak: starting 100 pods");
-    let mut clients: Vec<Client> = (0..100).map(|_| start_client(new_pod(&node), seconds)).collect();
+    let mut clients: Vec<Client> = (0..100)
+        .map(|_| start_client(new_pod(&node), seconds))
+        .collect();
     let mut seen = Seen::default();
     let faults = [
         ("healthy", None, Duration::ZERO, false),
-        ("503s", Some(Fault { status: 503, code: "ServiceUnavailableException".into() }), Duration::ZERO, false),
+        (
+            "503s",
+            Some(Fault {
+                status: 503,
+                code: "ServiceUnavailableException".into(),
+            }),
+            Duration::ZERO,
+            false,
+        ),
         ("healthy", None, Duration::ZERO, false),
-        ("throttling", Some(Fault { status: 429, code: "ThrottlingException".into() }), Duration::ZERO, false),
+        (
+            "throttling",
+            Some(Fault {
+                status: 429,
+                code: "ThrottlingException".into(),
+            }),
+            Duration::ZERO,
+            false,
+        ),
         ("latency spikes", None, Duration::from_millis(2500), false),
-        ("500s", Some(Fault { status: 500, code: "InternalServerException".into() }), Duration::ZERO, false),
+        (
+            "500s",
+            Some(Fault {
+                status: 500,
+                code: "InternalServerException".into(),
+            }),
+            Duration::ZERO,
+            false,
+        ),
         ("resets", None, Duration::ZERO, true),
     ];
     let mut baseline: Option<(u64, usize)> = None;

@@ -15,7 +15,11 @@ use crate::{ACCOUNT, CLUSTER, REGION};
 /// EKS's own limits on `maxResults`.
 const MAX_RESULTS: usize = 100;
 
-pub(super) fn handle(state: &Mutex<State>, parts: &http::request::Parts, body: &Bytes) -> Response<Full<Bytes>> {
+pub(super) fn handle(
+    state: &Mutex<State>,
+    parts: &http::request::Parts,
+    body: &Bytes,
+) -> Response<Full<Bytes>> {
     let signed_by = match authenticate(state, parts, body, "eks") {
         Ok(akid) => akid,
         Err(rejection) => return rejection,
@@ -26,26 +30,58 @@ pub(super) fn handle(state: &Mutex<State>, parts: &http::request::Parts, body: &
     let mut st = state.lock().unwrap();
     let (operation, response) = match (&parts.method, segments.as_slice()) {
         (&Method::GET, ["clusters", name]) => ("DescribeCluster", describe_cluster(&st, name)),
-        (&Method::GET, ["clusters", name, "addons", addon]) => ("DescribeAddon", describe_addon(&st, name, addon)),
-        (&Method::GET, ["clusters", name, "pod-identity-associations"]) => ("ListPodIdentityAssociations", list(&st, name, &query)),
-        (&Method::GET, ["clusters", name, "pod-identity-associations", id]) => ("DescribePodIdentityAssociation", describe(&st, name, id)),
-        (&Method::POST, ["clusters", name, "pod-identity-associations"]) => ("CreatePodIdentityAssociation", create(&mut st, name, body)),
-        (&Method::DELETE, ["clusters", name, "pod-identity-associations", id]) => ("DeletePodIdentityAssociation", delete(&mut st, name, id)),
-        _ => ("Unknown", error(404, "UnknownOperationException", &format!("no operation {} {path}", parts.method))),
+        (&Method::GET, ["clusters", name, "addons", addon]) => {
+            ("DescribeAddon", describe_addon(&st, name, addon))
+        }
+        (&Method::GET, ["clusters", name, "pod-identity-associations"]) => {
+            ("ListPodIdentityAssociations", list(&st, name, &query))
+        }
+        (&Method::GET, ["clusters", name, "pod-identity-associations", id]) => {
+            ("DescribePodIdentityAssociation", describe(&st, name, id))
+        }
+        (&Method::POST, ["clusters", name, "pod-identity-associations"]) => {
+            ("CreatePodIdentityAssociation", create(&mut st, name, body))
+        }
+        (&Method::DELETE, ["clusters", name, "pod-identity-associations", id]) => {
+            ("DeletePodIdentityAssociation", delete(&mut st, name, id))
+        }
+        _ => (
+            "Unknown",
+            error(
+                404,
+                "UnknownOperationException",
+                &format!("no operation {} {path}", parts.method),
+            ),
+        ),
     };
-    st.api_calls.push(ApiCall { operation, signed_by, status: response.status().as_u16() });
+    st.api_calls.push(ApiCall {
+        operation,
+        signed_by,
+        status: response.status().as_u16(),
+    });
     response
 }
 
 fn query(q: &str) -> BTreeMap<String, String> {
     q.split('&')
         .filter_map(|p| p.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.replace("%2F", "/").replace("%3D", "=").replace("%2B", "+")))
+        .map(|(k, v)| {
+            (
+                k.to_owned(),
+                v.replace("%2F", "/")
+                    .replace("%3D", "=")
+                    .replace("%2B", "+"),
+            )
+        })
         .collect()
 }
 
 fn no_cluster(name: &str) -> Response<Full<Bytes>> {
-    error(404, "ResourceNotFoundException", &format!("No cluster found for name: {name}."))
+    error(
+        404,
+        "ResourceNotFoundException",
+        &format!("No cluster found for name: {name}."),
+    )
 }
 
 /// The cluster exists under the fake's name, unless made absent.
@@ -54,7 +90,9 @@ fn cluster_ok(st: &State, name: &str) -> bool {
 }
 
 fn describe_cluster(st: &State, name: &str) -> Response<Full<Bytes>> {
-    let Some(status) = st.cluster_status.as_ref().filter(|_| name == CLUSTER) else { return no_cluster(name) };
+    let Some(status) = st.cluster_status.as_ref().filter(|_| name == CLUSTER) else {
+        return no_cluster(name);
+    };
     json(
         200,
         serde_json::json!({"cluster": {
@@ -85,7 +123,11 @@ fn describe_addon(st: &State, name: &str, addon: &str) -> Response<Full<Bytes>> 
             }}),
             &[],
         ),
-        None => error(404, "ResourceNotFoundException", &format!("No addon: {addon} found in cluster: {name}")),
+        None => error(
+            404,
+            "ResourceNotFoundException",
+            &format!("No addon: {addon} found in cluster: {name}"),
+        ),
     }
 }
 
@@ -127,9 +169,18 @@ fn list(st: &State, name: &str, query: &BTreeMap<String, String>) -> Response<Fu
     let max = match query.get("maxResults").map(|m| m.parse::<usize>()) {
         None => MAX_RESULTS,
         Some(Ok(m)) if (1..=MAX_RESULTS).contains(&m) => m,
-        Some(_) => return error(400, "InvalidParameterException", "maxResults must be between 1 and 100"),
+        Some(_) => {
+            return error(
+                400,
+                "InvalidParameterException",
+                "maxResults must be between 1 and 100",
+            );
+        }
     };
-    let start = match query.get("nextToken").map(|t| t.strip_prefix("offset-").and_then(|n| n.parse::<usize>().ok())) {
+    let start = match query.get("nextToken").map(|t| {
+        t.strip_prefix("offset-")
+            .and_then(|n| n.parse::<usize>().ok())
+    }) {
         None => 0,
         Some(Some(n)) => n,
         Some(None) => return error(400, "InvalidParameterException", "The nextToken is invalid"),
@@ -138,9 +189,18 @@ fn list(st: &State, name: &str, query: &BTreeMap<String, String>) -> Response<Fu
         .associations
         .iter()
         .filter(|a| query.get("namespace").is_none_or(|ns| *ns == a.namespace))
-        .filter(|a| query.get("serviceAccount").is_none_or(|sa| *sa == a.service_account))
+        .filter(|a| {
+            query
+                .get("serviceAccount")
+                .is_none_or(|sa| *sa == a.service_account)
+        })
         .collect();
-    let page: Vec<serde_json::Value> = matching.iter().skip(start).take(max).map(|a| summary(a)).collect();
+    let page: Vec<serde_json::Value> = matching
+        .iter()
+        .skip(start)
+        .take(max)
+        .map(|a| summary(a))
+        .collect();
     let mut body = serde_json::json!({ "associations": page });
     if start + max < matching.len() {
         body["nextToken"] = format!("offset-{}", start + max).into();
@@ -149,7 +209,11 @@ fn list(st: &State, name: &str, query: &BTreeMap<String, String>) -> Response<Fu
 }
 
 fn not_found(id: &str) -> Response<Full<Bytes>> {
-    error(404, "ResourceNotFoundException", &format!("No Pod Identity Association found with id {id}"))
+    error(
+        404,
+        "ResourceNotFoundException",
+        &format!("No Pod Identity Association found with id {id}"),
+    )
 }
 
 fn describe(st: &State, name: &str, id: &str) -> Response<Full<Bytes>> {
@@ -169,22 +233,59 @@ fn create(st: &mut State, name: &str, body: &Bytes) -> Response<Full<Bytes>> {
     let Ok(input) = serde_json::from_slice::<serde_json::Value>(body) else {
         return error(400, "InvalidParameterException", "request body is not JSON");
     };
-    let text = |key: &str| input[key].as_str().filter(|s| !s.is_empty()).map(str::to_owned);
-    let (Some(namespace), Some(service_account), Some(role_arn)) = (text("namespace"), text("serviceAccount"), text("roleArn")) else {
-        return error(400, "InvalidParameterException", "namespace, serviceAccount and roleArn are required");
+    let text = |key: &str| {
+        input[key]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
+    let (Some(namespace), Some(service_account), Some(role_arn)) =
+        (text("namespace"), text("serviceAccount"), text("roleArn"))
+    else {
+        return error(
+            400,
+            "InvalidParameterException",
+            "namespace, serviceAccount and roleArn are required",
+        );
     };
     if !role_arn.starts_with("arn:aws:iam::") {
-        return error(400, "InvalidParameterException", &format!("Role ARN {role_arn} is not a valid IAM role ARN"));
+        return error(
+            400,
+            "InvalidParameterException",
+            &format!("Role ARN {role_arn} is not a valid IAM role ARN"),
+        );
     }
-    if let Some(existing) = st.associations.iter().find(|a| a.namespace == namespace && a.service_account == service_account) {
-        return error(409, "ResourceInUseException", &format!("Association already exists: {}", existing.id));
+    if let Some(existing) = st
+        .associations
+        .iter()
+        .find(|a| a.namespace == namespace && a.service_account == service_account)
+    {
+        return error(
+            409,
+            "ResourceInUseException",
+            &format!("Association already exists: {}", existing.id),
+        );
     }
     let tags = input["tags"]
         .as_object()
-        .map(|t| t.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned())).collect())
+        .map(|t| {
+            t.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .collect()
+        })
         .unwrap_or_default();
-    let created = st.add_association(&namespace, &service_account, &role_arn, text("targetRoleArn"), tags);
-    json(200, serde_json::json!({ "association": full(&created) }), &[])
+    let created = st.add_association(
+        &namespace,
+        &service_account,
+        &role_arn,
+        text("targetRoleArn"),
+        tags,
+    );
+    json(
+        200,
+        serde_json::json!({ "association": full(&created) }),
+        &[],
+    )
 }
 
 fn delete(st: &mut State, name: &str, id: &str) -> Response<Full<Bytes>> {

@@ -11,7 +11,12 @@ use hyper::Response;
 use super::{Call, State, authenticate, error, json, rand_u32};
 use crate::{ACCOUNT, jwt};
 
-pub(super) async fn handle(state: &Mutex<State>, cluster: &str, parts: &http::request::Parts, body: &Bytes) -> Response<Full<Bytes>> {
+pub(super) async fn handle(
+    state: &Mutex<State>,
+    cluster: &str,
+    parts: &http::request::Parts,
+    body: &Bytes,
+) -> Response<Full<Bytes>> {
     if parts.method != http::Method::POST {
         return error(405, "InvalidRequestException", "POST only");
     }
@@ -23,7 +28,9 @@ pub(super) async fn handle(state: &Mutex<State>, cluster: &str, parts: &http::re
         return error(
             403,
             "AccessDeniedException",
-            &format!("User: arn:aws:sts::{ACCOUNT}:assumed-role/node-role/i-0 is not authorized to perform: eks-auth:AssumeRoleForPodIdentity"),
+            &format!(
+                "User: arn:aws:sts::{ACCOUNT}:assumed-role/node-role/i-0 is not authorized to perform: eks-auth:AssumeRoleForPodIdentity"
+            ),
         );
     }
     let token = serde_json::from_slice::<serde_json::Value>(body)
@@ -32,13 +39,27 @@ pub(super) async fn handle(state: &Mutex<State>, cluster: &str, parts: &http::re
         .unwrap_or_default();
     let claims = match jwt::claims(&token) {
         Ok(c) => c,
-        Err(e) => return error(400, "InvalidTokenException", &format!("token is not a JWT: {e}")),
+        Err(e) => {
+            return error(
+                400,
+                "InvalidTokenException",
+                &format!("token is not a JWT: {e}"),
+            );
+        }
     };
     let k8s = &claims["kubernetes.io"];
     let namespace = k8s["namespace"].as_str().unwrap_or("").to_owned();
-    let service_account = k8s["serviceaccount"]["name"].as_str().unwrap_or("").to_owned();
+    let service_account = k8s["serviceaccount"]["name"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
     let pod_uid = k8s["pod"]["uid"].as_str().unwrap_or("").to_owned();
-    let host = parts.headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
+    let host = parts
+        .headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
 
     let latency = state.lock().unwrap().latency;
     if !latency.is_zero() {
@@ -60,21 +81,34 @@ pub(super) async fn handle(state: &Mutex<State>, cluster: &str, parts: &http::re
         record(&mut st, fault.status);
         return error(fault.status, &fault.code, "injected fault");
     }
-    let audience_ok = claims["aud"].as_array().is_some_and(|a| a.iter().any(|v| v == jwt::AUDIENCE));
+    let audience_ok = claims["aud"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|v| v == jwt::AUDIENCE));
     if !audience_ok || namespace.is_empty() || service_account.is_empty() || pod_uid.is_empty() {
         record(&mut st, 400);
-        return error(400, "InvalidTokenException", "token lacks the pods.eks.amazonaws.com audience or kubernetes.io claims");
+        return error(
+            400,
+            "InvalidTokenException",
+            "token lacks the pods.eks.amazonaws.com audience or kubernetes.io claims",
+        );
     }
     if claims["exp"].as_i64().unwrap_or(0) <= jwt::now() {
         record(&mut st, 400);
         return error(400, "ExpiredTokenException", "token has expired");
     }
-    let Some(association) = st.associations.iter().find(|a| a.namespace == namespace && a.service_account == service_account).cloned() else {
+    let Some(association) = st
+        .associations
+        .iter()
+        .find(|a| a.namespace == namespace && a.service_account == service_account)
+        .cloned()
+    else {
         record(&mut st, 404);
         return error(
             404,
             "ResourceNotFoundException",
-            &format!("no pod identity association for {namespace}/{service_account} in cluster {cluster}"),
+            &format!(
+                "no pod identity association for {namespace}/{service_account} in cluster {cluster}"
+            ),
         );
     };
     record(&mut st, 200);

@@ -16,8 +16,6 @@ mod eks_auth;
 pub mod sigv4;
 mod sts;
 
-pub use sts::StsCall;
-
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::SocketAddr,
@@ -29,8 +27,12 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper::{Request, Response, body::Incoming};
 use hyper_util::rt::TokioIo;
+pub use sts::StsCall;
 
-use crate::{ACCOUNT, CLUSTER, NODE_ACCESS_KEY, NODE_SECRET, OPERATOR_ACCESS_KEY, OPERATOR_SECRET, REGION, jwt};
+use crate::{
+    ACCOUNT, CLUSTER, NODE_ACCESS_KEY, NODE_SECRET, OPERATOR_ACCESS_KEY, OPERATOR_SECRET, REGION,
+    jwt,
+};
 
 /// One EKS Auth call the fake answered.
 #[derive(Clone, Debug)]
@@ -107,13 +109,19 @@ struct State {
 
 impl Default for State {
     fn default() -> Self {
-        let key = |secret: &str| sigv4::Key { secret: secret.to_owned(), session_token: None };
+        let key = |secret: &str| sigv4::Key {
+            secret: secret.to_owned(),
+            session_token: None,
+        };
         State {
             associations: Vec::new(),
             serial: 0,
             cluster_status: Some("ACTIVE".into()),
             addons: HashMap::new(),
-            keys: HashMap::from([(NODE_ACCESS_KEY.to_owned(), key(NODE_SECRET)), (OPERATOR_ACCESS_KEY.to_owned(), key(OPERATOR_SECRET))]),
+            keys: HashMap::from([
+                (NODE_ACCESS_KEY.to_owned(), key(NODE_SECRET)),
+                (OPERATOR_ACCESS_KEY.to_owned(), key(OPERATOR_SECRET)),
+            ]),
             denied: HashSet::new(),
             calls: Vec::new(),
             api_calls: Vec::new(),
@@ -219,18 +227,31 @@ impl FakeAws {
             self,
             pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
         };
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pki.cert).unwrap().map(Result::unwrap).collect();
-        let key = PrivateKeyDer::from_pem_file(&pki.key).unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .with_safe_default_protocol_versions()
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pki.cert)
             .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .unwrap();
-        FakeAws::start(Some(netns), addr, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+            .map(Result::unwrap)
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(&pki.key).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        FakeAws::start(
+            Some(netns),
+            addr,
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+        )
     }
 
-    fn start(netns: Option<&str>, addr: SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>) -> FakeAws {
+    fn start(
+        netns: Option<&str>,
+        addr: SocketAddr,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> FakeAws {
         let bind = move || std::net::TcpListener::bind(addr).expect("bind fake AWS");
         let listener = match netns {
             Some(netns) => crate::node::in_netns(netns, bind),
@@ -238,7 +259,11 @@ impl FakeAws {
         };
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         let state = Arc::new(Mutex::new(State::default()));
         let served = state.clone();
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -291,7 +316,12 @@ impl FakeAws {
                 });
             }
         });
-        FakeAws { addr, scheme, state, _runtime: runtime }
+        FakeAws {
+            addr,
+            scheme,
+            state,
+            _runtime: runtime,
+        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -301,7 +331,17 @@ impl FakeAws {
     /// Lets pods of `namespace` running as `service_account` assume role `role` (a role name in
     /// the fake's account), as an association created through EKS would. Returns its ID.
     pub fn associate(&self, namespace: &str, service_account: &str, role: &str) -> String {
-        self.state.lock().unwrap().add_association(namespace, service_account, &role_arn(role), None, BTreeMap::new()).id
+        self.state
+            .lock()
+            .unwrap()
+            .add_association(
+                namespace,
+                service_account,
+                &role_arn(role),
+                None,
+                BTreeMap::new(),
+            )
+            .id
     }
 
     pub fn associations(&self) -> Vec<Association> {
@@ -324,8 +364,15 @@ impl FakeAws {
 
     /// Accepts signatures made with this key from now on.
     pub fn allow_key(&self, access_key_id: &str, secret: &str, session_token: Option<&str>) {
-        let key = sigv4::Key { secret: secret.to_owned(), session_token: session_token.map(str::to_owned) };
-        self.state.lock().unwrap().keys.insert(access_key_id.to_owned(), key);
+        let key = sigv4::Key {
+            secret: secret.to_owned(),
+            session_token: session_token.map(str::to_owned),
+        };
+        self.state
+            .lock()
+            .unwrap()
+            .keys
+            .insert(access_key_id.to_owned(), key);
     }
 
     /// Refuses signatures made with this key from now on.
@@ -336,7 +383,11 @@ impl FakeAws {
     /// EKS Auth answers AccessDeniedException to calls signed with this key (a node role
     /// without `eks-auth:AssumeRoleForPodIdentity`).
     pub fn deny_eks_auth(&self, access_key_id: &str) {
-        self.state.lock().unwrap().denied.insert(access_key_id.to_owned());
+        self.state
+            .lock()
+            .unwrap()
+            .denied
+            .insert(access_key_id.to_owned());
     }
 
     pub fn set_fault(&self, fault: Option<Fault>) {
@@ -349,7 +400,13 @@ impl FakeAws {
 
     /// Calls made for the pod with this UID.
     pub fn calls_for(&self, pod_uid: &str) -> usize {
-        self.state.lock().unwrap().calls.iter().filter(|c| c.pod_uid == pod_uid).count()
+        self.state
+            .lock()
+            .unwrap()
+            .calls
+            .iter()
+            .filter(|c| c.pod_uid == pod_uid)
+            .count()
     }
 
     /// EKS control-plane calls so far.
@@ -399,12 +456,19 @@ impl FakeAws {
 
     /// STS refuses to let anyone assume this role (its trust policy does not name the caller).
     pub fn deny_role(&self, role_arn: &str) {
-        self.state.lock().unwrap().denied_roles.insert(role_arn.to_owned());
+        self.state
+            .lock()
+            .unwrap()
+            .denied_roles
+            .insert(role_arn.to_owned());
     }
 }
 
 fn json(status: u16, body: serde_json::Value, extra: &[(&str, &str)]) -> Response<Full<Bytes>> {
-    let mut b = Response::builder().status(status).header("content-type", "application/json").header("x-amzn-requestid", format!("fake-{:08x}", rand_u32()));
+    let mut b = Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("x-amzn-requestid", format!("fake-{:08x}", rand_u32()));
     for (k, v) in extra {
         b = b.header(*k, *v);
     }
@@ -412,11 +476,17 @@ fn json(status: u16, body: serde_json::Value, extra: &[(&str, &str)]) -> Respons
 }
 
 fn error(status: u16, code: &str, message: &str) -> Response<Full<Bytes>> {
-    json(status, serde_json::json!({ "message": message }), &[("x-amzn-errortype", code)])
+    json(
+        status,
+        serde_json::json!({ "message": message }),
+        &[("x-amzn-errortype", code)],
+    )
 }
 
 fn rand_u32() -> u32 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
     t.subsec_nanos() ^ (t.as_secs() as u32).rotate_left(13)
 }
 
@@ -427,7 +497,10 @@ async fn route(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<By
         Err(_) => return error(400, "InvalidRequestException", "unreadable body"),
     };
     let path = parts.uri.path().to_owned();
-    if let Some(cluster) = path.strip_prefix("/clusters/").and_then(|rest| rest.strip_suffix("/assume-role-for-pod-identity")) {
+    if let Some(cluster) = path
+        .strip_prefix("/clusters/")
+        .and_then(|rest| rest.strip_suffix("/assume-role-for-pod-identity"))
+    {
         return eks_auth::handle(state, cluster, &parts, &body).await;
     }
     if path.starts_with("/clusters/") {
@@ -438,9 +511,17 @@ async fn route(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<By
         let Some((jwks, bearer)) = st.jwks.clone() else {
             return error(404, "NotFound", "no issuer keys served");
         };
-        let presented = parts.headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+        let presented = parts
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         if presented != format!("Bearer {bearer}") {
-            return error(401, "Unauthorized", "a service-account bearer token is needed");
+            return error(
+                401,
+                "Unauthorized",
+                "a service-account bearer token is needed",
+            );
         }
         st.jwks_fetches += 1;
         return json(200, jwks, &[]);
@@ -448,11 +529,20 @@ async fn route(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<By
     if path == "/" && parts.method == http::Method::POST {
         return sts::handle(state, &parts, &body).await;
     }
-    error(404, "UnknownOperationException", &format!("no operation at {path}"))
+    error(
+        404,
+        "UnknownOperationException",
+        &format!("no operation at {path}"),
+    )
 }
 
 /// [`authenticate`] for a query-protocol service: the rejection in its XML shape.
-fn authenticate_xml(state: &Mutex<State>, parts: &http::request::Parts, body: &[u8], service: &str) -> Result<String, Response<Full<Bytes>>> {
+fn authenticate_xml(
+    state: &Mutex<State>,
+    parts: &http::request::Parts,
+    body: &[u8],
+    service: &str,
+) -> Result<String, Response<Full<Bytes>>> {
     let st = state.lock().unwrap();
     sigv4::verify(parts, body, service, REGION, |akid| st.lookup_key(akid))
         .map(|signed| signed.access_key_id)
@@ -460,7 +550,12 @@ fn authenticate_xml(state: &Mutex<State>, parts: &http::request::Parts, body: &[
 }
 
 /// Verifies the request's signature for `service`, answering the rejection if it is not valid.
-fn authenticate(state: &Mutex<State>, parts: &http::request::Parts, body: &[u8], service: &str) -> Result<String, Response<Full<Bytes>>> {
+fn authenticate(
+    state: &Mutex<State>,
+    parts: &http::request::Parts,
+    body: &[u8],
+    service: &str,
+) -> Result<String, Response<Full<Bytes>>> {
     let st = state.lock().unwrap();
     sigv4::verify(parts, body, service, REGION, |akid| st.lookup_key(akid))
         .map(|signed| signed.access_key_id)

@@ -35,36 +35,83 @@ pub fn verify(
     lookup: impl Fn(&str) -> Option<Key>,
 ) -> Result<Signed, Rejection> {
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
-    let missing = || (403, "MissingAuthenticationTokenException", "Missing Authentication Token".to_owned());
+    let missing = || {
+        (
+            403,
+            "MissingAuthenticationTokenException",
+            "Missing Authentication Token".to_owned(),
+        )
+    };
     let auth = header("authorization").ok_or_else(missing)?;
     let rest = auth.strip_prefix("AWS4-HMAC-SHA256 ").ok_or_else(missing)?;
-    let field = |name: &str| rest.split(',').map(str::trim).find_map(|f| f.strip_prefix(name)).map(str::to_owned);
-    let (Some(credential), Some(signed_headers), Some(signature)) = (field("Credential="), field("SignedHeaders="), field("Signature=")) else {
-        return Err((403, "IncompleteSignatureException", format!("Authorization header is incomplete: {auth:.40}...")));
+    let field = |name: &str| {
+        rest.split(',')
+            .map(str::trim)
+            .find_map(|f| f.strip_prefix(name))
+            .map(str::to_owned)
+    };
+    let (Some(credential), Some(signed_headers), Some(signature)) = (
+        field("Credential="),
+        field("SignedHeaders="),
+        field("Signature="),
+    ) else {
+        return Err((
+            403,
+            "IncompleteSignatureException",
+            format!("Authorization header is incomplete: {auth:.40}..."),
+        ));
     };
     let scope: Vec<&str> = credential.split('/').collect();
     let [akid, date, scope_region, scope_service, "aws4_request"] = scope.as_slice() else {
-        return Err((403, "IncompleteSignatureException", "Credential scope is malformed".into()));
+        return Err((
+            403,
+            "IncompleteSignatureException",
+            "Credential scope is malformed".into(),
+        ));
     };
     if *scope_service != service || *scope_region != region {
         return Err((
             403,
             "InvalidSignatureException",
-            format!("Credential should be scoped to a valid region and service: expected {region}/{service}, got {scope_region}/{scope_service}"),
+            format!(
+                "Credential should be scoped to a valid region and service: expected {region}/{service}, got {scope_region}/{scope_service}"
+            ),
         ));
     }
     let Some(key) = lookup(akid) else {
-        return Err((403, "UnrecognizedClientException", "The security token included in the request is invalid.".into()));
+        return Err((
+            403,
+            "UnrecognizedClientException",
+            "The security token included in the request is invalid.".into(),
+        ));
     };
     if key.session_token.as_deref() != header("x-amz-security-token") {
-        return Err((403, "UnrecognizedClientException", "The security token included in the request is invalid.".into()));
+        return Err((
+            403,
+            "UnrecognizedClientException",
+            "The security token included in the request is invalid.".into(),
+        ));
     }
-    let amz_date = header("x-amz-date").ok_or_else(|| (403, "IncompleteSignatureException", "X-Amz-Date is missing".to_owned()))?;
+    let amz_date = header("x-amz-date").ok_or_else(|| {
+        (
+            403,
+            "IncompleteSignatureException",
+            "X-Amz-Date is missing".to_owned(),
+        )
+    })?;
     if !amz_date.starts_with(date) {
-        return Err((403, "InvalidSignatureException", "X-Amz-Date does not match the credential scope's date".into()));
+        return Err((
+            403,
+            "InvalidSignatureException",
+            "X-Amz-Date does not match the credential scope's date".into(),
+        ));
     }
     if !signed_headers.split(';').any(|h| h == "host") {
-        return Err((403, "InvalidSignatureException", "the Host header must be signed".into()));
+        return Err((
+            403,
+            "InvalidSignatureException",
+            "the Host header must be signed".into(),
+        ));
     }
     let payload_hash = match header("x-amz-content-sha256") {
         Some(h) => h.to_owned(),
@@ -76,10 +123,20 @@ pub fn verify(
             .headers
             .get_all(name)
             .iter()
-            .map(|v| v.to_str().unwrap_or("").split_whitespace().collect::<Vec<_>>().join(" "))
+            .map(|v| {
+                v.to_str()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
             .collect();
         let value = if name == "host" && values.is_empty() {
-            parts.uri.authority().map(|a| a.to_string()).unwrap_or_default()
+            parts
+                .uri
+                .authority()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
         } else {
             values.join(",")
         };
@@ -107,7 +164,10 @@ pub fn verify(
             "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method.".into(),
         ));
     }
-    Ok(Signed { access_key_id: akid.to_string(), region: region.to_owned() })
+    Ok(Signed {
+        access_key_id: akid.to_string(),
+        region: region.to_owned(),
+    })
 }
 
 fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
@@ -125,7 +185,9 @@ fn encode(s: &str, encode_slash: bool) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
             b'/' if !encode_slash => out.push('/'),
             _ => out.push_str(&format!("%{b:02X}")),
         }
@@ -138,7 +200,12 @@ fn decode(s: &str) -> String {
     let mut out = Vec::new();
     let mut i = 0;
     while i < bytes.len() {
-        match (bytes[i], bytes.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok())) {
+        match (
+            bytes[i],
+            bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok()),
+        ) {
             (b'%', Some(v)) => {
                 out.push(v);
                 i += 3;
@@ -163,7 +230,11 @@ fn canonical_query(query: &str) -> String {
         })
         .collect();
     pairs.sort();
-    pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&")
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 #[cfg(test)]
@@ -186,12 +257,37 @@ mod tests {
             .body(())
             .unwrap();
         let (parts, ()) = req.into_parts();
-        let lookup = |akid: &str| (akid == "AKIDEXAMPLE").then(|| Key { secret: secret.into(), session_token: None });
+        let lookup = |akid: &str| {
+            (akid == "AKIDEXAMPLE").then(|| Key {
+                secret: secret.into(),
+                session_token: None,
+            })
+        };
         let signed = verify(&parts, b"", "service", "us-east-1", lookup).unwrap();
         assert_eq!(signed.access_key_id, "AKIDEXAMPLE");
-        assert_eq!(verify(&parts, b"", "eks", "us-east-1", lookup).unwrap_err().1, "InvalidSignatureException");
-        let wrong = |_: &str| Some(Key { secret: "other".into(), session_token: None });
-        assert_eq!(verify(&parts, b"", "service", "us-east-1", wrong).unwrap_err().1, "InvalidSignatureException");
-        assert_eq!(verify(&parts, b"", "service", "us-east-1", |_| None).unwrap_err().1, "UnrecognizedClientException");
+        assert_eq!(
+            verify(&parts, b"", "eks", "us-east-1", lookup)
+                .unwrap_err()
+                .1,
+            "InvalidSignatureException"
+        );
+        let wrong = |_: &str| {
+            Some(Key {
+                secret: "other".into(),
+                session_token: None,
+            })
+        };
+        assert_eq!(
+            verify(&parts, b"", "service", "us-east-1", wrong)
+                .unwrap_err()
+                .1,
+            "InvalidSignatureException"
+        );
+        assert_eq!(
+            verify(&parts, b"", "service", "us-east-1", |_| None)
+                .unwrap_err()
+                .1,
+            "UnrecognizedClientException"
+        );
     }
 }

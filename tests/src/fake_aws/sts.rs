@@ -42,11 +42,17 @@ pub(super) fn xml_error(status: u16, code: &str, message: &str) -> Response<Full
         escape(message),
         rand_u32()
     );
-    Response::builder().status(status).header("content-type", "text/xml").body(Full::new(Bytes::from(body))).unwrap()
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/xml")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// `application/x-www-form-urlencoded` pairs.
@@ -58,7 +64,10 @@ pub fn form(body: &[u8]) -> BTreeMap<String, String> {
         while i < b.len() {
             match b[i] {
                 b'+' => out.push(b' '),
-                b'%' if i + 2 < b.len() => match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                b'%' if i + 2 < b.len() => match u8::from_str_radix(
+                    std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"),
+                    16,
+                ) {
                     Ok(v) => {
                         out.push(v);
                         i += 2;
@@ -94,14 +103,27 @@ fn iso8601(t: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
-pub(super) async fn handle(state: &Mutex<State>, parts: &http::request::Parts, body: &Bytes) -> Response<Full<Bytes>> {
+pub(super) async fn handle(
+    state: &Mutex<State>,
+    parts: &http::request::Parts,
+    body: &Bytes,
+) -> Response<Full<Bytes>> {
     let params = form(body);
     let action = params.get("Action").map(String::as_str);
     if !matches!(action, Some("AssumeRole" | "GetCallerIdentity")) {
-        return xml_error(400, "InvalidAction", &format!("the fake STS answers AssumeRole and GetCallerIdentity only, not {action:?}"));
+        return xml_error(
+            400,
+            "InvalidAction",
+            &format!("the fake STS answers AssumeRole and GetCallerIdentity only, not {action:?}"),
+        );
     }
     let signed_by = match authenticate_xml(state, parts, body, "sts") {
         Ok(akid) => akid,
@@ -112,14 +134,27 @@ pub(super) async fn handle(state: &Mutex<State>, parts: &http::request::Parts, b
             "<GetCallerIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><GetCallerIdentityResult><Arn>arn:aws:sts::{ACCOUNT}:assumed-role/node-role/{signed_by}</Arn><UserId>AROANODE:{signed_by}</UserId><Account>{ACCOUNT}</Account></GetCallerIdentityResult><ResponseMetadata><RequestId>fake-{:08x}</RequestId></ResponseMetadata></GetCallerIdentityResponse>",
             rand_u32()
         );
-        return Response::builder().status(200).header("content-type", "text/xml").body(Full::new(Bytes::from(body))).unwrap();
+        return Response::builder()
+            .status(200)
+            .header("content-type", "text/xml")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
     }
-    let list = |prefix: &str| -> Vec<String> { (1..).map_while(|i| params.get(&format!("{prefix}.member.{i}")).cloned()).collect() };
+    let list = |prefix: &str| -> Vec<String> {
+        (1..)
+            .map_while(|i| params.get(&format!("{prefix}.member.{i}")).cloned())
+            .collect()
+    };
     let mut call = StsCall {
         role_arn: params.get("RoleArn").cloned().unwrap_or_default(),
         session_name: params.get("RoleSessionName").cloned().unwrap_or_default(),
         tags: (1..)
-            .map_while(|i| Some((params.get(&format!("Tags.member.{i}.Key"))?.clone(), params.get(&format!("Tags.member.{i}.Value"))?.clone())))
+            .map_while(|i| {
+                Some((
+                    params.get(&format!("Tags.member.{i}.Key"))?.clone(),
+                    params.get(&format!("Tags.member.{i}.Value"))?.clone(),
+                ))
+            })
             .collect(),
         transitive_keys: list("TransitiveTagKeys"),
         duration_seconds: params.get("DurationSeconds").and_then(|d| d.parse().ok()),
@@ -131,7 +166,11 @@ pub(super) async fn handle(state: &Mutex<State>, parts: &http::request::Parts, b
         tokio::time::sleep(latency).await;
     }
     let mut st = state.lock().unwrap();
-    call.inherited = st.sts_sessions.get(&signed_by).map(|s| s.transitive.clone()).unwrap_or_default();
+    call.inherited = st
+        .sts_sessions
+        .get(&signed_by)
+        .map(|s| s.transitive.clone())
+        .unwrap_or_default();
     let refuse = |st: &mut State, mut call: StsCall, status: u16, code: &str, message: &str| {
         call.status = status;
         st.sts_calls.push(call);
@@ -140,34 +179,63 @@ pub(super) async fn handle(state: &Mutex<State>, parts: &http::request::Parts, b
     if let Some(fault) = st.sts_fault.clone() {
         return refuse(&mut st, call, fault.status, &fault.code, "injected fault");
     }
-    let session_ok =
-        !call.session_name.is_empty() && call.session_name.len() <= 64 && call.session_name.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c));
+    let session_ok = !call.session_name.is_empty()
+        && call.session_name.len() <= 64
+        && call
+            .session_name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c));
     if !session_ok {
-        let message = format!("1 validation error detected: Value '{}' at 'roleSessionName' failed to satisfy constraint", call.session_name);
+        let message = format!(
+            "1 validation error detected: Value '{}' at 'roleSessionName' failed to satisfy constraint",
+            call.session_name
+        );
         return refuse(&mut st, call, 400, "ValidationError", &message);
     }
     if let Some(key) = call.tags.keys().find(|k| call.inherited.contains_key(*k)) {
-        let message = format!("the tag {key} is transitive from the calling session and cannot be set again");
+        let message =
+            format!("the tag {key} is transitive from the calling session and cannot be set again");
         return refuse(&mut st, call, 400, "InvalidParameterValue", &message);
     }
-    if call.transitive_keys.iter().any(|k| !call.tags.contains_key(k)) {
-        return refuse(&mut st, call, 400, "InvalidParameterValue", "a transitive tag key has no tag in the call");
+    if call
+        .transitive_keys
+        .iter()
+        .any(|k| !call.tags.contains_key(k))
+    {
+        return refuse(
+            &mut st,
+            call,
+            400,
+            "InvalidParameterValue",
+            "a transitive tag key has no tag in the call",
+        );
     }
     if call.tags.len() + call.inherited.len() > 50 {
-        return refuse(&mut st, call, 400, "PackedPolicyTooLarge", "too many session tags");
+        return refuse(
+            &mut st,
+            call,
+            400,
+            "PackedPolicyTooLarge",
+            "too many session tags",
+        );
     }
     // arn:aws:iam::ACCOUNT:role/NAME, in any account (cross-account chains).
     let parsed = call
         .role_arn
         .strip_prefix("arn:aws:iam::")
         .and_then(|rest| rest.split_once(":role/"))
-        .filter(|(account, name)| account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit()) && !name.is_empty());
+        .filter(|(account, name)| {
+            account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit()) && !name.is_empty()
+        });
     let Some((account, role)) = parsed.map(|(a, r)| (a.to_owned(), r.to_owned())) else {
         let message = format!("no such role {}", call.role_arn);
         return refuse(&mut st, call, 403, "AccessDenied", &message);
     };
     if st.denied_roles.contains(&call.role_arn) {
-        let message = format!("User: {signed_by} is not authorized to perform: sts:AssumeRole on resource: {}", call.role_arn);
+        let message = format!(
+            "User: {signed_by} is not authorized to perform: sts:AssumeRole on resource: {}",
+            call.role_arn
+        );
         return refuse(&mut st, call, 403, "AccessDenied", &message);
     }
     call.status = 200;
@@ -184,8 +252,15 @@ pub(super) async fn handle(state: &Mutex<State>, parts: &http::request::Parts, b
     for k in &call.transitive_keys {
         transitive.insert(k.clone(), call.tags[k].clone());
     }
-    st.sts_sessions.insert(access_key.clone(), Session { transitive });
-    st.keys.insert(access_key.clone(), sigv4::Key { secret: secret.clone(), session_token: Some(session_token.clone()) });
+    st.sts_sessions
+        .insert(access_key.clone(), Session { transitive });
+    st.keys.insert(
+        access_key.clone(),
+        sigv4::Key {
+            secret: secret.clone(),
+            session_token: Some(session_token.clone()),
+        },
+    );
     let session_name = call.session_name.clone();
     st.sts_calls.push(call);
     let body = format!(
@@ -193,14 +268,19 @@ pub(super) async fn handle(state: &Mutex<State>, parts: &http::request::Parts, b
         iso8601(expiration),
         rand_u32()
     );
-    Response::builder().status(200).header("content-type", "text/xml").body(Full::new(Bytes::from(body))).unwrap()
+    Response::builder()
+        .status(200)
+        .header("content-type", "text/xml")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn forms_and_times() {
-        let f = super::form(b"Action=AssumeRole&RoleSessionName=eks-c-p%2Bq&Tags.member.1.Value=a+b");
+        let f =
+            super::form(b"Action=AssumeRole&RoleSessionName=eks-c-p%2Bq&Tags.member.1.Value=a+b");
         assert_eq!(f["RoleSessionName"], "eks-c-p+q");
         assert_eq!(f["Tags.member.1.Value"], "a b");
         assert_eq!(super::iso8601(0), "1970-01-01T00:00:00Z");
