@@ -101,10 +101,10 @@ fn tls_context() -> anyhow::Result<aws_smithy_http_client::tls::TlsContext> {
             .map_err(|e| anyhow::anyhow!("{CA_BUNDLE_ENV}={}: {e}", path.to_string_lossy()))?;
         store = store.with_pem_certificate(pem);
     }
-    Ok(TlsContext::builder()
+    TlsContext::builder()
         .with_trust_store(store)
         .build()
-        .map_err(|e| anyhow::anyhow!("{CA_BUNDLE_ENV}: {e}"))?)
+        .map_err(|e| anyhow::anyhow!("{CA_BUNDLE_ENV}: {e}"))
 }
 
 /// The node's own credentials, from the default chain (environment, profile files with

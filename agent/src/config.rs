@@ -1,13 +1,11 @@
 //! Command line and the defaults derived from the node.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::PathBuf,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::Args;
+
+use crate::{cache::CacheSettings, node_ip};
 
 /// Port of the agent's credential listener when `--listen` is not given.
 pub const DEFAULT_PORT: u16 = 2704;
@@ -76,7 +74,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 20)]
     pub shutdown_grace_seconds: u64,
     /// Most credentials kept in the cache; the least recently used go first.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = at_least_one)]
     pub max_cache_entries: usize,
     /// Deadline of one EKS Auth call, retries included (e.g. 5s, 1500ms).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
@@ -110,10 +108,10 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 5)]
     pub pod_upstream_burst: u32,
     /// Most open connections on the credential listeners; more are closed at accept.
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, default_value_t = 8192, value_parser = at_least_one)]
     pub max_connections: usize,
     /// Most open connections one pod may hold; more are closed at accept (eBPF mode).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = at_least_one)]
     pub max_connections_per_pod: usize,
     /// Use the FIPS endpoint of EKS Auth (also AWS_USE_FIPS_ENDPOINT=true).
     #[arg(long)]
@@ -174,6 +172,15 @@ pub struct RunArgs {
     pub cluster_arn: Option<String>,
 }
 
+/// A count that must be at least 1 (a cache or a limit of zero would refuse everything).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Parses `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -194,38 +201,26 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("{s:?}: {e}"))
 }
 
-/// Settings with every default resolved.
+/// The flags, and what was derived from them and from the node.
 #[derive(Debug)]
 pub struct Settings {
-    pub cluster_name: String,
-    pub region: Option<String>,
-    pub eks_auth_endpoint: Option<String>,
+    /// The flags as given.
+    pub flags: RunArgs,
+    /// The credential listeners (`--listen`, else the node's addresses).
     pub listen: Vec<SocketAddr>,
+    /// Where intercepted IPv4 (and v4-mapped) connects go; `None`: not intercepted.
     pub target_v4: Option<SocketAddr>,
+    /// Where intercepted IPv6 connects go; `None`: not intercepted.
     pub target_v6: Option<SocketAddr>,
-    pub intercept: Vec<SocketAddr>,
-    pub cgroup_root: Option<PathBuf>,
-    pub probe_addr: SocketAddr,
-    pub metrics_addr: SocketAddr,
-    pub shutdown_grace: Duration,
-    pub cache: crate::cache::CacheSettings,
-    pub upstream_qps: f64,
-    pub upstream_burst: u32,
-    pub pod_rps: f64,
-    pub pod_burst: u32,
-    pub fips: bool,
-    pub node_name: Option<String>,
-    pub metrics_per_pod: bool,
-    pub cgroup_root_wait: Duration,
-    pub mode: Mode,
-    pub pin: Option<PathBuf>,
-    pub max_connections: usize,
-    pub max_connections_per_pod: usize,
     pub source: SourceSettings,
 }
 
 /// The credential source's own settings.
 #[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one value per agent, made once at start"
+)]
 pub enum SourceSettings {
     EksAuth,
     Sts {
@@ -306,23 +301,23 @@ impl SourceSettings {
 }
 
 impl Settings {
-    pub fn resolve(args: RunArgs) -> anyhow::Result<Settings> {
-        if args.cluster_name.trim().is_empty() {
+    pub fn resolve(flags: RunArgs) -> anyhow::Result<Settings> {
+        if flags.cluster_name.trim().is_empty() {
             bail!("--cluster-name (or CLUSTER_NAME) must not be empty");
         }
-        let source = SourceSettings::resolve(&args)?;
-        let listen = if args.listen.is_empty() {
-            node_ips()?
+        let source = SourceSettings::resolve(&flags)?;
+        let listen = if flags.listen.is_empty() {
+            node_ip::node_ips()?
                 .into_iter()
                 .map(|ip| SocketAddr::new(ip, DEFAULT_PORT))
                 .collect()
         } else {
-            args.listen
+            flags.listen.clone()
         };
-        let targets = if args.redirect_target.is_empty() {
+        let targets = if flags.redirect_target.is_empty() {
             listen.clone()
         } else {
-            args.redirect_target
+            flags.redirect_target.clone()
         };
         for t in &targets {
             if t.ip().is_unspecified() || t.ip().is_loopback() {
@@ -333,125 +328,42 @@ impl Settings {
         }
         let target_v4 = targets.iter().copied().find(SocketAddr::is_ipv4);
         let target_v6 = targets.iter().copied().find(SocketAddr::is_ipv6);
-        if target_v4.is_none() && args.intercept.iter().any(SocketAddr::is_ipv4) {
+        if target_v4.is_none() && flags.intercept.iter().any(SocketAddr::is_ipv4) {
             tracing::warn!(
                 "no IPv4 redirect target: connects to IPv4 credential addresses are not intercepted"
             );
         }
-        if target_v6.is_none() && args.intercept.iter().any(SocketAddr::is_ipv6) {
+        if target_v6.is_none() && flags.intercept.iter().any(SocketAddr::is_ipv6) {
             tracing::warn!(
                 "no IPv6 redirect target: connects to IPv6 credential addresses are not intercepted"
             );
         }
         Ok(Settings {
-            cluster_name: args.cluster_name,
-            region: args.region,
-            eks_auth_endpoint: args.eks_auth_endpoint,
+            flags,
             listen,
             target_v4,
             target_v6,
-            intercept: args.intercept,
-            cgroup_root: args.cgroup_root,
-            probe_addr: args.probe_addr,
-            metrics_addr: args.metrics_addr,
-            shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
-            cache: crate::cache::CacheSettings {
-                max_entries: args.max_cache_entries.max(1),
-                upstream_timeout: args.upstream_timeout,
-                min_remaining: args.min_remaining,
-                negative_ttl: args.negative_ttl,
-                pod_upstream_qps: args.pod_upstream_qps,
-                pod_upstream_burst: args.pod_upstream_burst,
-                ..Default::default()
-            },
-            upstream_qps: args.upstream_qps,
-            upstream_burst: args.upstream_burst,
-            pod_rps: args.pod_rps,
-            pod_burst: args.pod_burst,
-            fips: args.fips,
-            node_name: args.node_name,
-            metrics_per_pod: args.metrics_per_pod,
-            cgroup_root_wait: args.cgroup_root_wait,
-            mode: args.mode,
-            pin: args.pin,
-            max_connections: args.max_connections.max(1),
-            max_connections_per_pod: args.max_connections_per_pod.max(1),
             source,
         })
     }
-}
 
-/// `NODE_IP` (from the downward API: `status.hostIP`, or `status.hostIPs` on dual-stack
-/// clusters, comma-separated), else the address of the interface that holds the IPv4 default
-/// route.
-fn node_ips() -> anyhow::Result<Vec<IpAddr>> {
-    if let Ok(value) = std::env::var("NODE_IP") {
-        return parse_node_ips(&value);
-    }
-    Ok(vec![default_route_ip()?])
-}
-
-/// Node addresses from `NODE_IP`, at most one per family (the first of each).
-fn parse_node_ips(value: &str) -> anyhow::Result<Vec<IpAddr>> {
-    let mut ips: Vec<IpAddr> = Vec::new();
-    for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let ip: IpAddr = part
-            .parse()
-            .with_context(|| format!("NODE_IP={value:?}: {part:?} is not an IP address"))?;
-        if !ips.iter().any(|have| have.is_ipv4() == ip.is_ipv4()) {
-            ips.push(ip);
+    /// The cache's settings from the flags.
+    pub fn cache(&self) -> CacheSettings {
+        let f = &self.flags;
+        CacheSettings {
+            max_entries: f.max_cache_entries,
+            upstream_timeout: f.upstream_timeout,
+            min_remaining: f.min_remaining,
+            negative_ttl: f.negative_ttl,
+            pod_upstream_qps: f.pod_upstream_qps,
+            pod_upstream_burst: f.pod_upstream_burst,
+            ..CacheSettings::default()
         }
     }
-    if ips.is_empty() {
-        bail!("NODE_IP is empty");
-    }
-    Ok(ips)
-}
 
-fn default_route_ip() -> anyhow::Result<IpAddr> {
-    let routes = procfs::net::route().context("reading /proc/net/route")?;
-    let iface = routes
-        .iter()
-        .find(|r| r.destination == Ipv4Addr::UNSPECIFIED && r.mask == Ipv4Addr::UNSPECIFIED)
-        .map(|r| r.iface.clone())
-        .context("no NODE_IP and no IPv4 default route; pass --listen IP:PORT")?;
-    interface_ipv4(&iface)?
-        .with_context(|| {
-            format!("default-route interface {iface} has no IPv4 address; pass --listen")
-        })
-        .map(IpAddr::V4)
-}
-
-fn interface_ipv4(name: &str) -> anyhow::Result<Option<Ipv4Addr>> {
-    let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills a list we free with freeifaddrs below; we only read it.
-    if unsafe { libc::getifaddrs(&mut addrs) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("getifaddrs");
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.flags.shutdown_grace_seconds)
     }
-    let mut found = None;
-    let mut cur = addrs;
-    while !cur.is_null() {
-        // SAFETY: cur is a node of the list returned by getifaddrs.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
-            continue;
-        }
-        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
-        let ifname = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
-        // SAFETY: ifa_addr is non-null; sa_family tells its real type.
-        if ifname.to_bytes() == name.as_bytes()
-            && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET
-        {
-            // SAFETY: AF_INET addresses are sockaddr_in.
-            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-            found = Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-            break;
-        }
-    }
-    // SAFETY: addrs came from getifaddrs.
-    unsafe { libc::freeifaddrs(addrs) };
-    Ok(found)
 }
 
 #[cfg(test)]
@@ -481,22 +393,7 @@ mod tests {
         .unwrap();
         assert_eq!(s.target_v4, Some("198.18.0.1:2704".parse().unwrap()));
         assert_eq!(s.target_v6, Some("[2001:2::1]:2704".parse().unwrap()));
-        assert_eq!(s.intercept.len(), 2);
-    }
-
-    #[test]
-    fn node_ip_lists_give_one_address_per_family() {
-        let ips = parse_node_ips("198.18.0.1, 2001:2::1,198.18.0.2").unwrap();
-        assert_eq!(
-            ips,
-            vec![
-                "198.18.0.1".parse::<IpAddr>().unwrap(),
-                "2001:2::1".parse().unwrap()
-            ]
-        );
-        assert_eq!(parse_node_ips("2001:2::1").unwrap().len(), 1);
-        assert!(parse_node_ips("").is_err());
-        assert!(parse_node_ips("node-1").is_err());
+        assert_eq!(s.flags.intercept.len(), 2);
     }
 
     #[test]

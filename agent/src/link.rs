@@ -40,9 +40,9 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 
 /// Creates (or finds) the interface and puts `addresses` on it.
 pub fn ensure(addresses: &[IpAddr]) -> anyhow::Result<Link> {
-    let device = if ip(&["link", "show", INTERFACE]).is_ok() {
-        INTERFACE.to_owned()
-    } else if ip(&["link", "add", INTERFACE, "type", "dummy"]).is_ok() {
+    let device = if ip(&["link", "show", INTERFACE]).is_ok()
+        || ip(&["link", "add", INTERFACE, "type", "dummy"]).is_ok()
+    {
         INTERFACE.to_owned()
     } else if ip(&["link", "add", INTERFACE, "type", "ifb"]).is_ok() {
         info!(

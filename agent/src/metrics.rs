@@ -1,508 +1,224 @@
-//! Prometheus metrics (OpenMetrics text). Label values are bounded: status codes, reasons, error
-//! codes and address families. Pods appear as labels only with `--metrics-per-pod`.
+//! The metrics toolkit (OpenMetrics text): the registry every component registers its own series
+//! in, a lock-free histogram, series read at scrape time, and the process's own figures.
 //!
-//! Counters that live elsewhere (the kernel's per-CPU counters, the cache's statistics, the
-//! process's figures from /proc) are copied in when /metrics is scraped.
+//! A leaf: it names no other module of the agent. Each component owns its series where it lives
+//! (`server::metrics`, `cache::metrics`, `kernel::metrics`, the daemon's state in `ops`) and
+//! registers them once at start. Label values are bounded: status codes, reasons, error codes,
+//! address families; pods appear as labels only with `--metrics-per-pod`.
 
 use std::{
+    fmt,
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet},
-    metrics::{MetricType, TypedMetric, counter::Counter, family::Family, gauge::Gauge},
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet},
+    metrics::{MetricType, TypedMetric, counter::ConstCounter, gauge::ConstGauge},
+};
+pub use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::{Registry, Unit},
 };
 
-use crate::{cache::CacheStats, kernel::RedirectCounts};
+/// Prefix of every series of the agent's own (the process's figures are `process_*`).
+pub const PREFIX: &str = "pod_identity_agent";
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CodeLabels {
-    code: u16,
+/// The content type of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The registry in OpenMetrics text.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry)
+        .expect("writing to a String cannot fail");
+    out
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct FamilyLabels {
-    family: &'static str,
+/// Registers a gauge whose value is read at each scrape (the size of a map another component
+/// holds, a readiness flag).
+pub fn register_sampled_gauge(
+    registry: &mut Registry,
+    name: &'static str,
+    help: &'static str,
+    read: impl Fn() -> i64 + Send + Sync + 'static,
+) {
+    registry.register_collector(Box::new(Sampled {
+        name,
+        help,
+        series: Series::Gauge(Box::new(read)),
+    }));
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabels {
-    result: &'static str,
+/// Registers a counter whose value is read at each scrape (a count kept elsewhere: the counting
+/// allocator's, in the benchmark's build).
+#[cfg(feature = "count-allocations")]
+pub fn register_sampled_counter(
+    registry: &mut Registry,
+    name: &'static str,
+    help: &'static str,
+    read: impl Fn() -> u64 + Send + Sync + 'static,
+) {
+    registry.register_collector(Box::new(Sampled {
+        name,
+        help,
+        series: Series::Counter(Box::new(read)),
+    }));
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabels {
-    reason: &'static str,
+/// Registers a counter family whose values are read at each scrape, one series per value of
+/// `label` (counters kept elsewhere, such as the kernel programs' per-CPU counts). `read` gives
+/// nothing while there is nothing to count yet.
+pub fn register_sampled_counters(
+    registry: &mut Registry,
+    name: &'static str,
+    help: &'static str,
+    label: &'static str,
+    read: impl Fn() -> Vec<(&'static str, u64)> + Send + Sync + 'static,
+) {
+    registry.register_collector(Box::new(Sampled {
+        name,
+        help,
+        series: Series::Counters(label, Box::new(read)),
+    }));
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ErrorCodeLabels {
-    code: String,
+type ReadGauge = Box<dyn Fn() -> i64 + Send + Sync>;
+#[cfg(feature = "count-allocations")]
+type ReadCounter = Box<dyn Fn() -> u64 + Send + Sync>;
+type ReadCounters = Box<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
+
+struct Sampled {
+    name: &'static str,
+    help: &'static str,
+    series: Series,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PodLabels {
-    namespace: String,
-    pod: String,
-    code: u16,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ModeLabels {
-    mode: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BuildLabels {
-    version: &'static str,
-}
-
-/// The serving agent's figures that live outside the registry, copied in at each scrape.
-pub struct Live<'a> {
-    pub redirects: Option<RedirectCounts>,
-    pub cache_entries: usize,
-    pub cache: &'a CacheStats,
-    pub open_connections: usize,
-}
-
-pub struct Metrics {
-    registry: Registry,
-    requests: Family<CodeLabels, Counter>,
-    /// The counters of the statuses the endpoint answers, resolved once: counting a response
-    /// touches no lock.
-    requests_by_status: [(u16, Counter); 10],
-    request_duration: AtomicHistogram,
-    refused: Family<ReasonLabels, Counter>,
-    upstream_duration: AtomicHistogram,
-    attribution_duration: AtomicHistogram,
-    upstream_errors: Family<ErrorCodeLabels, Counter>,
-    upstream_budget_waits: Counter,
-    upstream_budget_wait_seconds: Counter<f64>,
-    kernel_redirects: Family<FamilyLabels, Counter>,
-    cache_entries: Gauge,
-    ready: Gauge,
-    cache_lookups: Family<ResultLabels, Counter>,
-    cache_evictions: Family<ReasonLabels, Counter>,
-    cache_refreshes: Counter,
-    upstream_calls: Counter,
-    pod_requests: Option<Family<PodLabels, Counter>>,
-    mode: Family<ModeLabels, Gauge>,
-    rejected_connections: Family<ReasonLabels, Counter>,
-    open_connections: Gauge,
-    process: ProcessMetrics,
-}
-
-struct ProcessMetrics {
+enum Series {
+    Gauge(ReadGauge),
     #[cfg(feature = "count-allocations")]
-    allocations: Counter,
-    #[cfg(feature = "count-allocations")]
-    live_bytes: Gauge,
-    resident_memory_bytes: Gauge,
-    cpu_seconds: Counter<f64>,
-    open_fds: Gauge,
-    max_fds: Gauge,
-    start_time_seconds: Gauge,
+    Counter(ReadCounter),
+    Counters(&'static str, ReadCounters),
 }
 
-impl Metrics {
-    /// `per_pod` adds a request counter with `namespace` and `pod` labels (small clusters only:
-    /// one series per pod and status code).
-    pub fn new(per_pod: bool, cache_capacity: usize) -> Arc<Metrics> {
-        let mut r = Registry::default();
-        let requests = Family::<CodeLabels, Counter>::default();
-        r.register(
-            "pod_identity_agent_requests",
-            "Credential endpoint responses by HTTP status code",
-            requests.clone(),
-        );
-        let requests_by_status = [200u16, 400, 403, 404, 405, 429, 500, 502, 503, 504]
-            .map(|code| (code, requests.get_or_create_owned(&CodeLabels { code })));
-        let request_duration = AtomicHistogram::exponential(0.0001, 2.5, 14);
-        r.register_with_unit(
-            "pod_identity_agent_request_duration",
-            "Time from request to response on the credential endpoint",
-            Unit::Seconds,
-            request_duration.clone(),
-        );
-        let refused = Family::<ReasonLabels, Counter>::default();
-        r.register(
-            "pod_identity_agent_refused_requests",
-            "Requests answered with an error, by reason: not_redirected, cgroup_unknown, not_a_pod (attribution); host_not_allowed; token_invalid, token_pod_mismatch (token binding); pod_rate_limited; upstream_error",
-            refused.clone(),
-        );
-        let upstream_duration = AtomicHistogram::exponential(0.005, 2.0, 12);
-        let attribution_duration = AtomicHistogram::exponential(0.000_000_5, 2.0, 16);
-        r.register_with_unit(
-            "pod_identity_agent_attribution_duration",
-            "Time to take an accepted connection's record from the kernel map: one lookup-and-delete (two map commands before Linux 5.14)",
-            Unit::Seconds,
-            attribution_duration.clone(),
-        );
-        r.register_with_unit(
-            "pod_identity_agent_upstream_call_duration",
-            "Duration of each attempt at the credential source (an HTTP request to EKS Auth, or STS and the local token check in sts mode)",
-            Unit::Seconds,
-            upstream_duration.clone(),
-        );
-        let upstream_errors = Family::<ErrorCodeLabels, Counter>::default();
-        r.register(
-            "pod_identity_agent_upstream_errors",
-            "Failed credential-source attempts by error code (ThrottlingException, UpstreamUnreachable, UpstreamTimeout, InvalidTokenException, ...)",
-            upstream_errors.clone(),
-        );
-        let upstream_budget_waits = Counter::default();
-        r.register(
-            "pod_identity_agent_upstream_budget_waits",
-            "Credential-source calls that waited for the node-wide budget (--upstream-qps/--upstream-burst)",
-            upstream_budget_waits.clone(),
-        );
-        let upstream_budget_wait_seconds = Counter::<f64>::default();
-        r.register_with_unit(
-            "pod_identity_agent_upstream_budget_wait",
-            "Total time credential-source calls waited for the node-wide budget",
-            Unit::Seconds,
-            upstream_budget_wait_seconds.clone(),
-        );
-        let kernel_redirects = Family::<FamilyLabels, Counter>::default();
-        r.register(
-            "pod_identity_agent_kernel_redirected_connects",
-            "Connects to the credential address redirected by the kernel programs, by address family",
-            kernel_redirects.clone(),
-        );
-        let cache_entries = Gauge::default();
-        r.register(
-            "pod_identity_agent_cache_entries",
-            "Credentials held in the cache",
-            cache_entries.clone(),
-        );
-        let capacity = Gauge::<i64>::default();
-        capacity.set(cache_capacity as i64);
-        r.register(
-            "pod_identity_agent_cache_capacity",
-            "Most credentials the cache holds (--max-cache-entries)",
-            capacity.clone(),
-        );
-        let ready = Gauge::default();
-        r.register("pod_identity_agent_ready", "1 when /readyz answers ready, else 0 (starting, waiting for the cgroup root, shutting down)", ready.clone());
-        let cache_lookups = Family::<ResultLabels, Counter>::default();
-        r.register(
-            "pod_identity_agent_cache_lookups",
-            "Credential lookups by result: hit, miss (started an upstream call), coalesced (waited for another request's call), stale (served cached credentials while the refresh failed), negative (terminal error answered from memory)",
-            cache_lookups.clone(),
-        );
-        let cache_evictions = Family::<ReasonLabels, Counter>::default();
-        r.register(
-            "pod_identity_agent_cache_evictions",
-            "Cache entries removed, by reason: lru, superseded (the pod's token rotated), pod_gone, expired, terminal (the credential source refused the token)",
-            cache_evictions.clone(),
-        );
-        let cache_refreshes = Counter::default();
-        r.register(
-            "pod_identity_agent_cache_refreshes",
-            "Background refreshes started ahead of expiry",
-            cache_refreshes.clone(),
-        );
-        let upstream_calls = Counter::default();
-        r.register(
-            "pod_identity_agent_upstream_calls",
-            "Attempts at the credential source (EKS Auth, or STS), retries included",
-            upstream_calls.clone(),
-        );
-        let pod_requests = per_pod.then(|| {
-            let f = Family::<PodLabels, Counter>::default();
-            r.register(
-                "pod_identity_agent_pod_requests",
-                "Credential endpoint responses per pod and status code (--metrics-per-pod)",
-                f.clone(),
-            );
-            f
-        });
-        let mode = Family::<ModeLabels, Gauge>::default();
-        r.register("pod_identity_agent_mode", "How pods reach the agent: 1 for the active mode, ebpf (attributed) or link (token-only checks)", mode.clone());
-        let rejected_connections = Family::<ReasonLabels, Counter>::default();
-        r.register(
-            "pod_identity_agent_rejected_connections",
-            "Connections closed at accept, by reason: pod_limit (--max-connections-per-pod), total_limit (--max-connections)",
-            rejected_connections.clone(),
-        );
-        let open_connections = Gauge::default();
-        r.register(
-            "pod_identity_agent_open_connections",
-            "Open connections on the credential listeners",
-            open_connections.clone(),
-        );
-        let build = Family::<BuildLabels, Gauge>::default();
-        build
-            .get_or_create(&BuildLabels {
-                version: env!("CARGO_PKG_VERSION"),
-            })
-            .set(1);
-        r.register(
-            "pod_identity_agent_build_info",
-            "Version of the running agent (value is always 1)",
-            build,
-        );
-        let process = ProcessMetrics {
+impl fmt::Debug for Sampled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sampled")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Collector for Sampled {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        match &self.series {
+            Series::Gauge(read) => {
+                let gauge = ConstGauge::new(read());
+                gauge.encode(encoder.encode_descriptor(
+                    self.name,
+                    self.help,
+                    None,
+                    MetricType::Gauge,
+                )?)
+            }
             #[cfg(feature = "count-allocations")]
-            allocations: Counter::default(),
-            #[cfg(feature = "count-allocations")]
-            live_bytes: Gauge::default(),
-            resident_memory_bytes: Gauge::default(),
-            cpu_seconds: Counter::default(),
-            open_fds: Gauge::default(),
-            max_fds: Gauge::default(),
-            start_time_seconds: Gauge::default(),
-        };
-        r.register_with_unit(
-            "process_resident_memory",
-            "Resident memory size",
-            Unit::Bytes,
-            process.resident_memory_bytes.clone(),
-        );
-        r.register_with_unit(
-            "process_cpu",
-            "User and system CPU time spent",
-            Unit::Seconds,
-            process.cpu_seconds.clone(),
-        );
-        r.register(
-            "process_open_fds",
-            "Open file descriptors",
-            process.open_fds.clone(),
-        );
-        r.register(
-            "process_max_fds",
-            "Limit on open file descriptors",
-            process.max_fds.clone(),
-        );
-        #[cfg(feature = "count-allocations")]
-        {
-            r.register(
-                "process_heap_allocations",
-                "Heap allocations since start (count-allocations builds only)",
-                process.allocations.clone(),
-            );
-            r.register_with_unit(
-                "process_heap_live",
-                "Heap bytes in use (count-allocations builds only)",
-                Unit::Bytes,
-                process.live_bytes.clone(),
-            );
-        }
-        r.register_with_unit(
-            "process_start_time",
-            "Start time of the process since the Unix epoch",
-            Unit::Seconds,
-            process.start_time_seconds.clone(),
-        );
-        Arc::new(Metrics {
-            registry: r,
-            requests,
-            requests_by_status,
-            request_duration,
-            refused,
-            upstream_duration,
-            attribution_duration,
-            upstream_errors,
-            upstream_budget_waits,
-            upstream_budget_wait_seconds,
-            kernel_redirects,
-            cache_entries,
-            ready,
-            cache_lookups,
-            cache_evictions,
-            cache_refreshes,
-            upstream_calls,
-            pod_requests,
-            mode,
-            rejected_connections,
-            open_connections,
-            process,
-        })
-    }
-
-    pub fn observe_rejected_connection(&self, reason: &'static str) {
-        self.rejected_connections
-            .get_or_create(&ReasonLabels { reason })
-            .inc();
-    }
-
-    pub fn set_mode(&self, mode: &'static str) {
-        self.mode.get_or_create(&ModeLabels { mode }).set(1);
-    }
-
-    /// One response of the credential endpoint; `pod` is (namespace, name) when known.
-    pub fn observe_request(
-        &self,
-        code: u16,
-        elapsed: Duration,
-        refused: Option<&'static str>,
-        pod: Option<(&str, &str)>,
-    ) {
-        match self.requests_by_status.iter().find(|(c, _)| *c == code) {
-            Some((_, counter)) => counter.inc(),
-            None => self.requests.get_or_create(&CodeLabels { code }).inc(),
-        };
-        self.request_duration.observe(elapsed);
-        if let Some(reason) = refused {
-            self.refused.get_or_create(&ReasonLabels { reason }).inc();
-        }
-        if let (Some(family), Some((namespace, pod))) = (&self.pod_requests, pod) {
-            family
-                .get_or_create(&PodLabels {
-                    namespace: namespace.to_owned(),
-                    pod: pod.to_owned(),
-                    code,
-                })
-                .inc();
-        }
-    }
-
-    /// Drops the per-pod series of a pod that is gone.
-    pub fn forget_pod(&self, namespace: &str, pod: &str) {
-        if let Some(family) = &self.pod_requests {
-            for code in [200u16, 400, 403, 404, 405, 429, 500, 502, 503, 504] {
-                family.remove(&PodLabels {
-                    namespace: namespace.to_owned(),
-                    pod: pod.to_owned(),
-                    code,
-                });
+            Series::Counter(read) => {
+                let counter = ConstCounter::new(read());
+                let metric =
+                    encoder.encode_descriptor(self.name, self.help, None, MetricType::Counter)?;
+                counter.encode(metric)
+            }
+            Series::Counters(label, read) => {
+                let values = read();
+                if values.is_empty() {
+                    return Ok(());
+                }
+                let mut family =
+                    encoder.encode_descriptor(self.name, self.help, None, MetricType::Counter)?;
+                for (value, count) in values {
+                    ConstCounter::new(count).encode(family.encode_family(&[(*label, value)])?)?;
+                }
+                Ok(())
             }
         }
     }
+}
 
-    /// One HTTP request to EKS Auth; `error` is its error code when it failed.
-    pub fn observe_upstream(&self, elapsed: Duration, error: Option<&str>) {
-        self.upstream_duration.observe(elapsed);
-        if let Some(code) = error {
-            self.upstream_errors
-                .get_or_create(&ErrorCodeLabels {
-                    code: code.to_owned(),
-                })
-                .inc();
-        }
+/// The process's own figures, read from /proc at each scrape (`process_*`, as Prometheus'
+/// client libraries name them). A failed read leaves the series out of that scrape.
+#[derive(Debug)]
+pub struct ProcessCollector;
+
+impl ProcessCollector {
+    pub fn register(registry: &mut Registry) {
+        registry.register_collector(Box::new(ProcessCollector));
     }
+}
 
-    /// Taking an accepted connection's kernel record took `elapsed`.
-    pub fn observe_attribution(&self, elapsed: Duration) {
-        self.attribution_duration.observe(elapsed);
-    }
-
-    /// An EKS Auth call waited `waited` for the node-wide budget.
-    pub fn observe_budget_wait(&self, waited: Duration) {
-        if !waited.is_zero() {
-            self.upstream_budget_waits.inc();
-            self.upstream_budget_wait_seconds
-                .inc_by(waited.as_secs_f64());
-        }
-    }
-
-    /// Renders the registry after copying in the values that live elsewhere; `live` is `None`
-    /// while the agent is still starting.
-    pub fn render(&self, ready: bool, live: Option<Live<'_>>) -> String {
-        self.ready.set(i64::from(ready));
-        if let Some(live) = live {
-            self.copy_live(live);
-        }
-        self.read_process();
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
-        out
-    }
-
-    fn copy_live(&self, live: Live<'_>) {
-        let Live {
-            redirects,
-            cache_entries,
-            cache,
-            open_connections,
-        } = live;
-        self.open_connections.set(open_connections as i64);
-        if let Some(counts) = redirects {
-            for (family, value) in [("ipv4", counts.v4), ("ipv6", counts.v6)] {
-                self.kernel_redirects
-                    .get_or_create(&FamilyLabels { family })
-                    .inner()
-                    .store(value, Ordering::Relaxed);
-            }
-        }
-        self.cache_entries.set(cache_entries as i64);
-        let copy = |counter: &Counter, from: &std::sync::atomic::AtomicU64| {
-            counter
-                .inner()
-                .store(from.load(Ordering::Relaxed), Ordering::Relaxed)
-        };
-        for (result, from) in [
-            ("hit", &cache.hits),
-            ("miss", &cache.misses),
-            ("coalesced", &cache.coalesced),
-            ("stale", &cache.stale_served),
-            ("negative", &cache.negative_hits),
-        ] {
-            copy(
-                &self.cache_lookups.get_or_create(&ResultLabels { result }),
-                from,
-            );
-        }
-        for (reason, from) in [
-            ("lru", &cache.evicted_lru),
-            ("superseded", &cache.evicted_superseded),
-            ("pod_gone", &cache.evicted_pod_gone),
-            ("expired", &cache.evicted_expired),
-            ("terminal", &cache.evicted_terminal),
-        ] {
-            copy(
-                &self.cache_evictions.get_or_create(&ReasonLabels { reason }),
-                from,
-            );
-        }
-        copy(&self.cache_refreshes, &cache.refreshes);
-        copy(&self.upstream_calls, &cache.upstream_calls);
-    }
-
-    /// Figures about this process from /proc (best effort: a failed read leaves the old value).
-    fn read_process(&self) {
-        #[cfg(feature = "count-allocations")]
-        {
-            self.process
-                .allocations
-                .inner()
-                .store(crate::alloc_count::allocations(), Ordering::Relaxed);
-            self.process
-                .live_bytes
-                .set(crate::alloc_count::live_bytes() as i64);
-        }
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let Ok(me) = procfs::process::Process::myself() else {
-            return;
+            return Ok(());
         };
         let ticks = procfs::ticks_per_second() as f64;
         if let Ok(stat) = me.stat() {
-            self.process
-                .resident_memory_bytes
-                .set(stat.rss as i64 * procfs::page_size() as i64);
+            let resident = stat.rss as i64 * procfs::page_size() as i64;
+            gauge(
+                &mut encoder,
+                "process_resident_memory",
+                "Resident memory size",
+                Some(Unit::Bytes),
+                resident,
+            )?;
             let cpu = (stat.utime + stat.stime) as f64 / ticks;
-            self.process
-                .cpu_seconds
-                .inner()
-                .store(cpu.to_bits(), Ordering::Relaxed);
+            ConstCounter::new(cpu).encode(encoder.encode_descriptor(
+                "process_cpu",
+                "User and system CPU time spent",
+                Some(&Unit::Seconds),
+                MetricType::Counter,
+            )?)?;
             if let Ok(boot) = procfs::boot_time_secs() {
-                self.process
-                    .start_time_seconds
-                    .set(boot as i64 + (stat.starttime as f64 / ticks) as i64);
+                let start = boot as i64 + (stat.starttime as f64 / ticks) as i64;
+                let help = "Start time of the process since the Unix epoch";
+                gauge(
+                    &mut encoder,
+                    "process_start_time",
+                    help,
+                    Some(Unit::Seconds),
+                    start,
+                )?;
             }
         }
         if let Ok(n) = me.fd_count() {
-            self.process.open_fds.set(n as i64);
+            gauge(
+                &mut encoder,
+                "process_open_fds",
+                "Open file descriptors",
+                None,
+                n as i64,
+            )?;
         }
         if let Ok(limits) = me.limits()
             && let procfs::process::LimitValue::Value(max) = limits.max_open_files.soft_limit
         {
-            self.process.max_fds.set(max as i64);
+            let help = "Limit on open file descriptors";
+            gauge(&mut encoder, "process_max_fds", help, None, max as i64)?;
         }
+        Ok(())
     }
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+    value: i64,
+) -> Result<(), fmt::Error> {
+    let metric = encoder.encode_descriptor(name, help, unit.as_ref(), MetricType::Gauge)?;
+    ConstGauge::new(value).encode(metric)
 }
 
 /// A histogram of durations whose observations are atomic adds: no lock is shared by the

@@ -1,5 +1,6 @@
-//! The operator endpoints: probes (`/healthz`, `/readyz`) and `/metrics`, each a small HTTP
-//! server on its own address.
+//! The operator endpoints: probes (`/healthz`, `/readyz`, `/v1/pods`, `/v1/agent`) and
+//! `/metrics`, each a small HTTP server on its own address, and the series that say what state
+//! the agent is in (ready, mode, version).
 
 use std::{
     convert::Infallible,
@@ -16,7 +17,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::warn;
 
-use crate::stats::PodStatsRegistry;
+use crate::{
+    metrics::{self, EncodeLabelSet, Family, Gauge, Registry},
+    stats::PodStatsRegistry,
+};
 
 /// Whether the agent can do its job: `Ok(note)` when it can (the note qualifies how, e.g. link
 /// mode), `Err(reason)` when it cannot.
@@ -167,4 +171,68 @@ pub fn probes(
         },
         _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     })
+}
+
+/// `/metrics`: everything registered in `registry`, rendered at each scrape.
+pub fn metrics_endpoint(registry: Arc<Registry>) -> Handler {
+    Arc::new(move |path| match path {
+        "/metrics" => (
+            StatusCode::OK,
+            metrics::CONTENT_TYPE,
+            metrics::render(&registry),
+        ),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    })
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+/// The agent's state in the metrics: `ready` (read from `readiness` at each scrape), `mode` and
+/// `build_info`. Served from start, so a scrape while the agent waits says so.
+#[derive(Clone)]
+pub struct StateMetrics {
+    mode: Family<ModeLabels, Gauge>,
+}
+
+impl StateMetrics {
+    pub fn register(registry: &mut Registry, readiness: &Arc<Readiness>) -> StateMetrics {
+        let ready = readiness.clone();
+        metrics::register_sampled_gauge(
+            registry,
+            "ready",
+            "1 when /readyz answers ready, else 0 (starting, waiting for the cgroup root, shutting down)",
+            move || i64::from(ready.is_ready()),
+        );
+        let mode = Family::<ModeLabels, Gauge>::default();
+        registry.register(
+            "mode",
+            "How pods reach the agent: 1 for the active mode, ebpf (attributed) or link (token-only checks)",
+            mode.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "Version of the running agent (value is always 1)",
+            build,
+        );
+        StateMetrics { mode }
+    }
+
+    /// How pods reach the agent, once decided: `ebpf` or `link`.
+    pub fn set_mode(&self, mode: &'static str) {
+        self.mode.get_or_create(&ModeLabels { mode }).set(1);
+    }
 }

@@ -26,17 +26,65 @@ pub fn route(method: &Method, path: &str) -> Route {
     }
 }
 
-/// An answer other than credentials: status, a reason (a metrics label) and a text body for the
+/// An answer other than credentials: status, why (a metrics label) and a text body for the
 /// client and the log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {
     pub status: StatusCode,
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
 }
 
+/// Why a credential request was refused: the `reason` label of
+/// `pod_identity_agent_refused_requests`, and what the pod's statistics count it as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The connection has no kernel record: it did not come through the redirect.
+    NotRedirected,
+    /// The caller's cgroup was gone before it could be resolved.
+    CgroupUnknown,
+    /// The caller runs in a cgroup of no pod (a node process).
+    NotAPod,
+    /// The Host header names no credential address.
+    HostNotAllowed,
+    /// The token is missing, unreadable or expired.
+    TokenInvalid,
+    /// The token names another pod than the caller.
+    TokenPodMismatch,
+    /// The pod is over its request rate (`--pod-rps`, `--pod-burst`).
+    PodRateLimited,
+    /// The credential source failed or refused.
+    UpstreamError,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 8] = [
+        Reason::NotRedirected,
+        Reason::CgroupUnknown,
+        Reason::NotAPod,
+        Reason::HostNotAllowed,
+        Reason::TokenInvalid,
+        Reason::TokenPodMismatch,
+        Reason::PodRateLimited,
+        Reason::UpstreamError,
+    ];
+
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Reason::NotRedirected => "not_redirected",
+            Reason::CgroupUnknown => "cgroup_unknown",
+            Reason::NotAPod => "not_a_pod",
+            Reason::HostNotAllowed => "host_not_allowed",
+            Reason::TokenInvalid => "token_invalid",
+            Reason::TokenPodMismatch => "token_pod_mismatch",
+            Reason::PodRateLimited => "pod_rate_limited",
+            Reason::UpstreamError => "upstream_error",
+        }
+    }
+}
+
 impl Refusal {
-    pub fn new(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Refusal {
+    pub fn new(status: StatusCode, reason: Reason, message: impl Into<String>) -> Refusal {
         Refusal {
             status,
             reason,
@@ -75,7 +123,7 @@ pub fn check_host(headers: &HeaderMap, allowed: &[String]) -> Result<(), Refusal
     } else {
         Err(Refusal::new(
             StatusCode::FORBIDDEN,
-            "host_not_allowed",
+            Reason::HostNotAllowed,
             format!("Host header {host:?} is not a credential address served by this agent"),
         ))
     }
@@ -88,13 +136,13 @@ pub fn token(headers: &HeaderMap, now: u64) -> Result<(&str, TokenClaims), Refus
         Some(value) => value.to_str().map_err(|_| {
             Refusal::new(
                 StatusCode::BAD_REQUEST,
-                "token_invalid",
+                Reason::TokenInvalid,
                 "Authorization header is not valid text",
             )
         })?,
     };
     let claims = token::parse(raw, now)
-        .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "token_invalid", e.to_string()))?;
+        .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, Reason::TokenInvalid, e.to_string()))?;
     Ok((raw.trim(), claims))
 }
 
@@ -130,7 +178,7 @@ mod tests {
         );
         h.insert(header::HOST, "169.254.170.23".parse().unwrap());
         assert!(check_host(&h, &allowed).is_ok());
-        assert_eq!(token(&h, 0).unwrap_err().reason, "token_invalid");
+        assert_eq!(token(&h, 0).unwrap_err().reason, Reason::TokenInvalid);
         h.insert(
             header::AUTHORIZATION,
             http::HeaderValue::from_static(" a.b.c "),

@@ -2,19 +2,69 @@
 //! there is more than one. The cache holds a [`CredentialSource`] and sees only [`Upstream`].
 
 use crate::{
-    eks_auth::EksAuth,
-    sts::Sts,
+    config::{Settings, SourceSettings},
+    eks_auth::{EksAuth, EksAuthOptions},
+    sts::{Sts, StsOptions},
     upstream::{AssumedRole, Upstream, UpstreamError},
 };
 
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one value per agent, made once at start"
+)]
 pub enum CredentialSource {
     /// EKS Auth `AssumeRoleForPodIdentity` (EKS clusters).
     EksAuth(EksAuth),
     /// Local associations and token verification, STS `AssumeRole` (other clusters).
-    Sts(Box<Sts>),
+    Sts(Sts),
 }
 
 impl CredentialSource {
+    /// The source `--credential-source` names, configured from the flags.
+    pub async fn from_settings(settings: &Settings) -> anyhow::Result<CredentialSource> {
+        let f = &settings.flags;
+        Ok(match &settings.source {
+            SourceSettings::EksAuth => CredentialSource::EksAuth(
+                EksAuth::new(EksAuthOptions {
+                    cluster_name: f.cluster_name.clone(),
+                    region: f.region.clone(),
+                    endpoint: f.eks_auth_endpoint.clone(),
+                    fips: f.fips,
+                    node_name: f.node_name.clone(),
+                })
+                .await?,
+            ),
+            SourceSettings::Sts {
+                associations_file,
+                keys,
+                issuer,
+                audience,
+                cluster_arn,
+            } => CredentialSource::Sts(
+                Sts::new(StsOptions {
+                    cluster_name: f.cluster_name.clone(),
+                    cluster_arn: cluster_arn.clone(),
+                    region: f.region.clone(),
+                    fips: f.fips,
+                    node_name: f.node_name.clone(),
+                    associations_file: associations_file.clone(),
+                    keys: keys.clone(),
+                    issuer: issuer.clone(),
+                    audience: audience.clone(),
+                })
+                .await?,
+            ),
+        })
+    }
+
+    /// `--credential-source` as `/v1/agent` and the doctor name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CredentialSource::EksAuth(_) => "eks-auth",
+            CredentialSource::Sts(_) => "sts",
+        }
+    }
+
     /// The region the source's client signs for (`None` until found).
     pub async fn region(&self) -> Option<String> {
         match self {

@@ -50,9 +50,9 @@ pub fn patient(timeout: std::time::Duration) -> std::time::Duration {
 /// Fails early, with the reason, when the harness cannot work here.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
     assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
+        euid, 0,
         "end-to-end tests need root (netns, cgroups, BPF): run them through `cargo xtask test`"
     );
 }

@@ -142,11 +142,8 @@ pub fn in_netns<R: Send + 'static>(netns: &str, f: impl FnOnce() -> R + Send + '
     std::thread::spawn(move || {
         let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
         // SAFETY: setns on this thread only; the fd is valid.
-        assert_eq!(
-            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-            0,
-            "setns {path}"
-        );
+        let joined = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(joined, 0, "setns {path}");
         f()
     })
     .join()
@@ -210,6 +207,10 @@ pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> std::io::Result<(u
 }
 
 impl Node {
+    #[expect(
+        clippy::new_without_default,
+        reason = "a node is namespaces and cgroups made on the machine, not a default value"
+    )]
     pub fn new() -> Node {
         Node::create(true)
     }

@@ -145,10 +145,14 @@ pub mod names {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: plain-old-data: repr(C), only byte arrays and u64s, padding is explicit.
+    // SAFETY: plain old data (this and each below): repr(C), only byte arrays and u64s, padding
+    // spelled out as zeroed fields, so every bit pattern is a value and none is uninitialised.
     unsafe impl aya::Pod for super::Endpoint {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::RedirectConfig {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Attribution {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnectionKey {}
 }
 

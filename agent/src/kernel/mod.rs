@@ -33,8 +33,9 @@ use tokio::io::unix::AsyncFd;
 
 mod bpf_sys;
 mod diagnose;
+pub mod metrics;
 
-use diagnose::{AttachSite, explain};
+use self::diagnose::{AttachSite, explain};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pod-identity-ebpf"));
 
@@ -130,31 +131,8 @@ impl Redirector {
                 attach_context("the programs", &spec.cgroup_root)
             );
         }
-        let config = RedirectConfig {
-            target_v4: spec.target_v4.map_or(Endpoint::NONE, endpoint),
-            target_v6: spec.target_v6.map_or(Endpoint::NONE, endpoint),
-            _pad: [0; 4],
-            agent_cgroup_id: spec.agent_cgroup_id,
-            intercept_ports: port_filter(&spec.intercept),
-        };
-        let mut loader = EbpfLoader::new();
-        loader.override_global(names::CONFIG, &config, true);
-        let map_paths: Vec<(&str, PathBuf)> = match &spec.pin {
-            Some(dir) => {
-                check_bpffs(dir)?;
-                fs::create_dir_all(dir.join("maps"))
-                    .and_then(|()| fs::create_dir_all(dir.join("links")))
-                    .with_context(|| format!("creating {}", dir.display()))?;
-                PINNED_MAPS
-                    .iter()
-                    .map(|name| (*name, dir.join("maps").join(name)))
-                    .collect()
-            }
-            None => Vec::new(),
-        };
-        for (name, path) in &map_paths {
-            loader.map_pin_path(name, path);
-        }
+        let config = redirect_config(spec);
+        let mut loader = loader(spec, &config)?;
         let mut ebpf = loader.load(OBJECT).map_err(|e| {
             explain(
                 anyhow::Error::new(e).context("loading the kernel object"),
@@ -166,15 +144,7 @@ impl Redirector {
             aya_log::EbpfLogger::init(&mut ebpf).context("starting the kernel log reader")?;
         let logger = tokio::spawn(forward_kernel_logs(logger));
 
-        let mut intercepted: BpfHashMap<_, Endpoint, u8> = BpfHashMap::try_from(
-            ebpf.map_mut(names::INTERCEPTED)
-                .context("INTERCEPTED map missing")?,
-        )?;
-        for addr in &spec.intercept {
-            intercepted
-                .insert(endpoint(*addr), 1, 0)
-                .context("filling the intercept map")?;
-        }
+        fill_intercepted(&mut ebpf, &spec.intercept)?;
 
         let cgroup = open_cgroup(&spec.cgroup_root)?;
         let attachment = load_and_attach(
@@ -248,6 +218,48 @@ impl Redirector {
             v6: sum(REDIRECTED_V6),
         }
     }
+}
+
+/// What the programs are told at load time.
+fn redirect_config(spec: &RedirectSpec) -> RedirectConfig {
+    RedirectConfig {
+        target_v4: spec.target_v4.map_or(Endpoint::NONE, endpoint),
+        target_v6: spec.target_v6.map_or(Endpoint::NONE, endpoint),
+        _pad: [0; 4],
+        agent_cgroup_id: spec.agent_cgroup_id,
+        intercept_ports: port_filter(&spec.intercept),
+    }
+}
+
+/// A loader with the programs' configuration set and, with a pin directory, the shared maps'
+/// pin paths.
+fn loader<'a>(spec: &RedirectSpec, config: &'a RedirectConfig) -> anyhow::Result<EbpfLoader<'a>> {
+    let mut loader = EbpfLoader::new();
+    loader.override_global(names::CONFIG, config, true);
+    if let Some(dir) = &spec.pin {
+        check_bpffs(dir)?;
+        fs::create_dir_all(dir.join("maps"))
+            .and_then(|()| fs::create_dir_all(dir.join("links")))
+            .with_context(|| format!("creating {}", dir.display()))?;
+        for name in PINNED_MAPS {
+            loader.map_pin_path(name, dir.join("maps").join(name));
+        }
+    }
+    Ok(loader)
+}
+
+/// The addresses whose connects are redirected.
+fn fill_intercepted(ebpf: &mut Ebpf, intercept: &[SocketAddr]) -> anyhow::Result<()> {
+    let map = ebpf
+        .map_mut(names::INTERCEPTED)
+        .context("INTERCEPTED map missing")?;
+    let mut intercepted: BpfHashMap<_, Endpoint, u8> = BpfHashMap::try_from(map)?;
+    for addr in intercept {
+        intercepted
+            .insert(endpoint(*addr), 1, 0)
+            .context("filling the intercept map")?;
+    }
+    Ok(())
 }
 
 /// Loads the programs and, given a cgroup, attaches them there (sock_ops first: once connect4/6
@@ -434,6 +446,7 @@ fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
         .find(|p| p.exists())
         .unwrap_or(Path::new("/"));
     let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()).context("pin path")?;
+    // SAFETY: libc::statfs is a plain C struct of integers: all zeroes is a value of it.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: statfs writes into `st`, a properly sized struct.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {

@@ -317,42 +317,22 @@ pub fn join(
             .get(&(p.namespace.as_str(), p.service_account.as_str()))
             .cloned()
             .unwrap_or_default();
-        let last_code = p.last_error.as_ref().map(|e| e.code.as_str());
-        let served_by = (!p.association_id.is_empty()).then(|| {
-            associations
-                .iter()
-                .find(|a| a.association_id == p.association_id)
-        });
-        let (state, association, detail) = match (served_by, last_code) {
-            (_, Some(NOT_FOUND)) if matching.is_empty() => {
-                fixes.entry((p.namespace.clone(), p.service_account.clone())).or_insert_with(|| Fix {
+        let (state, association, detail) = judge(p, &matching, associations);
+        if state == JoinState::NoAssociation {
+            fixes
+                .entry((p.namespace.clone(), p.service_account.clone()))
+                .or_insert_with(|| Fix {
                     namespace: p.namespace.clone(),
                     service_account: p.service_account.clone(),
-                    command: fix_command(cluster, region, &p.namespace, &p.service_account, account),
+                    command: fix_command(
+                        cluster,
+                        region,
+                        &p.namespace,
+                        &p.service_account,
+                        account,
+                    ),
                 });
-                (
-                    JoinState::NoAssociation,
-                    None,
-                    format!("EKS Auth found no association for service account {}/{}", p.namespace, p.service_account),
-                )
-            }
-            (_, Some(NOT_FOUND)) => (
-                JoinState::AssociationNew,
-                matching.first().copied(),
-                "the pod's last request found no association, but one exists now: its next request gets credentials".to_owned(),
-            ),
-            (Some(Some(a)), _) => (JoinState::Served, Some(a), format!("served under association {}", a.association_id)),
-            (Some(None), _) => (
-                JoinState::AssociationGone,
-                None,
-                format!(
-                    "served under association {}, which no longer exists: the pod loses access when its credentials are next refreshed",
-                    p.association_id
-                ),
-            ),
-            (None, Some(code)) => (JoinState::Failing, matching.first().copied(), format!("last request refused: {code}")),
-            (None, None) => (JoinState::Unknown, matching.first().copied(), "no credentials served yet".to_owned()),
-        };
+        }
         rows.push(PodJoin {
             namespace: p.namespace.clone(),
             pod: if p.pod.is_empty() {
@@ -375,6 +355,53 @@ pub fn join(
     Joined {
         pods: rows,
         fixes: fixes.into_values().collect(),
+    }
+}
+
+/// What a pod's statistics and the cluster's associations say of it: its state, the
+/// association that serves it (or would), and a sentence for the operator.
+fn judge<'a>(
+    p: &PodStats,
+    matching: &[&'a Association],
+    associations: &'a [Association],
+) -> (JoinState, Option<&'a Association>, String) {
+    let last_code = p.last_error.as_ref().map(|e| e.code.as_str());
+    let served_by = (!p.association_id.is_empty()).then(|| {
+        associations
+            .iter()
+            .find(|a| a.association_id == p.association_id)
+    });
+    match (served_by, last_code) {
+        (_, Some(NOT_FOUND)) if matching.is_empty() => (
+            JoinState::NoAssociation,
+            None,
+            format!(
+                "EKS Auth found no association for service account {}/{}",
+                p.namespace, p.service_account
+            ),
+        ),
+        (_, Some(NOT_FOUND)) => (
+            JoinState::AssociationNew,
+            matching.first().copied(),
+            "the pod's last request found no association, but one exists now: its next request gets credentials".to_owned(),
+        ),
+        (Some(Some(a)), _) => {
+            (JoinState::Served, Some(a), format!("served under association {}", a.association_id))
+        }
+        (Some(None), _) => (
+            JoinState::AssociationGone,
+            None,
+            format!(
+                "served under association {}, which no longer exists: the pod loses access when its credentials are next refreshed",
+                p.association_id
+            ),
+        ),
+        (None, Some(code)) => {
+            (JoinState::Failing, matching.first().copied(), format!("last request refused: {code}"))
+        }
+        (None, None) => {
+            (JoinState::Unknown, matching.first().copied(), "no credentials served yet".to_owned())
+        }
     }
 }
 
@@ -458,6 +485,51 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    /// `associations ...` as the command line gives it (without the binary's name).
+    fn parse(argv: &[&str]) -> Result<AssociationsArgs, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: AssociationsArgs,
+        }
+        <Cli as clap::Parser>::try_parse_from(
+            std::iter::once("associations").chain(argv.iter().copied()),
+        )
+        .map(|cli| cli.args)
+    }
+
+    #[test]
+    fn cluster_flags_go_before_or_after_the_action() {
+        let create = [
+            "create",
+            "--namespace",
+            "ns",
+            "--service-account",
+            "sa",
+            "--role-arn",
+            "arn:aws:iam::1:role/r",
+        ];
+        let cluster = ["--cluster-name", "prod"];
+        for argv in [
+            [&cluster[..], &create[..]].concat(),
+            [&create[..], &cluster[..]].concat(),
+        ] {
+            let a = parse(&argv).unwrap();
+            assert_eq!(a.cluster.cluster_name.as_deref(), Some("prod"), "{argv:?}");
+            assert!(matches!(a.action, Some(Action::Create(ref c)) if c.namespace == "ns"));
+        }
+        let a = parse(&["--namespace", "ns", "--json", "--cluster-name", "prod"]).unwrap();
+        assert!(a.action.is_none() && a.json && a.namespace.as_deref() == Some("ns"));
+        // Listing flags do not mix with an action.
+        let a = parse(&["--json", "delete", "a-1"]).unwrap();
+        assert!(
+            a.check()
+                .unwrap_err()
+                .to_string()
+                .contains("are for listing")
+        );
     }
 
     #[test]

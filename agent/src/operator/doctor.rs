@@ -143,6 +143,38 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
 
 /// Runs every check in order, handing each verdict to `report` as soon as it is known.
 pub async fn check_all(args: &DoctorArgs, report: &mut dyn FnMut(Check)) {
+    let agent = check_node(args, report).await;
+    let credentials_found = check_node_credentials(
+        args.region
+            .as_deref()
+            .or_else(|| agent.as_ref().and_then(|a| a.region.as_deref())),
+        report,
+    )
+    .await;
+    if agent.as_ref().is_some_and(|a| a.credential_source == "sts") {
+        // Off EKS: no EKS Auth, no cluster or add-on to ask EKS about; the node's STS identity
+        // is what every association role must trust.
+        let region = args
+            .region
+            .clone()
+            .or_else(|| agent.as_ref().and_then(|a| a.region.clone()));
+        report(if credentials_found {
+            check_sts(region).await
+        } else {
+            Check::fail(
+                "STS",
+                "not tried: no node credentials to sign with",
+                "fix the node credentials first",
+            )
+        });
+        return;
+    }
+    check_eks(args, agent.as_ref(), credentials_found, report).await;
+}
+
+/// The node-local checks: the cgroup root, the kernel, and the running agent with its
+/// listeners, redirect and metrics. Returns the agent's account of itself, when it answered.
+async fn check_node(args: &DoctorArgs, report: &mut dyn FnMut(Check)) -> Option<AgentInfo> {
     let agent = running_agent(args.probe_addr);
     let cgroup_root = args
         .cgroup_root
@@ -150,10 +182,9 @@ pub async fn check_all(args: &DoctorArgs, report: &mut dyn FnMut(Check)) {
         .or_else(|| agent.as_ref().ok().and_then(|a| a.cgroup_root.clone()));
     let mount = attribution::cgroup2_mount(cgroup_root.as_deref()).ok();
     let cgroup_root = cgroup_root.or_else(|| mount.clone());
-
     report(check_cgroup_root(cgroup_root.as_deref()));
     report(check_kernel(cgroup_root.as_deref()).await);
-    let agent = match agent {
+    match agent {
         Ok(agent) => {
             report(Check::ok(
                 "agent",
@@ -171,38 +202,22 @@ pub async fn check_all(args: &DoctorArgs, report: &mut dyn FnMut(Check)) {
             report(check);
             None
         }
-    };
+    }
+}
 
-    let cluster = args
+/// EKS Auth with an invalid token, then the cluster and the add-on (EKS API).
+async fn check_eks(
+    args: &DoctorArgs,
+    agent: Option<&AgentInfo>,
+    credentials_found: bool,
+    report: &mut dyn FnMut(Check),
+) {
+    let Some(cluster) = args
         .cluster_name
         .clone()
-        .or_else(|| agent.as_ref().map(|a| a.cluster_name.clone()))
-        .filter(|c| !c.is_empty());
-    let region = args
-        .region
-        .clone()
-        .or_else(|| agent.as_ref().and_then(|a| a.region.clone()));
-    let fips = args.fips || agent.as_ref().is_some_and(|a| a.fips);
-    let endpoint = args
-        .eks_auth_endpoint
-        .clone()
-        .or_else(|| agent.as_ref().and_then(|a| a.eks_auth_endpoint.clone()));
-    let credentials_found = check_node_credentials(region.as_deref(), report).await;
-    if agent.as_ref().is_some_and(|a| a.credential_source == "sts") {
-        // Off EKS: no EKS Auth, no cluster or add-on to ask EKS about; the node's STS identity
-        // is what every association role must trust.
-        report(if credentials_found {
-            check_sts(region).await
-        } else {
-            Check::fail(
-                "STS",
-                "not tried: no node credentials to sign with",
-                "fix the node credentials first",
-            )
-        });
-        return;
-    }
-    let Some(cluster) = cluster else {
+        .or_else(|| agent.map(|a| a.cluster_name.clone()))
+        .filter(|c| !c.is_empty())
+    else {
         report(Check::fail(
             "EKS Auth",
             "no cluster name to ask about",
@@ -210,25 +225,30 @@ pub async fn check_all(args: &DoctorArgs, report: &mut dyn FnMut(Check)) {
         ));
         return;
     };
-    if credentials_found {
-        report(check_eks_auth(&cluster, region.clone(), endpoint, fips).await);
+    let region = args
+        .region
+        .clone()
+        .or_else(|| agent.and_then(|a| a.region.clone()));
+    let fips = args.fips || agent.is_some_and(|a| a.fips);
+    let endpoint = args
+        .eks_auth_endpoint
+        .clone()
+        .or_else(|| agent.and_then(|a| a.eks_auth_endpoint.clone()));
+    report(if credentials_found {
+        check_eks_auth(&cluster, region.clone(), endpoint, fips).await
     } else {
-        report(Check::fail(
+        Check::fail(
             "EKS Auth",
             "not tried: no node credentials to sign with",
             "fix the node credentials first",
-        ));
-    }
-    let eks = Eks::connect(
-        &ClusterArgs {
-            cluster_name: Some(cluster),
-            region,
-            eks_endpoint: args.eks_endpoint.clone(),
-        },
-        "pod-identity-agent-doctor",
-    )
-    .await;
-    match eks {
+        )
+    });
+    let cluster = ClusterArgs {
+        cluster_name: Some(cluster),
+        region,
+        eks_endpoint: args.eks_endpoint.clone(),
+    };
+    match Eks::connect(&cluster, "pod-identity-agent-doctor").await {
         Ok(eks) => {
             report(check_cluster(&eks).await);
             report(check_addon(&eks).await);
@@ -616,47 +636,47 @@ async fn check_eks_auth(
             format!("{at} accepted a deliberately invalid token"),
             "this is not EKS Auth: check --eks-auth-endpoint",
         ),
-        Err(e) if e.code == "InvalidTokenException" => Check::ok(
+        Err(e) if e.code() == "InvalidTokenException" => Check::ok(
             NAME,
             format!(
                 "{at} is reachable, signed requests are accepted and the node may call AssumeRoleForPodIdentity (a probe token came back InvalidTokenException)"
             ),
         ),
-        Err(e) if e.code == "AccessDeniedException" => Check::fail(
+        Err(e) if e.code() == "AccessDeniedException" => Check::fail(
             NAME,
             format!("{at} refused the node: {e}"),
             "grant the node role eks-auth:AssumeRoleForPodIdentity (AmazonEKSWorkerNodePolicy includes it)",
         ),
         // The client has already told a refused signature from a refused token, and dropped the
         // node's credentials for a reload: these codes are its, not EKS Auth's.
-        Err(e) if e.code == "NodeCredentialsRejected" => Check::fail(
+        Err(e) if e.code() == "NodeCredentialsRejected" => Check::fail(
             NAME,
-            format!("{at} rejected the node's credentials: {}", e.message),
+            format!("{at} rejected the node's credentials: {}", e.message()),
             "the node credentials are invalid or expired: check the instance role or the credentials source",
         ),
-        Err(e) if e.code == "NodeCredentialsUnavailable" => Check::fail(
+        Err(e) if e.code() == "NodeCredentialsUnavailable" => Check::fail(
             NAME,
-            format!("not tried: {}", e.message),
+            format!("not tried: {}", e.message()),
             "give the node an instance role, or credentials (see the node credentials check)",
         ),
-        Err(e) if e.code == "NodeRegionUnavailable" => Check::fail(
+        Err(e) if e.code() == "NodeRegionUnavailable" => Check::fail(
             NAME,
-            format!("not tried: {}", e.message),
+            format!("not tried: {}", e.message()),
             "set AWS_REGION or --region",
         ),
-        Err(e) if e.code == "ResourceNotFoundException" => Check::fail(
+        Err(e) if e.code() == "ResourceNotFoundException" => Check::fail(
             NAME,
             format!("{at} does not know cluster {cluster}: {e}"),
             "check CLUSTER_NAME and the region",
         ),
-        Err(e) if e.status == 502 || e.status == 504 => Check::fail(
+        Err(e) if e.status() == 502 || e.status() == 504 => Check::fail(
             NAME,
-            format!("cannot reach {at}: {}", e.message),
+            format!("cannot reach {at}: {}", e.message()),
             "check DNS, the proxy (HTTPS_PROXY, NO_PROXY), the CA bundle, and that the node may reach eks-auth (security groups, VPC endpoint)",
         ),
         Err(e) => Check::fail(
             NAME,
-            format!("{at} answered {}: {e}", e.status),
+            format!("{at} answered {}: {e}", e.status()),
             "read the message; it is EKS Auth's own",
         ),
     }

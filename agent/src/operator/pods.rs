@@ -80,9 +80,9 @@ fn sort(pods: &mut [PodStats], by: SortField) {
             pods.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)))
         }
         SortField::Pod => pods.sort_by(|a, b| a.pod.cmp(&b.pod)),
-        SortField::Requests => pods.sort_by(|a, b| b.requests.cmp(&a.requests)),
+        SortField::Requests => pods.sort_by_key(|p| std::cmp::Reverse(p.requests)),
         SortField::Errors => pods.sort_by_key(|p| std::cmp::Reverse(errors(p))),
-        SortField::Upstream => pods.sort_by(|a, b| b.upstream_calls.cmp(&a.upstream_calls)),
+        SortField::Upstream => pods.sort_by_key(|p| std::cmp::Reverse(p.upstream_calls)),
         SortField::Last => pods.sort_by(|a, b| {
             f(a.last_request_age_seconds).total_cmp(&f(b.last_request_age_seconds))
         }),

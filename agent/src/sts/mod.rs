@@ -134,15 +134,10 @@ impl Sts {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let claims = self.verifier.verify(token, now).await?;
-        let association = self.associations.find(&claims.namespace, &claims.service_account).ok_or_else(|| UpstreamError {
-            status: 404,
-            code: "ResourceNotFoundException".into(),
-            message: format!(
+        let association = self.associations.find(&claims.namespace, &claims.service_account).ok_or_else(|| UpstreamError::no_association(format!(
                 "No Pod Identity assignment exists for the service account {}/{} in cluster {} (the agent's associations file)",
                 claims.namespace, claims.service_account, self.cluster_name
-            ),
-            request_id: None,
-        })?;
+            )))?;
         Ok((claims, association))
     }
 }
@@ -260,12 +255,10 @@ impl Upstream for Sts {
                 .send()
                 .await
                 .map_err(|e| {
-                    let mut e = map_sdk_error(SERVICE, e);
-                    e.message = format!(
-                        "assuming the target role {target} with {}'s credentials: {}",
-                        association.role_arn, e.message
-                    );
-                    e
+                    map_sdk_error(SERVICE, e).context(format_args!(
+                        "assuming the target role {target} with {}'s credentials",
+                        association.role_arn
+                    ))
                 })?;
         }
         let request_id = out.request_id().map(str::to_owned);

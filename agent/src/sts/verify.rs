@@ -56,12 +56,7 @@ impl Audience {
 
 /// The refusal of a token, shaped as EKS Auth shapes it (400 InvalidTokenException).
 fn invalid(message: String) -> UpstreamError {
-    UpstreamError {
-        status: 400,
-        code: "InvalidTokenException".into(),
-        message,
-        request_id: None,
-    }
+    UpstreamError::invalid_token(message)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -76,12 +71,7 @@ impl Verifier {
         let token = token.trim();
         // Size, shape and the kubernetes.io claims first: cheap, and the same checks as today.
         let claims = token::parse(token, now).map_err(|e| match e {
-            TokenError::Expired => UpstreamError {
-                status: 400,
-                code: "ExpiredTokenException".into(),
-                message: e.to_string(),
-                request_id: None,
-            },
+            TokenError::Expired => UpstreamError::expired_token(e.to_string()),
             e => invalid(e.to_string()),
         })?;
         let mut parts = token.split('.');
@@ -107,34 +97,11 @@ impl Verifier {
                 )));
             }
         };
+        let signed = &token.as_bytes()[..header_b64.len() + 1 + payload_b64.len()];
         let signature = decode(signature_b64)
             .ok_or_else(|| invalid("Service account token's signature is not base64url".into()))?;
-        let keys = self
-            .keys
-            .keys(header.kid.as_deref())
-            .await
-            .map_err(|why| UpstreamError {
-                status: 502,
-                code: "IssuerKeysUnavailable".into(),
-                message: format!("cannot verify service-account tokens: {why}"),
-                request_id: None,
-            })?;
-        let signed = &token.as_bytes()[..header_b64.len() + 1 + payload_b64.len()];
-        let verified = keys
-            .iter()
-            .filter(|k| header.kid.is_none() || k.kid == header.kid)
-            .any(|k| verifies(algorithm, &k.key, signed, &signature));
-        if !verified {
-            return Err(invalid(match &header.kid {
-                Some(kid) if !keys.iter().any(|k| k.kid.as_deref() == Some(kid.as_str())) => {
-                    format!(
-                        "Service account token is signed with key {kid:?}, which the issuer's keys do not include"
-                    )
-                }
-                _ => "Service account token's signature does not verify against the issuer's keys"
-                    .into(),
-            }));
-        }
+        self.check_signature(&header, algorithm, signed, &signature)
+            .await?;
         // Only now are the claims worth reading: they are the issuer's.
         let registered: Registered = decode(payload_b64)
             .and_then(|p| serde_json::from_slice(&p).ok())
@@ -164,6 +131,39 @@ impl Verifier {
             ));
         }
         Ok(claims)
+    }
+
+    /// Whether one of the issuer's keys (the one the header names, if it names one) signed
+    /// `signed`.
+    async fn check_signature(
+        &self,
+        header: &Header,
+        algorithm: Algorithm,
+        signed: &[u8],
+        signature: &[u8],
+    ) -> Result<(), UpstreamError> {
+        let keys = self
+            .keys
+            .keys(header.kid.as_deref())
+            .await
+            .map_err(UpstreamError::issuer_keys_unavailable)?;
+        let verified = keys
+            .iter()
+            .filter(|k| header.kid.is_none() || k.kid == header.kid)
+            .any(|k| verifies(algorithm, &k.key, signed, signature));
+        if verified {
+            return Ok(());
+        }
+        Err(invalid(match &header.kid {
+            Some(kid) if !keys.iter().any(|k| k.kid.as_deref() == Some(kid.as_str())) => {
+                format!(
+                    "Service account token is signed with key {kid:?}, which the issuer's keys do not include"
+                )
+            }
+            _ => {
+                "Service account token's signature does not verify against the issuer's keys".into()
+            }
+        }))
     }
 }
 

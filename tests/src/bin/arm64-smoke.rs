@@ -223,6 +223,7 @@ fn smoke(agent_binary: &Path) {
     );
     if !ready_ok {
         let _ = agent.kill();
+        let _ = agent.wait();
         println!(
             "SMOKE DONE passed={} failed={}",
             report.passed,

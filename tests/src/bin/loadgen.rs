@@ -151,10 +151,9 @@ async fn worker(
             break;
         }
         // Latency from the scheduled send time (open loop) or from now (closed loop).
-        let started = if interval.is_some() {
-            next - interval.unwrap()
-        } else {
-            Instant::now()
+        let started = match interval {
+            Some(interval) => next - interval,
+            None => Instant::now(),
         };
         let result: std::io::Result<u16> = async {
             if conn.is_none() {

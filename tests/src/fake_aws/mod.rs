@@ -537,6 +537,10 @@ async fn route(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<By
 }
 
 /// [`authenticate`] for a query-protocol service: the rejection in its XML shape.
+#[expect(
+    clippy::result_large_err,
+    reason = "the rejection is the response the fake sends, built once per refused request"
+)]
 fn authenticate_xml(
     state: &Mutex<State>,
     parts: &http::request::Parts,
@@ -550,6 +554,10 @@ fn authenticate_xml(
 }
 
 /// Verifies the request's signature for `service`, answering the rejection if it is not valid.
+#[expect(
+    clippy::result_large_err,
+    reason = "the rejection is the response the fake sends, built once per refused request"
+)]
 fn authenticate(
     state: &Mutex<State>,
     parts: &http::request::Parts,

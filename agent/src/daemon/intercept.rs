@@ -1,0 +1,203 @@
+//! How pods' connections reach the agent: the kernel programs redirecting them (eBPF mode), or
+//! the credential addresses on a local interface (link mode), as `--mode` says, `auto` falling
+//! back with the reason.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::net::TcpSocket;
+use tracing::warn;
+
+use crate::{
+    attribution::{self, CgroupIndex},
+    config::{Mode, Settings},
+    kernel::{RedirectSpec, Redirector},
+    link,
+    ops::{self, Readiness},
+};
+
+/// The cgroup2 hierarchy as this agent sees it.
+pub struct Cgroup2 {
+    pub mount: PathBuf,
+    /// Where the programs attach (`--cgroup-root`, else the mount).
+    pub root: PathBuf,
+    /// The agent's own cgroup, and its id: its connects are never redirected.
+    pub own: PathBuf,
+    pub id: u64,
+}
+
+/// How pods' connections reach this agent.
+pub struct Interception {
+    pub redirector: Option<Arc<Redirector>>,
+    /// Bound, not yet listening.
+    pub listeners: Vec<TcpSocket>,
+    pub mode: &'static str,
+    /// Shown in /readyz and the start-up log.
+    pub note: String,
+}
+
+/// The cgroup2 hierarchy, which is where the programs attach and how callers are attributed. A
+/// node without it (cgroup v1: Amazon Linux 2 unless booted with
+/// systemd.unified_cgroup_hierarchy=1) can only be served in link mode.
+pub fn cgroup2(settings: &Settings) -> anyhow::Result<Cgroup2> {
+    let configured = settings.flags.cgroup_root.as_deref();
+    let mount = attribution::cgroup2_mount(configured)?;
+    let (own, id) = attribution::own_cgroup(&mount)?;
+    let root = configured.map_or_else(|| mount.clone(), PathBuf::from);
+    Ok(Cgroup2 {
+        mount,
+        root,
+        own,
+        id,
+    })
+}
+
+/// eBPF interception, or link mode: as `--mode` says, `auto` falling back with the reason.
+pub async fn intercept(
+    settings: &Settings,
+    cgroup2: Result<&Cgroup2, &anyhow::Error>,
+    readiness: &Readiness,
+) -> anyhow::Result<Interception> {
+    let mode = settings.flags.mode;
+    if mode == Mode::Link {
+        return link_mode(settings, None);
+    }
+    match attach(settings, cgroup2, readiness).await {
+        Ok((listeners, redirector)) => Ok(Interception {
+            redirector: Some(Arc::new(redirector)),
+            listeners,
+            mode: "ebpf",
+            note: String::new(),
+        }),
+        Err(e) if mode == Mode::Ebpf => Err(e.context("cannot intercept pods' connections")),
+        Err(e) => {
+            warn!("eBPF interception unavailable, falling back to link mode: {e:#}");
+            link_mode(settings, Some(e.to_string()))
+        }
+    }
+}
+
+/// eBPF mode: the listeners bound, then the programs attached once the cgroup root exists.
+async fn attach(
+    settings: &Settings,
+    cgroup2: Result<&Cgroup2, &anyhow::Error>,
+    readiness: &Readiness,
+) -> anyhow::Result<(Vec<TcpSocket>, Redirector)> {
+    let cgroup2 = cgroup2.map_err(|e| {
+        anyhow::anyhow!(
+            "{e:#}: eBPF mode attributes callers by their cgroup v2 and attaches its programs there (cgroup v1 nodes, such as Amazon Linux 2 by default, have none)"
+        )
+    })?;
+    let listeners = bind_all(&settings.listen)?;
+    wait_for_cgroup_root(&cgroup2.root, settings.flags.cgroup_root_wait, readiness).await?;
+    let redirector = Redirector::attach(&RedirectSpec {
+        cgroup_root: cgroup2.root.clone(),
+        intercept: settings.flags.intercept.clone(),
+        target_v4: settings.target_v4,
+        target_v6: settings.target_v6,
+        agent_cgroup_id: cgroup2.id,
+        pin: settings.flags.pin.clone(),
+    })?;
+    Ok((listeners, redirector))
+}
+
+/// Link mode: the credential addresses on a local interface. `fallback_reason` says why eBPF
+/// mode was not possible, when `auto` fell back.
+fn link_mode(settings: &Settings, fallback_reason: Option<String>) -> anyhow::Result<Interception> {
+    let intercept = &settings.flags.intercept;
+    let addresses: Vec<_> = intercept.iter().map(SocketAddr::ip).collect();
+    let link = link::ensure(&addresses)?;
+    let on_link: Vec<_> = intercept
+        .iter()
+        .copied()
+        .filter(|a| link.addresses.contains(&a.ip()))
+        .collect();
+    let listeners = bind_all(&on_link)?;
+    warn!(
+        device = %link.device,
+        addresses = ?link.addresses,
+        "link mode: callers are not attributed to pods; requests are checked by their token alone"
+    );
+    let note = format!(
+        "link mode on {}: callers are not attributed; token-only checks",
+        link.device
+    );
+    Ok(Interception {
+        redirector: None,
+        listeners,
+        mode: "link",
+        note: match fallback_reason {
+            Some(reason) => format!("{note}; eBPF mode unavailable: {reason}"),
+            None => note,
+        },
+    })
+}
+
+/// The credential listeners' sockets, shared with an agent starting beside this one during a
+/// roll; bound, not listening yet.
+fn bind_all(addrs: &[SocketAddr]) -> anyhow::Result<Vec<TcpSocket>> {
+    addrs
+        .iter()
+        .map(|addr| {
+            ops::shared_socket(*addr)
+                .with_context(|| format!("binding the credential listener {addr}"))
+        })
+        .collect()
+}
+
+/// Waits for the attach point to exist (kubelet creates kubepods.slice), reporting not ready
+/// with the reason meanwhile.
+async fn wait_for_cgroup_root(
+    root: &std::path::Path,
+    wait: Duration,
+    readiness: &Readiness,
+) -> anyhow::Result<()> {
+    let started = tokio::time::Instant::now();
+    while !root.exists() {
+        if started.elapsed() >= wait {
+            anyhow::bail!(
+                "cgroup root {} does not exist (waited {wait:?}); check --cgroup-root",
+                root.display()
+            );
+        }
+        readiness.not_ready(format!(
+            "waiting for cgroup root {} to appear",
+            root.display()
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    readiness.not_ready("kernel programs not attached yet");
+    Ok(())
+}
+
+/// The index of cgroups below the attach root: it attributes callers (eBPF mode) and tells
+/// which pods are gone. `None` without cgroup v2, where deleted pods are not noticed.
+pub fn index_cgroups(
+    cgroup2: Result<&Cgroup2, &anyhow::Error>,
+    ebpf: bool,
+) -> anyhow::Result<Option<CgroupIndex>> {
+    let c = match cgroup2 {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(
+                "{e:#}: deleted pods are not noticed; their cached credentials expire or age out (--max-cache-entries)"
+            );
+            return Ok(None);
+        }
+    };
+    match CgroupIndex::build(&c.mount, &c.root) {
+        Ok(index) => Ok(Some(index)),
+        // In link mode the index only tells which pods still exist; the whole hierarchy will
+        // do when the configured root is what made eBPF mode impossible.
+        Err(e) if !ebpf => {
+            warn!(error = %e, root = %c.root.display(), "cannot index the cgroup root; indexing the whole cgroup2 hierarchy");
+            CgroupIndex::build(&c.mount, &c.mount)
+                .map(Some)
+                .with_context(|| format!("indexing cgroups below {}", c.mount.display()))
+        }
+        Err(e) => {
+            Err(anyhow::Error::new(e)
+                .context(format!("indexing cgroups below {}", c.root.display())))
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! Periodic upkeep: the state of pods that are gone is dropped, refreshes that are due start,
+//! and freed memory goes back to the system.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use tracing::warn;
+
+use crate::server::CredentialServer;
+
+/// How often the cache and per-pod state are checked against the pods that exist (a deleted
+/// pod's state is gone within this) and refreshes that are due are started.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Drops the state of pods that are gone and starts refreshes that are due, every
+/// [`MAINTENANCE_INTERVAL`], until the task is aborted.
+pub async fn maintain(server: Arc<CredentialServer>) {
+    let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let walker = server.clone();
+        let known = server.pod_uids();
+        // Without a cgroup index (link mode) no pod is known to be gone.
+        let walked = tokio::task::spawn_blocking(move || {
+            walker
+                .cgroups
+                .as_ref()
+                .map(|index| index.gone(&known))
+                .transpose()
+        })
+        .await;
+        let gone = match walked {
+            Ok(Ok(gone)) => gone.unwrap_or_default(),
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot walk the cgroup tree; keeping every pod's state until the next try");
+                HashSet::new()
+            }
+            Err(_) => HashSet::new(),
+        };
+        server.cache.maintain(&gone);
+        server.forget_gone_pods(&gone);
+        return_freed_memory();
+    }
+}
+
+/// glibc gives each thread that allocates its own arena, and keeps freed memory in them: bursts
+/// of connections on several runtime and blocking threads then leave the resident set high.
+/// Two arenas suffice for a service on a few threads; trimming returns freed pages.
+/// (musl, the static builds: one allocator state, which returns freed pages itself.)
+pub fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2)
+    };
+}
+
+fn return_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe {
+        libc::malloc_trim(0)
+    };
+}

@@ -1,0 +1,179 @@
+//! Each pod's serving state: its statistics, its rate bucket, and what its last request left to
+//! reuse (the token with its claims, digest and binding; the credentials last served). Found once
+//! per connection, created on a pod's first sight, dropped when its cgroup is gone.
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use http::StatusCode;
+use pod_identity_common::Attribution;
+
+use super::CredentialServer;
+use crate::{
+    attribution::Caller,
+    credentials::TokenDigest,
+    ratelimit::PodBucket,
+    request::{Reason, Refusal},
+    stats::PodEntry,
+    token::{PodUid, TokenClaims},
+    upstream::AssumedRole,
+};
+
+/// One pod's serving state.
+pub struct PodState {
+    pub(super) uid: PodUid,
+    pub(super) stats: Arc<PodEntry>,
+    pub(super) bucket: Arc<PodBucket>,
+    /// What the pod's last request left to reuse. Only the pod's own requests take the lock.
+    memo: Mutex<Memo>,
+}
+
+#[derive(Default)]
+struct Memo {
+    /// The last token the pod presented and bound to it.
+    token: Option<Arc<BoundToken>>,
+    /// The credentials last served to it: their role goes to the pod's statistics once.
+    served: Option<Arc<AssumedRole>>,
+}
+
+/// A token whose claims, digest and binding are known.
+pub(super) struct BoundToken {
+    /// The Authorization header's value as sent (trimmed): the memo's key.
+    pub raw: Box<str>,
+    pub claims: TokenClaims,
+    pub digest: TokenDigest,
+    /// `namespace/pod`, for logs.
+    pub label: Box<str>,
+}
+
+impl BoundToken {
+    pub fn new(raw: &str, claims: TokenClaims) -> BoundToken {
+        BoundToken {
+            digest: TokenDigest::of(raw),
+            label: format!("{}/{}", claims.namespace, claims.pod_name).into_boxed_str(),
+            raw: Box::from(raw),
+            claims,
+        }
+    }
+}
+
+impl PodState {
+    /// The token the pod presented last.
+    pub(super) fn remembered_token(&self) -> Option<Arc<BoundToken>> {
+        self.memo
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .token
+            .clone()
+    }
+
+    pub(super) fn remember_token(&self, token: Arc<BoundToken>) {
+        self.memo.lock().unwrap_or_else(|e| e.into_inner()).token = Some(token);
+    }
+
+    /// Records `role` as served; true when it differs from what the pod was served last.
+    pub(super) fn served_anew(&self, role: &Arc<AssumedRole>) -> bool {
+        let mut memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
+        let new = !memo
+            .served
+            .as_ref()
+            .is_some_and(|last| Arc::ptr_eq(last, role));
+        if new {
+            memo.served = Some(role.clone());
+        }
+        new
+    }
+}
+
+impl CredentialServer {
+    /// A pod's serving state, created on first sight.
+    pub(super) fn pod(&self, uid: PodUid) -> Arc<PodState> {
+        if let Some(pod) = self
+            .pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&uid)
+        {
+            return pod.clone();
+        }
+        let state = PodState {
+            stats: self.stats.entry(&uid),
+            bucket: self.pod_limits.bucket(&uid),
+            memo: Mutex::default(),
+            uid: uid.clone(),
+        };
+        self.pods
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(uid)
+            .or_insert_with(|| Arc::new(state))
+            .clone()
+    }
+
+    /// The pods with serving state: those the agent knows.
+    pub fn pod_uids(&self) -> HashSet<PodUid> {
+        self.pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Drops the state of pods whose cgroups are gone: serving state, statistics, rate buckets
+    /// and per-pod metrics.
+    pub fn forget_gone_pods(&self, gone: &HashSet<PodUid>) {
+        // Nothing is gone on almost every pass: take no write lock the request path would wait on.
+        if gone.is_empty() {
+            return;
+        }
+        self.pods
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|uid, _| !gone.contains(uid));
+        self.pod_limits.forget(gone);
+        for (namespace, pod) in self.stats.forget(gone) {
+            self.metrics.forget_pod(&namespace, &pod);
+        }
+    }
+
+    /// The pod the kernel attributed a connection to, or why there is none.
+    pub(super) fn caller(
+        &self,
+        attribution: Option<Attribution>,
+        accepted_at: Instant,
+    ) -> Result<PodUid, Refusal> {
+        let Some(attribution) = attribution else {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                Reason::NotRedirected,
+                "connection did not come through the agent's redirect, so its caller cannot be attributed; connect to the credential address instead",
+            ));
+        };
+        let resolved = self
+            .cgroups
+            .as_ref()
+            .and_then(|index| index.resolve(attribution.cgroup_id, accepted_at));
+        match resolved.as_deref() {
+            None => Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                Reason::CgroupUnknown,
+                format!(
+                    "cannot attribute caller: cgroup id {} no longer exists",
+                    attribution.cgroup_id
+                ),
+            )),
+            Some(Caller::Host { cgroup }) => Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                Reason::NotAPod,
+                format!(
+                    "caller runs in cgroup {cgroup}, which belongs to no pod; only pods get pod credentials"
+                ),
+            )),
+            Some(Caller::Pod { uid, .. }) => Ok(uid.clone()),
+        }
+    }
+}
