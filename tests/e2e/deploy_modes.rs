@@ -17,31 +17,6 @@ fn readyz(node: &Node) -> (u16, String) {
 }
 
 #[test]
-fn link_mode_serves_pods_with_token_only_checks() {
-    let s = Setup::with_args(&["--mode", "link"]);
-    let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
-    pod.route_credential_addresses_via_node();
-    let r = pod.curl(V4_URL, &pod.token());
-    assert_eq!(r.status, 200, "{}\n{}", r.body, s.agent.log());
-    assert_credentials(&r.body, "payments", "api");
-    let r = pod.curl(V6_URL, &pod.token());
-    assert_eq!(r.status, 200, "{}", r.body);
-    let (status, body) = readyz(&s.node);
-    assert_eq!(status, 200);
-    assert!(
-        body.contains("link mode") && body.contains("token-only"),
-        "{body}"
-    );
-    let m = s.agent.metrics();
-    assert_eq!(
-        metric(&m, r#"pod_identity_agent_mode{mode="link"}"#),
-        1.0,
-        "{m}"
-    );
-    assert!(s.agent.log().contains("callers are not attributed"));
-}
-
-#[test]
 fn link_mode_setup_is_idempotent_across_restarts() {
     let node = Node::new();
     let fake = FakeAws::start_in(&node.netns);
@@ -58,36 +33,6 @@ fn link_mode_setup_is_idempotent_across_restarts() {
         );
         assert!(agent.stop().success());
     }
-}
-
-#[test]
-fn auto_mode_falls_back_to_link_mode_when_attach_is_impossible() {
-    let node = Node::new();
-    let fake = FakeAws::start_in(&node.netns);
-    fake.associate("payments", "api", "payments-api-role");
-    let not_a_cgroup = std::env::temp_dir().join(format!("{}-plain-dir", node.netns));
-    std::fs::create_dir_all(&not_a_cgroup).unwrap();
-    let agent = Agent::start(
-        &node,
-        &fake,
-        &[
-            "--mode",
-            "auto",
-            "--cgroup-root",
-            not_a_cgroup.to_str().unwrap(),
-        ],
-    );
-    let _ = std::fs::remove_dir_all(&not_a_cgroup);
-    let log = agent.log();
-    assert!(
-        log.contains("eBPF interception unavailable, falling back to link mode"),
-        "{log}"
-    );
-    assert!(log.contains("attaching"), "the reason is given: {log}");
-    assert!(readyz(&node).1.contains("link mode"));
-    let pod = node.add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
-    pod.route_credential_addresses_via_node();
-    assert_eq!(pod.curl(V4_URL, &pod.token()).status, 200);
 }
 
 /// Runs the agent in a mount namespace where no cgroup2 filesystem is mounted: a cgroup v1 node
@@ -211,66 +156,6 @@ fn a_node_without_ipv6_never_makes_the_agent_fail() {
 /// The capabilities the DaemonSet grants (deploy/kubernetes/base/daemonset.yaml), and nothing
 /// else, as a non-root user: enough for eBPF mode.
 pub const AGENT_CAPABILITIES: &[&str] = &["bpf", "net_admin", "perfmon"];
-
-#[test]
-fn the_listed_capabilities_are_enough_as_non_root() {
-    let s = Setup::new();
-    drop(s.agent);
-    let caps: Vec<String> = AGENT_CAPABILITIES.iter().map(|c| format!("+{c}")).collect();
-    let caps = caps.join(",");
-    let (inh, amb, bounding) = (
-        format!("-all,{caps}"),
-        format!("-all,{caps}"),
-        format!("-all,{caps}"),
-    );
-    let wrapper = [
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps",
-        inh.as_str(),
-        "--ambient-caps",
-        amb.as_str(),
-        "--bounding-set",
-        bounding.as_str(),
-    ];
-    let agent = Agent::start_wrapped(&s.node, &s.fake, &["--mode", "ebpf"], &wrapper);
-    let pod = s
-        .node
-        .add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
-    let r = pod.curl(V4_URL, &pod.token());
-    assert_eq!(r.status, 200, "{}\n{}", r.body, agent.log());
-    // And without them it fails with the cause named.
-    let mut weak = Agent::spawn_wrapped(
-        &s.node,
-        &s.fake,
-        &[
-            "--mode",
-            "ebpf",
-            "--probe-addr",
-            "127.0.0.1:2713",
-            "--metrics-addr",
-            "127.0.0.1:2715",
-        ],
-        &[
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--bounding-set",
-            "-all",
-        ],
-    );
-    let status = weak.wait_exit(Duration::from_secs(30));
-    assert!(!status.success());
-    assert!(
-        weak.log()
-            .contains("permission denied: the agent lacks CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON"),
-        "{}",
-        weak.log()
-    );
-}
 
 /// Runs a client loop in each pod for `seconds`: a request every 100 ms, each with the retry
 /// policy of botocore's container provider (3 attempts, 2 s timeout, 1 s apart). Returns, per
@@ -440,4 +325,125 @@ fn connect4_attached(node: &Node) -> bool {
     pod_identity_e2e::bpf::attached(&node.cgroup_root)
         .iter()
         .any(|a| a.name == "connect4")
+}
+
+/// The tests that run on every kernel of the matrix (`cargo xtask matrix`), inside a VM per
+/// kernel, as well as on the host: each touches the kernel programs.
+mod matrix {
+    use super::*;
+
+    #[test]
+    fn link_mode_serves_pods_with_token_only_checks() {
+        let s = Setup::with_args(&["--mode", "link"]);
+        let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+        pod.route_credential_addresses_via_node();
+        let r = pod.curl(V4_URL, &pod.token());
+        assert_eq!(r.status, 200, "{}\n{}", r.body, s.agent.log());
+        assert_credentials(&r.body, "payments", "api");
+        let r = pod.curl(V6_URL, &pod.token());
+        assert_eq!(r.status, 200, "{}", r.body);
+        let (status, body) = readyz(&s.node);
+        assert_eq!(status, 200);
+        assert!(
+            body.contains("link mode") && body.contains("token-only"),
+            "{body}"
+        );
+        let m = s.agent.metrics();
+        assert_eq!(
+            metric(&m, r#"pod_identity_agent_mode{mode="link"}"#),
+            1.0,
+            "{m}"
+        );
+        assert!(s.agent.log().contains("callers are not attributed"));
+    }
+
+    #[test]
+    fn auto_mode_falls_back_to_link_mode_when_attach_is_impossible() {
+        let node = Node::new();
+        let fake = FakeAws::start_in(&node.netns);
+        fake.associate("payments", "api", "payments-api-role");
+        let not_a_cgroup = std::env::temp_dir().join(format!("{}-plain-dir", node.netns));
+        std::fs::create_dir_all(&not_a_cgroup).unwrap();
+        let agent = Agent::start(
+            &node,
+            &fake,
+            &[
+                "--mode",
+                "auto",
+                "--cgroup-root",
+                not_a_cgroup.to_str().unwrap(),
+            ],
+        );
+        let _ = std::fs::remove_dir_all(&not_a_cgroup);
+        let log = agent.log();
+        assert!(
+            log.contains("eBPF interception unavailable, falling back to link mode"),
+            "{log}"
+        );
+        assert!(log.contains("attaching"), "the reason is given: {log}");
+        assert!(readyz(&node).1.contains("link mode"));
+        let pod = node.add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+        pod.route_credential_addresses_via_node();
+        assert_eq!(pod.curl(V4_URL, &pod.token()).status, 200);
+    }
+
+    #[test]
+    fn the_listed_capabilities_are_enough_as_non_root() {
+        let s = Setup::new();
+        drop(s.agent);
+        let caps: Vec<String> = AGENT_CAPABILITIES.iter().map(|c| format!("+{c}")).collect();
+        let caps = caps.join(",");
+        let (inh, amb, bounding) = (
+            format!("-all,{caps}"),
+            format!("-all,{caps}"),
+            format!("-all,{caps}"),
+        );
+        let wrapper = [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps",
+            inh.as_str(),
+            "--ambient-caps",
+            amb.as_str(),
+            "--bounding-set",
+            bounding.as_str(),
+        ];
+        let agent = Agent::start_wrapped(&s.node, &s.fake, &["--mode", "ebpf"], &wrapper);
+        let pod = s
+            .node
+            .add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+        let r = pod.curl(V4_URL, &pod.token());
+        assert_eq!(r.status, 200, "{}\n{}", r.body, agent.log());
+        // And without them it fails with the cause named.
+        let mut weak = Agent::spawn_wrapped(
+            &s.node,
+            &s.fake,
+            &[
+                "--mode",
+                "ebpf",
+                "--probe-addr",
+                "127.0.0.1:2713",
+                "--metrics-addr",
+                "127.0.0.1:2715",
+            ],
+            &[
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--bounding-set",
+                "-all",
+            ],
+        );
+        let status = weak.wait_exit(Duration::from_secs(30));
+        assert!(!status.success());
+        assert!(
+            weak.log()
+                .contains("permission denied: the agent lacks CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON"),
+            "{}",
+            weak.log()
+        );
+    }
 }

@@ -103,47 +103,6 @@ fn assert_credentials(body: &str, namespace: &str, sa: &str) {
 }
 
 #[test]
-fn curl_in_pod_gets_its_credentials() {
-    let s = Setup::new();
-    let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
-    let token = pod.token();
-    for url in [V4_URL, V6_URL] {
-        let r = pod.curl(url, &token);
-        assert_eq!(r.status, 200, "{url}: {}\n{}", r.body, s.agent.log());
-        assert_credentials(&r.body, "payments", "api");
-    }
-    let calls = s.fake.calls();
-    assert_eq!(calls.len(), 1, "the second request is a cache hit");
-    assert_eq!(calls[0].pod_uid, pod.uid);
-    assert_eq!(calls[0].cluster, pod_identity_e2e::CLUSTER);
-    let m = s.agent.metrics();
-    for family in ["ipv4", "ipv6"] {
-        assert_eq!(
-            metric(
-                &m,
-                &format!(
-                    "pod_identity_agent_kernel_redirected_connects_total{{family=\"{family}\"}}"
-                )
-            ),
-            1.0,
-            "{m}"
-        );
-    }
-}
-
-#[test]
-fn boto3_resolves_credentials_over_ipv4_link_local() {
-    let s = Setup::new();
-    let pod = s.pod("payments", "api-0", "api", CgroupShape::CgroupfsBestEffort);
-    let token_file = pod.write_token_file(&pod.token());
-    let [key, secret, session] = pod
-        .boto3(V4_URL, &token_file)
-        .unwrap_or_else(|e| panic!("boto3: {e}\n{}", s.agent.log()));
-    assert_eq!(key, access_key_for("payments", "api"));
-    assert!(secret.starts_with("fakeSecret") && session.starts_with("fakeSession"));
-}
-
-#[test]
 fn boto3_resolves_credentials_over_ipv6_link_local() {
     let s = Setup::new();
     let pod = s.pod(
@@ -162,107 +121,6 @@ fn boto3_resolves_credentials_over_ipv6_link_local() {
         redirected
             .contains(r#"pod_identity_agent_kernel_redirected_connects_total{family="ipv6"} 1"#),
         "{redirected}"
-    );
-}
-
-#[test]
-fn v4_mapped_address_on_a_dual_stack_socket_is_redirected() {
-    let s = Setup::new();
-    let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
-    let r = pod.curl(V4_MAPPED_URL, &pod.token());
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_credentials(&r.body, "payments", "api");
-}
-
-#[test]
-fn host_network_pod_gets_credentials() {
-    let s = Setup::new();
-    let pod = s
-        .node
-        .add_host_network_pod("payments", "node-exporter-x", "api");
-    let r = pod.curl(V4_URL, &pod.token());
-    assert_eq!(r.status, 200, "{}\n{}", r.body, s.agent.log());
-    assert_credentials(&r.body, "payments", "api");
-}
-
-#[test]
-fn every_cgroup_shape_is_attributed_to_its_pod() {
-    let s = Setup::new();
-    let shapes = [
-        CgroupShape::SystemdBurstable,
-        CgroupShape::SystemdGuaranteed,
-        CgroupShape::CgroupfsBestEffort,
-    ];
-    for (i, shape) in shapes.into_iter().enumerate() {
-        let pod = s.pod("payments", &format!("api-{i}"), "api", shape);
-        let r = pod.curl(V4_URL, &pod.token());
-        assert_eq!(r.status, 200, "{shape:?}: {}\n{}", r.body, s.agent.log());
-        // A process in a cgroup nested below the container's is still that pod.
-        let nested = pod.cgroup.join("workers/w-1");
-        std::fs::create_dir_all(&nested).unwrap();
-        let cmd = pod_identity_e2e::node::command_in("curl", Some(&nested), &pod.netns);
-        let r = pod_identity_e2e::node::curl(cmd, V4_URL, &pod.token(), &[]);
-        assert_eq!(r.status, 200, "{shape:?}, nested: {}", r.body);
-        // And another pod's token is refused from either.
-        let other = s.pod("payments", &format!("other-{i}"), "api", shape);
-        assert_eq!(pod.curl(V4_URL, &other.token()).status, 403, "{shape:?}");
-    }
-    let rows: Vec<serde_json::Value> =
-        serde_json::from_str(&s.agent.pods_cli(&["--json"])).unwrap();
-    for i in 0..3 {
-        let row = rows
-            .iter()
-            .find(|r| r["pod"] == format!("api-{i}"))
-            .unwrap_or_else(|| panic!("api-{i} not attributed: {rows:?}"));
-        assert_eq!(row["requests"], 3, "{row}");
-    }
-}
-
-#[test]
-fn token_of_another_pod_is_refused() {
-    let s = Setup::new();
-    let a = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
-    let b = s.pod("payments", "api-1", "api", CgroupShape::SystemdBurstable);
-    let r = b.curl(V4_URL, &a.token());
-    assert_eq!(r.status, 403, "{}", r.body);
-    assert!(
-        r.body.contains("token belongs to pod payments/api-0"),
-        "{}",
-        r.body
-    );
-    assert!(r.body.contains(&b.uid), "{}", r.body);
-    assert!(
-        s.fake.calls().is_empty(),
-        "a refused token must not reach EKS Auth"
-    );
-}
-
-#[test]
-fn process_outside_any_pod_is_refused() {
-    let s = Setup::new();
-    let a = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
-    let daemon = s.node.host_cgroup("system.slice/node-daemon.service");
-    let r = pod_identity_e2e::node::curl(
-        s.node.command("curl", Some(&daemon)),
-        V4_URL,
-        &a.token(),
-        &[],
-    );
-    assert_eq!(r.status, 403, "{}", r.body);
-    assert!(r.body.contains("belongs to no pod"), "{}", r.body);
-}
-
-#[test]
-fn direct_connection_to_the_listener_is_refused() {
-    let s = Setup::new();
-    let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
-    let [listen4, _] = s.node.listen_addrs(pod_identity_e2e::agent::PORT);
-    let r = pod.curl(&format!("http://{listen4}/v1/credentials"), &pod.token());
-    assert_eq!(r.status, 403, "{}", r.body);
-    assert!(
-        r.body.contains("did not come through the agent's redirect"),
-        "{}",
-        r.body
     );
 }
 
@@ -352,125 +210,270 @@ fn upstream_errors_pass_through_with_their_status() {
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
-#[test]
-fn agents_own_cgroup_is_not_redirected() {
-    let s = Setup::new();
-    let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
-    // Something really listening on the credential address inside the pod's namespace: a
-    // connect that is not redirected reaches it.
-    pod_identity_e2e::node::sh(
-        "ip",
-        &[
-            "-n",
-            &pod.netns,
-            "addr",
-            "add",
-            "169.254.170.23/32",
-            "dev",
-            "lo",
-        ],
-    );
-    let body = std::env::temp_dir().join(format!("{}-direct", s.node.netns));
-    std::fs::write(&body, "direct").unwrap();
-    let server_bin = pod_identity_e2e::agent::binary().with_file_name("baseline-server");
-    let mut server = pod
-        .command(server_bin.to_str().unwrap())
-        .args(["--listen", "169.254.170.23:80", "--body-file"])
-        .arg(&body)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let from_agent_cgroup = || {
-        let out =
-            pod_identity_e2e::node::command_in("curl", Some(&s.node.agent_cgroup), &pod.netns)
-                .args([
-                    "-sS",
-                    "--max-time",
-                    "5",
-                    "http://169.254.170.23/v1/credentials",
-                ])
-                .output()
-                .unwrap();
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut seen = from_agent_cgroup();
-    while seen != "direct" && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-        seen = from_agent_cgroup();
+/// The tests that run on every kernel of the matrix (`cargo xtask matrix`), inside a VM per
+/// kernel, as well as on the host: each touches the kernel programs.
+mod matrix {
+    use super::*;
+
+    #[test]
+    fn curl_in_pod_gets_its_credentials() {
+        let s = Setup::new();
+        let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+        let token = pod.token();
+        for url in [V4_URL, V6_URL] {
+            let r = pod.curl(url, &token);
+            assert_eq!(r.status, 200, "{url}: {}\n{}", r.body, s.agent.log());
+            assert_credentials(&r.body, "payments", "api");
+        }
+        let calls = s.fake.calls();
+        assert_eq!(calls.len(), 1, "the second request is a cache hit");
+        assert_eq!(calls[0].pod_uid, pod.uid);
+        assert_eq!(calls[0].cluster, pod_identity_e2e::CLUSTER);
+        let m = s.agent.metrics();
+        for family in ["ipv4", "ipv6"] {
+            assert_eq!(
+                metric(
+                    &m,
+                    &format!(
+                        "pod_identity_agent_kernel_redirected_connects_total{{family=\"{family}\"}}"
+                    )
+                ),
+                1.0,
+                "{m}"
+            );
+        }
     }
-    assert_eq!(
-        seen, "direct",
-        "a connect from the agent's cgroup must not be redirected"
-    );
-    // The same address from the pod's cgroup goes to the agent.
-    let r = pod.curl(V4_URL, &pod.token());
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_credentials(&r.body, "payments", "api");
-    let _ = server.kill();
-    let _ = server.wait();
-    let _ = std::fs::remove_file(&body);
-}
 
-/// Answers "direct" on the credential address itself. Plain sockets: http.server would first do a
-/// reverse DNS lookup, which has nowhere to go inside a simulated pod.
+    #[test]
+    fn boto3_resolves_credentials_over_ipv4_link_local() {
+        let s = Setup::new();
+        let pod = s.pod("payments", "api-0", "api", CgroupShape::CgroupfsBestEffort);
+        let token_file = pod.write_token_file(&pod.token());
+        let [key, secret, session] = pod
+            .boto3(V4_URL, &token_file)
+            .unwrap_or_else(|e| panic!("boto3: {e}\n{}", s.agent.log()));
+        assert_eq!(key, access_key_for("payments", "api"));
+        assert!(secret.starts_with("fakeSecret") && session.starts_with("fakeSession"));
+    }
 
-#[test]
-fn sigterm_exits_zero_and_leaves_nothing_attached() {
-    let mut s = Setup::new();
-    let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
-    assert_eq!(pod.curl(V4_URL, &pod.token()).status, 200);
-    let status = s.agent.stop();
-    assert!(
-        status.success(),
-        "agent exit status {status}; log:\n{}",
-        s.agent.log()
-    );
-    // Nothing redirects any more: the connect goes where it was addressed, and the node has no
-    // route there, so curl fails to connect (exit 7) instead of reaching an agent.
-    let out = pod
-        .command("curl")
-        .args(["-sS", "--max-time", "5", V4_URL])
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(7),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let left = pod_identity_e2e::bpf::attached(&s.node.cgroup_root);
-    assert!(left.is_empty(), "still attached: {left:?}");
-}
+    #[test]
+    fn v4_mapped_address_on_a_dual_stack_socket_is_redirected() {
+        let s = Setup::new();
+        let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+        let r = pod.curl(V4_MAPPED_URL, &pod.token());
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_credentials(&r.body, "payments", "api");
+    }
 
-#[test]
-fn attach_failure_is_a_clear_error() {
-    let node = Node::new();
-    let fake = FakeAws::start_in(&node.netns);
-    let not_a_cgroup = std::env::temp_dir().join(format!("{}-not-a-cgroup", node.netns));
-    std::fs::create_dir_all(&not_a_cgroup).unwrap();
-    let mut agent = Agent::spawn(
-        &node,
-        &fake,
-        &[
-            "--mode",
-            "ebpf",
-            "--cgroup-root",
-            not_a_cgroup.to_str().unwrap(),
-        ],
-    );
-    let status = agent.wait_exit(Duration::from_secs(30));
-    let log = agent.log();
-    let _ = std::fs::remove_dir_all(&not_a_cgroup);
-    assert!(!status.success(), "agent must fail; log:\n{log}");
-    assert!(log.contains("cannot intercept pods' connections"), "{log}");
-    assert!(
-        log.contains("attaching") && log.contains("not-a-cgroup"),
-        "{log}"
-    );
+    #[test]
+    fn host_network_pod_gets_credentials() {
+        let s = Setup::new();
+        let pod = s
+            .node
+            .add_host_network_pod("payments", "node-exporter-x", "api");
+        let r = pod.curl(V4_URL, &pod.token());
+        assert_eq!(r.status, 200, "{}\n{}", r.body, s.agent.log());
+        assert_credentials(&r.body, "payments", "api");
+    }
+
+    #[test]
+    fn every_cgroup_shape_is_attributed_to_its_pod() {
+        let s = Setup::new();
+        let shapes = [
+            CgroupShape::SystemdBurstable,
+            CgroupShape::SystemdGuaranteed,
+            CgroupShape::CgroupfsBestEffort,
+        ];
+        for (i, shape) in shapes.into_iter().enumerate() {
+            let pod = s.pod("payments", &format!("api-{i}"), "api", shape);
+            let r = pod.curl(V4_URL, &pod.token());
+            assert_eq!(r.status, 200, "{shape:?}: {}\n{}", r.body, s.agent.log());
+            // A process in a cgroup nested below the container's is still that pod.
+            let nested = pod.cgroup.join("workers/w-1");
+            std::fs::create_dir_all(&nested).unwrap();
+            let cmd = pod_identity_e2e::node::command_in("curl", Some(&nested), &pod.netns);
+            let r = pod_identity_e2e::node::curl(cmd, V4_URL, &pod.token(), &[]);
+            assert_eq!(r.status, 200, "{shape:?}, nested: {}", r.body);
+            // And another pod's token is refused from either.
+            let other = s.pod("payments", &format!("other-{i}"), "api", shape);
+            assert_eq!(pod.curl(V4_URL, &other.token()).status, 403, "{shape:?}");
+        }
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_str(&s.agent.pods_cli(&["--json"])).unwrap();
+        for i in 0..3 {
+            let row = rows
+                .iter()
+                .find(|r| r["pod"] == format!("api-{i}"))
+                .unwrap_or_else(|| panic!("api-{i} not attributed: {rows:?}"));
+            assert_eq!(row["requests"], 3, "{row}");
+        }
+    }
+
+    #[test]
+    fn token_of_another_pod_is_refused() {
+        let s = Setup::new();
+        let a = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+        let b = s.pod("payments", "api-1", "api", CgroupShape::SystemdBurstable);
+        let r = b.curl(V4_URL, &a.token());
+        assert_eq!(r.status, 403, "{}", r.body);
+        assert!(
+            r.body.contains("token belongs to pod payments/api-0"),
+            "{}",
+            r.body
+        );
+        assert!(r.body.contains(&b.uid), "{}", r.body);
+        assert!(
+            s.fake.calls().is_empty(),
+            "a refused token must not reach EKS Auth"
+        );
+    }
+
+    #[test]
+    fn process_outside_any_pod_is_refused() {
+        let s = Setup::new();
+        let a = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+        let daemon = s.node.host_cgroup("system.slice/node-daemon.service");
+        let r = pod_identity_e2e::node::curl(
+            s.node.command("curl", Some(&daemon)),
+            V4_URL,
+            &a.token(),
+            &[],
+        );
+        assert_eq!(r.status, 403, "{}", r.body);
+        assert!(r.body.contains("belongs to no pod"), "{}", r.body);
+    }
+
+    #[test]
+    fn direct_connection_to_the_listener_is_refused() {
+        let s = Setup::new();
+        let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+        let [listen4, _] = s.node.listen_addrs(pod_identity_e2e::agent::PORT);
+        let r = pod.curl(&format!("http://{listen4}/v1/credentials"), &pod.token());
+        assert_eq!(r.status, 403, "{}", r.body);
+        assert!(
+            r.body.contains("did not come through the agent's redirect"),
+            "{}",
+            r.body
+        );
+    }
+
+    #[test]
+    fn agents_own_cgroup_is_not_redirected() {
+        let s = Setup::new();
+        let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+        // Something really listening on the credential address inside the pod's namespace: a
+        // connect that is not redirected reaches it.
+        pod_identity_e2e::node::sh(
+            "ip",
+            &[
+                "-n",
+                &pod.netns,
+                "addr",
+                "add",
+                "169.254.170.23/32",
+                "dev",
+                "lo",
+            ],
+        );
+        let body = std::env::temp_dir().join(format!("{}-direct", s.node.netns));
+        std::fs::write(&body, "direct").unwrap();
+        let server_bin = pod_identity_e2e::agent::binary().with_file_name("baseline-server");
+        let mut server = pod
+            .command(server_bin.to_str().unwrap())
+            .args(["--listen", "169.254.170.23:80", "--body-file"])
+            .arg(&body)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let from_agent_cgroup = || {
+            let out =
+                pod_identity_e2e::node::command_in("curl", Some(&s.node.agent_cgroup), &pod.netns)
+                    .args([
+                        "-sS",
+                        "--max-time",
+                        "5",
+                        "http://169.254.170.23/v1/credentials",
+                    ])
+                    .output()
+                    .unwrap();
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = from_agent_cgroup();
+        while seen != "direct" && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            seen = from_agent_cgroup();
+        }
+        assert_eq!(
+            seen, "direct",
+            "a connect from the agent's cgroup must not be redirected"
+        );
+        // The same address from the pod's cgroup goes to the agent.
+        let r = pod.curl(V4_URL, &pod.token());
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_credentials(&r.body, "payments", "api");
+        let _ = server.kill();
+        let _ = server.wait();
+        let _ = std::fs::remove_file(&body);
+    }
+
+    #[test]
+    fn sigterm_exits_zero_and_leaves_nothing_attached() {
+        let mut s = Setup::new();
+        let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+        assert_eq!(pod.curl(V4_URL, &pod.token()).status, 200);
+        let status = s.agent.stop();
+        assert!(
+            status.success(),
+            "agent exit status {status}; log:\n{}",
+            s.agent.log()
+        );
+        // Nothing redirects any more: the connect goes where it was addressed, and the node has no
+        // route there, so curl fails to connect (exit 7) instead of reaching an agent.
+        let out = pod
+            .command("curl")
+            .args(["-sS", "--max-time", "5", V4_URL])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(7),
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let left = pod_identity_e2e::bpf::attached(&s.node.cgroup_root);
+        assert!(left.is_empty(), "still attached: {left:?}");
+    }
+
+    #[test]
+    fn attach_failure_is_a_clear_error() {
+        let node = Node::new();
+        let fake = FakeAws::start_in(&node.netns);
+        let not_a_cgroup = std::env::temp_dir().join(format!("{}-not-a-cgroup", node.netns));
+        std::fs::create_dir_all(&not_a_cgroup).unwrap();
+        let mut agent = Agent::spawn(
+            &node,
+            &fake,
+            &[
+                "--mode",
+                "ebpf",
+                "--cgroup-root",
+                not_a_cgroup.to_str().unwrap(),
+            ],
+        );
+        let status = agent.wait_exit(Duration::from_secs(30));
+        let log = agent.log();
+        let _ = std::fs::remove_dir_all(&not_a_cgroup);
+        assert!(!status.success(), "agent must fail; log:\n{log}");
+        assert!(log.contains("cannot intercept pods' connections"), "{log}");
+        assert!(
+            log.contains("attaching") && log.contains("not-a-cgroup"),
+            "{log}"
+        );
+    }
 }

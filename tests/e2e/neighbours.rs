@@ -145,80 +145,86 @@ fn coexists(how: Attach) {
     }
 }
 
-#[test]
-fn a_neighbour_attached_as_a_link_and_the_agent_both_redirect() {
-    coexists(Attach::Link);
-}
+/// The tests that run on every kernel of the matrix (`cargo xtask matrix`), inside a VM per
+/// kernel, as well as on the host: each touches the kernel programs.
+mod matrix {
+    use super::*;
 
-#[test]
-fn a_neighbour_attached_with_allow_multi_and_the_agent_both_redirect() {
-    coexists(Attach::Multi);
-}
+    #[test]
+    fn a_neighbour_attached_as_a_link_and_the_agent_both_redirect() {
+        coexists(Attach::Link);
+    }
 
-#[test]
-fn an_exclusive_neighbour_is_never_displaced_and_is_named() {
-    let (node, fake, pod, backend) = node_with_pod();
-    let _neighbour = Neighbour::attach(
-        &node.cgroup_root,
-        Attach::Exclusive,
-        SERVICE.parse().unwrap(),
-        backend,
-    )
-    .expect("attach exclusively");
-    assert_eq!(service(&pod), "backend");
+    #[test]
+    fn a_neighbour_attached_with_allow_multi_and_the_agent_both_redirect() {
+        coexists(Attach::Multi);
+    }
 
-    // eBPF mode refuses to start, and says which program is in the way (not "needs CAP_BPF").
-    let mut agent = Agent::spawn(&node, &fake, &["--mode", "ebpf"]);
-    assert!(!agent.wait_exit(Duration::from_secs(30)).success());
-    let log = agent.log();
-    assert!(
-        log.contains(&format!("program '{NEIGHBOUR_NAME}'"))
-            && log.contains("is attached to this cgroup exclusively"),
-        "{log}"
-    );
-    assert!(
-        log.contains("does not displace it") && log.contains("BPF_F_ALLOW_MULTI"),
-        "{log}"
-    );
-    assert!(
-        !log.contains("lacks CAP_")
-            && !log.contains("needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (or"),
-        "capabilities are not the problem: {log}"
-    );
-    drop(agent);
-    assert!(
-        attached(&node.cgroup_root)
-            .iter()
-            .all(|a| a.name == NEIGHBOUR_NAME),
-        "nothing of the agent's left attached: {:?}",
-        attached(&node.cgroup_root)
-    );
-
-    // auto falls back to link mode and says why; pods are served the link-mode way.
-    let agent = Agent::start(&node, &fake, &["--mode", "auto"]);
-    let log = agent.log();
-    assert!(
-        log.contains("falling back to link mode") && log.contains(NEIGHBOUR_NAME),
-        "{log}"
-    );
-    let (_, ready) = node
-        .http_get(
-            pod_identity_e2e::agent::PROBE_ADDR.parse().unwrap(),
-            "/readyz",
+    #[test]
+    fn an_exclusive_neighbour_is_never_displaced_and_is_named() {
+        let (node, fake, pod, backend) = node_with_pod();
+        let _neighbour = Neighbour::attach(
+            &node.cgroup_root,
+            Attach::Exclusive,
+            SERVICE.parse().unwrap(),
+            backend,
         )
-        .unwrap();
-    assert!(
-        ready.contains("link mode") && ready.contains(NEIGHBOUR_NAME),
-        "{ready}"
-    );
-    pod.route_credential_addresses_via_node();
-    let r = pod.curl(V4_URL, &pod.token());
-    assert_eq!(r.status, 200, "{}\n{log}", r.body);
+        .expect("attach exclusively");
+        assert_eq!(service(&pod), "backend");
 
-    // The neighbour is still the one attached, and still works, with the agent running and after.
-    assert!(neighbour_attached(&node));
-    assert_eq!(service(&pod), "backend");
-    drop(agent);
-    assert!(neighbour_attached(&node));
-    assert_eq!(service(&pod), "backend");
+        // eBPF mode refuses to start, and says which program is in the way (not "needs CAP_BPF").
+        let mut agent = Agent::spawn(&node, &fake, &["--mode", "ebpf"]);
+        assert!(!agent.wait_exit(Duration::from_secs(30)).success());
+        let log = agent.log();
+        assert!(
+            log.contains(&format!("program '{NEIGHBOUR_NAME}'"))
+                && log.contains("is attached to this cgroup exclusively"),
+            "{log}"
+        );
+        assert!(
+            log.contains("does not displace it") && log.contains("BPF_F_ALLOW_MULTI"),
+            "{log}"
+        );
+        assert!(
+            !log.contains("lacks CAP_")
+                && !log.contains("needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (or"),
+            "capabilities are not the problem: {log}"
+        );
+        drop(agent);
+        assert!(
+            attached(&node.cgroup_root)
+                .iter()
+                .all(|a| a.name == NEIGHBOUR_NAME),
+            "nothing of the agent's left attached: {:?}",
+            attached(&node.cgroup_root)
+        );
+
+        // auto falls back to link mode and says why; pods are served the link-mode way.
+        let agent = Agent::start(&node, &fake, &["--mode", "auto"]);
+        let log = agent.log();
+        assert!(
+            log.contains("falling back to link mode") && log.contains(NEIGHBOUR_NAME),
+            "{log}"
+        );
+        let (_, ready) = node
+            .http_get(
+                pod_identity_e2e::agent::PROBE_ADDR.parse().unwrap(),
+                "/readyz",
+            )
+            .unwrap();
+        assert!(
+            ready.contains("link mode") && ready.contains(NEIGHBOUR_NAME),
+            "{ready}"
+        );
+        pod.route_credential_addresses_via_node();
+        let r = pod.curl(V4_URL, &pod.token());
+        assert_eq!(r.status, 200, "{}\n{log}", r.body);
+
+        // The neighbour is still the one attached, and still works, with the agent running and after.
+        assert!(neighbour_attached(&node));
+        assert_eq!(service(&pod), "backend");
+        drop(agent);
+        assert!(neighbour_attached(&node));
+        assert_eq!(service(&pod), "backend");
+    }
 }

@@ -362,71 +362,6 @@ const ALL_CHECKS: [&str; 11] = [
 ];
 
 #[test]
-fn doctor_passes_every_check_on_a_healthy_node() {
-    let s = Setup::new();
-    let host = s.node.host_cgroup("system.slice/doctor.scope");
-    let out = doctor(&s, Some(&host), Caller::Node, &[]);
-    let checks = doctor_checks(&out);
-    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
-    for name in ALL_CHECKS {
-        let (status, text) = check(&checks, name);
-        assert_eq!(status, "ok", "{text}");
-    }
-    assert!(check(&checks, "kernel programs").1.contains("detached"));
-    assert!(
-        check(&checks, "redirect")
-            .1
-            .contains("reached the agent (403"),
-        "{}",
-        out.stdout
-    );
-    assert!(
-        check(&checks, "node credentials")
-            .1
-            .contains("environment variables")
-            && check(&checks, "node credentials").1.contains("****MPLE")
-    );
-    assert!(
-        check(&checks, "EKS Auth")
-            .1
-            .contains(&format!("{} is reachable", s.fake.endpoint())),
-        "{}",
-        out.stdout
-    );
-    assert!(check(&checks, "cluster").1.contains("ACTIVE"));
-    // The EKS Auth probe and the control-plane checks were signed with the node's key.
-    assert!(
-        s.fake
-            .calls()
-            .iter()
-            .all(|c| c.signed_by == NODE_ACCESS_KEY)
-    );
-    assert!(
-        s.fake
-            .api_calls()
-            .iter()
-            .all(|c| c.signed_by == NODE_ACCESS_KEY)
-    );
-    // The scratch cgroup is gone.
-    assert!(
-        std::fs::read_dir(&s.node.cgroup_root)
-            .unwrap()
-            .flatten()
-            .all(|e| !e
-                .file_name()
-                .to_string_lossy()
-                .starts_with("pod-identity-doctor"))
-    );
-
-    // In the agent's own cgroup (kubectl exec) the redirect cannot be tried: a warning.
-    let inside = doctor(&s, Some(&s.node.agent_cgroup), Caller::Node, &[]);
-    assert_eq!(inside.code, 0, "{}", inside.stdout);
-    let (status, text) = check(&doctor_checks(&inside), "redirect");
-    assert_eq!(status, "warn", "{text}");
-    assert!(text.contains("agent's own cgroup"), "{text}");
-}
-
-#[test]
 fn doctor_fails_each_check_with_how_to_fix_it() {
     let s = Setup::new();
     let host = s.node.host_cgroup("system.slice/doctor.scope");
@@ -631,4 +566,75 @@ fn doctor_names_an_agent_that_is_not_ready_and_listeners_that_are_gone() {
             .contains(&format!("the credential listener {listen4} did not answer"))
     );
     assert_eq!(check(&checks, "agent").0, "ok");
+}
+
+/// The tests that run on every kernel of the matrix (`cargo xtask matrix`), inside a VM per
+/// kernel, as well as on the host: each touches the kernel programs.
+mod matrix {
+    use super::*;
+
+    #[test]
+    fn doctor_passes_every_check_on_a_healthy_node() {
+        let s = Setup::new();
+        let host = s.node.host_cgroup("system.slice/doctor.scope");
+        let out = doctor(&s, Some(&host), Caller::Node, &[]);
+        let checks = doctor_checks(&out);
+        assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+        for name in ALL_CHECKS {
+            let (status, text) = check(&checks, name);
+            assert_eq!(status, "ok", "{text}");
+        }
+        assert!(check(&checks, "kernel programs").1.contains("detached"));
+        assert!(
+            check(&checks, "redirect")
+                .1
+                .contains("reached the agent (403"),
+            "{}",
+            out.stdout
+        );
+        assert!(
+            check(&checks, "node credentials")
+                .1
+                .contains("environment variables")
+                && check(&checks, "node credentials").1.contains("****MPLE")
+        );
+        assert!(
+            check(&checks, "EKS Auth")
+                .1
+                .contains(&format!("{} is reachable", s.fake.endpoint())),
+            "{}",
+            out.stdout
+        );
+        assert!(check(&checks, "cluster").1.contains("ACTIVE"));
+        // The EKS Auth probe and the control-plane checks were signed with the node's key.
+        assert!(
+            s.fake
+                .calls()
+                .iter()
+                .all(|c| c.signed_by == NODE_ACCESS_KEY)
+        );
+        assert!(
+            s.fake
+                .api_calls()
+                .iter()
+                .all(|c| c.signed_by == NODE_ACCESS_KEY)
+        );
+        // The scratch cgroup is gone.
+        assert!(
+            std::fs::read_dir(&s.node.cgroup_root)
+                .unwrap()
+                .flatten()
+                .all(|e| !e
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("pod-identity-doctor"))
+        );
+
+        // In the agent's own cgroup (kubectl exec) the redirect cannot be tried: a warning.
+        let inside = doctor(&s, Some(&s.node.agent_cgroup), Caller::Node, &[]);
+        assert_eq!(inside.code, 0, "{}", inside.stdout);
+        let (status, text) = check(&doctor_checks(&inside), "redirect");
+        assert_eq!(status, "warn", "{text}");
+        assert!(text.contains("agent's own cgroup"), "{text}");
+    }
 }

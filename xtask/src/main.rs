@@ -1,5 +1,5 @@
-//! `cargo xtask setup|build|test|demo`: everything a fresh machine needs, installed idempotently,
-//! then the build, the tests or the demo.
+//! `cargo xtask <task>`: everything a fresh machine needs, installed idempotently, then the
+//! build, the gates, the tests, the demo or the benchmark (`cargo xtask --help` lists them).
 
 use std::{
     path::PathBuf,
@@ -7,8 +7,11 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
 
 mod arm64;
+mod docs;
+mod house;
 mod vm;
 
 const APT_PACKAGES: &[&str] = &[
@@ -41,38 +44,75 @@ const PIP_PACKAGES: &[(&str, &str)] = &[
     ("yaml", "pyyaml"),
 ];
 
+/// Build orchestration for pod-identity-agent. Every command installs what it needs first
+/// (idempotently), so a fresh machine needs nothing else.
+#[derive(Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and tests need (idempotent).
+    Setup,
+    /// Setup, then build the agent.
+    Build {
+        /// `aarch64`: a static aarch64 (Graviton) binary, cross-built. Default: the host's.
+        #[arg(long, value_parser = ["aarch64", "arm64", arm64::TARGET])]
+        target: Option<String>,
+    },
+    /// Setup, build, the format and lint gates, unit and end-to-end tests, the kernel matrix
+    /// and the arm64 smoke test (root).
+    Test,
+    /// Setup, build, simulated pods get credentials through the eBPF redirect (root).
+    Demo,
+    /// Setup, release build, every performance scenario against its baseline (root).
+    Bench {
+        /// A flame graph of the keep-alive run too.
+        #[arg(long)]
+        profile: bool,
+    },
+    /// Every fuzz target for a while (cargo-fuzz, nightly).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60.0)]
+        seconds: f64,
+    },
+    /// 100 pods under upstream faults and churn (root).
+    Soak {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+    },
+    /// The kernel-facing end-to-end tests inside VMs of 5.10, 6.1 and 6.12 (root).
+    Matrix {
+        /// One kernel series only (5.10, 6.1 or 6.12).
+        #[arg(long)]
+        kernel: Option<String>,
+    },
+    /// Cross-build for aarch64, the smoke test on Debian's arm64 6.1 kernel under QEMU.
+    Arm64,
+    /// The format and lint gates alone: rustfmt, clippy with warnings denied, the house rules
+    /// (no import circle, short functions) and the docs' links and commands.
+    Lint,
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("setup") => setup(),
-        Some("build") => match value_after(&args, "--target") {
-            None => setup().and_then(|()| build()),
-            Some("aarch64" | "arm64") | Some(arm64::TARGET) => {
-                setup().and_then(|()| arm64::build(false)).map(drop)
-            }
-            Some(other) => Err(anyhow::anyhow!(
-                "--target {other}: the targets are the host's (no flag) and aarch64"
-            )),
-        },
-        Some("test") => setup().and_then(|()| build()).and_then(|()| test()),
-        Some("demo") => setup().and_then(|()| build()).and_then(|()| demo()),
-        Some("bench") => setup().and_then(|()| bench(args.iter().any(|a| a == "--profile"))),
-        Some("fuzz") => {
-            setup().and_then(|()| fuzz(number_after(&args, "--seconds").unwrap_or(60.0)))
-        }
-        Some("soak") => setup()
+    let result = match Cli::parse().command {
+        Task::Setup => setup(),
+        Task::Build { target: None } => setup().and_then(|()| build()),
+        Task::Build { target: Some(_) } => setup().and_then(|()| arm64::build(false)).map(drop),
+        Task::Test => setup().and_then(|()| build()).and_then(|()| test()),
+        Task::Demo => setup().and_then(|()| build()).and_then(|()| demo()),
+        Task::Bench { profile } => setup().and_then(|()| bench(profile)),
+        Task::Fuzz { seconds } => setup().and_then(|()| fuzz(seconds)),
+        Task::Soak { minutes } => setup().and_then(|()| build()).and_then(|()| soak(minutes)),
+        Task::Matrix { kernel } => setup()
             .and_then(|()| build())
-            .and_then(|()| soak(number_after(&args, "--minutes").unwrap_or(10.0))),
-        Some("matrix") => setup()
-            .and_then(|()| build())
-            .and_then(|()| matrix(value_after(&args, "--kernel"))),
-        Some("arm64") => setup().and_then(|()| arm64::run_smoke()).map(drop),
-        _ => {
-            eprintln!(
-                "usage: cargo xtask <command>\n\n  setup   install what the build and tests need (idempotent)\n  build   setup, then build the agent [--target aarch64: a static aarch64 (Graviton) binary, cross-built]\n  test    setup, build, run unit and end-to-end tests (root)\n  demo    setup, build, simulated pods get credentials through the eBPF redirect (root)\n  bench   setup, release build, every performance scenario against its baseline (root) [--profile: flame graph of the keep-alive run]\n  matrix  setup, build, the kernel-facing end-to-end tests inside VMs of 5.10, 6.1 and 6.12 [--kernel SERIES] (root)\n  arm64   setup, cross-build for aarch64, the smoke test on Debian's arm64 6.1 kernel inside qemu-system-aarch64"
-            );
-            return ExitCode::from(2);
-        }
+            .and_then(|()| matrix(kernel.as_deref())),
+        Task::Arm64 => setup().and_then(|()| arm64::run_smoke()).map(drop),
+        Task::Lint => setup().and_then(|()| build()).and_then(|()| lint()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -81,17 +121,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn number_after(args: &[String], flag: &str) -> Option<f64> {
-    value_after(args, flag)?.parse().ok()
-}
-
-fn value_after<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
-    args.iter()
-        .skip_while(|a| *a != flag)
-        .nth(1)
-        .map(String::as_str)
 }
 
 fn workspace_root() -> PathBuf {
@@ -292,9 +321,32 @@ const TEST_FUZZ_SECONDS: f64 = 20.0;
 /// Minutes of the soak within `cargo xtask test`.
 const TEST_SOAK_MINUTES: f64 = 2.0;
 
+/// The format and lint gates: one format (rustfmt.toml, nightly rustfmt for its import
+/// grouping), clippy with warnings denied, the house rules, and the docs.
+fn lint() -> anyhow::Result<()> {
+    run(cargo().args(["+nightly", "fmt", "--all", "--check"]))
+        .context("the code is not formatted: run `cargo +nightly fmt --all`")?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--keep-going",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .context("clippy found something: fix it (or say why in an #[expect(..., reason)])")?;
+    house::check(&workspace_root())?;
+    docs::check(&workspace_root(), &agent_binary())
+}
+
 fn test() -> anyhow::Result<()> {
+    lint()?;
     // Explicit targets: no doc-test runs, and the last summary line is the e2e suite's.
-    run(cargo().arg("test").args(PACKAGES).args(["--lib", "--bins"]))?;
+    run(cargo()
+        .arg("test")
+        .args(PACKAGES)
+        .args(["-p", "xtask", "--lib", "--bins"]))?;
     fuzz(TEST_FUZZ_SECONDS)?;
     if !is_root() {
         bail!(
