@@ -1,4 +1,4 @@
-//! Issue 3: the cache and upstream behaviour, end to end against the fake EKS Auth's faults.
+//! The cache and upstream behaviour, end to end against the fake EKS Auth's faults.
 
 use std::time::{Duration, Instant};
 

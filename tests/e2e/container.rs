@@ -1,4 +1,4 @@
-//! Issue 12: the DaemonSet's container as a real OCI runtime runs it, generated from the
+//! The DaemonSet's container as a real OCI runtime runs it, generated from the
 //! kustomize-rendered manifest: its args, env, capabilities, user, read-only root, no privilege
 //! escalation, seccomp profile and hostPath mounts, with a private cgroup namespace, a private
 //! mount namespace and the node's network namespace. Node credentials and region come from IMDS.

@@ -1,4 +1,4 @@
-//! Issue 5: the kustomize base and overlays render, pass the Kubernetes schemas, and say what the
+//! The kustomize base and overlays render, pass the Kubernetes schemas, and say what the
 //! agent needs; the Dockerfile builds the way xtask does and grants what the agent needs. This
 //! machine has no container engine, so the image is checked for consistency, not built.
 

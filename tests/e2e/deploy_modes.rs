@@ -1,4 +1,4 @@
-//! Issue 5: link mode and the auto fallback, IPv6-only and IPv6-less nodes, the least privilege
+//! Link mode and the auto fallback, IPv6-only and IPv6-less nodes, the least privilege
 //! that works, and restarts with and without pinned programs under load.
 
 use std::time::{Duration, Instant};

@@ -1,4 +1,4 @@
-//! Issue 6: hostile clients are bounded and well-behaved pods keep being served; SIGTERM drains
+//! Hostile clients are bounded and well-behaved pods keep being served; SIGTERM drains
 //! in-flight requests.
 
 use std::time::{Duration, Instant};

@@ -1,4 +1,4 @@
-//! Issue 9: the alerts and the dashboard under deploy/monitoring. promtool checks and unit-tests
+//! The alerts and the dashboard under deploy/monitoring. promtool checks and unit-tests
 //! the rules; then Debian's Prometheus server scrapes real agents in the harness while traffic
 //! flows with faults injected, and every dashboard query and every alert expression is run
 //! through its HTTP API.

@@ -1,4 +1,4 @@
-//! Issue 10: a real node is never empty. Another tool's cgroup program (a stand-in for Cilium's
+//! A real node is never empty. Another tool's cgroup program (a stand-in for Cilium's
 //! socket load balancer: connects to a service address go to a backend) sits at the same cgroup
 //! root as the agent. Both redirects work whichever attached first, through agent restarts with
 //! and without `--pin`, and the neighbour outlives the agent. A legacy exclusive attachment is

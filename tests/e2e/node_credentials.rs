@@ -1,4 +1,4 @@
-//! Issue 12: the path an EKS node takes around the data path. Node credentials from IMDSv2 (which
+//! The path an EKS node takes around the data path. Node credentials from IMDSv2 (which
 //! rotate, and may answer late or refuse the token), hybrid nodes' credentials file and
 //! `credential_process`, TLS to EKS Auth with a CA of the test's own, a real proxy, and the FIPS
 //! endpoint. Every fake AWS call is verified against the keys the node was really given.

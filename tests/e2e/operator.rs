@@ -1,4 +1,4 @@
-//! Issue 4: what an operator sees. Metrics read by a real Prometheus parser, per-pod statistics
+//! What an operator sees. Metrics read by a real Prometheus parser, per-pod statistics
 //! through the `pods` command, readiness, and (in every test, at agent drop) no secret in the
 //! logs.
 

@@ -1,4 +1,4 @@
-//! Issue 9: the operator's tools. `associations` against the fake EKS control plane (pagination,
+//! The operator's tools. `associations` against the fake EKS control plane (pagination,
 //! table, JSON, the join with a node's pods and the fix it prints, create and delete), and every
 //! `doctor` check in its passing and its failing state.
 

@@ -1,4 +1,4 @@
-//! Issue 13: `--credential-source sts`, EKS Pod Identity's contract on a cluster EKS does not know.
+//! `--credential-source sts`, EKS Pod Identity's contract on a cluster EKS does not know.
 //! The agent verifies tokens itself against the issuer's keys (a JWKS file, or the API server's
 //! URL), finds the association in a file, and assumes the role with STS, signed with the node's
 //! keys, with EKS's session tags. The fake STS records every call: its role, session name, tags,

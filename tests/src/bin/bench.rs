@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: every performance scenario of issue 6, each against a baseline measured
+//! `cargo xtask bench`: every performance scenario, each against a baseline measured
 //! in the same run on the same simulated node, reported as ratios. Writes
 //! `target/bench/results.md` and `target/bench/results.json`.
 //!
