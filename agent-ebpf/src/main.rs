@@ -7,9 +7,15 @@
 //!   `connect()` once the source port is chosen and before the SYN leaves, so the connection's
 //!   4-tuple is known. It moves the record from `PENDING` to `CONNECTIONS`, keyed by the 4-tuple the
 //!   agent will see after `accept()`. The cookie bridge is needed because sock_ops may not call
-//!   `bpf_get_current_cgroup_id` before kernel 6.4.
+//!   `bpf_get_current_cgroup_id` before kernel 6.4. It also asks for the socket's state changes,
+//!   and drops the record when the socket closes before the agent took it, so a record never
+//!   outlives its connection for another socket to reuse.
+//! * `steer` (sk_lookup, the node's network namespace): a connection to an address the agent
+//!   serves that has a record is handed to the agent's own listening socket (the `LISTENERS`
+//!   socket map), whatever else is bound to that address; with no agent socket there (the agent
+//!   is down) it is refused. A connection without a record goes where the kernel would send it.
 //!
-//! Every program always allows the operation: interception never makes a connect fail.
+//! The connect programs always allow the connect: interception never makes a connect fail.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -21,16 +27,24 @@ mod programs {
     };
 
     use aya_ebpf::{
-        bindings::BPF_SOCK_OPS_TCP_CONNECT_CB,
-        helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie},
-        macros::{cgroup_sock_addr, map, sock_ops},
-        maps::{HashMap, LruHashMap, PerCpuArray},
-        programs::{SockAddrContext, SockOpsContext},
+        bindings::{
+            BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+            BPF_TCP_CLOSE,
+            sk_action::{SK_DROP, SK_PASS},
+        },
+        helpers::{
+            bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie,
+            bpf_ktime_get_ns,
+        },
+        macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+        maps::{HashMap, LruHashMap, PerCpuArray, SockMap},
+        programs::{SkLookupContext, SockAddrContext, SockOpsContext},
     };
     use aya_log_ebpf::warn;
     use pod_identity_common::{
         Attribution, ConnectionKey, Endpoint, RedirectConfig,
-        counter::{COUNT, RECORDED, REDIRECTED_V4, REDIRECTED_V6},
+        counter::{COUNT, NO_AGENT, RECORDED, REDIRECTED_V4, REDIRECTED_V6, STEERED},
+        listener,
     };
 
     /// Return value of cgroup/connect programs that lets the connect proceed.
@@ -60,6 +74,11 @@ mod programs {
 
     #[map]
     static REDIRECT_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNT, 0);
+
+    /// The agent's listening sockets, one per address family ([`listener`]); a socket leaves the
+    /// map when it closes.
+    #[map]
+    static LISTENERS: SockMap = SockMap::with_max_entries(listener::COUNT, 0);
 
     #[inline(always)]
     fn config() -> RedirectConfig {
@@ -109,6 +128,8 @@ mod programs {
         let attribution = Attribution {
             cgroup_id,
             pid_tgid: bpf_get_current_pid_tgid(),
+            // SAFETY: helper without preconditions.
+            created_ns: unsafe { bpf_ktime_get_ns() },
             original_dst,
             _pad: [0; 6],
         };
@@ -222,15 +243,48 @@ mod programs {
 
     #[sock_ops]
     pub fn record_connection(ctx: SockOpsContext) -> u32 {
-        if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
-            return 1;
+        match ctx.op() {
+            BPF_SOCK_OPS_TCP_CONNECT_CB => record(&ctx),
+            // Only sockets `record` asked it for: a redirected connection closing. Its record
+            // goes with it, unless the agent already took it at accept.
+            BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+                if let Some(key) = connection_key(&ctx) {
+                    let _ = CONNECTIONS.remove(&key);
+                }
+            }
+            _ => {}
         }
+        1
+    }
+
+    /// Moves a redirected connect's record from its socket cookie to its 4-tuple.
+    #[inline(always)]
+    fn record(ctx: &SockOpsContext) {
         // SAFETY: ctx is the program's own context pointer.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
         // SAFETY: the value is copied out at once.
         let Some(attribution) = (unsafe { PENDING.get(&cookie) }).copied() else {
-            return 1;
+            return;
         };
+        let Some(key) = connection_key(ctx) else {
+            return;
+        };
+        if CONNECTIONS.insert(&key, &attribution, 0).is_err() {
+            warn!(
+                ctx,
+                "pod-identity: CONNECTIONS insert failed for cgroup {}", attribution.cgroup_id
+            );
+        } else {
+            count(RECORDED);
+            // Hear of this socket's close, to drop the record if the agent never takes it.
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        }
+        let _ = PENDING.remove(&cookie);
+    }
+
+    /// The connection's 4-tuple, as the agent sees it after `accept()`: (client, server).
+    #[inline(always)]
+    fn connection_key(ctx: &SockOpsContext) -> Option<ConnectionKey> {
         let ops = ctx.ops;
         // SAFETY: context fields read with 4-byte loads. Every field is read unconditionally,
         // before any branch: the verifier only accepts loads at constant offsets from the context
@@ -259,12 +313,12 @@ mod programs {
         };
         let client_port = (local_port as u16).to_be_bytes();
         let server_port = ((remote_port >> 16) as u16).to_ne_bytes();
-        let key = match family {
-            AF_INET => ConnectionKey {
+        match family {
+            AF_INET => Some(ConnectionKey {
                 client: Endpoint::v4(local4.to_ne_bytes(), client_port),
                 server: Endpoint::v4(remote4.to_ne_bytes(), server_port),
-            },
-            AF_INET6 => ConnectionKey {
+            }),
+            AF_INET6 => Some(ConnectionKey {
                 client: Endpoint {
                     addr: words_to_bytes(local6),
                     port: client_port,
@@ -273,19 +327,93 @@ mod programs {
                     addr: words_to_bytes(remote6),
                     port: server_port,
                 },
-            },
-            _ => return 1,
-        };
-        if CONNECTIONS.insert(&key, &attribution, 0).is_err() {
-            warn!(
-                &ctx,
-                "pod-identity: CONNECTIONS insert failed for cgroup {}", attribution.cgroup_id
-            );
-        } else {
-            count(RECORDED);
+            }),
+            _ => None,
         }
-        let _ = PENDING.remove(&cookie);
-        1
+    }
+
+    /// Hands a redirected connection to the agent's own socket, so that only the agent can
+    /// receive it: a process that binds the target address (the agent restarting, a port any
+    /// user may bind) gets nothing the kernel redirected.
+    #[sk_lookup]
+    pub fn steer(ctx: SkLookupContext) -> u32 {
+        let lookup = ctx.lookup;
+        // SAFETY: context fields read one at a time with their documented load sizes, all before
+        // any branch (as in `connection_key`). remote_port holds the port in network order in its
+        // low 16 bits, local_port in host order.
+        let (protocol, family, local4, remote4, local6, remote6, local_port, remote_port) = unsafe {
+            (
+                read_volatile(&raw const (*lookup).protocol),
+                read_volatile(&raw const (*lookup).family),
+                read_volatile(&raw const (*lookup).local_ip4),
+                read_volatile(&raw const (*lookup).remote_ip4),
+                [
+                    read_volatile(&raw const (*lookup).local_ip6[0]),
+                    read_volatile(&raw const (*lookup).local_ip6[1]),
+                    read_volatile(&raw const (*lookup).local_ip6[2]),
+                    read_volatile(&raw const (*lookup).local_ip6[3]),
+                ],
+                [
+                    read_volatile(&raw const (*lookup).remote_ip6[0]),
+                    read_volatile(&raw const (*lookup).remote_ip6[1]),
+                    read_volatile(&raw const (*lookup).remote_ip6[2]),
+                    read_volatile(&raw const (*lookup).remote_ip6[3]),
+                ],
+                read_volatile(&raw const (*lookup).local_port),
+                read_volatile(&raw const (*lookup).remote_port),
+            )
+        };
+        if protocol != IPPROTO_TCP {
+            return SK_PASS;
+        }
+        let server_port = (local_port as u16).to_be_bytes();
+        let client_port = (remote_port as u16).to_ne_bytes();
+        let (key, served, slot) = match family {
+            AF_INET => (
+                ConnectionKey {
+                    client: Endpoint::v4(remote4.to_ne_bytes(), client_port),
+                    server: Endpoint::v4(local4.to_ne_bytes(), server_port),
+                },
+                // SAFETY: as in config(), for one field.
+                unsafe { read_volatile(&raw const CONFIG.serve_v4) },
+                listener::V4,
+            ),
+            AF_INET6 => (
+                ConnectionKey {
+                    client: Endpoint {
+                        addr: words_to_bytes(remote6),
+                        port: client_port,
+                    },
+                    server: Endpoint {
+                        addr: words_to_bytes(local6),
+                        port: server_port,
+                    },
+                },
+                // SAFETY: as in config(), for one field.
+                unsafe { read_volatile(&raw const CONFIG.serve_v6) },
+                listener::V6,
+            ),
+            _ => return SK_PASS,
+        };
+        if served.is_none() || key.server != served {
+            return SK_PASS;
+        }
+        // SAFETY: only the presence of the record is read.
+        if unsafe { CONNECTIONS.get(&key) }.is_none() {
+            // Not redirected: it goes wherever the kernel sends it (nowhere, unless something
+            // listens on the target), and never to the agent.
+            return SK_PASS;
+        }
+        match LISTENERS.redirect_sk_lookup(&ctx, slot, 0) {
+            Ok(()) => {
+                count(STEERED);
+                SK_PASS
+            }
+            Err(_) => {
+                count(NO_AGENT);
+                SK_DROP
+            }
+        }
     }
 
     #[panic_handler]

@@ -1,10 +1,13 @@
 //! From the cgroup id the kernel recorded for a connection to the pod that opened it.
 //!
 //! A cgroup id is the inode number of the cgroup's directory in the cgroup2 hierarchy. The index
-//! maps ids to paths by walking the tree below the attach root. A miss walks again only when the
+//! maps ids to paths by walking the tree below the attach root. A miss needs a walk only when the
 //! last walk began before the connection was accepted: the caller's cgroup existed before it
-//! connected, so a walk that began after the accept has seen it if it still exists. Concurrent
-//! misses therefore share one walk, and a miss never waits on a timer.
+//! connected, so a walk that began after the accept has seen it if it still exists. The walk
+//! itself is the caller's to schedule ([`CgroupIndex::rewalk`], blocking): the server runs it
+//! off the async runtime, one at a time, and concurrent misses share it. An id a walk did not
+//! find is remembered for a while, so a caller whose cgroup is gone cannot make the agent walk
+//! the tree again and again.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -12,7 +15,7 @@ use std::{
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use crate::token::PodUid;
@@ -60,10 +63,27 @@ pub struct CgroupIndex {
     state: Mutex<IndexState>,
 }
 
+/// What the index says of a cgroup id without walking.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resolved {
+    Caller(Arc<Caller>),
+    /// No such cgroup below the root: a walk that began after the connection did not find it.
+    Gone,
+    /// Not seen yet: a walk that begins now will tell.
+    Unknown,
+}
+
+/// How long an id a walk did not find is answered as gone without walking again, and how many
+/// such ids are remembered.
+const MISS_MEMORY: Duration = Duration::from_secs(30);
+const MISSES_KEPT: usize = 4096;
+
 struct IndexState {
     /// Each cgroup's caller, worked out once per walk: resolving is a lookup and a clone of a
     /// pointer.
     by_id: HashMap<u64, Arc<Caller>>,
+    /// Ids a walk did not find, and when.
+    missed: HashMap<u64, Instant>,
     /// Each pod's own cgroup directory (relative to the mount), to tell whether it still exists
     /// with one `stat` rather than a walk.
     pod_dirs: HashMap<PodUid, String>,
@@ -83,17 +103,53 @@ impl CgroupIndex {
         })
     }
 
-    /// Resolves the cgroup id of a connection accepted at `accepted_at`; `None` when no cgroup
-    /// with that id exists below the root (it was removed since the connect).
-    pub fn resolve(&self, cgroup_id: u64, accepted_at: Instant) -> Option<Arc<Caller>> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if !state.by_id.contains_key(&cgroup_id) && state.walked_at <= accepted_at {
+    /// What the index knows of the cgroup id of a connection accepted at `accepted_at`, without
+    /// walking.
+    pub fn lookup(&self, cgroup_id: u64, accepted_at: Instant) -> Resolved {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(caller) = state.by_id.get(&cgroup_id) {
+            return Resolved::Caller(caller.clone());
+        }
+        let missed_lately = state
+            .missed
+            .get(&cgroup_id)
+            .is_some_and(|at| at.elapsed() < MISS_MEMORY);
+        if missed_lately || state.walked_at > accepted_at {
+            Resolved::Gone
+        } else {
+            Resolved::Unknown
+        }
+    }
+
+    /// Walks the tree again (blocking) unless a walk began after `accepted_at`, then answers
+    /// for `cgroup_id`, remembering it as gone if the walk did not find it.
+    pub fn rewalk(&self, cgroup_id: u64, accepted_at: Instant) -> std::io::Result<Resolved> {
+        let stale = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .walked_at
+            <= accepted_at;
+        if stale {
             let walked_at = Instant::now();
-            if let Ok(by_id) = walk(&self.mount, &self.root) {
-                *state = IndexState::new(by_id, walked_at);
+            let by_id = walk(&self.mount, &self.root)?;
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let missed = std::mem::take(&mut state.missed);
+            *state = IndexState::new(by_id, walked_at);
+            state.missed = missed;
+        }
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(caller) = state.by_id.get(&cgroup_id) {
+            return Ok(Resolved::Caller(caller.clone()));
+        }
+        if state.missed.len() >= MISSES_KEPT {
+            state.missed.retain(|_, at| at.elapsed() < MISS_MEMORY);
+            if state.missed.len() >= MISSES_KEPT {
+                state.missed.clear();
             }
         }
-        state.by_id.get(&cgroup_id).cloned()
+        state.missed.insert(cgroup_id, Instant::now());
+        Ok(Resolved::Gone)
     }
 }
 
@@ -181,6 +237,7 @@ impl IndexState {
         }
         IndexState {
             by_id,
+            missed: HashMap::new(),
             pod_dirs,
             walked_at,
         }
@@ -437,6 +494,18 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// What the server does: the index's answer, walking again when it does not know.
+    fn resolve(index: &CgroupIndex, id: u64, accepted_at: Instant) -> Option<Arc<Caller>> {
+        let resolved = match index.lookup(id, accepted_at) {
+            Resolved::Unknown => index.rewalk(id, accepted_at).unwrap(),
+            known => known,
+        };
+        match resolved {
+            Resolved::Caller(caller) => Some(caller),
+            Resolved::Gone | Resolved::Unknown => None,
+        }
+    }
+
     #[test]
     fn index_walks_and_rescans() {
         let dir = std::env::temp_dir().join(format!("pia-index-{}", std::process::id()));
@@ -444,37 +513,40 @@ mod tests {
         fs::create_dir_all(&pod).unwrap();
         let index = CgroupIndex::build(&dir, &dir).unwrap();
         let pod_ino = fs::metadata(&pod).unwrap().ino();
-        match index.resolve(pod_ino, Instant::now()).as_deref() {
+        match resolve(&index, pod_ino, Instant::now()).as_deref() {
             Some(Caller::Pod { uid, cgroup }) => {
                 assert_eq!(uid.as_str(), UID);
                 assert_eq!(*cgroup, format!("/kubepods/burstable/pod{UID}/ctr"));
             }
             other => panic!("unexpected {other:?}"),
         }
-        // Created (and connected from) after the last walk: found by a new walk.
+        // Created (and connected from) after the last walk: unknown until a new walk finds it.
         let host = dir.join("system.slice");
         fs::create_dir_all(&host).unwrap();
         let host_ino = fs::metadata(&host).unwrap().ino();
+        assert_eq!(index.lookup(host_ino, Instant::now()), Resolved::Unknown);
         assert_eq!(
-            index.resolve(host_ino, Instant::now()).as_deref(),
+            resolve(&index, host_ino, Instant::now()).as_deref(),
             Some(&Caller::Host {
                 cgroup: "/system.slice".into()
             })
         );
-        // A miss for a connection accepted before the last walk does not walk again; one accepted
+        // A miss for a connection accepted before the last walk needs no walk; one accepted
         // after it does.
         let before = Instant::now();
-        assert!(index.resolve(u64::MAX, Instant::now()).is_none());
+        assert!(resolve(&index, u64::MAX, Instant::now()).is_none());
         let late = dir.join("late.slice");
         fs::create_dir_all(&late).unwrap();
         let late_ino = fs::metadata(&late).unwrap().ino();
-        assert!(index.resolve(late_ino, before).is_none());
+        assert_eq!(index.lookup(late_ino, before), Resolved::Gone);
         assert_eq!(
-            index.resolve(late_ino, Instant::now()).as_deref(),
+            resolve(&index, late_ino, Instant::now()).as_deref(),
             Some(&Caller::Host {
                 cgroup: "/late.slice".into()
             })
         );
+        // An id a walk did not find is answered as gone without walking again.
+        assert_eq!(index.lookup(u64::MAX, Instant::now()), Resolved::Gone);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -5,7 +5,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::{Context as _, bail};
 use clap::Args;
 
-use crate::{cache::CacheSettings, node_ip};
+use crate::{
+    cache::CacheSettings,
+    issuer::{KeySource, TokenCheck},
+    node_ip,
+};
 
 /// Port of the agent's credential listener when `--listen` is not given.
 pub const DEFAULT_PORT: u16 = 2704;
@@ -49,8 +53,10 @@ pub struct RunArgs {
     /// EKS Auth endpoint URL (default: AWS_ENDPOINT_URL_EKS_AUTH, else https://eks-auth.REGION.api.aws).
     #[arg(long)]
     pub eks_auth_endpoint: Option<String>,
-    /// Address the credential server listens on; repeat for dual stack (default: NODE_IP, else
-    /// the default-route interface's address, port 2704).
+    /// Address the agent serves credentials at; repeat for dual stack (default: NODE_IP, else
+    /// the default-route interface's address, port 2704). In eBPF mode pods' connects are
+    /// redirected here and handed to the agent's own sockets by the kernel, so nothing binds
+    /// it and no other process can receive them.
     #[arg(long = "listen", value_name = "IP:PORT")]
     pub listen: Vec<SocketAddr>,
     /// Where intercepted connects are sent, one per address family (default: the listen addresses).
@@ -147,24 +153,26 @@ pub struct RunArgs {
     /// roleArn, targetRoleArn, tags), re-read when it changes.
     #[arg(long, value_name = "PATH")]
     pub associations_file: Option<PathBuf>,
-    /// sts: the service-account issuer's public keys (JWKS), re-read when it changes.
+    /// The service-account issuer's public keys (JWKS), re-read when it changes: tokens are
+    /// verified locally (required with sts; with eks-auth a forged token then costs no call).
     #[arg(long, value_name = "PATH", conflicts_with = "jwks_url")]
     pub jwks_file: Option<PathBuf>,
-    /// sts: https URL of the issuer's JWKS (e.g. the API server's /openid/v1/jwks), fetched
+    /// https URL of the issuer's JWKS (e.g. the API server's /openid/v1/jwks), fetched
     /// every 5 minutes and when a token names an unknown key.
     #[arg(long, value_name = "URL")]
     pub jwks_url: Option<http::Uri>,
-    /// sts: a bearer token file sent with each --jwks-url fetch (the agent's service-account
+    /// A bearer token file sent with each --jwks-url fetch (the agent's service-account
     /// token, for the API server).
     #[arg(long, value_name = "PATH", requires = "jwks_url")]
     pub jwks_token_file: Option<PathBuf>,
-    /// sts: CA certificates (PEM) trusted for --jwks-url besides the system's.
+    /// CA certificates (PEM) trusted for --jwks-url besides the system's.
     #[arg(long, value_name = "PATH", requires = "jwks_url")]
     pub jwks_ca_file: Option<PathBuf>,
-    /// sts: the issuer tokens must carry (`iss`), e.g. https://kubernetes.default.svc.cluster.local.
+    /// The issuer tokens must carry (`iss`), e.g. https://kubernetes.default.svc.cluster.local
+    /// (required with sts; with eks-auth, checked when given).
     #[arg(long, value_name = "URL")]
     pub token_issuer: Option<String>,
-    /// sts: the audience tokens must carry (`aud`).
+    /// The audience tokens must carry (`aud`), when they are verified locally.
     #[arg(long, value_name = "AUD", default_value = "pods.eks.amazonaws.com")]
     pub token_audience: String,
     /// sts: tagged on every session as `eks-cluster-arn`.
@@ -206,7 +214,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub struct Settings {
     /// The flags as given.
     pub flags: RunArgs,
-    /// The credential listeners (`--listen`, else the node's addresses).
+    /// The addresses the agent serves (`--listen`, else the node's addresses): where redirected
+    /// connects arrive, handed to its own sockets (eBPF mode).
     pub listen: Vec<SocketAddr>,
     /// Where intercepted IPv4 (and v4-mapped) connects go; `None`: not intercepted.
     pub target_v4: Option<SocketAddr>,
@@ -222,33 +231,42 @@ pub struct Settings {
     reason = "one value per agent, made once at start"
 )]
 pub enum SourceSettings {
-    EksAuth,
+    EksAuth {
+        check: Option<TokenCheck>,
+    },
     Sts {
         associations_file: PathBuf,
-        keys: crate::sts::keys::KeySource,
-        issuer: String,
-        audience: String,
+        check: TokenCheck,
         cluster_arn: Option<String>,
     },
 }
 
 impl SourceSettings {
     fn resolve(args: &RunArgs) -> anyhow::Result<SourceSettings> {
+        let keys = key_source(args)?;
+        let issuer = args.token_issuer.clone().filter(|i| !i.trim().is_empty());
         match args.credential_source {
             SourceKind::EksAuth => {
                 let sts_only = [
                     ("--associations-file", args.associations_file.is_some()),
-                    ("--jwks-file", args.jwks_file.is_some()),
-                    ("--jwks-url", args.jwks_url.is_some()),
-                    ("--token-issuer", args.token_issuer.is_some()),
                     ("--cluster-arn", args.cluster_arn.is_some()),
                 ];
                 if let Some((flag, _)) = sts_only.iter().find(|(_, set)| *set) {
                     bail!(
-                        "{flag} applies only to --credential-source sts (EKS Auth verifies tokens and holds the associations)"
+                        "{flag} applies only to --credential-source sts (EKS Auth holds the associations)"
                     );
                 }
-                Ok(SourceSettings::EksAuth)
+                if keys.is_none() && issuer.is_some() {
+                    bail!("--token-issuer needs the issuer's keys: --jwks-file or --jwks-url");
+                }
+                let audience = args.token_audience.clone();
+                Ok(SourceSettings::EksAuth {
+                    check: keys.map(|keys| TokenCheck {
+                        keys,
+                        issuer,
+                        audience,
+                    }),
+                })
             }
             SourceKind::Sts => {
                 if args.eks_auth_endpoint.is_some() {
@@ -260,27 +278,10 @@ impl SourceSettings {
                     .associations_file
                     .clone()
                     .context("--credential-source sts needs --associations-file")?;
-                let keys = match (&args.jwks_file, &args.jwks_url) {
-                    (Some(file), None) => crate::sts::keys::KeySource::File(file.clone()),
-                    (None, Some(url)) => {
-                        // The keys are what every token is checked against, and the fetch may
-                        // carry the agent's own token: neither goes over plain HTTP.
-                        if url.scheme_str() != Some("https") || url.host().is_none() {
-                            bail!(
-                                "--jwks-url: an https URL is needed (the issuer's keys decide which tokens are trusted)"
-                            );
-                        }
-                        crate::sts::keys::KeySource::Url {
-                            url: url.clone(),
-                            token_file: args.jwks_token_file.clone(),
-                            ca_file: args.jwks_ca_file.clone(),
-                        }
-                    }
-                    _ => bail!(
-                        "--credential-source sts needs the issuer's keys: --jwks-file or --jwks-url"
-                    ),
-                };
-                let issuer = args.token_issuer.clone().filter(|i| !i.trim().is_empty()).context(
+                let keys = keys.context(
+                    "--credential-source sts needs the issuer's keys: --jwks-file or --jwks-url",
+                )?;
+                let issuer = issuer.context(
                     "--credential-source sts needs --token-issuer (the cluster's service-account issuer: kubectl get --raw /.well-known/openid-configuration)",
                 )?;
                 if let Some(arn) = &args.cluster_arn
@@ -288,15 +289,40 @@ impl SourceSettings {
                 {
                     bail!("--cluster-arn {arn:?} is not an ARN");
                 }
+                let audience = args.token_audience.clone();
                 Ok(SourceSettings::Sts {
                     associations_file,
-                    keys,
-                    issuer,
-                    audience: args.token_audience.clone(),
+                    check: TokenCheck {
+                        keys,
+                        issuer: Some(issuer),
+                        audience,
+                    },
                     cluster_arn: args.cluster_arn.clone(),
                 })
             }
         }
+    }
+}
+
+/// Where the issuer's keys come from, if given: `--jwks-file` or `--jwks-url`.
+fn key_source(args: &RunArgs) -> anyhow::Result<Option<KeySource>> {
+    match (&args.jwks_file, &args.jwks_url) {
+        (Some(file), None) => Ok(Some(KeySource::File(file.clone()))),
+        (None, Some(url)) => {
+            // The keys are what every token is checked against, and the fetch may carry the
+            // agent's own token: neither goes over plain HTTP.
+            if url.scheme_str() != Some("https") || url.host().is_none() {
+                bail!(
+                    "--jwks-url: an https URL is needed (the issuer's keys decide which tokens are trusted)"
+                );
+            }
+            Ok(Some(KeySource::Url {
+                url: url.clone(),
+                token_file: args.jwks_token_file.clone(),
+                ca_file: args.jwks_ca_file.clone(),
+            }))
+        }
+        _ => Ok(None),
     }
 }
 

@@ -1,12 +1,14 @@
 //! The EKS Auth API (`AssumeRoleForPodIdentity`), called with the node's own credentials: EKS
-//! verifies the token, finds the association and assumes the role.
+//! verifies the token, finds the association and assumes the role. Given the cluster issuer's
+//! keys, the agent verifies the token first, so a forged one never reaches EKS Auth.
 
 use aws_sdk_eksauth::operation::RequestId as _;
 
 use crate::{
     aws::{AwsOptions, EndpointRecorder, app_name},
     credentials::Credentials,
-    upstream::{AssumedRole, NodeSigned, Upstream, UpstreamError, account_from_arn},
+    issuer::{TokenCheck, Verifier},
+    upstream::{AssumedRole, Checked, NodeSigned, Upstream, UpstreamError, account_from_arn},
 };
 
 const SERVICE: &str = "EKS Auth";
@@ -14,6 +16,8 @@ const SERVICE: &str = "EKS Auth";
 pub struct EksAuth {
     cluster_name: String,
     client: NodeSigned<aws_sdk_eksauth::Client>,
+    /// Verifies tokens before EKS Auth sees them, when the issuer's keys were given.
+    verifier: Option<Verifier>,
 }
 
 /// How to reach EKS Auth.
@@ -27,6 +31,8 @@ pub struct EksAuthOptions {
     pub fips: bool,
     /// Sent in the User-Agent (`app/pod-identity-agent-<node>`), so calls can be traced to a node.
     pub node_name: Option<String>,
+    /// The issuer's keys (`--jwks-file`, `--jwks-url`), to verify tokens locally first.
+    pub check: Option<TokenCheck>,
 }
 
 impl EksAuth {
@@ -42,9 +48,14 @@ impl EksAuth {
             app_name: Some(app_name(options.node_name.as_deref())),
             ..AwsOptions::default()
         };
+        let verifier = match options.check {
+            Some(check) => Some(Verifier::new(check).await?),
+            None => None,
+        };
         Ok(EksAuth {
             cluster_name: options.cluster_name,
             client: NodeSigned::new(SERVICE, aws, build_client).await?,
+            verifier,
         })
     }
 
@@ -73,6 +84,18 @@ fn build_client(
 impl Upstream for EksAuth {
     fn name(&self) -> &'static str {
         SERVICE
+    }
+
+    /// With the issuer's keys, a token that does not verify is refused here, as EKS Auth would
+    /// refuse it, without calling it.
+    async fn precheck(&self, token: &str) -> Result<Checked, UpstreamError> {
+        let Some(verifier) = &self.verifier else {
+            return Ok(Checked::Unchecked);
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        verifier.verify(token, now).await.map(|_| Checked::Verified)
     }
 
     async fn assume_role(&self, token: &str) -> Result<AssumedRole, UpstreamError> {

@@ -15,6 +15,8 @@ mod connlimit;
 mod credentials;
 mod daemon;
 mod eks_auth;
+mod file_stamp;
+mod issuer;
 mod kernel;
 mod link;
 mod metrics;

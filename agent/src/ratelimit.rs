@@ -1,9 +1,12 @@
-//! Token buckets: the node-wide budget for EKS Auth calls, and one bucket per pod for requests.
+//! Token buckets: the node-wide budget for credential-source calls, and one bucket per caller
+//! (a pod, or a peer address in link mode) for requests and for the calls they may start.
 //!
 //! Time is `tokio::time::Instant`, so tests drive these with a paused clock.
 
 use std::{
     collections::{HashMap, HashSet},
+    fmt,
+    net::IpAddr,
     sync::{
         Arc, Mutex, RwLock,
         atomic::{AtomicUsize, Ordering},
@@ -124,23 +127,41 @@ impl Drop for WaitingGuard<'_> {
     }
 }
 
-/// One request bucket per pod, so one noisy pod cannot starve the others. Each bucket has its
-/// own lock: a connection finds its pod's bucket once, and its requests touch nothing shared.
-pub struct PodRateLimits {
-    rate: f64,
-    burst: f64,
-    buckets: RwLock<HashMap<PodUid, Arc<PodBucket>>>,
+/// Whom a share of a budget is counted against: the pod the kernel attributed a caller to, or
+/// its peer address where nothing attributes callers (link mode), so that claims no one has
+/// verified never pick whose share is spent.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Owner {
+    Pod(PodUid),
+    Peer(IpAddr),
 }
 
-/// One pod's request bucket.
-pub struct PodBucket {
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Owner::Pod(uid) => write!(f, "pod {uid}"),
+            Owner::Peer(ip) => write!(f, "peer {ip}"),
+        }
+    }
+}
+
+/// One bucket per owner, so one noisy caller cannot starve the others. Each bucket has its own
+/// lock: a connection finds its owner's bucket once, and its requests touch nothing shared.
+pub struct OwnerRateLimits {
+    rate: f64,
+    burst: f64,
+    buckets: RwLock<HashMap<Owner, Arc<OwnerBucket>>>,
+}
+
+/// One owner's bucket.
+pub struct OwnerBucket {
     rate: f64,
     burst: f64,
     bucket: Mutex<Bucket>,
 }
 
-impl PodBucket {
-    /// Takes a token; false when the pod is over its limit.
+impl OwnerBucket {
+    /// Takes a token; false when the owner is over its limit.
     pub fn allow(&self) -> bool {
         let now = Instant::now();
         let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
@@ -152,24 +173,33 @@ impl PodBucket {
             false
         }
     }
+
+    /// Whether the bucket has refilled and has not been used for `idle`: forgetting it changes
+    /// nothing its owner could notice.
+    fn idle(&self, idle: Duration, now: Instant) -> bool {
+        let bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let since = now.saturating_duration_since(bucket.last);
+        let tokens = bucket.tokens + since.as_secs_f64() * self.rate;
+        tokens >= self.burst && since >= idle
+    }
 }
 
-impl PodRateLimits {
-    pub fn new(rps: f64, burst: u32) -> PodRateLimits {
-        PodRateLimits {
+impl OwnerRateLimits {
+    pub fn new(rps: f64, burst: u32) -> OwnerRateLimits {
+        OwnerRateLimits {
             rate: rps.max(0.001),
             burst: f64::from(burst.max(1)),
             buckets: RwLock::new(HashMap::new()),
         }
     }
 
-    /// The pod's bucket, created full on first use.
-    pub fn bucket(&self, pod: &PodUid) -> Arc<PodBucket> {
+    /// The owner's bucket, created full on first use.
+    pub fn bucket(&self, owner: &Owner) -> Arc<OwnerBucket> {
         if let Some(b) = self
             .buckets
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(pod)
+            .get(owner)
         {
             return b.clone();
         }
@@ -177,9 +207,9 @@ impl PodRateLimits {
         self.buckets
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(pod.clone())
+            .entry(owner.clone())
             .or_insert_with(|| {
-                Arc::new(PodBucket {
+                Arc::new(OwnerBucket {
                     rate,
                     burst,
                     bucket: Mutex::new(Bucket::full(burst, Instant::now())),
@@ -188,9 +218,9 @@ impl PodRateLimits {
             .clone()
     }
 
-    /// Takes a token for `pod`; false when the pod is over its limit.
-    pub fn allow(&self, pod: &PodUid) -> bool {
-        self.bucket(pod).allow()
+    /// Takes a token for `owner`; false when it is over its limit.
+    pub fn allow(&self, owner: &Owner) -> bool {
+        self.bucket(owner).allow()
     }
 
     /// Forgets pods that no longer exist. Nothing is gone on almost every maintenance pass,
@@ -202,7 +232,30 @@ impl PodRateLimits {
         self.buckets
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|pod, _| !gone.contains(pod));
+            .retain(|owner, _| !matches!(owner, Owner::Pod(uid) if gone.contains(uid)));
+    }
+
+    /// Forgets the buckets of peers idle for `idle` that no connection holds: peers come and go
+    /// (any address on the network may connect), so their buckets must not pile up.
+    pub fn forget_idle_peers(&self, idle: Duration) {
+        let now = Instant::now();
+        let stale = |owner: &Owner, bucket: &Arc<OwnerBucket>| {
+            matches!(owner, Owner::Peer(_))
+                && Arc::strong_count(bucket) == 1
+                && bucket.idle(idle, now)
+        };
+        let any = self
+            .buckets
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|(o, b)| stale(o, b));
+        if any {
+            self.buckets
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|o, b| !stale(o, b));
+        }
     }
 
     #[cfg(test)]
@@ -221,17 +274,35 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn pod_burst_then_rate() {
-        let limits = PodRateLimits::new(10.0, 50);
-        let a = uid(1);
+        let limits = OwnerRateLimits::new(10.0, 50);
+        let a = Owner::Pod(uid(1));
         assert!((0..50).all(|_| limits.allow(&a)), "a burst of 50 is served");
         assert!(!limits.allow(&a));
         // Another pod is unaffected.
-        assert!(limits.allow(&uid(2)));
+        assert!(limits.allow(&Owner::Pod(uid(2))));
         tokio::time::advance(Duration::from_millis(100)).await;
         assert!(limits.allow(&a));
         assert!(!limits.allow(&a));
         limits.forget(&HashSet::from([uid(1)]));
         assert_eq!(limits.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_peers_are_forgotten_once_their_bucket_is_full() {
+        let limits = OwnerRateLimits::new(10.0, 50);
+        let peer = Owner::Peer([198, 18, 0, 9].into());
+        assert!(limits.allow(&peer));
+        let held = limits.bucket(&Owner::Peer([198, 18, 0, 10].into()));
+        limits.forget_idle_peers(Duration::from_secs(60));
+        assert_eq!(limits.len(), 2, "used a moment ago");
+        tokio::time::advance(Duration::from_secs(61)).await;
+        limits.forget_idle_peers(Duration::from_secs(60));
+        assert_eq!(
+            limits.len(),
+            1,
+            "the idle peer goes; the one a connection holds stays"
+        );
+        drop(held);
     }
 
     #[tokio::test(start_paused = true)]

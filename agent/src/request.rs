@@ -39,8 +39,6 @@ pub struct Refusal {
 /// `pod_identity_agent_refused_requests`, and what the pod's statistics count it as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reason {
-    /// The connection has no kernel record: it did not come through the redirect.
-    NotRedirected,
     /// The caller's cgroup was gone before it could be resolved.
     CgroupUnknown,
     /// The caller runs in a cgroup of no pod (a node process).
@@ -58,8 +56,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 8] = [
-        Reason::NotRedirected,
+    pub const ALL: [Reason; 7] = [
         Reason::CgroupUnknown,
         Reason::NotAPod,
         Reason::HostNotAllowed,
@@ -71,7 +68,6 @@ impl Reason {
 
     pub fn as_label(self) -> &'static str {
         match self {
-            Reason::NotRedirected => "not_redirected",
             Reason::CgroupUnknown => "cgroup_unknown",
             Reason::NotAPod => "not_a_pod",
             Reason::HostNotAllowed => "host_not_allowed",

@@ -5,7 +5,7 @@ use crate::{
     config::{Settings, SourceSettings},
     eks_auth::{EksAuth, EksAuthOptions},
     sts::{Sts, StsOptions},
-    upstream::{AssumedRole, Upstream, UpstreamError},
+    upstream::{AssumedRole, Checked, Upstream, UpstreamError},
 };
 
 #[expect(
@@ -24,21 +24,20 @@ impl CredentialSource {
     pub async fn from_settings(settings: &Settings) -> anyhow::Result<CredentialSource> {
         let f = &settings.flags;
         Ok(match &settings.source {
-            SourceSettings::EksAuth => CredentialSource::EksAuth(
+            SourceSettings::EksAuth { check } => CredentialSource::EksAuth(
                 EksAuth::new(EksAuthOptions {
                     cluster_name: f.cluster_name.clone(),
                     region: f.region.clone(),
                     endpoint: f.eks_auth_endpoint.clone(),
                     fips: f.fips,
                     node_name: f.node_name.clone(),
+                    check: check.clone(),
                 })
                 .await?,
             ),
             SourceSettings::Sts {
                 associations_file,
-                keys,
-                issuer,
-                audience,
+                check,
                 cluster_arn,
             } => CredentialSource::Sts(
                 Sts::new(StsOptions {
@@ -48,9 +47,7 @@ impl CredentialSource {
                     fips: f.fips,
                     node_name: f.node_name.clone(),
                     associations_file: associations_file.clone(),
-                    keys: keys.clone(),
-                    issuer: issuer.clone(),
-                    audience: audience.clone(),
+                    check: check.clone(),
                 })
                 .await?,
             ),
@@ -89,7 +86,7 @@ impl Upstream for CredentialSource {
         }
     }
 
-    async fn precheck(&self, token: &str) -> Result<(), UpstreamError> {
+    async fn precheck(&self, token: &str) -> Result<Checked, UpstreamError> {
         match self {
             CredentialSource::EksAuth(s) => s.precheck(token).await,
             CredentialSource::Sts(s) => s.precheck(token).await,

@@ -280,6 +280,20 @@ impl PodStatsRegistry {
         forgotten
     }
 
+    /// The pods whose last request is older than `idle` (or that never made one that long
+    /// after their entry was made). Without cgroups nothing says a pod is gone; a pod silent
+    /// this long has no credentials left worth keeping its state for.
+    pub fn idle(&self, idle: Duration) -> HashSet<PodUid> {
+        let cutoff = unix_micros(SystemTime::now()).saturating_sub(idle.as_micros() as u64);
+        self.pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, e)| e.last_request_us.load(Ordering::Relaxed) < cutoff)
+            .map(|(uid, _)| uid.clone())
+            .collect()
+    }
+
     pub fn snapshot(&self) -> Vec<PodStats> {
         let now = SystemTime::now();
         let pods: Vec<(PodUid, Arc<PodEntry>)> = self

@@ -130,24 +130,63 @@ pub fn parse(token: &str, now: u64) -> Result<TokenClaims, TokenError> {
         .ok_or(TokenError::Malformed(
             "kubernetes.io.pod.uid is missing or not a UID",
         ))?;
-    let claims =
-        TokenClaims {
-            namespace: k8s
-                .namespace
-                .ok_or(TokenError::Malformed("no kubernetes.io.namespace claim"))?,
-            pod_name: pod
-                .name
-                .ok_or(TokenError::Malformed("no kubernetes.io.pod.name claim"))?,
-            pod_uid,
-            service_account: k8s.serviceaccount.and_then(|sa| sa.name).ok_or(
-                TokenError::Malformed("no kubernetes.io.serviceaccount.name claim"),
-            )?,
-            expires_at: exp,
-        };
+    let namespace = k8s
+        .namespace
+        .ok_or(TokenError::Malformed("no kubernetes.io.namespace claim"))?;
+    let pod_name = pod
+        .name
+        .ok_or(TokenError::Malformed("no kubernetes.io.pod.name claim"))?;
+    let service_account =
+        k8s.serviceaccount
+            .and_then(|sa| sa.name)
+            .ok_or(TokenError::Malformed(
+                "no kubernetes.io.serviceaccount.name claim",
+            ))?;
+    // Names as Kubernetes allows them, and nothing else: they reach logs, metrics labels and
+    // the operator's tables, so a token cannot carry kilobytes or escape sequences there.
+    if !is_dns_label(&namespace) {
+        return Err(TokenError::Malformed(
+            "kubernetes.io.namespace is not a Kubernetes name",
+        ));
+    }
+    if !is_dns_subdomain(&pod_name) {
+        return Err(TokenError::Malformed(
+            "kubernetes.io.pod.name is not a Kubernetes name",
+        ));
+    }
+    if !is_dns_subdomain(&service_account) {
+        return Err(TokenError::Malformed(
+            "kubernetes.io.serviceaccount.name is not a Kubernetes name",
+        ));
+    }
+    let claims = TokenClaims {
+        namespace,
+        pod_name,
+        pod_uid,
+        service_account,
+        expires_at: exp,
+    };
     if exp <= now {
         return Err(TokenError::Expired);
     }
     Ok(claims)
+}
+
+/// An RFC 1123 label, as namespaces are: at most 63 of `a-z0-9-`, alphanumeric at both ends.
+fn is_dns_label(name: &str) -> bool {
+    name.len() <= 63
+        && !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// An RFC 1123 subdomain, as pod and service-account names are: at most 253 characters, labels
+/// joined by dots.
+fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253 && name.split('.').all(is_dns_label)
 }
 
 #[cfg(test)]
@@ -222,5 +261,20 @@ mod tests {
         assert!(PodUid::parse("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f").is_none());
         assert!(PodUid::parse("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1fg").is_none());
         assert!(PodUid::parse("0f1e2d3c.4b5a-6978-8796-a5b4c3d2e1f0").is_none());
+    }
+
+    #[test]
+    fn names_must_be_kubernetes_names() {
+        assert!(is_dns_label("kube-system") && is_dns_subdomain("api-7d9f.x-1"));
+        for bad in ["", "-a", "a-", "A", "a_b", "a\u{1b}[31m", &"a".repeat(64)] {
+            assert!(!is_dns_label(bad), "{bad:?}");
+        }
+        assert!(!is_dns_subdomain(&format!("{}.b", "a".repeat(253))));
+        let mut forged = claims(u64::MAX);
+        forged["kubernetes.io"]["namespace"] = serde_json::json!("ns\u{1b}]0;pwned\u{7}");
+        assert!(matches!(
+            parse(&jwt(&forged), 0),
+            Err(TokenError::Malformed(_))
+        ));
     }
 }

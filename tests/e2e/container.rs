@@ -106,7 +106,10 @@ impl ContainerNode {
         let binary = pod_identity_e2e::agent::binary();
         let host_paths = BTreeMap::from([
             ("/sys/fs/cgroup".to_owned(), self.node.cgroup_root.clone()),
-            ("/sys/fs/bpf".to_owned(), self.bpffs.dir.clone()),
+            (
+                "/sys/fs/bpf/pod-identity-agent".to_owned(),
+                self.bpffs.dir.join("pod-identity-agent"),
+            ),
         ]);
         let field_refs = BTreeMap::from([
             ("NODE_IP".to_owned(), self.node.ip4.to_string()),
@@ -323,7 +326,7 @@ fn the_daemonsets_container_serves_pods_under_runc() {
     assert!(
         c.bpffs
             .dir
-            .join("pod-identity-agent/links/connect4")
+            .join("pod-identity-agent/v2/links/connect4")
             .exists()
     );
     drop(agent);

@@ -280,7 +280,7 @@ pub struct AgentBundle<'a> {
     /// The agent binary (the image's entrypoint).
     pub binary: &'a Path,
     /// hostPath -> the directory the test gives it (the node's cgroup root for `/sys/fs/cgroup`,
-    /// a private bpffs for `/sys/fs/bpf`).
+    /// the agent's directory in a private bpffs for `/sys/fs/bpf/pod-identity-agent`).
     pub host_paths: BTreeMap<String, PathBuf>,
     /// Values of the ConfigMap the container reads with `envFrom`.
     pub config_map: BTreeMap<String, String>,
@@ -358,6 +358,10 @@ pub fn agent_config(
             .host_paths
             .get(host)
             .unwrap_or_else(|| panic!("the test gives no directory for hostPath {host}"));
+        // As the kubelet does for `DirectoryOrCreate`.
+        if volume["hostPath"]["type"] == "DirectoryOrCreate" {
+            std::fs::create_dir_all(source).expect("create the hostPath directory");
+        }
         let mut options = vec!["rbind", "nosuid", "nodev"];
         if m["readOnly"] == true {
             options.push("ro");

@@ -1,9 +1,17 @@
 //! Map keys, values and the load-time configuration shared by the kernel programs and the agent.
 //!
+//! [`CONTRACT_VERSION`] names this layout: pinned maps and links live under `<pin>/v<version>`, so
+//! an agent never takes over pinned objects whose layout it does not know.
+//!
 //! Every type is `#[repr(C)]`, built only from byte arrays and `u64`s, with any padding spelled
 //! out as a zeroed field: the kernel compares keys byte for byte, so a key with undefined padding
 //! would make every lookup miss.
 #![no_std]
+
+/// The version of the layout below (maps, their keys and values, programs and pin names). Bump
+/// it with any change to them: an agent finding pins of another version detaches them instead of
+/// reusing them.
+pub const CONTRACT_VERSION: u32 = 2;
 
 /// An IP address and TCP port exactly as the kernel holds them: the address as 16 bytes (IPv4 as
 /// the v4-mapped `::ffff:a.b.c.d`) and the port in network byte order.
@@ -78,6 +86,12 @@ pub struct RedirectConfig {
     /// connect to any other port is let through before any map lookup (the common case, and the
     /// one every connect on the node pays for). All zero: no port filter, the map decides.
     pub intercept_ports: [[u8; 2]; 4],
+    /// The addresses the agent serves (`--listen`), per family: a redirected connection to one
+    /// of them is handed to the agent's own socket. Usually the targets themselves; a target
+    /// elsewhere (another server, as the benchmark's baselines are) is left alone.
+    pub serve_v4: Endpoint,
+    pub serve_v6: Endpoint,
+    pub _pad2: [u8; 4],
 }
 
 impl RedirectConfig {
@@ -87,6 +101,9 @@ impl RedirectConfig {
         _pad: [0; 4],
         agent_cgroup_id: 0,
         intercept_ports: [[0; 2]; 4],
+        serve_v4: Endpoint::NONE,
+        serve_v6: Endpoint::NONE,
+        _pad2: [0; 4],
     };
 
     /// Whether a connect to `port` (network byte order) may be to an intercepted address.
@@ -105,6 +122,9 @@ pub struct Attribution {
     pub cgroup_id: u64,
     /// `tgid << 32 | pid` of the connecting task.
     pub pid_tgid: u64,
+    /// `CLOCK_MONOTONIC` nanoseconds at `connect()`: the agent refuses a record too old to
+    /// belong to the connection it accepts.
+    pub created_ns: u64,
     /// The address the client dialled before the redirect.
     pub original_dst: Endpoint,
     pub _pad: [u8; 6],
@@ -120,6 +140,13 @@ pub struct ConnectionKey {
     pub server: Endpoint,
 }
 
+/// Slots of the `LISTENERS` socket map: the agent's listening socket per address family.
+pub mod listener {
+    pub const V4: u32 = 0;
+    pub const V6: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
 /// Indices into the `REDIRECT_COUNTS` per-CPU array.
 pub mod counter {
     /// IPv4 connects (and v4-mapped connects on IPv6 sockets) redirected.
@@ -128,7 +155,12 @@ pub mod counter {
     pub const REDIRECTED_V6: u32 = 1;
     /// Redirected connects whose 4-tuple was recorded for attribution.
     pub const RECORDED: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// Redirected connections handed to the agent's socket by `steer`.
+    pub const STEERED: u32 = 3;
+    /// Redirected connections refused because no agent socket was there to take them (the agent
+    /// was down or restarting): never handed to whatever else listens on the target.
+    pub const NO_AGENT: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Names of the programs and maps in the kernel object, shared so that neither side can drift.
@@ -136,11 +168,13 @@ pub mod names {
     pub const CONNECT4: &str = "connect4";
     pub const CONNECT6: &str = "connect6";
     pub const SOCK_OPS: &str = "record_connection";
+    pub const SK_LOOKUP: &str = "steer";
     pub const CONFIG: &str = "CONFIG";
     pub const INTERCEPTED: &str = "INTERCEPTED";
     pub const PENDING: &str = "PENDING";
     pub const CONNECTIONS: &str = "CONNECTIONS";
     pub const REDIRECT_COUNTS: &str = "REDIRECT_COUNTS";
+    pub const LISTENERS: &str = "LISTENERS";
 }
 
 #[cfg(feature = "user")]
@@ -167,8 +201,11 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Endpoint>(), 18);
         assert_eq!(size_of::<ConnectionKey>(), 36);
-        assert_eq!(size_of::<Attribution>(), 8 + 8 + 18 + 6);
-        assert_eq!(size_of::<RedirectConfig>(), 18 + 18 + 4 + 8 + 8);
+        assert_eq!(size_of::<Attribution>(), 8 + 8 + 8 + 18 + 6);
+        assert_eq!(
+            size_of::<RedirectConfig>(),
+            18 + 18 + 4 + 8 + 8 + 18 + 18 + 4
+        );
     }
 
     #[test]

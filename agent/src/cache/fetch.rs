@@ -52,7 +52,11 @@ impl<U: Upstream> Inner<U> {
     /// HTTP request to EKS Auth or STS).
     async fn call_with_retries(&self, token: &str, priority: Priority, label: &str) -> FetchResult {
         let deadline = Instant::now() + self.settings.upstream_timeout;
-        self.precheck(token, label, deadline).await?;
+        // A request's new token was checked before its entry was made; a refresh checks again
+        // (the token may have expired since).
+        if priority == Priority::Background {
+            self.precheck(token, label, deadline).await?;
+        }
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
@@ -111,10 +115,11 @@ impl<U: Upstream> Inner<U> {
                 status = error.status(),
                 code = %error.code(),
                 message = %error.message(),
+                detail = error.detail(),
                 "token refused before any upstream call"
             );
         }
-        checked
+        checked.map(drop)
     }
 
     /// One call to the source, timed, counted and logged.
@@ -159,6 +164,7 @@ impl<U: Upstream> Inner<U> {
             status = error.status(),
             code = %error.code(),
             message = %error.message(),
+            detail = error.detail(),
             request_id = error.request_id().unwrap_or("-"),
             latency_ms = started.elapsed().as_millis() as u64,
             "upstream call failed"
@@ -184,6 +190,11 @@ impl<U: Upstream> Inner<U> {
                 e.negative = None;
                 e.failures = 0;
                 e.retry_at = None;
+                // Accepted: the pod's previous token (rotated away) gets no more renewals.
+                if st.accepted(digest) {
+                    self.metrics.evicted(Eviction::Superseded);
+                    self.metrics.set_entries(st.entries.len());
+                }
             }
             Err(err) if err.is_terminal() => {
                 e.value = None;

@@ -12,7 +12,16 @@
 //!   since its last fetch began and its pod still exists.
 //! * Outages: on a transient failure the cached credentials keep being served while more than
 //!   `min_remaining` is left; terminal errors evict and are remembered for `negative_ttl`.
-//! * A pod's new token supersedes its old entry; a pod that is gone loses its entries.
+//! * A pod's new token supersedes its old entry once the credential source has accepted it
+//!   (never before: a token anyone can forge must not evict a pod's credentials); a pod that is
+//!   gone loses its entries.
+//! * A new token is checked by the source first (`Upstream::precheck`: signature, issuer,
+//!   audience, expiry where the source knows the cluster's keys): a forged one creates no entry
+//!   and spends no budget. Each caller (`ratelimit::Owner`: the pod, or the peer address in link
+//!   mode) has its own budget of upstream calls for new tokens.
+//! * During an outage, a pod presenting a new token (kubelet rotated it) is served the
+//!   credentials it already holds, when the new token is its own for the same service account:
+//!   verified by the source, or presented by the pod the kernel attributed the caller to.
 //!
 //! All scheduling uses `tokio::time::Instant`, so the unit tests run on a paused clock.
 
@@ -32,10 +41,13 @@ use tokio::{sync::watch, time::Instant};
 use self::metrics::{CacheMetrics, Eviction, Lookup};
 use crate::{
     credentials::TokenDigest,
-    ratelimit::{PodRateLimits, Priority, UpstreamLimiter},
+    ratelimit::{Owner, OwnerRateLimits, Priority, UpstreamLimiter},
     token::PodUid,
-    upstream::{AssumedRole, Upstream, UpstreamError},
+    upstream::{AssumedRole, Checked, Upstream, UpstreamError},
 };
+
+/// How long a peer's budget is kept once unused and full again (link mode: peers come and go).
+const IDLE_PEER: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug)]
 pub struct CacheSettings {
@@ -95,9 +107,13 @@ struct Cached {
 }
 
 struct Entry {
-    /// Kept in memory to refresh ahead; never logged.
+    /// Kept in memory to refresh ahead; never logged. The same allocation as the pod's memo in
+    /// the server holds.
     token: Arc<str>,
     pod: PodUid,
+    /// `namespace/service-account` the token names: a rotated token of the same pod and account
+    /// may be served this entry's credentials during an outage.
+    account: Arc<str>,
     /// `namespace/pod`, for logs.
     label: Arc<str>,
     lru_seq: u64,
@@ -117,7 +133,7 @@ struct Entry {
 #[derive(Default)]
 struct State {
     entries: HashMap<TokenDigest, Entry>,
-    /// The newest token of each pod.
+    /// Each pod's newest token the credential source accepted.
     pods: HashMap<PodUid, TokenDigest>,
     lru: BTreeMap<u64, TokenDigest>,
     next_seq: u64,
@@ -146,13 +162,24 @@ impl State {
         self.lru.insert(seq, digest);
     }
 
-    /// Adds `entry` as the newest of its pod, most recently used.
+    /// Adds `entry`, most recently used. It becomes its pod's token only once accepted.
     fn insert(&mut self, digest: TokenDigest, mut entry: Entry) {
         entry.lru_seq = self.next_seq;
         self.next_seq += 1;
         self.lru.insert(entry.lru_seq, digest);
-        self.pods.insert(entry.pod.clone(), digest);
         self.entries.insert(digest, entry);
+    }
+
+    /// `digest` was accepted: it becomes its pod's token, and the pod's previous one (rotated
+    /// away) goes. Returns whether one went.
+    fn accepted(&mut self, digest: TokenDigest) -> bool {
+        let Some(pod) = self.entries.get(&digest).map(|e| e.pod.clone()) else {
+            return false;
+        };
+        match self.pods.insert(pod, digest) {
+            Some(old) if old != digest => self.remove(&old).is_some(),
+            _ => false,
+        }
     }
 
     fn remove(&mut self, digest: &TokenDigest) -> Option<Entry> {
@@ -173,9 +200,28 @@ struct Inner<U> {
     upstream: U,
     settings: CacheSettings,
     limiter: UpstreamLimiter,
-    pod_upstream: PodRateLimits,
+    /// Each caller's budget of upstream calls for tokens new to the cache.
+    owner_upstream: OwnerRateLimits,
     state: Mutex<State>,
     metrics: CacheMetrics,
+}
+
+/// One request for credentials, as the server bound it.
+pub struct Request<'a> {
+    /// The token as presented (trimmed): shared with the pod's memo, never copied.
+    pub token: &'a Arc<str>,
+    pub digest: TokenDigest,
+    /// The pod the token names: kernel-checked in eBPF mode, the claims' word in link mode.
+    pub pod: &'a PodUid,
+    /// `namespace/service-account` the token names.
+    pub account: &'a str,
+    /// Whose budget a new token spends.
+    pub owner: &'a Owner,
+    /// Whether the kernel attributed the caller to `pod` (eBPF mode): then its own previous
+    /// credentials may be served for a new token during an outage even unverified.
+    pub attributed: bool,
+    /// `namespace/pod`, for logs.
+    pub label: &'a str,
 }
 
 /// What a lookup found under the lock: an answer, or an upstream call to wait for.
@@ -199,7 +245,7 @@ impl<U: Upstream> CredentialCache<U> {
         CredentialCache {
             inner: Arc::new(Inner {
                 upstream,
-                pod_upstream: PodRateLimits::new(
+                owner_upstream: OwnerRateLimits::new(
                     settings.pod_upstream_qps,
                     settings.pod_upstream_burst,
                 ),
@@ -216,22 +262,25 @@ impl<U: Upstream> CredentialCache<U> {
         self.inner.lock().entries.len()
     }
 
-    /// Credentials for `token` (whose SHA-256 is `digest`), which the caller has bound to `pod`
-    /// (`label` is its `namespace/name`, for logs).
+    /// Credentials for `req`'s token, which the caller has bound to `req.pod`.
     pub async fn get(
         &self,
-        token: &str,
-        digest: TokenDigest,
-        pod: &PodUid,
-        label: &str,
+        req: &Request<'_>,
     ) -> Result<(Arc<AssumedRole>, Outcome), UpstreamError> {
+        let known = self.inner.lock().entries.contains_key(&req.digest);
+        // A token new to the cache is checked first: a forged one costs no entry and no budget.
+        let verified = if known {
+            false
+        } else {
+            self.inner.upstream.precheck(req.token).await? == Checked::Verified
+        };
         let now = Instant::now();
         let claim = {
             let mut st = self.inner.lock();
-            if st.entries.contains_key(&digest) {
-                self.claim_existing(&mut st, digest, pod, label, now)
+            if st.entries.contains_key(&req.digest) {
+                self.claim_existing(&mut st, req, now)
             } else {
-                self.claim_new(&mut st, token, digest, pod, label, now)
+                self.claim_new(&mut st, req, now)
             }
         };
         let (mut rx, outcome, has_stale) = match claim {
@@ -251,7 +300,7 @@ impl<U: Upstream> CredentialCache<U> {
                 Err(_) => {
                     let name = self.inner.upstream.name();
                     let timeout = UpstreamError::timeout(name, settings.upstream_timeout);
-                    return self.serve_stale(&digest).ok_or(timeout);
+                    return self.serve_stale(&req.digest).ok_or(timeout);
                 }
             }
         } else {
@@ -259,21 +308,22 @@ impl<U: Upstream> CredentialCache<U> {
         };
         match result {
             Ok(role) => Ok((role, outcome)),
-            Err(e) if !e.is_terminal() => self.serve_stale(&digest).ok_or(e),
-            Err(e) => Err(e),
+            Err(e) if e.is_terminal() => Err(e),
+            Err(e) => self
+                .serve_stale(&req.digest)
+                .or_else(|| {
+                    (verified || req.attributed)
+                        .then(|| self.previous(req))
+                        .flatten()
+                })
+                .ok_or(e),
         }
     }
 
     /// A lookup of a token the cache holds: a fresh or negative answer, or the call to wait for.
-    fn claim_existing(
-        &self,
-        st: &mut State,
-        digest: TokenDigest,
-        pod: &PodUid,
-        label: &str,
-        now: Instant,
-    ) -> Claim {
+    fn claim_existing(&self, st: &mut State, req: &Request<'_>, now: Instant) -> Claim {
         let inner = &self.inner;
+        let digest = req.digest;
         st.touch(digest, now);
         let e = st.entries.get_mut(&digest).expect("present");
         if let Some((err, until)) = &e.negative {
@@ -300,9 +350,10 @@ impl<U: Upstream> CredentialCache<U> {
                 has_stale,
             };
         }
-        if !inner.pod_upstream.allow(pod) {
+        if !inner.owner_upstream.allow(req.owner) {
             let stale = self.stale(st, &digest, now);
-            return Claim::Answer(stale.ok_or_else(|| UpstreamError::pod_budget_exhausted(label)));
+            let exhausted = || UpstreamError::pod_budget_exhausted(&req.owner.to_string());
+            return Claim::Answer(stale.ok_or_else(exhausted));
         }
         inner.metrics.lookup(Lookup::Miss);
         let rx = Inner::start_fetch(inner, st, digest, Priority::Request, now);
@@ -313,28 +364,15 @@ impl<U: Upstream> CredentialCache<U> {
         }
     }
 
-    /// A lookup of a token the cache does not hold: a new entry and its upstream call.
-    fn claim_new(
-        &self,
-        st: &mut State,
-        token: &str,
-        digest: TokenDigest,
-        pod: &PodUid,
-        label: &str,
-        now: Instant,
-    ) -> Claim {
+    /// A lookup of a token the cache does not hold: a new entry and its upstream call. The
+    /// entry does not replace the pod's current one until the source accepts it.
+    fn claim_new(&self, st: &mut State, req: &Request<'_>, now: Instant) -> Claim {
         let inner = &self.inner;
-        if !inner.pod_upstream.allow(pod) {
-            return Claim::Answer(Err(UpstreamError::pod_budget_exhausted(label)));
+        if !inner.owner_upstream.allow(req.owner) {
+            let exhausted = UpstreamError::pod_budget_exhausted(&req.owner.to_string());
+            return Claim::Answer(Err(exhausted));
         }
         inner.metrics.lookup(Lookup::Miss);
-        // A pod's new token supersedes its previous one: no renewals for the old token.
-        if let Some(old) = st.pods.get(pod).copied()
-            && old != digest
-            && st.remove(&old).is_some()
-        {
-            inner.metrics.evicted(Eviction::Superseded);
-        }
         while st.entries.len() >= inner.settings.max_entries.max(1) {
             let Some((_, oldest)) = st.lru.pop_first() else {
                 break;
@@ -342,9 +380,9 @@ impl<U: Upstream> CredentialCache<U> {
             st.remove(&oldest);
             inner.metrics.evicted(Eviction::Lru);
         }
-        st.insert(digest, Entry::new(token, pod, label, now));
+        st.insert(req.digest, Entry::new(req, now));
         inner.metrics.set_entries(st.entries.len());
-        let rx = Inner::start_fetch(inner, st, digest, Priority::Request, now);
+        let rx = Inner::start_fetch(inner, st, req.digest, Priority::Request, now);
         Claim::Wait {
             rx,
             outcome: Outcome::Fetched,
@@ -372,6 +410,18 @@ impl<U: Upstream> CredentialCache<U> {
         })
     }
 
+    /// The credentials the pod's accepted token holds, for a new token of the same pod and
+    /// account that the source could not answer for (an outage while kubelet rotated it).
+    fn previous(&self, req: &Request<'_>) -> Option<(Arc<AssumedRole>, Outcome)> {
+        let st = self.inner.lock();
+        let current = *st.pods.get(req.pod)?;
+        let entry = st.entries.get(&current)?;
+        if current == req.digest || *entry.account != *req.account {
+            return None;
+        }
+        self.stale(&st, &current, Instant::now())
+    }
+
     /// Periodic upkeep: drop expired entries and entries of pods that are `gone`, then refresh
     /// what is due. Returns the number of refreshes started.
     pub fn maintain(&self, gone: &HashSet<PodUid>) -> usize {
@@ -387,7 +437,8 @@ impl<U: Upstream> CredentialCache<U> {
                 Upkeep::Refresh => due.push(*digest),
             }
         }
-        inner.pod_upstream.forget(gone);
+        inner.owner_upstream.forget(gone);
+        inner.owner_upstream.forget_idle_peers(IDLE_PEER);
         for (digest, reason) in drop_list {
             if st.remove(&digest).is_some() {
                 inner.metrics.evicted(reason);
@@ -421,11 +472,12 @@ enum Upkeep {
 }
 
 impl Entry {
-    fn new(token: &str, pod: &PodUid, label: &str, now: Instant) -> Entry {
+    fn new(req: &Request<'_>, now: Instant) -> Entry {
         Entry {
-            token: Arc::from(token),
-            pod: pod.clone(),
-            label: Arc::from(label),
+            token: req.token.clone(),
+            pod: req.pod.clone(),
+            account: Arc::from(req.account),
+            label: Arc::from(req.label),
             lru_seq: 0,
             lru_moved: now,
             last_used: now,

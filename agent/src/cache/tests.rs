@@ -92,6 +92,26 @@ fn cache(up: &Scripted, settings: CacheSettings) -> Arc<CredentialCache<Scripted
     ))
 }
 
+/// A request as the server makes it for an attributed pod's token.
+async fn get(
+    c: &CredentialCache<Scripted>,
+    token: &str,
+    pod: &PodUid,
+) -> Result<(Arc<AssumedRole>, Outcome), UpstreamError> {
+    let token: Arc<str> = Arc::from(token);
+    let owner = Owner::Pod(pod.clone());
+    let req = Request {
+        token: &token,
+        digest: TokenDigest::of(&token),
+        pod,
+        account: "ns/sa",
+        owner: &owner,
+        attributed: true,
+        label: "ns/p",
+    };
+    c.get(&req).await
+}
+
 fn uids(pods: &[&str]) -> HashSet<PodUid> {
     pods.iter().map(|p| pod(p)).collect()
 }
@@ -104,10 +124,7 @@ async fn concurrent_misses_make_one_call() {
     let tasks: Vec<_> = (0..200)
         .map(|_| {
             let c = c.clone();
-            tokio::spawn(async move {
-                c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
-                    .await
-            })
+            tokio::spawn(async move { get(&c, "tok", &pod(POD_A)).await })
         })
         .collect();
     let mut outcomes = Vec::new();
@@ -128,13 +145,7 @@ async fn concurrent_misses_make_one_call() {
             .count(),
         199
     );
-    assert_eq!(
-        c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
-            .await
-            .unwrap()
-            .1,
-        Outcome::Hit
-    );
+    assert_eq!(get(&c, "tok", &pod(POD_A)).await.unwrap().1, Outcome::Hit);
     assert_eq!(up.calls(), 1);
 }
 
@@ -145,10 +156,7 @@ async fn waiters_share_an_error_too() {
     up.fail_next(vec![err(404, "ResourceNotFoundException")]);
     let c = cache(&up, CacheSettings::default());
     let a_pod = pod(POD_A);
-    let (a, b) = tokio::join!(
-        c.get("tok", TokenDigest::of("tok"), &a_pod, "ns/p"),
-        c.get("tok", TokenDigest::of("tok"), &a_pod, "ns/p")
-    );
+    let (a, b) = tokio::join!(get(&c, "tok", &a_pod), get(&c, "tok", &a_pod));
     assert_eq!(a.unwrap_err().status(), 404);
     assert_eq!(b.unwrap_err().status(), 404);
     assert_eq!(up.calls(), 1);
@@ -159,20 +167,11 @@ async fn a_client_that_gives_up_does_not_cancel_the_call() {
     let up = Scripted::default();
     up.latency(Duration::from_millis(1500));
     let c = cache(&up, CacheSettings::default());
-    let gave_up = tokio::time::timeout(
-        Duration::from_millis(100),
-        c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p"),
-    )
-    .await;
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(100), get(&c, "tok", &pod(POD_A))).await;
     assert!(gave_up.is_err());
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
-            .await
-            .unwrap()
-            .1,
-        Outcome::Hit
-    );
+    assert_eq!(get(&c, "tok", &pod(POD_A)).await.unwrap().1, Outcome::Hit);
     assert_eq!(up.calls(), 1);
 }
 
@@ -184,10 +183,7 @@ async fn transient_failures_are_retried_within_the_deadline() {
         err(429, "ThrottlingException"),
     ]);
     let c = cache(&up, CacheSettings::default());
-    let (role, _) = c
-        .get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
-        .await
-        .unwrap();
+    let (role, _) = get(&c, "tok", &pod(POD_A)).await.unwrap();
     assert_eq!(role.access_key_id(), "ASIA-tok-3");
     assert_eq!(up.calls(), 3);
 }
@@ -202,10 +198,7 @@ async fn the_deadline_bounds_a_hanging_upstream() {
     };
     let c = cache(&up, settings);
     let started = Instant::now();
-    let e = c
-        .get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
-        .await
-        .unwrap_err();
+    let e = get(&c, "tok", &pod(POD_A)).await.unwrap_err();
     assert_eq!(e.status(), 504);
     assert!(
         started.elapsed() >= Duration::from_secs(5) && started.elapsed() < Duration::from_secs(6)
@@ -217,27 +210,14 @@ async fn terminal_errors_are_remembered_for_the_negative_ttl() {
     let up = Scripted::default();
     up.fail_next(vec![err(404, "ResourceNotFoundException")]);
     let c = cache(&up, CacheSettings::default());
+    assert_eq!(get(&c, "tok", &pod(POD_A)).await.unwrap_err().status(), 404);
     assert_eq!(
-        c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
-            .await
-            .unwrap_err()
-            .status(),
-        404
-    );
-    assert_eq!(
-        c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
-            .await
-            .unwrap_err()
-            .code(),
+        get(&c, "tok", &pod(POD_A)).await.unwrap_err().code(),
         "ResourceNotFoundException"
     );
     assert_eq!(up.calls(), 1, "negative hit");
     tokio::time::advance(Duration::from_secs(6)).await;
-    assert!(
-        c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
-            .await
-            .is_ok()
-    );
+    assert!(get(&c, "tok", &pod(POD_A)).await.is_ok());
     assert_eq!(up.calls(), 2);
 }
 
@@ -246,25 +226,16 @@ async fn outage_serves_cached_credentials_until_min_remaining() {
     let up = Scripted::default();
     up.lifetime(Duration::from_secs(20 * 60));
     let c = cache(&up, CacheSettings::default());
-    let (first, _) = c
-        .get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
-        .await
-        .unwrap();
+    let (first, _) = get(&c, "tok", &pod(POD_A)).await.unwrap();
     // 6 minutes on, 14 left: no longer fresh, so a refresh is tried; it fails; cached served.
     tokio::time::advance(Duration::from_secs(6 * 60)).await;
     up.fail_next(vec![err(500, "InternalServerException"); 100]);
-    let (served, outcome) = c
-        .get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
-        .await
-        .unwrap();
+    let (served, outcome) = get(&c, "tok", &pod(POD_A)).await.unwrap();
     assert_eq!(outcome, Outcome::Stale);
     assert_eq!(served.access_key_id(), first.access_key_id());
     // Inside the last minute nothing stale is handed out.
     tokio::time::advance(Duration::from_secs(13 * 60 + 10)).await;
-    let e = c
-        .get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
-        .await
-        .unwrap_err();
+    let e = get(&c, "tok", &pod(POD_A)).await.unwrap_err();
     assert_eq!(e.status(), 500);
 }
 
@@ -272,26 +243,19 @@ async fn outage_serves_cached_credentials_until_min_remaining() {
 async fn refresh_ahead_keeps_handed_out_credentials_fresh() {
     let up = Scripted::default();
     let c = cache(&up, CacheSettings::default());
-    c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
-        .await
-        .unwrap();
+    get(&c, "tok", &pod(POD_A)).await.unwrap();
     assert_eq!(c.maintain(&HashSet::new()), 0, "not due yet");
     tokio::time::advance(Duration::from_secs(3 * 3600)).await;
     assert_eq!(c.maintain(&HashSet::new()), 1, "half-life passed");
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(up.calls(), 2);
-    let (role, outcome) = c
-        .get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
-        .await
-        .unwrap();
+    let (role, outcome) = get(&c, "tok", &pod(POD_A)).await.unwrap();
     assert_eq!(
         (role.access_key_id().as_str(), outcome),
         ("ASIA-tok-2", Outcome::Hit)
     );
     tokio::time::advance(Duration::from_secs(3 * 3600)).await;
-    c.get("other", TokenDigest::of("other"), &pod(POD_B), "ns/p")
-        .await
-        .unwrap();
+    get(&c, "other", &pod(POD_B)).await.unwrap();
     assert_eq!(
         c.maintain(&HashSet::new()),
         1,
@@ -318,9 +282,7 @@ async fn short_lived_credentials_refresh_before_they_stop_being_fresh() {
     let up = Scripted::default();
     up.lifetime(Duration::from_secs(16 * 60));
     let c = cache(&up, CacheSettings::default());
-    c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
-        .await
-        .unwrap();
+    get(&c, "tok", &pod(POD_A)).await.unwrap();
     tokio::time::advance(Duration::from_secs(59)).await;
     assert_eq!(
         c.maintain(&HashSet::new()),
@@ -333,18 +295,12 @@ async fn short_lived_credentials_refresh_before_they_stop_being_fresh() {
 async fn gone_pods_lose_their_entries_and_get_no_refresh() {
     let up = Scripted::default();
     let c = cache(&up, CacheSettings::default());
-    c.get("tok-a", TokenDigest::of("tok-a"), &pod(POD_A), "ns/p")
-        .await
-        .unwrap();
-    c.get("tok-b", TokenDigest::of("tok-b"), &pod(POD_B), "ns/p")
-        .await
-        .unwrap();
+    get(&c, "tok-a", &pod(POD_A)).await.unwrap();
+    get(&c, "tok-b", &pod(POD_B)).await.unwrap();
     assert_eq!(c.maintain(&uids(&[POD_A])), 0);
     assert_eq!(c.len(), 1);
     tokio::time::advance(Duration::from_secs(4 * 3600)).await;
-    c.get("tok-b", TokenDigest::of("tok-b"), &pod(POD_B), "ns/p")
-        .await
-        .unwrap();
+    get(&c, "tok-b", &pod(POD_B)).await.unwrap();
     assert_eq!(
         c.maintain(&HashSet::new()),
         1,
@@ -357,18 +313,12 @@ async fn gone_pods_lose_their_entries_and_get_no_refresh() {
 async fn a_rotated_token_supersedes_the_old_one() {
     let up = Scripted::default();
     let c = cache(&up, CacheSettings::default());
-    c.get("old", TokenDigest::of("old"), &pod(POD_A), "ns/p")
-        .await
-        .unwrap();
-    c.get("new", TokenDigest::of("new"), &pod(POD_A), "ns/p")
-        .await
-        .unwrap();
+    get(&c, "old", &pod(POD_A)).await.unwrap();
+    get(&c, "new", &pod(POD_A)).await.unwrap();
     assert_eq!(c.len(), 1);
     assert_eq!(c.metrics().evictions(Eviction::Superseded), 1);
     tokio::time::advance(Duration::from_secs(4 * 3600)).await;
-    c.get("new", TokenDigest::of("new"), &pod(POD_A), "ns/p")
-        .await
-        .unwrap();
+    get(&c, "new", &pod(POD_A)).await.unwrap();
     assert_eq!(
         c.maintain(&HashSet::new()),
         1,
@@ -392,40 +342,23 @@ async fn size_is_bounded_by_lru_eviction() {
     ];
     for (i, p) in pods.iter().enumerate().take(3) {
         let token = format!("t{i}");
-        c.get(&token, TokenDigest::of(&token), &pod(p), "ns/p")
-            .await
-            .unwrap();
+        get(&c, &token, &pod(p)).await.unwrap();
     }
     // Uses within LRU_GRAIN of an entry's last move do not reorder it.
     tokio::time::advance(LRU_GRAIN + Duration::from_millis(1)).await;
-    c.get("t0", TokenDigest::of("t0"), &pod(pods[0]), "ns/p")
-        .await
-        .unwrap(); // t1 is now the least recently used
-    c.get("t3", TokenDigest::of("t3"), &pod(pods[3]), "ns/p")
-        .await
-        .unwrap();
+    get(&c, "t0", &pod(pods[0])).await.unwrap(); // t1 is now the least recently used
+    get(&c, "t3", &pod(pods[3])).await.unwrap();
     assert_eq!(c.len(), 3);
     let calls = up.calls();
+    assert_eq!(get(&c, "t0", &pod(pods[0])).await.unwrap().1, Outcome::Hit);
     assert_eq!(
-        c.get("t0", TokenDigest::of("t0"), &pod(pods[0]), "ns/p")
-            .await
-            .unwrap()
-            .1,
-        Outcome::Hit
-    );
-    assert_eq!(
-        c.get("t1", TokenDigest::of("t1"), &pod(pods[1]), "ns/p")
-            .await
-            .unwrap()
-            .1,
+        get(&c, "t1", &pod(pods[1])).await.unwrap().1,
         Outcome::Fetched
     );
     assert_eq!(up.calls(), calls + 1);
     for i in 0..1000 {
         let token = format!("flood-{i}");
-        let _ = c
-            .get(&token, TokenDigest::of(&token), &pod(pods[3]), "ns/p")
-            .await;
+        let _ = get(&c, &token, &pod(pods[3])).await;
     }
     assert!(c.len() <= 3);
 }
@@ -444,32 +377,16 @@ async fn a_pod_with_endless_new_tokens_cannot_drain_the_upstream_budget() {
     let mut refused = 0;
     for i in 0..100 {
         let token = format!("flood-{i}");
-        if let Err(e) = c
-            .get(&token, TokenDigest::of(&token), &pod(POD_A), "ns/p")
-            .await
-        {
+        if let Err(e) = get(&c, &token, &pod(POD_A)).await {
             assert_eq!((e.status(), e.code()), (429, "PodUpstreamBudgetExhausted"));
             refused += 1;
         }
     }
     assert_eq!((up.calls(), refused), (5, 95), "the burst, then nothing");
     // Another pod is unaffected; the flooding pod gets one more call after 5 s.
-    assert!(
-        c.get("other", TokenDigest::of("other"), &pod(POD_B), "ns/q")
-            .await
-            .is_ok()
-    );
+    assert!(get(&c, "other", &pod(POD_B)).await.is_ok());
     tokio::time::advance(Duration::from_secs(5)).await;
-    assert!(
-        c.get(
-            "flood-again",
-            TokenDigest::of("flood-again"),
-            &pod(POD_A),
-            "ns/p"
-        )
-        .await
-        .is_ok()
-    );
+    assert!(get(&c, "flood-again", &pod(POD_A)).await.is_ok());
 }
 
 #[tokio::test(start_paused = true)]
@@ -477,9 +394,7 @@ async fn expired_entries_are_dropped() {
     let up = Scripted::default();
     up.lifetime(Duration::from_secs(20 * 60));
     let c = cache(&up, CacheSettings::default());
-    c.get("tok", TokenDigest::of("tok"), &pod(POD_A), "ns/p")
-        .await
-        .unwrap();
+    get(&c, "tok", &pod(POD_A)).await.unwrap();
     tokio::time::advance(Duration::from_secs(21 * 60)).await;
     c.maintain(&HashSet::new());
     assert_eq!(c.len(), 0);

@@ -2,7 +2,12 @@
 //! the credential addresses on a local interface (link mode), as `--mode` says, `auto` falling
 //! back with the reason.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use tokio::net::TcpSocket;
@@ -11,7 +16,7 @@ use tracing::warn;
 use crate::{
     attribution::{self, CgroupIndex},
     config::{Mode, Settings},
-    kernel::{RedirectSpec, Redirector},
+    kernel::{self, RedirectSpec, Redirector},
     link,
     ops::{self, Readiness},
 };
@@ -63,12 +68,25 @@ pub async fn intercept(
         return link_mode(settings, None);
     }
     match attach(settings, cgroup2, readiness).await {
-        Ok((listeners, redirector)) => Ok(Interception {
-            redirector: Some(Arc::new(redirector)),
-            listeners,
-            mode: "ebpf",
-            note: String::new(),
-        }),
+        Ok((listeners, redirector)) => {
+            let note = match redirector.detached.as_slice() {
+                [] => String::new(),
+                detached => {
+                    let names: Vec<_> = detached.iter().map(|p| p.display().to_string()).collect();
+                    warn!(detached = ?names, "pinned objects of another layout (an older agent's) were detached; this agent's programs replace them");
+                    format!(
+                        "pinned objects of another layout detached: {}",
+                        names.join(", ")
+                    )
+                }
+            };
+            Ok(Interception {
+                redirector: Some(Arc::new(redirector)),
+                listeners,
+                mode: "ebpf",
+                note,
+            })
+        }
         Err(e) if mode == Mode::Ebpf => Err(e.context("cannot intercept pods' connections")),
         Err(e) => {
             warn!("eBPF interception unavailable, falling back to link mode: {e:#}");
@@ -77,7 +95,8 @@ pub async fn intercept(
     }
 }
 
-/// eBPF mode: the listeners bound, then the programs attached once the cgroup root exists.
+/// eBPF mode: the agent's private listeners bound, then the programs attached once the cgroup
+/// root exists.
 async fn attach(
     settings: &Settings,
     cgroup2: Result<&Cgroup2, &anyhow::Error>,
@@ -88,13 +107,14 @@ async fn attach(
             "{e:#}: eBPF mode attributes callers by their cgroup v2 and attaches its programs there (cgroup v1 nodes, such as Amazon Linux 2 by default, have none)"
         )
     })?;
-    let listeners = bind_all(&settings.listen)?;
+    let listeners = bind_private(settings)?;
     wait_for_cgroup_root(&cgroup2.root, settings.flags.cgroup_root_wait, readiness).await?;
     let redirector = Redirector::attach(&RedirectSpec {
         cgroup_root: cgroup2.root.clone(),
         intercept: settings.flags.intercept.clone(),
         target_v4: settings.target_v4,
         target_v6: settings.target_v6,
+        serve: settings.listen.clone(),
         agent_cgroup_id: cgroup2.id,
         pin: settings.flags.pin.clone(),
     })?;
@@ -104,6 +124,7 @@ async fn attach(
 /// Link mode: the credential addresses on a local interface. `fallback_reason` says why eBPF
 /// mode was not possible, when `auto` fell back.
 fn link_mode(settings: &Settings, fallback_reason: Option<String>) -> anyhow::Result<Interception> {
+    let detached = detach_pins(settings)?;
     let intercept = &settings.flags.intercept;
     let addresses: Vec<_> = intercept.iter().map(SocketAddr::ip).collect();
     let link = link::ensure(&addresses)?;
@@ -118,19 +139,78 @@ fn link_mode(settings: &Settings, fallback_reason: Option<String>) -> anyhow::Re
         addresses = ?link.addresses,
         "link mode: callers are not attributed to pods; requests are checked by their token alone"
     );
-    let note = format!(
+    let mut note = format!(
         "link mode on {}: callers are not attributed; token-only checks",
         link.device
     );
+    if let Some(reason) = fallback_reason {
+        note.push_str(&format!("; eBPF mode unavailable: {reason}"));
+    }
+    if !detached.is_empty() {
+        note.push_str(&format!(
+            "; pinned programs detached: {}",
+            detached.join(", ")
+        ));
+    }
     Ok(Interception {
         redirector: None,
         listeners,
         mode: "link",
-        note: match fallback_reason {
-            Some(reason) => format!("{note}; eBPF mode unavailable: {reason}"),
-            None => note,
-        },
+        note,
     })
+}
+
+/// Link mode never serves beside pinned programs that still redirect pods' connects elsewhere:
+/// whatever `--pin` holds is detached first, or the agent does not start.
+fn detach_pins(settings: &Settings) -> anyhow::Result<Vec<String>> {
+    let Some(dir) = &settings.flags.pin else {
+        return Ok(Vec::new());
+    };
+    let pinned = kernel::pinned(dir);
+    if pinned.is_empty() {
+        return Ok(Vec::new());
+    }
+    let names: Vec<String> = pinned.iter().map(|p| p.display().to_string()).collect();
+    kernel::cleanup(dir).with_context(|| {
+        format!(
+            "link mode cannot serve while pinned programs under {} may redirect pods' connects elsewhere, and they could not be detached",
+            dir.display()
+        )
+    })?;
+    warn!(detached = ?names, "link mode: detached the pinned programs, which would send pods' connects to a port this agent does not serve");
+    Ok(names)
+}
+
+/// eBPF mode's listeners: one per family of the addresses the agent serves (`--listen`), on
+/// loopback with a port of the kernel's choosing. Nothing binds the served address itself:
+/// `steer` hands these sockets the redirected connections, so no other process can receive them
+/// by binding it, and no one off the node can reach the sockets. Bound, not listening yet.
+fn bind_private(settings: &Settings) -> anyhow::Result<Vec<TcpSocket>> {
+    let mut sockets = Vec::new();
+    let served = |v4: bool| settings.listen.iter().copied().find(|a| a.is_ipv4() == v4);
+    for (target, loopback) in [
+        (served(true), IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        (served(false), IpAddr::V6(Ipv6Addr::LOCALHOST)),
+    ] {
+        let Some(target) = target else { continue };
+        let addr = SocketAddr::new(loopback, 0);
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        };
+        match socket.and_then(|s| s.bind(addr).map(|()| s)) {
+            Ok(socket) => sockets.push(socket),
+            Err(e) if target.is_ipv6() => {
+                warn!(error = %e, %target, "no IPv6 loopback: IPv6 connects to the credential address are not served");
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("binding the credential listener on {addr}"));
+            }
+        }
+    }
+    Ok(sockets)
 }
 
 /// The credential listeners' sockets, shared with an agent starting beside this one during a

@@ -10,6 +10,12 @@ use crate::server::CredentialServer;
 /// How often the cache and per-pod state are checked against the pods that exist (a deleted
 /// pod's state is gone within this) and refreshes that are due are started.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(2);
+/// Without a cgroup index (a node without cgroup v2) nothing says a pod is gone: its state goes
+/// once it has made no request for this long (credentials last hours; an SDK asks again well
+/// before they expire).
+const IDLE_POD: Duration = Duration::from_secs(12 * 3600);
+/// A peer's request bucket (link mode) goes once it is full again and unused this long.
+const IDLE_PEER: Duration = Duration::from_secs(60);
 
 /// Drops the state of pods that are gone and starts refreshes that are due, every
 /// [`MAINTENANCE_INTERVAL`], until the task is aborted.
@@ -20,7 +26,7 @@ pub async fn maintain(server: Arc<CredentialServer>) {
         tick.tick().await;
         let walker = server.clone();
         let known = server.pod_uids();
-        // Without a cgroup index (link mode) no pod is known to be gone.
+        // Without a cgroup index (link mode on cgroup v1) pods are known only by being idle.
         let walked = tokio::task::spawn_blocking(move || {
             walker
                 .cgroups
@@ -30,7 +36,8 @@ pub async fn maintain(server: Arc<CredentialServer>) {
         })
         .await;
         let gone = match walked {
-            Ok(Ok(gone)) => gone.unwrap_or_default(),
+            Ok(Ok(Some(gone))) => gone,
+            Ok(Ok(None)) => server.stats.idle(IDLE_POD),
             Ok(Err(e)) => {
                 warn!(error = %e, "cannot walk the cgroup tree; keeping every pod's state until the next try");
                 HashSet::new()
@@ -39,6 +46,7 @@ pub async fn maintain(server: Arc<CredentialServer>) {
         };
         server.cache.maintain(&gone);
         server.forget_gone_pods(&gone);
+        server.rate_limits.forget_idle_peers(IDLE_PEER);
         return_freed_memory();
     }
 }

@@ -23,9 +23,9 @@ use crate::{
     kernel::{self, Attachment, metrics::KernelMetrics},
     metrics::{self, ProcessCollector, Registry},
     ops::{self, AgentInfo, Readiness, StateMetrics},
-    ratelimit::{PodRateLimits, UpstreamLimiter},
+    ratelimit::{OwnerRateLimits, UpstreamLimiter},
     request,
-    server::{CredentialServer, metrics::ServerMetrics},
+    server::{CredentialServer, LogOnce, metrics::ServerMetrics},
     source::CredentialSource,
     stats::PodStatsRegistry,
 };
@@ -209,14 +209,16 @@ async fn build_server(
     let limiter = UpstreamLimiter::new(f.upstream_qps, f.upstream_burst);
     let server = Arc::new(CredentialServer {
         redirector: interception.redirector.clone(),
-        cgroups,
+        cgroups: cgroups.map(Arc::new),
+        walking: tokio::sync::Mutex::new(()),
         cache: CredentialCache::new(upstream, settings.cache(), limiter, early.cache.clone()),
-        pod_limits: PodRateLimits::new(f.pod_rps, f.pod_burst),
+        rate_limits: OwnerRateLimits::new(f.pod_rps, f.pod_burst),
         connection_limits: early.connections.clone(),
         stats: early.stats.clone(),
         metrics: early.server.clone(),
         allowed_hosts: request::allowed_hosts(&f.intercept),
         pods: Default::default(),
+        refused_sources: LogOnce::default(),
     });
     Ok((server, source))
 }
@@ -256,6 +258,11 @@ fn start_serving(
                 .with_context(|| format!("listening on {addr}"))
         })
         .collect::<anyhow::Result<Vec<TcpListener>>>()?;
+    if let Some(redirector) = &redirector {
+        for listener in &listeners {
+            redirector.steer_to(listener)?;
+        }
+    }
     let graceful = Arc::new(GracefulShutdown::new());
     let accept_loops = listeners
         .into_iter()
@@ -307,6 +314,11 @@ fn agent_info(
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect(),
+        serve: if interception.redirector.is_some() {
+            settings.listen.clone()
+        } else {
+            Vec::new()
+        },
         intercept: f.intercept.clone(),
         cgroup_root: cgroup2.as_ref().ok().map(|c| c.root.clone()),
         cgroup_id: cgroup2.as_ref().ok().map(|c| c.id),

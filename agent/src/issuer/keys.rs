@@ -14,7 +14,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
 
-use super::file_stamp::FileStamp;
+use crate::file_stamp::FileStamp;
 
 /// How often a key set from a URL is fetched again.
 pub const URL_REFRESH: Duration = Duration::from_secs(300);

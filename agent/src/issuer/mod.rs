@@ -1,12 +1,16 @@
-//! Local verification of a pod's service-account token, which EKS Auth does in `eks-auth` mode
-//! and nothing upstream does in `sts` mode: the signature (RS256 or ES256) against the issuer's
-//! keys, then `iss`, `aud`, `exp`, `nbf` and the `kubernetes.io` claims. A token that fails is
-//! refused here, with no STS call.
+//! Local verification of a pod's service-account token against the cluster issuer's keys
+//! (`keys`, from `--jwks-file` or `--jwks-url`): the signature (RS256 or ES256), then `iss`,
+//! `aud`, `exp`, `nbf` and the `kubernetes.io` claims. In `sts` mode nothing upstream does this,
+//! so it is required; in `eks-auth` mode EKS Auth does it too, and the agent does it first when
+//! given the keys, so that a forged token costs no EKS Auth call and spends no budget.
+
+pub mod keys;
 
 use base64::Engine as _;
 use serde::Deserialize;
 
-use super::keys::{KeySet, PublicKey};
+use self::keys::PublicKey;
+pub use self::keys::{KeySet, KeySource};
 use crate::{
     token::{self, TokenClaims, TokenError},
     upstream::UpstreamError,
@@ -15,8 +19,20 @@ use crate::{
 /// How far a token's `nbf` may be ahead of this node's clock (clock skew).
 const NBF_LEEWAY_SECONDS: u64 = 60;
 
+/// The cluster issuer's keys and what tokens must say, to verify them locally: required with
+/// `--credential-source sts`, optional with `eks-auth` (then a forged token costs no EKS Auth
+/// call).
+#[derive(Clone, Debug)]
+pub struct TokenCheck {
+    pub keys: KeySource,
+    /// The `iss` tokens must carry (required in sts mode; checked when given in eks-auth mode).
+    pub issuer: Option<String>,
+    pub audience: String,
+}
+
 pub struct Verifier {
-    pub issuer: String,
+    /// The `iss` tokens must carry; any, when `None` (EKS Auth checks it in `eks-auth` mode).
+    pub issuer: Option<String>,
     pub audience: String,
     pub keys: KeySet,
 }
@@ -66,6 +82,15 @@ enum Algorithm {
 }
 
 impl Verifier {
+    /// Reads the issuer's keys (a bad file or an unreachable URL fails the start).
+    pub async fn new(check: TokenCheck) -> anyhow::Result<Verifier> {
+        Ok(Verifier {
+            issuer: check.issuer,
+            audience: check.audience,
+            keys: KeySet::new(check.keys).await?,
+        })
+    }
+
     /// The token's claims once it is proven to be this cluster's, for this audience, and current.
     pub async fn verify(&self, token: &str, now: u64) -> Result<TokenClaims, UpstreamError> {
         let token = token.trim();
@@ -106,15 +131,15 @@ impl Verifier {
         let registered: Registered = decode(payload_b64)
             .and_then(|p| serde_json::from_slice(&p).ok())
             .ok_or_else(|| invalid("Service account token's claims are not readable".into()))?;
-        match registered.iss.as_deref() {
-            Some(iss) if iss == self.issuer => {}
-            Some(iss) => {
+        match (registered.iss.as_deref(), &self.issuer) {
+            (Some(_), None) => {}
+            (Some(iss), Some(issuer)) if iss == issuer => {}
+            (Some(iss), Some(issuer)) => {
                 return Err(invalid(format!(
-                    "Service account token was issued by {iss:?}, not by this cluster's issuer {:?}",
-                    self.issuer
+                    "Service account token was issued by {iss:?}, not by this cluster's issuer {issuer:?}"
                 )));
             }
-            None => return Err(invalid("Service account token has no iss claim".into())),
+            (None, _) => return Err(invalid("Service account token has no iss claim".into())),
         }
         if !registered.aud.contains(&self.audience) {
             return Err(invalid(format!(

@@ -1,43 +1,59 @@
-//! Loads the kernel programs (agent-ebpf), configures them, attaches them at the cgroup root, and
-//! answers "who opened this accepted connection?".
+//! Loads the kernel programs (agent-ebpf), configures them, attaches them (the connect and
+//! sock_ops programs at the cgroup root, `steer` in the node's network namespace), hands them the
+//! agent's listening sockets, and answers "who opened this accepted connection?".
 //!
 //! Without a pin directory the programs are attached as bpf links owned by this process: when the
 //! [`Redirector`] is dropped, or the process dies, the kernel detaches them.
 //!
-//! With a pin directory (`--pin`, on a bpffs) the links and the maps are pinned there and
-//! outlive the process. The next agent reuses the maps and swaps its programs into the pinned
-//! links atomically (`BPF_LINK_UPDATE`), so interception never stops across a restart.
-//! `pod-identity-agent cleanup --pin DIR` removes them for good.
+//! With a pin directory (`--pin`, on a bpffs) the links and the shared maps are pinned there
+//! (`pins`) and outlive the process. The next agent of the same layout reuses the maps and swaps
+//! its programs into the pinned links atomically (`BPF_LINK_UPDATE`), so interception never stops
+//! across a restart; while no agent runs, `steer` refuses redirected connections rather than hand
+//! them to whatever binds the target. `pod-identity-agent cleanup --pin DIR` removes them for good.
+
+mod bpf_sys;
+mod diagnose;
+mod install;
+pub mod metrics;
+mod pins;
 
 use std::{
-    fs::{self, File},
+    fs::File,
     io,
     net::{IpAddr, SocketAddr},
     os::fd::AsFd as _,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
 };
 
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, ProgramFd, SockOps, links::FdLink},
+    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, SockMap},
+    programs::{CgroupSockAddr, SkLookup, SockOps},
 };
 use pod_identity_common::{
     Attribution, ConnectionKey, Endpoint, RedirectConfig,
-    counter::{REDIRECTED_V4, REDIRECTED_V6},
-    names,
+    counter::{NO_AGENT, REDIRECTED_V4, REDIRECTED_V6, STEERED},
+    listener, names,
 };
-use tokio::io::unix::AsyncFd;
+use tokio::{io::unix::AsyncFd, net::TcpListener};
 
-mod bpf_sys;
-mod diagnose;
-pub mod metrics;
-
-use self::diagnose::{AttachSite, explain};
+use self::{
+    diagnose::explain,
+    install::{Target, install},
+    pins::PinDir,
+};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pod-identity-ebpf"));
+
+/// The network namespace `steer` attaches to: the agent's own, which is the node's (the
+/// DaemonSet runs with hostNetwork).
+const OWN_NETNS: &str = "/proc/self/ns/net";
 
 /// What to intercept and where to send it.
 #[derive(Clone, Debug)]
@@ -47,6 +63,8 @@ pub struct RedirectSpec {
     pub intercept: Vec<SocketAddr>,
     pub target_v4: Option<SocketAddr>,
     pub target_v6: Option<SocketAddr>,
+    /// The addresses the agent serves: redirected connections to them go to its own sockets.
+    pub serve: Vec<SocketAddr>,
     /// Connects from this cgroup (the agent's own) are never redirected.
     pub agent_cgroup_id: u64,
     /// Pin links and maps here (a bpffs directory) so they outlive this process.
@@ -64,7 +82,8 @@ pub enum Attachment {
     TakenOver,
 }
 
-/// Maps that are pinned with `--pin`, so records survive a handover between agents.
+/// Maps that are pinned with `--pin`, so records survive a handover between agents. The
+/// listening sockets are each agent's own (`LISTENERS` is not shared).
 const PINNED_MAPS: [&str; 4] = [
     names::INTERCEPTED,
     names::PENDING,
@@ -72,25 +91,38 @@ const PINNED_MAPS: [&str; 4] = [
     names::REDIRECT_COUNTS,
 ];
 
-/// Connects redirected by the kernel since the programs were attached.
+/// What the kernel programs counted since they were attached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RedirectCounts {
+    /// Connects redirected, per family.
     pub v4: u64,
     pub v6: u64,
+    /// Redirected connections handed to the agent's socket.
+    pub steered: u64,
+    /// Redirected connections refused while no agent socket was there.
+    pub no_agent: u64,
 }
 
 pub struct Redirector {
     /// Owns the programs and their links; dropping it detaches everything not pinned.
     _ebpf: Ebpf,
     pub attachment: Attachment,
+    /// Pinned objects of another layout that this agent detached, for the log and /readyz.
+    pub detached: Vec<PathBuf>,
     /// 4-tuple -> attribution, read with raw map commands (no lock: each is one syscall).
     connections: MapData,
     /// Whether the kernel has lookup-and-delete for hash maps (Linux >= 5.14); else a lookup
     /// and a delete.
     lookup_and_delete: AtomicBool,
     counts: PerCpuArray<MapData, u64>,
+    /// The agent's listening sockets, where `steer` hands redirected connections.
+    listeners: Mutex<SockMap<MapData>>,
     _logger: tokio::task::JoinHandle<()>,
 }
+
+/// A record older than this at accept cannot belong to the connection being accepted (a
+/// connect waits seconds at most in the accept queue): it is refused as stale.
+pub const MAX_RECORD_AGE: Duration = Duration::from_secs(30);
 
 pub fn endpoint(addr: SocketAddr) -> Endpoint {
     let port = addr.port().to_be_bytes();
@@ -127,13 +159,13 @@ impl Redirector {
         // Fail before attaching anything, rather than halfway (sock_ops in, connect4 refused).
         if let Some(in_the_way) = diagnose::exclusive_in_the_way(&spec.cgroup_root) {
             anyhow::bail!(
-                "{}: {in_the_way}",
-                attach_context("the programs", &spec.cgroup_root)
+                "attaching the programs to {}: {in_the_way}",
+                spec.cgroup_root.display()
             );
         }
+        let pins = spec.pin.as_deref().map(PinDir::open).transpose()?;
         let config = redirect_config(spec);
-        let mut loader = loader(spec, &config)?;
-        let mut ebpf = loader.load(OBJECT).map_err(|e| {
+        let mut ebpf = loader(&config, pins.as_ref()).load(OBJECT).map_err(|e| {
             explain(
                 anyhow::Error::new(e).context("loading the kernel object"),
                 None,
@@ -143,17 +175,42 @@ impl Redirector {
         let logger =
             aya_log::EbpfLogger::init(&mut ebpf).context("starting the kernel log reader")?;
         let logger = tokio::spawn(forward_kernel_logs(logger));
-
         fill_intercepted(&mut ebpf, &spec.intercept)?;
-
         let cgroup = open_cgroup(&spec.cgroup_root)?;
-        let attachment = load_and_attach(
-            &mut ebpf,
-            Some((&cgroup, &spec.cgroup_root)),
-            spec.pin.as_deref(),
-        )?
-        .unwrap_or(Attachment::Owned);
+        let netns = File::open(OWN_NETNS).with_context(|| format!("opening {OWN_NETNS}"))?;
+        let sites = Sites {
+            cgroup: Target {
+                file: &cgroup,
+                path: &spec.cgroup_root,
+                cgroup: true,
+            },
+            netns: Target {
+                file: &netns,
+                path: Path::new(OWN_NETNS),
+                cgroup: false,
+            },
+        };
+        let attachment =
+            load_and_attach(&mut ebpf, Some(&sites), pins.as_ref())?.unwrap_or(Attachment::Owned);
+        // Only now, with this agent's programs in place, do the other layout's go.
+        let detached = match (&pins, &spec.pin) {
+            (Some(pins), Some(root)) if !pins.foreign.is_empty() => {
+                pins::detach(root, &pins.foreign).with_context(|| {
+                    format!("detaching the pinned objects under {}", root.display())
+                })?;
+                pins.foreign.clone()
+            }
+            _ => Vec::new(),
+        };
+        Redirector::from_loaded(ebpf, attachment, detached, logger)
+    }
 
+    fn from_loaded(
+        mut ebpf: Ebpf,
+        attachment: Attachment,
+        detached: Vec<PathBuf>,
+        logger: tokio::task::JoinHandle<()>,
+    ) -> anyhow::Result<Redirector> {
         let connections = match ebpf
             .take_map(names::CONNECTIONS)
             .context("CONNECTIONS map missing")?
@@ -165,14 +222,34 @@ impl Redirector {
             ebpf.take_map(names::REDIRECT_COUNTS)
                 .context("REDIRECT_COUNTS map missing")?,
         )?;
+        let listeners = SockMap::try_from(
+            ebpf.take_map(names::LISTENERS)
+                .context("LISTENERS map missing")?,
+        )?;
         Ok(Redirector {
             _ebpf: ebpf,
             attachment,
+            detached,
             connections,
             lookup_and_delete: AtomicBool::new(true),
             counts,
+            listeners: Mutex::new(listeners),
             _logger: logger,
         })
+    }
+
+    /// Hands redirected connections to `listener` from now on (the slot of its address family),
+    /// in place of a previous agent's.
+    pub fn steer_to(&self, listener: &TcpListener) -> anyhow::Result<()> {
+        let local = listener.local_addr()?;
+        let slot = if local.is_ipv4() {
+            listener::V4
+        } else {
+            listener::V6
+        };
+        let mut map = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        map.set(slot, listener, 0)
+            .with_context(|| format!("handing {local} to the kernel's steering (LISTENERS)"))
     }
 
     /// The attribution of an accepted connection, removed from the kernel map: each record is
@@ -216,8 +293,22 @@ impl Redirector {
         RedirectCounts {
             v4: sum(REDIRECTED_V4),
             v6: sum(REDIRECTED_V6),
+            steered: sum(STEERED),
+            no_agent: sum(NO_AGENT),
         }
     }
+}
+
+/// How old a record is: the kernel stamped it with `CLOCK_MONOTONIC` at `connect()`.
+pub fn record_age(attribution: &Attribution) -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into `now`, a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+    Duration::from_nanos(now_ns.saturating_sub(attribution.created_ns))
 }
 
 /// What the programs are told at load time.
@@ -228,24 +319,31 @@ fn redirect_config(spec: &RedirectSpec) -> RedirectConfig {
         _pad: [0; 4],
         agent_cgroup_id: spec.agent_cgroup_id,
         intercept_ports: port_filter(&spec.intercept),
+        serve_v4: spec
+            .serve
+            .iter()
+            .find(|a| a.is_ipv4())
+            .map_or(Endpoint::NONE, |a| endpoint(*a)),
+        serve_v6: spec
+            .serve
+            .iter()
+            .find(|a| a.is_ipv6())
+            .map_or(Endpoint::NONE, |a| endpoint(*a)),
+        _pad2: [0; 4],
     }
 }
 
 /// A loader with the programs' configuration set and, with a pin directory, the shared maps'
 /// pin paths.
-fn loader<'a>(spec: &RedirectSpec, config: &'a RedirectConfig) -> anyhow::Result<EbpfLoader<'a>> {
+fn loader<'a>(config: &'a RedirectConfig, pins: Option<&PinDir>) -> EbpfLoader<'a> {
     let mut loader = EbpfLoader::new();
     loader.override_global(names::CONFIG, config, true);
-    if let Some(dir) = &spec.pin {
-        check_bpffs(dir)?;
-        fs::create_dir_all(dir.join("maps"))
-            .and_then(|()| fs::create_dir_all(dir.join("links")))
-            .with_context(|| format!("creating {}", dir.display()))?;
+    if let Some(pins) = pins {
         for name in PINNED_MAPS {
-            loader.map_pin_path(name, dir.join("maps").join(name));
+            loader.map_pin_path(name, pins.map(name));
         }
     }
-    Ok(loader)
+    loader
 }
 
 /// The addresses whose connects are redirected.
@@ -262,34 +360,43 @@ fn fill_intercepted(ebpf: &mut Ebpf, intercept: &[SocketAddr]) -> anyhow::Result
     Ok(())
 }
 
-/// Loads the programs and, given a cgroup, attaches them there (sock_ops first: once connect4/6
-/// redirect, every redirected connection gets its record). Returns how they were attached.
+/// Where the programs attach: the cgroup root, and the node's network namespace.
+struct Sites<'a> {
+    cgroup: Target<'a>,
+    netns: Target<'a>,
+}
+
+/// Loads the programs and, given where, attaches them (sock_ops first: once connect4/6
+/// redirect, every redirected connection gets its record; `steer` before the connect programs,
+/// so a redirected connection always finds it). Returns how they were attached.
 fn load_and_attach(
     ebpf: &mut Ebpf,
-    cgroup: Option<(&File, &Path)>,
-    pin: Option<&Path>,
+    sites: Option<&Sites<'_>>,
+    pins: Option<&PinDir>,
 ) -> anyhow::Result<Option<Attachment>> {
+    let loading = |name: &str| format!("loading the {name} program");
     let sock_ops: &mut SockOps = program(ebpf, names::SOCK_OPS)?;
-    sock_ops.load().map_err(|e| {
-        explain(
-            anyhow::Error::new(e).context("loading the sock_ops program"),
-            None,
-        )
+    sock_ops
+        .load()
+        .map_err(|e| explain(anyhow::Error::new(e).context(loading("sock_ops")), None))?;
+    if let Some(sites) = sites {
+        install(sock_ops, names::SOCK_OPS, &sites.cgroup, pins)?;
+    }
+    let steer: &mut SkLookup = program(ebpf, names::SK_LOOKUP)?;
+    steer.load().map_err(|e| {
+        let e = anyhow::Error::new(e).context(loading("sk_lookup"));
+        explain(e.context("the sk_lookup program needs Linux >= 5.9"), None)
     })?;
-    let mut attachment = match cgroup {
-        Some((file, path)) => Some(install(sock_ops, names::SOCK_OPS, file, path, pin)?),
-        None => None,
-    };
+    if let Some(sites) = sites {
+        install(steer, names::SK_LOOKUP, &sites.netns, pins)?;
+    }
+    let mut attachment = None;
     for name in [names::CONNECT4, names::CONNECT6] {
         let prog: &mut CgroupSockAddr = program(ebpf, name)?;
-        prog.load().map_err(|e| {
-            explain(
-                anyhow::Error::new(e).context(format!("loading the {name} program")),
-                None,
-            )
-        })?;
-        if let Some((file, path)) = cgroup {
-            attachment = Some(install(prog, name, file, path, pin)?);
+        prog.load()
+            .map_err(|e| explain(anyhow::Error::new(e).context(loading(name)), None))?;
+        if let Some(sites) = sites {
+            attachment = Some(install(prog, name, &sites.cgroup, pins)?);
         }
     }
     Ok(attachment)
@@ -304,8 +411,9 @@ fn open_cgroup(path: &Path) -> anyhow::Result<File> {
     })
 }
 
-/// Proves the kernel accepts the programs: loads them and, given a cgroup, attaches them there,
-/// then detaches everything. Nothing is redirected meanwhile (no address is intercepted).
+/// Proves the kernel accepts the programs: loads them and, given a cgroup, attaches them there
+/// (and `steer` to this process's network namespace), then detaches everything. Nothing is
+/// redirected meanwhile (no address is intercepted, no target is set).
 pub fn dry_run(cgroup: Option<&Path>) -> anyhow::Result<()> {
     let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| {
         explain(
@@ -316,9 +424,33 @@ pub fn dry_run(cgroup: Option<&Path>) -> anyhow::Result<()> {
     // The programs reference the log ring buffer: its reader must exist while they load.
     let _logger = aya_log::EbpfLogger::init(&mut ebpf).context("starting the kernel log reader")?;
     let file = cgroup.map(open_cgroup).transpose()?;
-    load_and_attach(&mut ebpf, file.as_ref().zip(cgroup), None)?;
+    let netns = File::open(OWN_NETNS).with_context(|| format!("opening {OWN_NETNS}"))?;
+    let sites = file.as_ref().zip(cgroup).map(|(file, path)| Sites {
+        cgroup: Target {
+            file,
+            path,
+            cgroup: true,
+        },
+        netns: Target {
+            file: &netns,
+            path: Path::new(OWN_NETNS),
+            cgroup: false,
+        },
+    });
+    load_and_attach(&mut ebpf, sites.as_ref(), None)?;
     // Dropping `ebpf` closes the links: the kernel detaches the programs.
     Ok(())
+}
+
+/// Removes what `--pin DIR` left (every layout's): for uninstalling.
+pub fn cleanup(dir: &Path) -> anyhow::Result<usize> {
+    pins::cleanup(dir)
+}
+
+/// Whether anything is pinned under `dir` (any layout): pinned links may still be redirecting
+/// pods' connects, so the agent must not serve in link mode beside them.
+pub fn pinned(dir: &Path) -> Vec<PathBuf> {
+    pins::all(dir)
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the cgroup.
@@ -341,143 +473,6 @@ where
         .program_mut(name)
         .with_context(|| format!("program {name} missing from the kernel object"))?;
     Ok(prog.try_into()?)
-}
-
-fn attach_context(name: &str, root: &Path) -> String {
-    format!("attaching {name} to {}", root.display())
-}
-
-/// A cgroup program aya can attach and hand its link over.
-trait CgroupProgram {
-    type LinkId;
-    type Link;
-    fn attach_to(&mut self, cgroup: &File) -> Result<Self::LinkId, ProgramError>;
-    fn take(&mut self, id: Self::LinkId) -> Result<Self::Link, ProgramError>;
-    fn program_fd(&self) -> Result<&ProgramFd, ProgramError>;
-}
-
-macro_rules! cgroup_program {
-    ($ty:ty, $id:ty, $link:ty) => {
-        impl CgroupProgram for $ty {
-            type LinkId = $id;
-            type Link = $link;
-            fn attach_to(&mut self, cgroup: &File) -> Result<$id, ProgramError> {
-                // Single is right for links on kernels >= 5.7: they coexist with other programs.
-                self.attach(cgroup, CgroupAttachMode::Single)
-            }
-            fn take(&mut self, id: $id) -> Result<$link, ProgramError> {
-                self.take_link(id)
-            }
-            fn program_fd(&self) -> Result<&ProgramFd, ProgramError> {
-                self.fd()
-            }
-        }
-    };
-}
-
-cgroup_program!(
-    CgroupSockAddr,
-    aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId,
-    aya::programs::cgroup_sock_addr::CgroupSockAddrLink
-);
-cgroup_program!(
-    SockOps,
-    aya::programs::sock_ops::SockOpsLinkId,
-    aya::programs::sock_ops::SockOpsLink
-);
-
-/// Attaches `prog`: owned by the program without a pin directory; otherwise into the pinned link
-/// of a previous agent (swapping programs in place) or as a new pinned link.
-fn install<P>(
-    prog: &mut P,
-    name: &str,
-    cgroup: &File,
-    root: &Path,
-    pin: Option<&Path>,
-) -> anyhow::Result<Attachment>
-where
-    P: CgroupProgram,
-    FdLink: TryFrom<P::Link>,
-    <FdLink as TryFrom<P::Link>>::Error: std::error::Error + Send + Sync + 'static,
-{
-    let attach_err = |e: ProgramError| {
-        explain(
-            anyhow::Error::new(e).context(attach_context(name, root)),
-            Some(AttachSite {
-                cgroup: root,
-                program: name,
-            }),
-        )
-    };
-    let Some(dir) = pin else {
-        prog.attach_to(cgroup).map_err(attach_err)?;
-        return Ok(Attachment::Owned);
-    };
-    let path = dir.join("links").join(name);
-    if path.exists() {
-        let link = bpf_sys::obj_get(&path)
-            .with_context(|| format!("opening pinned link {}", path.display()))?;
-        let prog_fd = prog.program_fd()?;
-        bpf_sys::link_update(link.as_fd(), prog_fd.as_fd()).map_err(|e| {
-            explain(
-                anyhow::Error::new(e).context(format!(
-                    "swapping {name} into pinned link {}",
-                    path.display()
-                )),
-                None,
-            )
-        })?;
-        return Ok(Attachment::TakenOver);
-    }
-    let id = prog.attach_to(cgroup).map_err(attach_err)?;
-    let link = FdLink::try_from(prog.take(id)?).map_err(|e| {
-        anyhow::anyhow!("{name}: link is not a bpf link ({e}); pinning needs Linux >= 5.7")
-    })?;
-    link.pin(&path)
-        .map_err(|e| anyhow::anyhow!("pinning {name} at {}: {e}", path.display()))?;
-    Ok(Attachment::Pinned)
-}
-
-/// Fails unless `dir` is on a bpffs (pins elsewhere are refused by the kernel with a vague error).
-fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let probe = dir
-        .ancestors()
-        .find(|p| p.exists())
-        .unwrap_or(Path::new("/"));
-    let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()).context("pin path")?;
-    // SAFETY: libc::statfs is a plain C struct of integers: all zeroes is a value of it.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: statfs writes into `st`, a properly sized struct.
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error())
-            .with_context(|| format!("statfs {}", probe.display()));
-    }
-    if st.f_type as i64 != BPF_FS_MAGIC {
-        anyhow::bail!(
-            "--pin {}: not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)",
-            dir.display()
-        );
-    }
-    Ok(())
-}
-
-/// Removes what `--pin DIR` left: unpinning the links detaches the programs, unpinning the maps
-/// frees them once nothing uses them.
-pub fn cleanup(dir: &Path) -> anyhow::Result<usize> {
-    let mut removed = 0;
-    for sub in ["links", "maps"] {
-        let Ok(entries) = fs::read_dir(dir.join(sub)) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            fs::remove_file(entry.path())
-                .with_context(|| format!("unpinning {}", entry.path().display()))?;
-            removed += 1;
-        }
-        let _ = fs::remove_dir(dir.join(sub));
-    }
-    Ok(removed)
 }
 
 /// Forwards records written by the kernel programs (aya-log) to the agent's log.

@@ -450,7 +450,9 @@ fn render_join(joined: &Joined) -> String {
     for fix in &joined.fixes {
         out.push_str(&format!(
             "\nno association for service account {}/{}; create one (choose the role):\n  {}\n",
-            fix.namespace, fix.service_account, fix.command
+            super::printable(&fix.namespace),
+            super::printable(&fix.service_account),
+            super::printable(&fix.command)
         ));
     }
     out

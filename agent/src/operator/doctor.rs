@@ -113,11 +113,23 @@ impl Check {
             Status::Warn => "warn",
             Status::Fail => "fail",
         };
-        println!("{status:<5} {:<17} {}", self.name, self.detail);
+        println!(
+            "{status:<5} {:<17} {}",
+            self.name,
+            super::printable(&self.detail)
+        );
         if let Some(fix) = &self.fix {
-            println!("{:<23} fix: {fix}", "");
+            println!("{:<23} fix: {}", "", super::printable(fix));
         }
         let _ = std::io::stdout().flush();
+    }
+}
+
+/// An error's message with the detail only the log is told: the doctor runs for the operator.
+fn full_message(e: &crate::upstream::UpstreamError) -> String {
+    match e.detail() {
+        Some(detail) => format!("{}: {detail}", e.message()),
+        None => e.message().to_owned(),
     }
 }
 
@@ -376,10 +388,19 @@ async fn check_kernel(root: Option<&Path>) -> Check {
 /// answer, since a direct connection carries no kernel record or no token).
 fn check_listeners(agent: &AgentInfo) -> Check {
     const NAME: &str = "listeners";
-    let mut answered = Vec::new();
+    if agent.listen.is_empty() {
+        return Check::fail(
+            NAME,
+            "the agent reports no credential listener",
+            "read the agent's log",
+        );
+    }
+    if agent.mode == "ebpf" {
+        return check_served_addresses(agent);
+    }
     for addr in &agent.listen {
         match raw_get(*addr, &addr.to_string(), "/v1/credentials") {
-            Ok((status, _)) if status == 400 || status == 403 => answered.push(addr.to_string()),
+            Ok((status, _)) if status == 400 || status == 403 => {}
             other => {
                 return Check::fail(
                     NAME,
@@ -387,23 +408,44 @@ fn check_listeners(agent: &AgentInfo) -> Check {
                         "the credential listener {addr} did not answer as the agent does ({})",
                         describe(&other)
                     ),
-                    "check that nothing else holds the port and that NODE_IP is the node's address",
+                    "check that nothing else holds the port",
                 );
             }
         }
     }
-    if answered.is_empty() {
-        return Check::fail(
-            NAME,
-            "the agent reports no credential listener",
-            "read the agent's log",
-        );
-    }
+    let answered: Vec<String> = agent.listen.iter().map(ToString::to_string).collect();
     Check::ok(NAME, format!("{} answer", answered.join(", ")))
 }
 
-/// A connect to the credential address from this process must reach the agent, unless this
-/// process is the agent's own cgroup (kubectl exec), whose connects are never redirected.
+/// eBPF mode: the kernel hands redirected connections to the agent's private sockets, and only
+/// those; the served addresses themselves have no listener. Something listening there receives
+/// nothing redirected, but is worth a look.
+fn check_served_addresses(agent: &AgentInfo) -> Check {
+    const NAME: &str = "listeners";
+    let sockets: Vec<String> = agent.listen.iter().map(ToString::to_string).collect();
+    for addr in &agent.serve {
+        if TcpStream::connect_timeout(addr, Duration::from_secs(2)).is_ok() {
+            return Check::warn(
+                NAME,
+                format!(
+                    "another process listens on {addr}, the address the agent serves; it receives no redirected connection (the kernel hands those to the agent's own sockets {})",
+                    sockets.join(", ")
+                ),
+                format!("find it: ss -ltnp 'sport = :{}'", addr.port()),
+            );
+        }
+    }
+    let served: Vec<String> = agent.serve.iter().map(ToString::to_string).collect();
+    Check::ok(
+        NAME,
+        format!(
+            "connects redirected to {} are handed to the agent's sockets {}",
+            served.join(", "),
+            sockets.join(", ")
+        ),
+    )
+}
+
 fn check_redirect(agent: &AgentInfo, mount: Option<&Path>) -> Check {
     const NAME: &str = "redirect";
     let Some(target) = agent
@@ -614,6 +656,8 @@ async fn check_eks_auth(
         endpoint,
         fips,
         node_name: Some("doctor".into()),
+        // The probe's token is meant to reach EKS Auth, to be refused there.
+        check: None,
     })
     .await
     {
@@ -651,17 +695,17 @@ async fn check_eks_auth(
         // node's credentials for a reload: these codes are its, not EKS Auth's.
         Err(e) if e.code() == "NodeCredentialsRejected" => Check::fail(
             NAME,
-            format!("{at} rejected the node's credentials: {}", e.message()),
+            format!("{at} rejected the node's credentials: {}", full_message(&e)),
             "the node credentials are invalid or expired: check the instance role or the credentials source",
         ),
         Err(e) if e.code() == "NodeCredentialsUnavailable" => Check::fail(
             NAME,
-            format!("not tried: {}", e.message()),
+            format!("not tried: {}", full_message(&e)),
             "give the node an instance role, or credentials (see the node credentials check)",
         ),
         Err(e) if e.code() == "NodeRegionUnavailable" => Check::fail(
             NAME,
-            format!("not tried: {}", e.message()),
+            format!("not tried: {}", full_message(&e)),
             "set AWS_REGION or --region",
         ),
         Err(e) if e.code() == "ResourceNotFoundException" => Check::fail(
@@ -671,7 +715,7 @@ async fn check_eks_auth(
         ),
         Err(e) if e.status() == 502 || e.status() == 504 => Check::fail(
             NAME,
-            format!("cannot reach {at}: {}", e.message()),
+            format!("cannot reach {at}: {}", full_message(&e)),
             "check DNS, the proxy (HTTPS_PROXY, NO_PROXY), the CA bundle, and that the node may reach eks-auth (security groups, VPC endpoint)",
         ),
         Err(e) => Check::fail(

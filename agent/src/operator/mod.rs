@@ -70,10 +70,34 @@ fn dechunk(body: &str) -> String {
     out
 }
 
-/// Left-aligned columns two spaces apart, the last column unpadded.
+/// `s` safe to print to a terminal: control characters (escape sequences that could move the
+/// cursor, rewrite the title or the clipboard) shown as `\u{..}` escapes. Values in the tables
+/// come from a running agent or from AWS, so they are treated as untrusted.
+pub(crate) fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    std::borrow::Cow::Owned(
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_unicode().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
+/// Left-aligned columns two spaces apart, the last column unpadded; every cell [`printable`].
 pub(crate) fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
+    let rows: Vec<[String; N]> = rows
+        .iter()
+        .map(|row| row.clone().map(|cell| printable(&cell).into_owned()))
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
@@ -92,7 +116,7 @@ pub(crate) fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> 
         out.push('\n');
     };
     line(&mut header.iter().copied());
-    for row in rows {
+    for row in &rows {
         line(&mut row.iter().map(String::as_str));
     }
     out
@@ -108,6 +132,17 @@ pub(crate) fn or_dash(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn escape_sequences_never_reach_the_terminal() {
+        let title = "pod\u{1b}]0;owned\u{7}\u{1b}[2J";
+        let shown = super::printable(title);
+        assert!(!shown.chars().any(char::is_control), "{shown}");
+        assert!(shown.contains("\\u{1b}]0;owned"));
+        let t = super::table(["NAME"], &[[title.to_owned()]]);
+        assert!(t.lines().all(|l| !l.chars().any(char::is_control)), "{t:?}");
+        assert_eq!(super::printable("plain"), "plain");
+    }
+
     use super::*;
 
     #[test]

@@ -7,6 +7,7 @@
 //! token, not per request or per connection. A cached request touches no lock shared with other
 //! pods' requests but the cache's own.
 
+mod log_once;
 pub mod metrics;
 mod pod;
 
@@ -24,7 +25,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
+    server::graceful::{GracefulShutdown, Watcher},
 };
 use pod_identity_common::Attribution;
 use tokio::{
@@ -33,41 +34,52 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
+pub use self::log_once::LogOnce;
 use self::{
     metrics::ServerMetrics,
     pod::{BoundToken, PodState},
 };
 use crate::{
     attribution::CgroupIndex,
-    cache::{CredentialCache, Outcome},
-    connlimit::{ConnectionLimits, Permit},
-    kernel::Redirector,
-    ratelimit::PodRateLimits,
+    cache::{self, CredentialCache, Outcome},
+    connlimit::{ConnectionLimits, Permit, Rejected},
+    kernel::{self, Redirector},
+    ratelimit::{Owner, OwnerBucket, OwnerRateLimits},
     request::{self, Reason, Refusal, Route},
     source::CredentialSource,
     stats::{Identity, PodStatsRegistry, RequestClass, RequestRecord, Served},
     token::PodUid,
-    upstream::AssumedRole,
+    upstream::{AssumedRole, UpstreamError},
 };
 
 /// Requests whose headers take longer than this are dropped (slow clients hold no resources).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most a connection buffers: a request head with a service-account token fits many times
+/// over (hyper's smallest allowed).
+const MAX_BUF_SIZE: usize = 16 * 1024;
 
 pub struct CredentialServer {
     /// The kernel programs; `None` in link mode, where callers cannot be attributed and requests
     /// are checked by their token alone.
     pub redirector: Option<Arc<Redirector>>,
     /// `None` where the node has no cgroup2 hierarchy (link mode only).
-    pub cgroups: Option<CgroupIndex>,
+    pub cgroups: Option<Arc<CgroupIndex>>,
+    /// Held while the cgroup tree is walked: one walk at a time, shared by the connections
+    /// that need it.
+    pub walking: tokio::sync::Mutex<()>,
     pub cache: CredentialCache<CredentialSource>,
-    pub pod_limits: PodRateLimits,
+    /// Each owner's request bucket (`--pod-rps`, `--pod-burst`): the pod's, or in link mode the
+    /// peer address's.
+    pub rate_limits: OwnerRateLimits,
     pub connection_limits: Arc<ConnectionLimits>,
     pub stats: Arc<PodStatsRegistry>,
     pub metrics: ServerMetrics,
     /// Host header values a client may send: the intercepted addresses, with and without port.
     pub allowed_hosts: Vec<String>,
-    /// Each pod's serving state, created on its first connection.
+    /// Each pod's serving state.
     pub pods: RwLock<HashMap<PodUid, Arc<PodState>>>,
+    /// Sources of connections closed at accept, logged once each.
+    pub refused_sources: LogOnce,
 }
 
 /// Who is on the other end of one accepted connection, found once at accept.
@@ -76,6 +88,9 @@ struct Connection {
     attribution: Option<Attribution>,
     /// The attributed pod, or why there is none (eBPF mode); `None` in link mode.
     caller: Option<Result<Arc<PodState>, Refusal>>,
+    /// Whose request budget this connection's requests spend.
+    owner: Owner,
+    bucket: Arc<OwnerBucket>,
     /// Its place under the connection limits, released when the connection ends.
     _permit: Permit,
 }
@@ -83,16 +98,19 @@ struct Connection {
 /// What one request revealed, for statistics and metrics.
 #[derive(Default)]
 struct RequestFacts {
-    /// The pod the caller was attributed to (or, in link mode, its token names).
+    /// The pod the caller was attributed to (or, in link mode, the pod the source accepted).
     pod: Option<Arc<PodState>>,
-    /// The token, once bound to that pod.
+    /// The token, once bound to the caller.
     token: Option<Arc<BoundToken>>,
     /// Whether the token is new for the pod (its identity goes to the statistics).
     new_token: bool,
+    /// Whether the credential source accepted the token (served, or found it has no
+    /// association): only then are the token's names recorded anywhere.
+    accepted: bool,
     served: Option<(Arc<AssumedRole>, Outcome)>,
     /// Whether the served credentials are new for the pod.
     new_role: bool,
-    /// EKS Auth's error code, when it refused.
+    /// The source's error code, when it refused.
     upstream_code: Option<String>,
 }
 
@@ -108,13 +126,17 @@ fn class_of(refusal: &Refusal) -> RequestClass {
             RequestClass::UpstreamClient
         }
         Reason::UpstreamError => RequestClass::UpstreamServer,
-        Reason::NotRedirected
-        | Reason::CgroupUnknown
+        Reason::CgroupUnknown
         | Reason::NotAPod
         | Reason::HostNotAllowed
         | Reason::TokenPodMismatch => RequestClass::Refused,
     }
 }
+
+/// How long accepting pauses after a failed `accept()` (EMFILE and the like), doubling to
+/// [`MAX_ACCEPT_BACKOFF`] while failures go on.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 impl CredentialServer {
     /// Accepts on `listener` until `shutdown` flips, handing each connection to hyper; open
@@ -125,61 +147,107 @@ impl CredentialServer {
         mut shutdown: watch::Receiver<bool>,
         graceful: Arc<GracefulShutdown>,
     ) {
+        let mut backoff = ACCEPT_BACKOFF;
         loop {
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(conn) => conn,
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        warn!(error = %e, ?backoff, "accept failed");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
                         continue;
                     }
                 },
                 _ = shutdown.changed() => break,
             };
-            // A connection over the limits is closed before a byte is read: the cheapest
-            // answer to a connection flood.
-            if let Some(conn) = self.admit(&stream, peer) {
-                self.clone().spawn_http(stream, conn, &graceful);
-            }
+            backoff = ACCEPT_BACKOFF;
+            let accepted_at = Instant::now();
+            let Some(attribution) = self.attribute(&stream, peer) else {
+                continue;
+            };
+            let watcher = graceful.watcher();
+            let server = self.clone();
+            tokio::spawn(async move {
+                if let Some(conn) = server.admit(peer, attribution, accepted_at).await {
+                    server.serve_connection(stream, conn, watcher).await;
+                }
+            });
         }
     }
 
-    /// Attributes an accepted connection and finds its place under the connection limits;
-    /// `None` when the limits refuse it.
-    fn admit(&self, stream: &TcpStream, peer: SocketAddr) -> Option<Connection> {
-        let accepted_at = Instant::now();
-        let (attribution, caller) = match (&self.redirector, stream.local_addr()) {
-            (Some(redirector), Ok(local)) => {
-                let attribution = redirector.take(peer, local);
-                self.metrics.observe_attribution(accepted_at.elapsed());
-                (attribution, Some(self.caller(attribution, accepted_at)))
-            }
-            (Some(_), Err(_)) => (None, Some(self.caller(None, accepted_at))),
-            (None, _) => (None, None),
+    /// The kernel's record of an accepted connection (eBPF mode), taken at once. A connection
+    /// without one did not come through the redirect, and one with a record too old to be its
+    /// own is suspect: both are closed before a byte is read. `Some(None)` in link mode.
+    fn attribute(&self, stream: &TcpStream, peer: SocketAddr) -> Option<Option<Attribution>> {
+        let Some(redirector) = &self.redirector else {
+            return Some(None);
         };
-        let uid = caller.as_ref().and_then(|c| c.as_ref().ok());
-        let permit = self.connection_limits.admit(uid).ok()?;
-        let _ = stream.set_nodelay(true);
-        let caller = caller.map(|c| c.map(|uid| self.pod(uid)));
+        let started = Instant::now();
+        let record = stream
+            .local_addr()
+            .ok()
+            .and_then(|local| redirector.take(peer, local));
+        self.metrics.observe_attribution(started.elapsed());
+        let refused = match record {
+            Some(a) if kernel::record_age(&a) <= kernel::MAX_RECORD_AGE => return Some(Some(a)),
+            Some(_) => Rejected::StaleRecord,
+            None => Rejected::NotRedirected,
+        };
+        self.connection_limits.reject(refused);
+        if self.refused_sources.first(peer.ip()) {
+            info!(
+                %peer,
+                reason = refused.reason(),
+                "closed a connection at accept: the agent serves only connections the kernel redirected from pods (logged once per source)"
+            );
+        }
+        None
+    }
+
+    /// Finds the caller (eBPF mode: the pod of the connection's cgroup) and its place under the
+    /// connection limits; `None` when the limits refuse it.
+    async fn admit(
+        &self,
+        peer: SocketAddr,
+        attribution: Option<Attribution>,
+        accepted_at: Instant,
+    ) -> Option<Connection> {
+        let caller = match &attribution {
+            Some(a) => Some(self.caller(a, accepted_at).await),
+            None => None,
+        };
+        let owner = match &caller {
+            Some(Ok(uid)) => Owner::Pod(uid.clone()),
+            _ => Owner::Peer(peer.ip()),
+        };
+        // A refused caller (a node process, a vanished cgroup) counts in the total only: its
+        // answer is a 403 on its first request.
+        let counted = matches!(caller, None | Some(Ok(_))).then(|| owner.clone());
+        let permit = self.connection_limits.admit(counted).ok()?;
+        let caller = caller.map(|c| c.map(|uid| self.pod(&uid)));
         if let Some(Ok(pod)) = &caller {
             pod.stats.connection();
         }
+        let bucket = self.rate_limits.bucket(&owner);
         Some(Connection {
             peer,
             attribution,
             caller,
+            owner,
+            bucket,
             _permit: permit,
         })
     }
 
-    fn spawn_http(
+    async fn serve_connection(
         self: Arc<Self>,
         stream: TcpStream,
         conn: Connection,
-        graceful: &GracefulShutdown,
+        watcher: Watcher,
     ) {
+        let _ = stream.set_nodelay(true);
         let conn = Arc::new(conn);
         let service = hyper::service::service_fn(move |req| {
             let server = self.clone();
@@ -189,12 +257,9 @@ impl CredentialServer {
         let http = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
-            .max_buf_size(64 * 1024)
+            .max_buf_size(MAX_BUF_SIZE)
             .serve_connection(TokioIo::new(stream), service);
-        let watched = graceful.watch(http);
-        tokio::spawn(async move {
-            let _ = watched.await;
-        });
+        let _ = watcher.watch(http).await;
     }
 
     async fn handle(&self, conn: &Connection, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -241,7 +306,9 @@ impl CredentialServer {
         );
     }
 
-    /// A request's outcome, in the metrics and its pod's statistics.
+    /// A request's outcome, in the metrics and its pod's statistics. The token's names (its
+    /// namespace, pod and service account) are recorded only once the source accepted it: a
+    /// forged token's names reach no label, row or table.
     fn record(
         &self,
         facts: &RequestFacts,
@@ -249,7 +316,11 @@ impl CredentialServer {
         refusal: Option<&Refusal>,
         latency: Duration,
     ) {
-        let claims = facts.token.as_ref().map(|t| &t.claims);
+        let claims = facts
+            .token
+            .as_ref()
+            .map(|t| &t.claims)
+            .filter(|_| facts.accepted);
         let named = claims.map(|c| (c.namespace.as_str(), c.pod_name.as_str()));
         self.metrics
             .observe_request(status.as_u16(), latency, refusal.map(|r| r.reason), named);
@@ -289,7 +360,8 @@ impl CredentialServer {
         req: &Request<Incoming>,
         facts: &mut RequestFacts,
     ) -> Result<Response<Full<Bytes>>, Refusal> {
-        // In link mode nothing attributes the caller: the pod is whatever the token says.
+        // In link mode nothing attributes the caller: the pod is whatever the token says, once
+        // the source has accepted the token.
         let attributed = match &conn.caller {
             Some(Ok(pod)) => Some(pod.clone()),
             Some(Err(refusal)) => return Err(refusal.clone()),
@@ -298,35 +370,37 @@ impl CredentialServer {
         facts.pod = attributed.clone();
         request::check_host(req.headers(), &self.allowed_hosts)?;
         let token = self.bind_token(attributed.as_deref(), req, facts)?;
-        let pod = match attributed {
-            Some(pod) => pod,
-            None => facts
-                .pod
-                .insert(self.pod(token.claims.pod_uid.clone()))
-                .clone(),
-        };
-        if !pod.bucket.allow() {
+        if !conn.bucket.allow() {
             return Err(Refusal::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 Reason::PodRateLimited,
                 format!(
-                    "pod {} exceeded its request rate limit (--pod-rps, --pod-burst); retry shortly",
-                    token.label
+                    "{} exceeded its request rate limit (--pod-rps, --pod-burst); retry shortly",
+                    conn.owner
                 ),
             ));
         }
-        let (role, outcome) = match self
-            .cache
-            .get(&token.raw, token.digest, &pod.uid, &token.label)
-            .await
-        {
-            Ok(found) => found,
-            Err(e) => {
-                let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
-                facts.upstream_code = Some(e.code().to_owned());
-                return Err(Refusal::new(status, Reason::UpstreamError, e.to_string()));
-            }
+        let lookup = cache::Request {
+            token: &token.raw,
+            digest: token.digest,
+            pod: &token.claims.pod_uid,
+            account: &token.account,
+            owner: &conn.owner,
+            attributed: attributed.is_some(),
+            label: &token.label,
         };
+        let found = self.cache.get(&lookup).await;
+        facts.accepted = found
+            .as_ref()
+            .map_or_else(UpstreamError::token_accepted, |_| true);
+        if facts.accepted && facts.pod.is_none() {
+            facts.pod = Some(self.pod(&token.claims.pod_uid));
+        }
+        let (role, outcome) = found.map_err(|e| {
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
+            facts.upstream_code = Some(e.code().to_owned());
+            Refusal::new(status, Reason::UpstreamError, e.to_string())
+        })?;
         debug!(
             namespace = %token.claims.namespace,
             pod = %token.claims.pod_name,
@@ -336,7 +410,7 @@ impl CredentialServer {
             "served credentials"
         );
         let body = role.body();
-        facts.new_role = pod.served_anew(&role);
+        facts.new_role = facts.pod.as_ref().is_some_and(|pod| pod.served_anew(&role));
         facts.served = Some((role, outcome));
         let mut response = Response::new(Full::new(body));
         response.headers_mut().insert(

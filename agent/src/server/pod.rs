@@ -1,6 +1,8 @@
-//! Each pod's serving state: its statistics, its rate bucket, and what its last request left to
-//! reuse (the token with its claims, digest and binding; the credentials last served). Found once
-//! per connection, created on a pod's first sight, dropped when its cgroup is gone.
+//! Each pod's serving state: its statistics and what its last request left to reuse (the token
+//! with its claims, digest and binding; the credentials last served). In eBPF mode it is found
+//! once per connection, for the pod the kernel attributed the connection to; in link mode it is
+//! made only once the credential source has accepted a token of the pod. It is dropped when the
+//! pod's cgroup is gone (or, without cgroups, once the pod has been idle for long).
 
 use std::{
     collections::HashSet,
@@ -13,9 +15,8 @@ use pod_identity_common::Attribution;
 
 use super::CredentialServer;
 use crate::{
-    attribution::Caller,
+    attribution::{Caller, Resolved},
     credentials::TokenDigest,
-    ratelimit::PodBucket,
     request::{Reason, Refusal},
     stats::PodEntry,
     token::{PodUid, TokenClaims},
@@ -26,7 +27,6 @@ use crate::{
 pub struct PodState {
     pub(super) uid: PodUid,
     pub(super) stats: Arc<PodEntry>,
-    pub(super) bucket: Arc<PodBucket>,
     /// What the pod's last request left to reuse. Only the pod's own requests take the lock.
     memo: Mutex<Memo>,
 }
@@ -41,10 +41,13 @@ struct Memo {
 
 /// A token whose claims, digest and binding are known.
 pub(super) struct BoundToken {
-    /// The Authorization header's value as sent (trimmed): the memo's key.
-    pub raw: Box<str>,
+    /// The Authorization header's value as sent (trimmed): the memo's key, and the very
+    /// allocation the cache keeps to refresh with.
+    pub raw: Arc<str>,
     pub claims: TokenClaims,
     pub digest: TokenDigest,
+    /// `namespace/service-account`, the cache's check of a rotated token.
+    pub account: Box<str>,
     /// `namespace/pod`, for logs.
     pub label: Box<str>,
 }
@@ -53,8 +56,9 @@ impl BoundToken {
     pub fn new(raw: &str, claims: TokenClaims) -> BoundToken {
         BoundToken {
             digest: TokenDigest::of(raw),
+            account: format!("{}/{}", claims.namespace, claims.service_account).into_boxed_str(),
             label: format!("{}/{}", claims.namespace, claims.pod_name).into_boxed_str(),
-            raw: Box::from(raw),
+            raw: Arc::from(raw),
             claims,
         }
     }
@@ -90,25 +94,19 @@ impl PodState {
 
 impl CredentialServer {
     /// A pod's serving state, created on first sight.
-    pub(super) fn pod(&self, uid: PodUid) -> Arc<PodState> {
-        if let Some(pod) = self
-            .pods
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&uid)
-        {
+    pub(super) fn pod(&self, uid: &PodUid) -> Arc<PodState> {
+        if let Some(pod) = self.pods.read().unwrap_or_else(|e| e.into_inner()).get(uid) {
             return pod.clone();
         }
         let state = PodState {
-            stats: self.stats.entry(&uid),
-            bucket: self.pod_limits.bucket(&uid),
+            stats: self.stats.entry(uid),
             memo: Mutex::default(),
             uid: uid.clone(),
         };
         self.pods
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(uid)
+            .entry(uid.clone())
             .or_insert_with(|| Arc::new(state))
             .clone()
     }
@@ -123,8 +121,8 @@ impl CredentialServer {
             .collect()
     }
 
-    /// Drops the state of pods whose cgroups are gone: serving state, statistics, rate buckets
-    /// and per-pod metrics.
+    /// Drops the state of pods that are gone: serving state, statistics, rate buckets and
+    /// per-pod metrics.
     pub fn forget_gone_pods(&self, gone: &HashSet<PodUid>) {
         // Nothing is gone on almost every pass: take no write lock the request path would wait on.
         if gone.is_empty() {
@@ -134,46 +132,57 @@ impl CredentialServer {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|uid, _| !gone.contains(uid));
-        self.pod_limits.forget(gone);
+        self.rate_limits.forget(gone);
         for (namespace, pod) in self.stats.forget(gone) {
             self.metrics.forget_pod(&namespace, &pod);
         }
     }
 
-    /// The pod the kernel attributed a connection to, or why there is none.
-    pub(super) fn caller(
+    /// The pod the kernel attributed a connection to, or why there is none. A cgroup the index
+    /// has not seen is looked for with one walk of the tree, off the async runtime and shared by
+    /// every connection that needs it.
+    pub(super) async fn caller(
         &self,
-        attribution: Option<Attribution>,
+        attribution: &Attribution,
         accepted_at: Instant,
     ) -> Result<PodUid, Refusal> {
-        let Some(attribution) = attribution else {
-            return Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                Reason::NotRedirected,
-                "connection did not come through the agent's redirect, so its caller cannot be attributed; connect to the credential address instead",
-            ));
+        let id = attribution.cgroup_id;
+        let resolved = match &self.cgroups {
+            None => Resolved::Gone,
+            Some(index) => match index.lookup(id, accepted_at) {
+                Resolved::Unknown => {
+                    let _one_walk = self.walking.lock().await;
+                    match index.lookup(id, accepted_at) {
+                        Resolved::Unknown => {
+                            let index = index.clone();
+                            tokio::task::spawn_blocking(move || index.rewalk(id, accepted_at))
+                                .await
+                                .ok()
+                                .and_then(Result::ok)
+                                .unwrap_or(Resolved::Gone)
+                        }
+                        known => known,
+                    }
+                }
+                known => known,
+            },
         };
-        let resolved = self
-            .cgroups
-            .as_ref()
-            .and_then(|index| index.resolve(attribution.cgroup_id, accepted_at));
-        match resolved.as_deref() {
-            None => Err(Refusal::new(
+        match resolved {
+            Resolved::Caller(caller) => match &*caller {
+                Caller::Pod { uid, .. } => Ok(uid.clone()),
+                Caller::Host { cgroup } => Err(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    Reason::NotAPod,
+                    format!(
+                        "caller runs in cgroup {cgroup}, which belongs to no pod; only pods get pod credentials"
+                    ),
+                )),
+            },
+            Resolved::Gone | Resolved::Unknown => Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 Reason::CgroupUnknown,
-                format!(
-                    "cannot attribute caller: cgroup id {} no longer exists",
-                    attribution.cgroup_id
-                ),
+                format!("cannot attribute caller: cgroup id {id} no longer exists"),
             )),
-            Some(Caller::Host { cgroup }) => Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                Reason::NotAPod,
-                format!(
-                    "caller runs in cgroup {cgroup}, which belongs to no pod; only pods get pod credentials"
-                ),
-            )),
-            Some(Caller::Pod { uid, .. }) => Ok(uid.clone()),
         }
     }
 }

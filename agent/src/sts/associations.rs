@@ -24,7 +24,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
 
-use super::file_stamp::FileStamp;
+use crate::file_stamp::FileStamp;
 
 /// Tag keys the agent sets itself on every session, as EKS Pod Identity does.
 pub const EKS_TAG_KEYS: [&str; 6] = [

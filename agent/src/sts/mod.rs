@@ -6,24 +6,20 @@
 //! `AssumeRole` into it, signed with the first role's credentials.
 
 pub mod associations;
-mod file_stamp;
-pub mod keys;
-mod verify;
 
 use std::{path::PathBuf, sync::Arc, time::SystemTime};
 
 use aws_sdk_sts::operation::RequestId as _;
 
-use self::{
-    associations::{Association, Associations},
-    keys::{KeySet, KeySource},
-    verify::Verifier,
-};
+use self::associations::{Association, Associations};
 use crate::{
     aws::{AwsOptions, EndpointRecorder, app_name},
     credentials::Credentials,
+    issuer::{TokenCheck, Verifier},
     token::TokenClaims,
-    upstream::{AssumedRole, NodeSigned, Upstream, UpstreamError, account_from_arn, map_sdk_error},
+    upstream::{
+        AssumedRole, Checked, NodeSigned, Upstream, UpstreamError, account_from_arn, map_sdk_error,
+    },
 };
 
 const SERVICE: &str = "STS";
@@ -44,9 +40,8 @@ pub struct StsOptions {
     pub fips: bool,
     pub node_name: Option<String>,
     pub associations_file: PathBuf,
-    pub keys: KeySource,
-    pub issuer: String,
-    pub audience: String,
+    /// The issuer's keys and what tokens must say: nothing upstream verifies tokens in sts mode.
+    pub check: TokenCheck,
 }
 
 pub struct Sts {
@@ -62,7 +57,7 @@ impl Sts {
     /// STS client from the default chain (`AWS_ENDPOINT_URL_STS` honoured).
     pub async fn new(options: StsOptions) -> anyhow::Result<Sts> {
         let associations = Associations::load(&options.associations_file)?;
-        let keys = KeySet::new(options.keys).await?;
+        let verifier = Verifier::new(options.check).await?;
         let aws = AwsOptions {
             region: options.region,
             fips: options.fips,
@@ -73,11 +68,7 @@ impl Sts {
         Ok(Sts {
             cluster_name: options.cluster_name,
             cluster_arn: options.cluster_arn,
-            verifier: Verifier {
-                issuer: options.issuer,
-                audience: options.audience,
-                keys,
-            },
+            verifier,
             associations,
             client,
         })
@@ -199,8 +190,8 @@ impl Upstream for Sts {
 
     /// A token that does not verify, or whose service account has no association, is refused
     /// here, without STS.
-    async fn precheck(&self, token: &str) -> Result<(), UpstreamError> {
-        self.admit(token).await.map(drop)
+    async fn precheck(&self, token: &str) -> Result<Checked, UpstreamError> {
+        self.admit(token).await.map(|_| Checked::Verified)
     }
 
     async fn assume_role(&self, token: &str) -> Result<AssumedRole, UpstreamError> {

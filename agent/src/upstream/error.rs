@@ -15,7 +15,11 @@ pub struct UpstreamError {
     status: u16,
     /// The service's error code (`ResourceNotFoundException`, ...) or a local one.
     code: String,
+    /// What the pod is told: a code's sentence, never the agent's own configuration.
     message: String,
+    /// What only the log is told (an error chain that may name files, hosts or a helper's
+    /// output).
+    detail: Option<String>,
     request_id: Option<String>,
 }
 
@@ -31,6 +35,7 @@ impl UpstreamError {
             status,
             code: code.into(),
             message: message.into(),
+            detail: None,
             request_id,
         }
     }
@@ -55,9 +60,10 @@ impl UpstreamError {
         UpstreamError::answered(
             502,
             "IssuerKeysUnavailable",
-            format!("cannot verify service-account tokens: {why}"),
+            "cannot verify service-account tokens: the issuer's keys are unavailable",
             None,
         )
+        .with_detail(why)
     }
 
     /// The agent stopped before the call finished.
@@ -84,73 +90,80 @@ impl UpstreamError {
 
     /// `service` answered without `what` (its request id kept for the logs).
     pub fn malformed(service: &str, what: &str, request_id: Option<&str>) -> UpstreamError {
-        UpstreamError {
-            status: 502,
-            code: "InvalidUpstreamResponse".into(),
-            message: format!("{service} response has no {what}"),
-            request_id: request_id.map(str::to_owned),
-        }
+        UpstreamError::answered(
+            502,
+            "InvalidUpstreamResponse",
+            format!("{service} response has no {what}"),
+            request_id.map(str::to_owned),
+        )
     }
 
     /// The call did not finish within its deadline (retries included).
     pub fn timeout(upstream: &str, deadline: std::time::Duration) -> UpstreamError {
-        UpstreamError {
-            status: 504,
-            code: "UpstreamTimeout".into(),
-            message: format!("{upstream} did not answer within {deadline:?} (retries included)"),
-            request_id: None,
-        }
+        UpstreamError::answered(
+            504,
+            "UpstreamTimeout",
+            format!("{upstream} did not answer within {deadline:?} (retries included)"),
+            None,
+        )
     }
 
     /// The node-wide upstream budget (--upstream-qps/--upstream-burst) had no room in time.
     pub fn budget_exhausted(upstream: &str) -> UpstreamError {
-        UpstreamError {
-            status: 429,
-            code: "UpstreamBudgetExhausted".into(),
-            message: format!(
+        UpstreamError::answered(
+            429,
+            "UpstreamBudgetExhausted",
+            format!(
                 "the node's {upstream} call budget (--upstream-qps, --upstream-burst) is used up; retry shortly"
             ),
-            request_id: None,
-        }
+            None,
+        )
     }
 
     /// The node's own credentials could not be had: named as such (the SDK would only say it
     /// could not sign).
     pub fn node_credentials_unavailable(e: &dyn std::error::Error) -> UpstreamError {
-        UpstreamError {
-            status: 502,
-            code: "NodeCredentialsUnavailable".into(),
-            message: format!(
-                "cannot get the node's own AWS credentials: {}",
-                crate::aws::error_chain(Some(e))
-            ),
-            request_id: None,
-        }
+        UpstreamError::answered(
+            502,
+            "NodeCredentialsUnavailable",
+            "the node's own AWS credentials are unavailable to the agent",
+            None,
+        )
+        .with_detail(crate::aws::error_chain(Some(e)))
     }
 
     /// No region for the client yet (`why`).
     pub fn no_region(why: String) -> UpstreamError {
-        UpstreamError {
-            status: 502,
-            code: "NodeRegionUnavailable".into(),
-            message: format!(
-                "{why}: is IMDS reachable from the node? set AWS_REGION or --region otherwise"
-            ),
-            request_id: None,
-        }
+        UpstreamError::answered(
+            502,
+            "NodeRegionUnavailable",
+            format!("{why}: is IMDS reachable from the node? set AWS_REGION or --region otherwise"),
+            None,
+        )
     }
 
     /// The pod's own upstream budget (--pod-upstream-qps/--pod-upstream-burst) is used up: it asked
     /// for credentials for too many distinct tokens too fast.
     pub fn pod_budget_exhausted(pod: &str) -> UpstreamError {
-        UpstreamError {
-            status: 429,
-            code: "PodUpstreamBudgetExhausted".into(),
-            message: format!(
+        UpstreamError::answered(
+            429,
+            "PodUpstreamBudgetExhausted",
+            format!(
                 "pod {pod} presented too many new tokens too fast (--pod-upstream-qps, --pod-upstream-burst); retry shortly"
             ),
-            request_id: None,
-        }
+            None,
+        )
+    }
+
+    /// The same error, with `detail` for the log only.
+    pub fn with_detail(mut self, detail: impl fmt::Display) -> UpstreamError {
+        self.detail = Some(detail.to_string());
+        self
+    }
+
+    /// What the log is told beyond the message, if anything.
+    pub fn detail(&self) -> Option<&str> {
+        self.detail.as_deref()
     }
 
     /// The same error, its message prefixed with what was being done (`what: message`).
@@ -176,6 +189,12 @@ impl UpstreamError {
     /// The service's request id, when it answered.
     pub fn request_id(&self) -> Option<&str> {
         self.request_id.as_deref()
+    }
+
+    /// Whether the source accepted the token although it gave no credentials: it found the
+    /// token valid and its service account without an association. Its names may be recorded.
+    pub fn token_accepted(&self) -> bool {
+        self.code == "ResourceNotFoundException"
     }
 
     /// Worth another attempt: throttling, server errors, network failures and timeouts. STS
@@ -229,30 +248,40 @@ where
     R: fmt::Debug + crate::aws::HttpStatus,
 {
     let e = crate::aws::api_error(err);
-    let (status, code, message) = match e.kind {
-        ApiErrorKind::Service => (e.status.unwrap_or(502), e.code, e.message),
+    let (status, code, message, detail) = match e.kind {
+        ApiErrorKind::Service => (e.status.unwrap_or(502), e.code, e.message, None),
         ApiErrorKind::Timeout => (
             504,
             "UpstreamTimeout".into(),
             format!("{service} did not answer in time"),
+            None,
         ),
+        // How the agent failed to reach the service names its proxy, endpoint and network: the
+        // log's business, not the pod's.
         ApiErrorKind::Unreachable => (
             502,
             "UpstreamUnreachable".into(),
-            format!("could not reach {service}: {}", e.message),
+            format!("could not reach {service}"),
+            Some(e.message),
         ),
         ApiErrorKind::BadResponse => (
             502,
             "InvalidUpstreamResponse".into(),
             format!("{service} sent a response that could not be read"),
+            None,
         ),
         ApiErrorKind::Other => (
             500,
             "UpstreamRequestFailed".into(),
-            format!("could not call {service}: {}", e.message),
+            format!("could not call {service}"),
+            Some(e.message),
         ),
     };
-    UpstreamError::answered(status, code, message, e.request_id)
+    let error = UpstreamError::answered(status, code, message, e.request_id);
+    match detail {
+        Some(detail) => error.with_detail(detail),
+        None => error,
+    }
 }
 
 #[cfg(test)]

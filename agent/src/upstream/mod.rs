@@ -73,6 +73,15 @@ impl fmt::Debug for AssumedRole {
     }
 }
 
+/// What a source's precheck could say of a token it did not refuse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checked {
+    /// Signed by the cluster's issuer, for the audience, current: its claims are the issuer's.
+    Verified,
+    /// Not judged here (the source has no keys to judge it with); the upstream call will.
+    Unchecked,
+}
+
 /// Exchanges a pod's token for credentials: `source::CredentialSource` in production (EKS Auth
 /// or STS); a scripted fake in the cache's unit tests.
 pub trait Upstream: Send + Sync + 'static {
@@ -82,11 +91,14 @@ pub trait Upstream: Send + Sync + 'static {
     ) -> impl Future<Output = Result<AssumedRole, UpstreamError>> + Send;
 
     /// Refuses a token the source can judge without calling AWS, before any of the node's
-    /// budget is spent on it (a pod flooding forged tokens must not starve its neighbours).
-    /// EKS Auth judges tokens itself, so by default nothing is refused here; `assume_role`
-    /// still checks everything on its own.
-    fn precheck(&self, _token: &str) -> impl Future<Output = Result<(), UpstreamError>> + Send {
-        std::future::ready(Ok(()))
+    /// budget is spent on it (a pod flooding forged tokens must not starve its neighbours), and
+    /// says whether the token was verified (its signature, issuer, audience and expiry) or only
+    /// left for `assume_role` to judge. `assume_role` still checks everything on its own.
+    fn precheck(
+        &self,
+        _token: &str,
+    ) -> impl Future<Output = Result<Checked, UpstreamError>> + Send {
+        std::future::ready(Ok(Checked::Unchecked))
     }
 
     /// The service called, in operators' words (`EKS Auth`, `STS`), for logs and messages.

@@ -2,20 +2,17 @@
 //! `/metrics`, each a small HTTP server on its own address, and the series that say what state
 //! the agent is in (ready, mode, version).
 
+pub mod listener;
+
 use std::{
-    convert::Infallible,
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex, OnceLock},
 };
 
-use bytes::Bytes;
-use http::{Response, StatusCode, header};
-use http_body_util::Full;
-use hyper_util::rt::TokioIo;
+use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tracing::warn;
 
 use crate::{
     metrics::{self, EncodeLabelSet, Family, Gauge, Registry},
@@ -64,8 +61,13 @@ pub struct AgentInfo {
     /// `--eks-auth-endpoint`, when given.
     pub eks_auth_endpoint: Option<String>,
     pub fips: bool,
-    /// Credential listeners.
+    /// The credential listeners' sockets: the intercepted addresses themselves in link mode;
+    /// private loopback sockets in eBPF mode, which the kernel hands redirected connections.
     pub listen: Vec<SocketAddr>,
+    /// eBPF mode: the addresses the agent serves, where pods' connects are redirected; nothing
+    /// binds them.
+    #[serde(default)]
+    pub serve: Vec<SocketAddr>,
     /// Credential addresses whose connects are redirected (eBPF mode) or served (link mode).
     pub intercept: Vec<SocketAddr>,
     /// `None` on a node without cgroup v2 (link mode).
@@ -98,39 +100,15 @@ pub fn shared_socket(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket>
     Ok(socket)
 }
 
-/// Serves `handler` (path -> status, content type, body) on `addr` until `shutdown` flips.
+/// Serves `handler` (path -> status, content type, body) on `addr` until `shutdown` flips, with
+/// the bounds of [`listener`].
 pub async fn serve(
     addr: SocketAddr,
     handler: Handler,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let listener = shared_socket(addr)?.listen(128)?;
-    tokio::spawn(async move {
-        loop {
-            let stream = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => { warn!(error = %e, %addr, "accept failed"); continue; }
-                },
-                _ = shutdown.changed() => return,
-            };
-            let handler = handler.clone();
-            let service =
-                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let (status, content_type, body) = handler(req.uri().path());
-                    let response = Response::builder()
-                        .status(status)
-                        .header(header::CONTENT_TYPE, content_type)
-                        .body(Full::new(Bytes::from(body)))
-                        .expect("static response parts are valid");
-                    async move { Ok::<_, Infallible>(response) }
-                });
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service),
-            );
-        }
-    });
+    tokio::spawn(listener::accept_loop(listener, addr, handler, shutdown));
     Ok(())
 }
 
