@@ -106,6 +106,7 @@ impl ContainerNode {
         let binary = pod_identity_e2e::agent::binary();
         let host_paths = BTreeMap::from([
             ("/sys/fs/cgroup".to_owned(), self.node.cgroup_root.clone()),
+            // The agent's directory of the node's (here: the test's own) bpffs.
             (
                 "/sys/fs/bpf/pod-identity-agent".to_owned(),
                 self.bpffs.dir.join("pod-identity-agent"),

@@ -65,7 +65,11 @@ print(exchange(b'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n' + b'\\x00\\x00\\x12\\
         lines[0] == "b'HTTP/1.1 431'" || lines[0] == "b'HTTP/1.1 400'",
         "oversized headers are refused: {lines:?}"
     );
-    assert_eq!(lines[1], "b'HTTP/1.1 400'", "oversized token: {lines:?}");
+    // Larger than a connection may buffer: refused whole, before any token check.
+    assert!(
+        lines[1] == "b'HTTP/1.1 431'" || lines[1] == "b'HTTP/1.1 400'",
+        "oversized token: {lines:?}"
+    );
     // One credential response, then an error for the garbage, then the connection closes.
     assert_eq!(lines[2], "2", "pipelined garbage: {lines:?}");
     assert!(

@@ -345,16 +345,52 @@ mod matrix {
 
     #[test]
     fn direct_connection_to_the_listener_is_refused() {
+        use std::io::{Read as _, Write as _};
         let s = Setup::new();
         let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+        // Nothing listens on the address the agent serves: only redirected connects are handed
+        // to the agent, so a direct one finds no one.
         let [listen4, _] = s.node.listen_addrs(pod_identity_e2e::agent::PORT);
         let r = pod.curl(&format!("http://{listen4}/v1/credentials"), &pod.token());
-        assert_eq!(r.status, 403, "{}", r.body);
-        assert!(
-            r.body.contains("did not come through the agent's redirect"),
-            "{}",
-            r.body
+        assert_eq!(r.status, 0, "refused, not answered: {}", r.body);
+        // The agent's own socket, dialled by a process on the node: closed before a byte is read.
+        let info = s.node.http_get(
+            pod_identity_e2e::agent::PROBE_ADDR.parse().unwrap(),
+            "/v1/agent",
         );
+        let info: serde_json::Value = serde_json::from_str(&info.unwrap().1).unwrap();
+        let private: std::net::SocketAddr = info["listen"][0].as_str().unwrap().parse().unwrap();
+        assert!(private.ip().is_loopback(), "{info}");
+        let token = pod.token();
+        let answer = pod_identity_e2e::node::in_netns(&s.node.netns, move || {
+            let mut stream = std::net::TcpStream::connect(private).expect("connect");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let _ = write!(
+                stream,
+                "GET /v1/credentials HTTP/1.1\r\nHost: 169.254.170.23\r\nAuthorization: {token}\r\n\r\n"
+            );
+            let mut answer = Vec::new();
+            let _ = stream.read_to_end(&mut answer);
+            answer
+        });
+        assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+        let m = s.agent.metrics();
+        assert_eq!(
+            metric(
+                &m,
+                r#"pod_identity_agent_rejected_connections_total{reason="not_redirected"}"#
+            ),
+            1.0,
+            "{m}"
+        );
+        assert!(
+            s.agent.log().contains("closed a connection at accept"),
+            "{}",
+            s.agent.log()
+        );
+        assert!(s.fake.calls().is_empty());
     }
 
     #[test]

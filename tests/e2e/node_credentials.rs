@@ -369,7 +369,7 @@ fn tls_to_eks_auth_trusts_the_configured_ca_and_nothing_else() {
     let other = Pki::new("untrusted", &["IP:127.0.0.1"]);
     let (node2, fake2) = tls_node(&other);
     let pod2 = node2.add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
-    let _agent = start(
+    let agent2 = start(
         &node2,
         &fake2,
         &[],
@@ -380,10 +380,16 @@ fn tls_to_eks_auth_trusts_the_configured_ca_and_nothing_else() {
     );
     let r = fresh_request(&pod2);
     assert_eq!(r.status, 502, "{}", r.body);
+    // The pod is told that EKS Auth could not be reached; the log, why.
     assert!(
-        r.body.contains("certificate") && r.body.contains("UnknownIssuer"),
+        r.body.contains("UpstreamUnreachable") && !r.body.contains("certificate"),
         "{}",
         r.body
+    );
+    wait_for(
+        "the log names the certificate",
+        Duration::from_secs(5),
+        || agent2.log().contains("UnknownIssuer"),
     );
     assert!(
         fake2.calls().is_empty(),
@@ -394,7 +400,7 @@ fn tls_to_eks_auth_trusts_the_configured_ca_and_nothing_else() {
     let wrong_name = Pki::new("other-name", &["DNS:somewhere-else.example"]);
     let (node3, fake3) = tls_node(&wrong_name);
     let pod3 = node3.add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
-    let _agent = start(
+    let agent3 = start(
         &node3,
         &fake3,
         &[],
@@ -405,10 +411,11 @@ fn tls_to_eks_auth_trusts_the_configured_ca_and_nothing_else() {
     );
     let r = fresh_request(&pod3);
     assert_eq!(r.status, 502, "{}", r.body);
-    assert!(
-        r.body.contains("certificate not valid for name"),
-        "{}",
-        r.body
+    assert!(!r.body.contains("certificate"), "{}", r.body);
+    wait_for(
+        "the log names the certificate's name",
+        Duration::from_secs(5),
+        || agent3.log().contains("certificate not valid for name"),
     );
     assert!(fake3.calls().is_empty());
     assert_eq!(fake.calls().len(), served);
@@ -461,12 +468,15 @@ fn a_real_proxy_carries_eks_auth_calls_no_proxy_bypasses_it_and_a_dead_one_is_na
     let agent = through(None, "http://127.0.0.1:1");
     let r = fresh_request(&pod);
     assert_eq!(r.status, 502, "{}\n{}", r.body, agent.log());
+    // The pod learns nothing of the node's network; the log names the proxy.
     assert!(
-        r.body.contains("UpstreamUnreachable")
-            && r.body.contains("through the proxy http://127.0.0.1:1"),
-        "the sentence names the proxy: {}",
+        r.body.contains("UpstreamUnreachable") && !r.body.contains("127.0.0.1:1"),
+        "{}",
         r.body
     );
+    wait_for("the log names the proxy", Duration::from_secs(5), || {
+        agent.log().contains("through the proxy http://127.0.0.1:1")
+    });
 }
 
 #[test]

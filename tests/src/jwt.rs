@@ -1,6 +1,7 @@
-//! Projected service-account tokens, shaped like the ones kubelet mounts for EKS Pod Identity.
-//! [`mint`]'s signature is random bytes: EKS Auth (here, the fake) is what checks those tokens.
-//! An [`Issuer`] signs for real (RS256, ES256), for `--credential-source sts`, which verifies.
+//! Projected service-account tokens, shaped like the ones kubelet mounts for EKS Pod Identity,
+//! signed for real (RS256, ES256) by an [`Issuer`]: the cluster's ([`mint`]), whose signatures
+//! the fake EKS Auth checks as the real one does, or a cluster's of the test's own for
+//! `--credential-source sts`. [`forge`] makes what an attacker without the keys can.
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
@@ -50,27 +51,37 @@ fn claims_for(spec: &TokenSpec, iss: &str) -> serde_json::Value {
     })
 }
 
-/// A fresh token for `spec`; two calls give different tokens (as kubelet rotation does).
+/// The issuer of the harness's EKS clusters (EKS's OIDC provider): the fake EKS Auth accepts
+/// only tokens it signed, as the real one accepts only the cluster's.
+pub const CLUSTER_ISSUER: &str =
+    "https://oidc.eks.us-west-2.amazonaws.com/id/E2E0000000000000000000000000000";
+
+/// The cluster's issuer, one per test process.
+pub fn cluster_issuer() -> &'static Issuer {
+    static ISSUER: std::sync::OnceLock<Issuer> = std::sync::OnceLock::new();
+    ISSUER.get_or_init(|| Issuer::new(CLUSTER_ISSUER, "e2e-cluster"))
+}
+
+/// A fresh token for `spec`, signed by the cluster's issuer; two calls give different tokens
+/// (as kubelet rotation does).
 pub fn mint(spec: &TokenSpec) -> String {
-    let claims = claims_for(
-        spec,
-        "https://oidc.eks.us-west-2.amazonaws.com/id/E2E0000000000000000000000000000",
-    );
-    let header = serde_json::json!({"alg": "RS256", "kid": "e2e-signing-key"});
-    let seed = claims["jti"]
-        .as_str()
-        .unwrap()
-        .bytes()
-        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
-    let signature: Vec<u8> = (0..256u32)
-        .map(|i| seed.wrapping_mul(2654435761).wrapping_add(i * 97) as u8)
-        .collect();
+    cluster_issuer().mint(spec, Alg::Rs256)
+}
+
+/// A token for `spec` that no issuer signed: its signature is random bytes (what an attacker
+/// without the cluster's keys can make).
+pub fn forge(spec: &TokenSpec) -> String {
+    let claims = claims_for(spec, CLUSTER_ISSUER);
+    let header = serde_json::json!({"alg": "RS256", "kid": cluster_issuer().rsa_kid});
+    let mut signature = vec![0u8; 256];
+    let _ = aws_lc_rs::rand::fill(&mut signature);
     let token = format!(
         "{}.{}.{}",
         URL_SAFE_NO_PAD.encode(header.to_string()),
         URL_SAFE_NO_PAD.encode(claims.to_string()),
         URL_SAFE_NO_PAD.encode(signature)
     );
+    // Never logged either: a forged token is still a credential-shaped string.
     crate::secrets::remember(&token);
     token
 }
@@ -151,6 +162,27 @@ impl Issuer {
     /// A token for `spec` from this issuer, signed with `alg`'s key.
     pub fn mint(&self, spec: &TokenSpec, alg: Alg) -> String {
         self.mint_with(spec, alg, |_| {})
+    }
+
+    /// Whether one of this issuer's keys signed `token`.
+    pub fn signed(&self, token: &str) -> bool {
+        use aws_lc_rs::signature::{self, KeyPair as _, UnparsedPublicKey};
+        let Some((signed, signature)) = token.rsplit_once('.') else {
+            return false;
+        };
+        let Ok(signature) = URL_SAFE_NO_PAD.decode(signature) else {
+            return false;
+        };
+        let rsa = UnparsedPublicKey::new(
+            &signature::RSA_PKCS1_2048_8192_SHA256,
+            self.rsa.public_key().as_ref(),
+        );
+        let ec = UnparsedPublicKey::new(
+            &signature::ECDSA_P256_SHA256_FIXED,
+            self.ec.public_key().as_ref(),
+        );
+        rsa.verify(signed.as_bytes(), &signature).is_ok()
+            || ec.verify(signed.as_bytes(), &signature).is_ok()
     }
 
     /// [`Issuer::mint`], with the claims edited before signing (a wrong audience, issuer, ...).

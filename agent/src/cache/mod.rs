@@ -37,6 +37,7 @@ use std::{
 };
 
 use tokio::{sync::watch, time::Instant};
+use tracing::debug;
 
 use self::metrics::{CacheMetrics, Eviction, Lookup};
 use crate::{
@@ -272,7 +273,17 @@ impl<U: Upstream> CredentialCache<U> {
         let verified = if known {
             false
         } else {
-            self.inner.upstream.precheck(req.token).await? == Checked::Verified
+            match self.inner.upstream.precheck(req.token).await {
+                Ok(checked) => checked == Checked::Verified,
+                Err(e) => {
+                    debug!(
+                        pod = req.label,
+                        code = e.code(),
+                        "token refused before any upstream call"
+                    );
+                    return Err(e);
+                }
+            }
         };
         let now = Instant::now();
         let claim = {

@@ -31,7 +31,7 @@ impl PinDir {
         let mut foreign = Vec::new();
         for entry in fs::read_dir(root).with_context(|| format!("reading {}", root.display()))? {
             let path = entry?.path();
-            if path != current {
+            if path != current && is_layout(&path) {
                 pinned_files(&path, &mut foreign);
             }
         }
@@ -46,6 +46,18 @@ impl PinDir {
     pub fn map(&self, name: &str) -> PathBuf {
         self.current.join("maps").join(name)
     }
+}
+
+/// Whether `path` is an agent's pin layout: the first one's `links` and `maps`, or a later
+/// one's `v<N>`. Nothing else under the pin directory is the agent's to touch.
+fn is_layout(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    matches!(name, "links" | "maps")
+        || name
+            .strip_prefix('v')
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The pinned objects at or below `path`.
@@ -117,4 +129,19 @@ fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_agents_layouts_are_its_to_detach() {
+        for ours in ["links", "maps", "v1", "v2", "v10"] {
+            assert!(is_layout(Path::new(ours)), "{ours}");
+        }
+        for theirs in ["cilium", "tc", "v", "vx", "vmlinux", "linksx"] {
+            assert!(!is_layout(Path::new(theirs)), "{theirs}");
+        }
+    }
 }

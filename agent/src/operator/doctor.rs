@@ -424,6 +424,16 @@ fn check_served_addresses(agent: &AgentInfo) -> Check {
     const NAME: &str = "listeners";
     let sockets: Vec<String> = agent.listen.iter().map(ToString::to_string).collect();
     for addr in &agent.serve {
+        // Binding the address (with any port) succeeds only where it is the node's own.
+        if std::net::TcpListener::bind((addr.ip(), 0)).is_err() {
+            return Check::fail(
+                NAME,
+                format!(
+                    "{addr}, where pods' connects are redirected, is not an address of this node: they cannot reach the agent"
+                ),
+                "check NODE_IP (the DaemonSet's status.hostIP) or --listen",
+            );
+        }
         if TcpStream::connect_timeout(addr, Duration::from_secs(2)).is_ok() {
             return Check::warn(
                 NAME,

@@ -374,10 +374,15 @@ impl CredentialServer {
             return Err(Refusal::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 Reason::PodRateLimited,
-                format!(
-                    "{} exceeded its request rate limit (--pod-rps, --pod-burst); retry shortly",
-                    conn.owner
-                ),
+                match &conn.owner {
+                    Owner::Pod(uid) => format!(
+                        "pod {} (uid {uid}) exceeded its request rate limit (--pod-rps, --pod-burst); retry shortly",
+                        token.label
+                    ),
+                    Owner::Peer(ip) => format!(
+                        "{ip} exceeded its request rate limit (--pod-rps, --pod-burst, per peer address in link mode); retry shortly"
+                    ),
+                },
             ));
         }
         let lookup = cache::Request {

@@ -1,6 +1,6 @@
-//! EKS Auth: `AssumeRoleForPodIdentity`. Checks the token's audience, expiry and
-//! `kubernetes.io` claims, finds the association of its namespace and service account, and issues
-//! credentials for the association's role.
+//! EKS Auth: `AssumeRoleForPodIdentity`. Checks the token's signature (the cluster issuer's,
+//! `jwt::cluster_issuer`), audience, expiry and `kubernetes.io` claims, finds the association of
+//! its namespace and service account, and issues credentials for the association's role.
 
 use std::sync::Mutex;
 
@@ -80,6 +80,14 @@ pub(super) async fn handle(
     if let Some(fault) = st.fault.clone() {
         record(&mut st, fault.status);
         return error(fault.status, &fault.code, "injected fault");
+    }
+    if !jwt::cluster_issuer().signed(&token) {
+        record(&mut st, 400);
+        return error(
+            400,
+            "InvalidTokenException",
+            "token signature is not the cluster issuer's",
+        );
     }
     let audience_ok = claims["aud"]
         .as_array()
