@@ -2,6 +2,7 @@
 //! cgroup, simulated pods, real clients (curl, boto3), and the fake EKS Auth API.
 
 mod admission;
+mod attacks;
 mod cache;
 mod container;
 mod deploy_manifests;

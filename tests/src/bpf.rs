@@ -16,6 +16,8 @@ use std::{
     path::Path,
 };
 
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_PROG_DETACH: libc::c_long = 9;
@@ -219,6 +221,58 @@ impl Neighbour {
     pub fn how(&self) -> Attach {
         self.how
     }
+
+    /// Pins the neighbour's link at `path` (a bpffs path): it stays attached after this handle
+    /// is dropped, as an agent's pinned programs do after it exits.
+    pub fn pin(&self, path: &Path) -> io::Result<()> {
+        let link = self
+            .link
+            .as_ref()
+            .ok_or_else(|| io::Error::other("only a link can be pinned"))?;
+        pin_fd(link, path)
+    }
+}
+
+/// Pins `fd` (a link or a map) at `path`.
+fn pin_fd(fd: &OwnedFd, path: &Path) -> io::Result<()> {
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut attr = ObjPin {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+/// A small array map (4-byte keys, `value_size`-byte values), pinned at `path`: what another
+/// layout's map looks like to an agent that must not reuse it.
+pub fn pin_array_map(path: &Path, value_size: u32) -> io::Result<()> {
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let mut attr = MapCreate {
+        map_type: BPF_MAP_TYPE_ARRAY,
+        key_size: 4,
+        value_size,
+        max_entries: 1,
+        map_flags: 0,
+    };
+    let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
+    // SAFETY: a new fd from the kernel, owned here.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    pin_fd(&fd, path)
 }
 
 #[repr(C)]

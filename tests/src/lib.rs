@@ -21,7 +21,7 @@ pub mod secrets;
 
 pub use agent::Agent;
 pub use fake_aws::FakeAws;
-pub use node::{CgroupShape, Node, Pod};
+pub use node::{BpfFs, CgroupShape, Node, Pod};
 
 /// The region the fake EKS Auth serves and the agent is configured with.
 pub const REGION: &str = "us-west-2";

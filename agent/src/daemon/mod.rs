@@ -34,6 +34,7 @@ use crate::{
 pub fn run(args: RunArgs) -> ExitCode {
     init_logging(args.log_format, &args.log_level);
     maintain::limit_malloc_arenas();
+    raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -49,6 +50,23 @@ pub fn run(args: RunArgs) -> ExitCode {
         Err(e) => {
             error!("{e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// The soft limit on open files up to the hard one: `--max-connections` (8192 by default) is the
+/// agent's bound on connections, not a soft limit of 1024 some runtimes leave.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
 }

@@ -1,0 +1,622 @@
+//! Attacks on the agent, made for real against the real binary: slow request heads on the
+//! operator ports, connection floods from pods, from node processes and from other network
+//! namespaces, a squatter on the served port while a pinned agent is down, pins of another
+//! layout, floods of forged tokens, and forged names. Each test measures what the pods see
+//! (status codes, latency) and what the agent holds (resident memory, connections), and prints
+//! one `ATTACK` line with the figures.
+
+use std::{
+    io::{ErrorKind, Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use pod_identity_e2e::{Agent, BpfFs, CgroupShape, Pod, bpf, jwt, node::in_netns};
+
+use super::{Setup, V4_URL, assert_credentials, metric, wait_for};
+
+/// The agent's resident set now, in MiB.
+fn resident_mib(pid: u32) -> f64 {
+    status_kib(pid, "VmRSS:") / 1024.0
+}
+
+/// The agent's peak resident set since [`reset_peak`], in MiB.
+fn peak_mib(pid: u32) -> f64 {
+    status_kib(pid, "VmHWM:") / 1024.0
+}
+
+fn status_kib(pid: u32, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("agent status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("a kB figure")
+}
+
+/// Restarts the peak resident set's count (`VmHWM`) from the current resident set.
+fn reset_peak(pid: u32) {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset the peak RSS");
+}
+
+/// `n` connections from `netns` to `addr`, each sent `head` (a request head never finished).
+/// Connections the far end refuses are counted, not kept.
+fn open_many(
+    netns: &str,
+    addr: SocketAddr,
+    n: usize,
+    head: &'static [u8],
+) -> (Vec<TcpStream>, usize) {
+    in_netns(netns, move || {
+        let mut open = Vec::with_capacity(n);
+        let mut refused = 0;
+        for _ in 0..n {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                Ok(mut s) => {
+                    let _ = s.write_all(head);
+                    open.push(s);
+                }
+                Err(_) => refused += 1,
+            }
+        }
+        (open, refused)
+    })
+}
+
+/// How many of `streams` the far end has closed by `deadline` (read gives end of file or an
+/// error; anything it sends first is read and dropped).
+fn closed_by(streams: &mut [TcpStream], deadline: Instant) -> usize {
+    let mut closed = vec![false; streams.len()];
+    for s in streams.iter() {
+        s.set_nonblocking(true).unwrap();
+    }
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline && closed.iter().any(|c| !c) {
+        for (s, done) in streams
+            .iter_mut()
+            .zip(closed.iter_mut())
+            .filter(|(_, d)| !**d)
+        {
+            match s.read(&mut buf) {
+                Ok(0) => *done = true,
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(_) => *done = true,
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    closed.iter().filter(|c| **c).count()
+}
+
+/// A GET from `netns`, timed.
+fn timed_get(netns: &str, addr: SocketAddr, path: &str) -> (u16, Duration) {
+    let started = Instant::now();
+    let status = pod_identity_e2e::node::http_get(netns, addr, path).map_or(0, |(s, _)| s);
+    (status, started.elapsed())
+}
+
+/// Requests from `pod` with its own token, each timed: (statuses, slowest).
+fn pod_requests(pod: &Pod, n: usize) -> (Vec<u16>, Duration) {
+    let token = pod.token();
+    let mut slowest = Duration::ZERO;
+    let statuses = (0..n)
+        .map(|_| {
+            let started = Instant::now();
+            let status = pod.curl(V4_URL, &token).status;
+            slowest = slowest.max(started.elapsed());
+            status
+        })
+        .collect();
+    (statuses, slowest)
+}
+
+#[test]
+fn slow_heads_on_the_probe_and_metrics_ports_are_closed_and_hold_nothing() {
+    const PER_PORT: usize = 300;
+    const SLOW: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: agent\r\nX-Slow: ";
+    let s = Setup::with_args(&["--metrics-addr", "0.0.0.0:2705"]);
+    let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+    let pid = s.agent.pid();
+    let before = resident_mib(pid);
+    reset_peak(pid);
+    let probe: SocketAddr = pod_identity_e2e::agent::PROBE_ADDR.parse().unwrap();
+    let metrics = SocketAddr::new(s.node.ip4.into(), 2705);
+    let started = Instant::now();
+    // The probe port from a process on the node, the metrics port from a pod.
+    let (mut held, _) = open_many(&s.node.netns, probe, PER_PORT, SLOW);
+    let (from_pod, _) = open_many(&pod.netns, metrics, PER_PORT, SLOW);
+    held.extend(from_pod);
+    let opened = held.len();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..6 {
+        let (ready, took) = timed_get(&s.node.netns, probe, "/readyz");
+        assert_eq!(ready, 200, "/readyz during the attack");
+        let (scrape, took_m) = timed_get(&pod.netns, metrics, "/metrics");
+        assert_eq!(scrape, 200, "/metrics during the attack");
+        slowest = slowest.max(took).max(took_m);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Every connection that never finished its head is gone within the header timeout.
+    let closed = closed_by(&mut held, started + Duration::from_secs(9));
+    let peak = peak_mib(pid);
+    eprintln!(
+        "ATTACK slow heads: {opened} connections on the probe and metrics ports; {closed} closed within {:.1} s; probes' slowest answer {} ms; resident {before:.1} MiB before, peak {peak:.1} MiB",
+        started.elapsed().as_secs_f64(),
+        slowest.as_millis()
+    );
+    assert_eq!(opened, 2 * PER_PORT);
+    assert_eq!(
+        closed, opened,
+        "every slow connection closed within the header timeout"
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "probes stay prompt: {slowest:?}"
+    );
+    assert!(
+        peak - before < 24.0,
+        "bounded: {before:.1} -> {peak:.1} MiB"
+    );
+    assert_eq!(pod.curl(V4_URL, &pod.token()).status, 200);
+}
+
+#[test]
+fn connections_that_were_not_redirected_are_closed_and_starve_no_pod() {
+    const FLOOD: usize = 200;
+    let s = Setup::with_args(&["--max-connections", "64"]);
+    let pods: Vec<Pod> = (0..3)
+        .map(|i| {
+            s.pod(
+                "payments",
+                &format!("api-{i}"),
+                "api",
+                CgroupShape::SystemdBurstable,
+            )
+        })
+        .collect();
+    let attacker = s.pod(
+        "search",
+        "indexer-0",
+        "indexer",
+        CgroupShape::SystemdBurstable,
+    );
+    let pid = s.agent.pid();
+    reset_peak(pid);
+    let before = resident_mib(pid);
+    // Another namespace dials the address the agent serves, directly: nothing listens there.
+    let [served, _] = s.node.listen_addrs(pod_identity_e2e::agent::PORT);
+    let (held, refused) = open_many(&attacker.netns, served, FLOOD, b"GET / HTTP/1.1\r\n");
+    assert_eq!(
+        (held.len(), refused),
+        (0, FLOOD),
+        "the served address has no listener"
+    );
+    // A node process dials the agent's own socket: closed at accept, before a byte is read.
+    let info = s.node.http_get(
+        pod_identity_e2e::agent::PROBE_ADDR.parse().unwrap(),
+        "/v1/agent",
+    );
+    let info: serde_json::Value = serde_json::from_str(&info.unwrap().1).unwrap();
+    let private: SocketAddr = info["listen"][0].as_str().unwrap().parse().unwrap();
+    let started = Instant::now();
+    let (mut held, _) = open_many(
+        &s.node.netns,
+        private,
+        FLOOD,
+        b"GET /v1/credentials HTTP/1.1\r\n",
+    );
+    let (statuses, slowest) = pod_requests(&pods[0], 20);
+    let others: Vec<u16> = pods[1..]
+        .iter()
+        .flat_map(|p| pod_requests(p, 10).0)
+        .collect();
+    let closed = closed_by(&mut held, Instant::now() + Duration::from_secs(3));
+    let m = s.agent.metrics();
+    let rejected = metric(
+        &m,
+        r#"pod_identity_agent_rejected_connections_total{reason="not_redirected"}"#,
+    );
+    eprintln!(
+        "ATTACK unredirected: {FLOOD} direct connects refused by the kernel, {FLOOD} to the agent's socket closed at accept ({closed} seen closed in {} ms); pods: {} of {} answered 200, slowest {} ms; resident {before:.1} MiB, peak {:.1} MiB",
+        started.elapsed().as_millis(),
+        statuses
+            .iter()
+            .chain(&others)
+            .filter(|s| **s == 200)
+            .count(),
+        statuses.len() + others.len(),
+        slowest.as_millis(),
+        peak_mib(pid)
+    );
+    assert!(
+        statuses.iter().chain(&others).all(|s| *s == 200),
+        "{statuses:?} {others:?}"
+    );
+    assert_eq!(closed, FLOOD);
+    assert_eq!(rejected, FLOOD as f64, "{m}");
+    assert_eq!(
+        metric(&m, "pod_identity_agent_open_connections"),
+        0.0,
+        "{m}"
+    );
+    // Logged once for the source, not once per connection.
+    let lines = s
+        .agent
+        .log()
+        .matches("closed a connection at accept")
+        .count();
+    assert_eq!(lines, 1, "{}", s.agent.log());
+}
+
+/// Opens `n` connections to the credential address from inside `pod` (its cgroup and network
+/// namespace, so the kernel redirects and attributes them), sends each an unfinished request
+/// head, and reports after `hold` how many connected and how many the agent has closed.
+const HOLD_HEADS: &str = r#"
+import select, socket, sys, time
+n, hold = int(sys.argv[1]), float(sys.argv[2])
+conns, failed = [], 0
+for _ in range(n):
+    try:
+        s = socket.create_connection(("169.254.170.23", 80), timeout=2)
+        s.sendall(b"GET /v1/credentials HTTP/1.1\r\nHost: 169.254.170.23\r\n")
+        conns.append(s)
+    except OSError:
+        failed += 1
+print("ready", flush=True)
+by_fd = {c.fileno(): c for c in conns}
+poller = select.poll()
+for fd in by_fd:
+    poller.register(fd, select.POLLIN)
+closed, deadline = set(), time.time() + hold
+while time.time() < deadline and len(closed) < len(conns):
+    for fd, _ in poller.poll(200):
+        try:
+            gone = not by_fd[fd].recv(4096)
+        except OSError:
+            gone = True
+        if gone:
+            closed.add(fd)
+            poller.unregister(fd)
+print(len(conns), failed, len(conns) - len(closed), flush=True)
+"#;
+
+/// Starts [`HOLD_HEADS`] in `pod`; returns it once every connection was made.
+fn hold_heads(pod: &Pod, n: usize, hold: Duration) -> std::process::Child {
+    let mut child = pod
+        .command("python3")
+        .args([
+            "-c",
+            HOLD_HEADS,
+            &n.to_string(),
+            &hold.as_secs_f64().to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the attacker");
+    let mut ready = [0u8; 6];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut ready)
+        .expect("the attacker connects");
+    child
+}
+
+/// (connected, failed to connect, still open at the end) from [`HOLD_HEADS`].
+fn held(child: std::process::Child) -> (usize, usize, usize) {
+    let out = child.wait_with_output().expect("the attacker ends");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let numbers: Vec<usize> = text
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert_eq!(numbers.len(), 3, "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    (numbers[0], numbers[1], numbers[2])
+}
+
+/// Thousands of request heads that never finish, from pods, in both modes: each caller holds at
+/// most its share, the rest are closed at accept, memory stays flat, and others are served.
+fn unfinished_heads(mode: &str) {
+    const PER_ATTACKER: usize = 2000;
+    const SHARE: usize = 32;
+    let share = SHARE.to_string();
+    let s = Setup::with_args(&["--mode", mode, "--max-connections-per-pod", &share]);
+    let attackers: Vec<Pod> = (0..2)
+        .map(|i| {
+            s.pod(
+                "search",
+                &format!("indexer-{i}"),
+                "indexer",
+                CgroupShape::SystemdBurstable,
+            )
+        })
+        .collect();
+    let victim = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+    for pod in attackers.iter().chain([&victim]) {
+        if mode == "link" {
+            pod.route_credential_addresses_via_node();
+        }
+    }
+    let pid = s.agent.pid();
+    let before = resident_mib(pid);
+    reset_peak(pid);
+    // Held for less than the header timeout: what stays open is what the agent let in.
+    let hold = Duration::from_secs(3);
+    let running: Vec<_> = attackers
+        .iter()
+        .map(|a| hold_heads(a, PER_ATTACKER, hold))
+        .collect();
+    let (statuses, slowest) = pod_requests(&victim, 20);
+    let results: Vec<(usize, usize, usize)> = running.into_iter().map(held).collect();
+    let connected: usize = results.iter().map(|r| r.0).sum();
+    let still_open: usize = results.iter().map(|r| r.2).sum();
+    let m = s.agent.metrics();
+    let peak = peak_mib(pid);
+    eprintln!(
+        "ATTACK unfinished heads ({mode} mode): {connected} connections from 2 pods, {still_open} still open after {} s (share {SHARE} each), {} closed at accept; victim: {} of 20 answered 200, slowest {} ms; resident {before:.1} MiB, peak {peak:.1} MiB",
+        hold.as_secs(),
+        metric(
+            &m,
+            r#"pod_identity_agent_rejected_connections_total{reason="pod_limit"}"#
+        ),
+        statuses.iter().filter(|s| **s == 200).count(),
+        slowest.as_millis()
+    );
+    assert_eq!(connected, 2 * PER_ATTACKER, "{results:?}");
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(
+        still_open <= 2 * SHARE,
+        "each attacker holds its share at most: {results:?}"
+    );
+    assert!(
+        metric(
+            &m,
+            r#"pod_identity_agent_rejected_connections_total{reason="pod_limit"}"#
+        ) >= (2 * (PER_ATTACKER - SHARE)) as f64,
+        "{m}"
+    );
+    assert!(
+        peak - before < 24.0,
+        "bounded: {before:.1} -> {peak:.1} MiB"
+    );
+}
+
+#[test]
+fn unfinished_heads_from_pods_hold_a_bounded_share_in_ebpf_mode() {
+    unfinished_heads("ebpf");
+}
+
+#[test]
+fn unfinished_heads_from_pods_hold_a_bounded_share_per_peer_in_link_mode() {
+    unfinished_heads("link");
+}
+
+/// A listener that stands in for an unprivileged squatter: it binds `addr` as `nobody` in
+/// `netns` and appends whatever it receives to `received`.
+fn squatter(netns: &str, addr: SocketAddr, received: &std::path::Path) -> std::process::Child {
+    std::fs::write(received, "").unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(received, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let script = format!(
+        "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('{}', {}))\ns.listen(64)\nprint('listening', flush=True)\nwhile True:\n    c, _ = s.accept()\n    c.settimeout(2)\n    try:\n        data = c.recv(65536)\n    except Exception:\n        data = b''\n    open('{}', 'ab').write(data)\n    c.close()\n",
+        addr.ip(),
+        addr.port(),
+        received.display()
+    );
+    let mut child = pod_identity_e2e::node::command_in("setpriv", None, netns)
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            &script,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the squatter");
+    let mut line = [0u8; 9];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut line)
+        .expect("the squatter listens");
+    child
+}
+
+#[test]
+fn a_squatter_on_the_served_port_gets_no_token_while_a_pinned_agent_is_down() {
+    let bpffs = BpfFs::mount("squat");
+    let pin = bpffs.dir.join("pod-identity-agent");
+    let pin_arg = pin.to_str().unwrap().to_owned();
+    let mut s = Setup::with_args(&["--pin", &pin_arg]);
+    let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+    assert_eq!(pod.curl(V4_URL, &pod.token()).status, 200);
+    // The agent dies (an OOM kill); its pinned programs keep redirecting pods.
+    // SAFETY: kill(2) on the agent's pid, which this test owns.
+    unsafe { libc::kill(s.agent.pid() as i32, libc::SIGKILL) };
+    s.agent.wait_exit(Duration::from_secs(10));
+    let [served, _] = s.node.listen_addrs(pod_identity_e2e::agent::PORT);
+    let received = std::env::temp_dir().join(format!("{}-squatter", s.node.netns));
+    let mut squat = squatter(&s.node.netns, served, &received);
+    // The pod's credential request, with its token: refused at once, never handed over.
+    let token = pod.token();
+    let started = Instant::now();
+    let r = pod.curl(V4_URL, &token);
+    let refused_in = started.elapsed();
+    assert_eq!(r.status, 0, "{}", r.body);
+    // The squatter does listen: a connection that was not redirected reaches it.
+    let _ = pod_identity_e2e::node::http_get(&s.node.netns, served, "/direct");
+    wait_for(
+        "the squatter hears the direct request",
+        Duration::from_secs(5),
+        || {
+            std::fs::read_to_string(&received)
+                .unwrap_or_default()
+                .contains("/direct")
+        },
+    );
+    // A new agent, the squatter still in place: it serves the pod.
+    s.agent = Agent::start(&s.node, &s.fake, &["--pin", &pin_arg]);
+    let r = pod.curl(V4_URL, &pod.token());
+    assert_eq!(r.status, 200, "{}\n{}", r.body, s.agent.log());
+    assert_credentials(&r.body, "payments", "api");
+    let m = s.agent.metrics();
+    let heard = std::fs::read_to_string(&received).unwrap();
+    eprintln!(
+        "ATTACK squatter: the pod's request while the agent was down refused in {} ms; the squatter received {} bytes, none of a token; after restart: 200; no_agent refusals counted: {}",
+        refused_in.as_millis(),
+        heard.len(),
+        metric(
+            &m,
+            r#"pod_identity_agent_kernel_steered_connections_total{result="no_agent"}"#
+        )
+    );
+    assert!(
+        !heard.contains("Authorization") && !heard.contains(&token),
+        "{heard}"
+    );
+    assert!(heard.contains("/direct"));
+    assert!(
+        metric(
+            &m,
+            r#"pod_identity_agent_kernel_steered_connections_total{result="no_agent"}"#
+        ) >= 1.0,
+        "{m}"
+    );
+    let _ = squat.kill();
+    let _ = squat.wait();
+    drop(s);
+    cleanup(&pin);
+}
+
+/// `pod-identity-agent cleanup --pin DIR`.
+fn cleanup(pin: &std::path::Path) {
+    let _ = std::process::Command::new(pod_identity_e2e::agent::binary())
+        .args(["cleanup", "--pin"])
+        .arg(pin)
+        .output();
+}
+
+#[test]
+fn pins_of_another_layout_are_named_and_detached_never_reused() {
+    let bpffs = BpfFs::mount("legacy");
+    let pin = bpffs.dir.join("pod-identity-agent");
+    let node = pod_identity_e2e::Node::new();
+    let fake = pod_identity_e2e::FakeAws::start_in(&node.netns);
+    fake.associate("payments", "api", "payments-api-role");
+    let pod = node.add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+    // An older agent's layout (`DIR/links`, `DIR/maps`): its connect4 sends the credential
+    // address to a port nothing serves, and its map has another value layout. Beside them, an
+    // object that is no agent layout's.
+    std::fs::create_dir_all(pin.join("links")).unwrap();
+    std::fs::create_dir_all(pin.join("maps")).unwrap();
+    let stale_target = std::net::SocketAddrV4::new(node.ip4, 9);
+    let service = "169.254.170.23:80".parse().unwrap();
+    let old = bpf::Neighbour::attach(&node.cgroup_root, bpf::Attach::Link, service, stale_target)
+        .expect("attach the older layout's program");
+    old.pin(&pin.join("links/connect4")).unwrap();
+    drop(old);
+    bpf::pin_array_map(&pin.join("maps/CONNECTIONS"), 40).unwrap();
+    bpf::pin_array_map(&pin.join("notes"), 8).unwrap();
+    assert_eq!(
+        pod.curl(V4_URL, &pod.token()).status,
+        0,
+        "the old layout still redirects"
+    );
+
+    let agent = Agent::start(&node, &fake, &["--pin", pin.to_str().unwrap()]);
+    let r = pod.curl(V4_URL, &pod.token());
+    assert_eq!(
+        r.status,
+        200,
+        "{}
+{}",
+        r.body,
+        agent.log()
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("pinned objects of another layout")
+            && log.contains("links/connect4")
+            && log.contains("maps/CONNECTIONS"),
+        "the log names them: {log}"
+    );
+    let (_, readyz) = node
+        .http_get(
+            pod_identity_e2e::agent::PROBE_ADDR.parse().unwrap(),
+            "/readyz",
+        )
+        .unwrap();
+    assert!(
+        readyz.contains("pinned objects of another layout detached"),
+        "{readyz}"
+    );
+    let names: Vec<String> = bpf::attached(&node.cgroup_root)
+        .into_iter()
+        .map(|a| a.name)
+        .collect();
+    assert!(
+        !names.iter().any(|n| n == bpf::NEIGHBOUR_NAME),
+        "the older program is detached: {names:?}"
+    );
+    assert!(!pin.join("links").exists() && !pin.join("maps").exists());
+    assert!(pin.join("v2/links/connect4").exists() && pin.join("notes").exists());
+    eprintln!(
+        "ATTACK legacy pins: detached {:?}; pod served 200",
+        ["links/connect4", "maps/CONNECTIONS"]
+    );
+    drop(agent);
+    cleanup(&pin);
+}
+
+#[test]
+fn link_mode_does_not_serve_beside_pins_that_redirect_elsewhere() {
+    let bpffs = BpfFs::mount("pinlink");
+    let pin = bpffs.dir.join("pod-identity-agent");
+    let pin_arg = pin.to_str().unwrap().to_owned();
+    let mut s = Setup::with_args(&["--pin", &pin_arg]);
+    let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+    // SAFETY: kill(2) on the agent's pid, which this test owns.
+    unsafe { libc::kill(s.agent.pid() as i32, libc::SIGKILL) };
+    s.agent.wait_exit(Duration::from_secs(10));
+    assert!(
+        pin.join("v2/links/connect4").exists(),
+        "the dead agent's programs stay pinned"
+    );
+    s.agent = Agent::start(&s.node, &s.fake, &["--mode", "link", "--pin", &pin_arg]);
+    pod.route_credential_addresses_via_node();
+    let r = pod.curl(V4_URL, &pod.token());
+    assert_eq!(
+        r.status,
+        200,
+        "{}
+{}",
+        r.body,
+        s.agent.log()
+    );
+    assert!(
+        s.agent
+            .log()
+            .contains("link mode: detached the pinned programs"),
+        "{}",
+        s.agent.log()
+    );
+    let (_, readyz) = s
+        .node
+        .http_get(
+            pod_identity_e2e::agent::PROBE_ADDR.parse().unwrap(),
+            "/readyz",
+        )
+        .unwrap();
+    assert!(readyz.contains("pinned programs detached"), "{readyz}");
+    assert!(!pin.join("v2").exists());
+    assert!(
+        bpf::attached(&s.node.cgroup_root).is_empty(),
+        "nothing redirects pods elsewhere"
+    );
+}
