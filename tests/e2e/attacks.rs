@@ -313,7 +313,12 @@ fn held(child: std::process::Child) -> (usize, usize, usize) {
         .split_whitespace()
         .filter_map(|w| w.parse().ok())
         .collect();
-    assert_eq!(numbers.len(), 3, "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        numbers.len(),
+        3,
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     (numbers[0], numbers[1], numbers[2])
 }
 
@@ -618,5 +623,392 @@ fn link_mode_does_not_serve_beside_pins_that_redirect_elsewhere() {
     assert!(
         bpf::attached(&s.node.cgroup_root).is_empty(),
         "nothing redirects pods elsewhere"
+    );
+}
+
+/// Sends every token of the file `argv[1]` (one per line) to the credential address from the
+/// calling pod, over one kept-alive connection at a time, and prints the status counts.
+const SEND_TOKENS: &str = r#"
+import http.client, json, sys
+counts = {}
+conn = None
+for token in open(sys.argv[1]).read().split():
+    for attempt in range(2):
+        try:
+            if conn is None:
+                conn = http.client.HTTPConnection("169.254.170.23", 80, timeout=10)
+            conn.request("GET", "/v1/credentials", headers={"Authorization": token})
+            r = conn.getresponse()
+            r.read()
+            counts[r.status] = counts.get(r.status, 0) + 1
+            break
+        except (OSError, http.client.HTTPException):
+            conn = None
+print(json.dumps(counts))
+"#;
+
+/// Starts [`SEND_TOKENS`] in `pod` with `tokens`.
+fn send_tokens(pod: &Pod, tokens: &[String]) -> std::process::Child {
+    let file = std::env::temp_dir().join(format!("{}-tokens", pod.netns));
+    std::fs::write(&file, tokens.join("\n")).unwrap();
+    pod.command("python3")
+        .args(["-c", SEND_TOKENS, file.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the sender")
+}
+
+/// The spec of a pod that does not exist: a random UID.
+fn stranger(i: usize) -> jwt::TokenSpec {
+    let mut uid = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut uid).unwrap();
+    let hex: String = uid.iter().map(|b| format!("{b:02x}")).collect();
+    jwt::TokenSpec {
+        namespace: "default".into(),
+        pod_name: format!("stranger-{i}"),
+        pod_uid: format!(
+            "{}-{}-{}-{}-{}",
+            &hex[..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..]
+        ),
+        service_account: "default".into(),
+        expires_in: 3600,
+    }
+}
+
+#[test]
+fn thousands_of_forged_tokens_cost_the_real_pods_nothing() {
+    const FORGED: usize = 3000;
+    let s = Setup::with_args(&["--mode", "link"]);
+    let real = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+    let attacker = s.pod(
+        "search",
+        "indexer-0",
+        "indexer",
+        CgroupShape::SystemdBurstable,
+    );
+    for pod in [&real, &attacker] {
+        pod.route_credential_addresses_via_node();
+    }
+    let token = real.token();
+    assert_eq!(real.curl(V4_URL, &token).status, 200);
+    let pid = s.agent.pid();
+    let before = resident_mib(pid);
+    reset_peak(pid);
+    // Random pods, and every tenth naming the real pod (its UID, namespace, account).
+    let tokens: Vec<String> = (0..FORGED)
+        .map(|i| {
+            if i % 10 == 0 {
+                jwt::forge(&real.token_spec())
+            } else {
+                jwt::forge(&stranger(i))
+            }
+        })
+        .collect();
+    let started = Instant::now();
+    let flood = send_tokens(&attacker, &tokens);
+    // Meanwhile a new pod arrives and is served.
+    let newcomer = s.pod("payments", "api-1", "api", CgroupShape::SystemdBurstable);
+    newcomer.route_credential_addresses_via_node();
+    let first = Instant::now();
+    let r = newcomer.curl(V4_URL, &newcomer.token());
+    let newcomer_served_in = first.elapsed();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let out = flood.wait_with_output().unwrap();
+    let counts: serde_json::Value = serde_json::from_slice(&out.stdout).expect("counts");
+    let took = started.elapsed();
+    // The real pod's entry survived: served from the cache, no new call for it.
+    let r = real.curl(V4_URL, &token);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let forged_calls = s.fake.calls().iter().filter(|c| c.status == 400).count();
+    let rows = s.agent.pods_json();
+    let peak = peak_mib(pid);
+    eprintln!(
+        "ATTACK forged tokens (link mode): {FORGED} in {:.1} s from one peer, answered {counts}; {forged_calls} reached EKS Auth (refused there); the newcomer served in {} ms; calls naming the real pod: {} (the first its own); /v1/pods rows: {}; resident {before:.1} MiB, peak {peak:.1} MiB",
+        took.as_secs_f64(),
+        newcomer_served_in.as_millis(),
+        s.fake.calls_for(&real.uid),
+        rows.len()
+    );
+    assert!(!counts.as_object().unwrap().contains_key("200"), "{counts}");
+    let real_served = s
+        .fake
+        .calls()
+        .iter()
+        .filter(|c| c.pod_uid == real.uid && c.status == 200)
+        .count();
+    assert_eq!(
+        real_served, 1,
+        "the real pod's credentials were fetched once, and kept"
+    );
+    // The peer's budget of new tokens: its burst, then one per 5 s.
+    assert!(
+        forged_calls <= 5 + (took.as_secs() as usize) / 5 + 1,
+        "{forged_calls}"
+    );
+    assert!(newcomer_served_in < Duration::from_secs(3));
+    assert_eq!(
+        rows.len(),
+        2,
+        "only pods the source accepted have rows: {rows:?}"
+    );
+    assert!(
+        peak - before < 24.0,
+        "bounded: {before:.1} -> {peak:.1} MiB"
+    );
+}
+
+/// The cluster issuer's keys in a file, for `--jwks-file`.
+fn cluster_jwks(tag: &str) -> String {
+    let path = std::env::temp_dir().join(format!("pia-{}-{tag}-jwks.json", std::process::id()));
+    std::fs::write(&path, jwt::cluster_issuer().jwks().to_string()).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn with_the_clusters_keys_forged_tokens_never_reach_eks_auth() {
+    let jwks = cluster_jwks("forged");
+    let s = Setup::with_args(&["--jwks-file", &jwks, "--token-issuer", jwt::CLUSTER_ISSUER]);
+    let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+    let forged: Vec<u16> = (0..50)
+        .map(|_| pod.curl(V4_URL, &jwt::forge(&pod.token_spec())).status)
+        .collect();
+    assert!(forged.iter().all(|s| *s == 400), "{forged:?}");
+    assert!(s.fake.calls().is_empty(), "{:?}", s.fake.calls());
+    let r = pod.curl(V4_URL, &pod.token());
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(s.fake.calls().len(), 1);
+    eprintln!(
+        "ATTACK forged tokens with the cluster's keys: 50 refused locally (400), 0 EKS Auth calls; the pod's own token: 200 with 1 call"
+    );
+}
+
+/// A pod whose token kubelet rotated during an EKS Auth outage: link mode, where nothing but
+/// the token's signature says whose it is.
+fn rotation_during_an_outage(with_keys: bool) -> (u16, String) {
+    let jwks = cluster_jwks(if with_keys { "rotation" } else { "unused" });
+    let args: Vec<&str> = if with_keys {
+        vec!["--mode", "link", "--jwks-file", &jwks]
+    } else {
+        vec!["--mode", "link"]
+    };
+    let s = Setup::with_args(&args);
+    let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+    pod.route_credential_addresses_via_node();
+    assert_eq!(pod.curl(V4_URL, &pod.token()).status, 200);
+    s.fake.set_fault(Some(pod_identity_e2e::fake_aws::Fault {
+        status: 503,
+        code: "ServiceUnavailableException".into(),
+    }));
+    let r = pod.curl(V4_URL, &pod.token());
+    let m = s.agent.metrics();
+    assert!(s.fake.calls().iter().filter(|c| c.status == 200).count() == 1);
+    if r.status == 200 {
+        assert_credentials(&r.body, "payments", "api");
+        assert_eq!(
+            metric(
+                &m,
+                r#"pod_identity_agent_cache_lookups_total{result="stale"}"#
+            ),
+            1.0,
+            "{m}"
+        );
+    }
+    (r.status, r.body)
+}
+
+#[test]
+fn with_the_clusters_keys_a_rotated_token_rides_out_an_eks_auth_outage() {
+    let (status, body) = rotation_during_an_outage(true);
+    assert_eq!(status, 200, "the pod keeps its cached credentials: {body}");
+    // Without the keys nothing proves the new token is the pod's: it gets the outage's answer.
+    let (status, body) = rotation_during_an_outage(false);
+    assert_eq!(status, 503, "{body}");
+}
+
+/// Runs in a pod while the agent is stopped: connection A sends its request and waits; B is
+/// reset at once (SO_LINGER 0), which closes its socket. After `argv[1]` seconds it prints what
+/// A received.
+const BEHIND_A_STOPPED_AGENT: &str = r#"
+import socket, struct, sys, time
+a = socket.create_connection(("169.254.170.23", 80), timeout=60)
+a.sendall(b"GET /v1/credentials HTTP/1.1\r\nHost: 169.254.170.23\r\nAuthorization: " + sys.argv[2].encode() + b"\r\n\r\n")
+b = socket.create_connection(("169.254.170.23", 80), timeout=5)
+b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+b.close()
+print("sent", flush=True)
+a.settimeout(float(sys.argv[1]))
+try:
+    print(repr(a.recv(4096)[:12]), flush=True)
+except OSError as e:
+    print("error", e, flush=True)
+"#;
+
+#[test]
+fn records_older_than_their_connection_and_of_closed_sockets_are_refused() {
+    let s = Setup::new();
+    let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+    let pid = s.agent.pid() as i32;
+    // SAFETY: kill(2) on the agent's pid, which this test owns.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let mut behind = pod
+        .command("python3")
+        .args(["-c", BEHIND_A_STOPPED_AGENT, "60", &pod.token()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sent = [0u8; 5];
+    behind
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut sent)
+        .unwrap();
+    // Longer than a connection waits to be accepted: the agent finds A's record too old.
+    std::thread::sleep(pod_identity_e2e::patient(Duration::from_secs(31)));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let out = behind.wait_with_output().unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    let m = s.agent.metrics();
+    let stale = metric(
+        &m,
+        r#"pod_identity_agent_rejected_connections_total{reason="stale_record"}"#,
+    );
+    let unredirected = metric(
+        &m,
+        r#"pod_identity_agent_rejected_connections_total{reason="not_redirected"}"#,
+    );
+    eprintln!(
+        "ATTACK stale records: a connection accepted 31 s after its connect closed without an answer ({}); stale_record {stale}, not_redirected {unredirected} (the reset socket's record went with it)",
+        answer.trim().replace('\n', " / ")
+    );
+    assert!(
+        answer.contains("b''") || answer.contains("error"),
+        "closed, not answered: {answer}"
+    );
+    assert_eq!(stale, 1.0, "{m}");
+    assert_eq!(
+        unredirected, 1.0,
+        "the reset socket's record was dropped when it closed: {m}"
+    );
+    assert_eq!(pod.curl(V4_URL, &pod.token()).status, 200);
+}
+
+#[test]
+fn connects_from_ever_new_cgroups_do_not_hold_up_other_pods() {
+    const CGROUPS: usize = 100;
+    let s = Setup::new();
+    let attacker = s.pod(
+        "search",
+        "indexer-0",
+        "indexer",
+        CgroupShape::CgroupfsBestEffort,
+    );
+    let victim = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+    let token = attacker.token();
+    // Each connect from a cgroup the agent has not seen: each needs a walk of the tree.
+    let started = Instant::now();
+    let curls: Vec<std::process::Child> = (0..CGROUPS)
+        .map(|i| {
+            let dir = attacker.cgroup.join(format!("fresh-{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            pod_identity_e2e::node::command_in("curl", Some(&dir), &attacker.netns)
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--max-time",
+                    "20",
+                    "-H",
+                ])
+                .arg(format!("Authorization: {token}"))
+                .arg(V4_URL)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let (statuses, slowest) = pod_requests(&victim, 20);
+    let attacker_statuses: Vec<String> = curls
+        .into_iter()
+        .map(|c| String::from_utf8_lossy(&c.wait_with_output().unwrap().stdout).into_owned())
+        .collect();
+    eprintln!(
+        "ATTACK fresh cgroups: {CGROUPS} connects from new cgroups in {} ms, all attributed ({} answered 200); victim: {} of 20 answered 200, slowest {} ms",
+        started.elapsed().as_millis(),
+        attacker_statuses.iter().filter(|s| *s == "200").count(),
+        statuses.iter().filter(|s| **s == 200).count(),
+        slowest.as_millis()
+    );
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(
+        attacker_statuses.iter().all(|s| s == "200"),
+        "{attacker_statuses:?}"
+    );
+    assert!(slowest < Duration::from_secs(1), "{slowest:?}");
+}
+
+#[test]
+fn a_forged_tokens_names_reach_no_label_row_or_table() {
+    let s = Setup::with_args(&["--metrics-per-pod"]);
+    let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+    // The pod's own UID (the kernel checks that much), names of someone else's.
+    let mut spec = pod.token_spec();
+    spec.namespace = "kube-system".into();
+    spec.pod_name = "coredns-impostor".into();
+    spec.service_account = "coredns".into();
+    assert_eq!(pod.curl(V4_URL, &jwt::forge(&spec)).status, 400);
+    let seen = format!(
+        "{:?}\n{}\n{}",
+        s.agent.pods_json(),
+        s.agent.metrics(),
+        s.agent.pods_cli(&[])
+    );
+    assert!(
+        !seen.contains("kube-system") && !seen.contains("coredns"),
+        "{seen}"
+    );
+    assert_eq!(pod.curl(V4_URL, &pod.token()).status, 200);
+    let rows = s.agent.pods_json();
+    assert_eq!(
+        (rows[0]["namespace"].as_str(), rows[0]["pod"].as_str()),
+        (Some("payments"), Some("api-0"))
+    );
+    assert!(
+        s.agent
+            .metrics()
+            .contains(r#"namespace="payments",pod="api-0""#)
+    );
+    // Rows from anywhere (an older agent, a file) reach the operator's terminal escaped.
+    let crafted = serde_json::json!([{
+        "pod_uid": pod.uid,
+        "namespace": "payments\u{1b}]0;owned\u{7}",
+        "pod": "api-0\u{1b}[2J",
+        "service_account": "api",
+        "last_error": {"status": 404, "code": "ResourceNotFoundException", "age_seconds": 1.0}
+    }]);
+    let file = std::env::temp_dir().join(format!("{}-crafted.json", s.node.netns));
+    std::fs::write(&file, crafted.to_string()).unwrap();
+    let out = pod_identity_e2e::agent::cli(
+        &s.node,
+        None,
+        &s.fake,
+        pod_identity_e2e::agent::Caller::Operator,
+        &["associations", "--pods", file.to_str().unwrap()],
+    );
+    assert!(out.stdout.contains("api-0"), "{}", out.stdout);
+    assert!(
+        out.stdout.lines().all(|l| !l.chars().any(char::is_control)),
+        "no control character reaches the terminal: {:?}",
+        out.stdout
+    );
+    eprintln!(
+        "ATTACK forged names: a forged token's namespace and names reach no /v1/pods row, metric label or table; escape sequences in a pods file print escaped"
     );
 }

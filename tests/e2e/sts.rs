@@ -484,6 +484,35 @@ fn an_edited_association_file_takes_effect_without_a_restart() {
 }
 
 #[test]
+fn a_token_the_source_refuses_does_not_evict_the_pods_credentials() {
+    let c = Cluster::new(PAYMENTS);
+    let _agent = c.agent(&[]);
+    let api = c.pod("payments", "api-0", "api");
+    let good = c.issuer.mint(&api.token_spec(), Alg::Rs256);
+    let first = api.curl(V4_URL, &good);
+    assert_eq!(first.status, 200, "{}", first.body);
+    // Once, a token the source refuses: expired, and one signed by another issuer.
+    let expired = c.issuer.mint_with(&api.token_spec(), Alg::Rs256, |claims| {
+        claims["exp"] = serde_json::json!(pod_identity_e2e::jwt::now() - 60);
+    });
+    assert_eq!(api.curl(V4_URL, &expired).status, 400);
+    assert_eq!(
+        api.curl(V4_URL, &pod_identity_e2e::jwt::forge(&api.token_spec()))
+            .status,
+        400
+    );
+    // Then STS goes down: the good token is still served from the cache.
+    c.fake.set_sts_fault(Some(Fault {
+        status: 500,
+        code: "InternalFailure".into(),
+    }));
+    let again = api.curl(V4_URL, &good);
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(access_key(&again.body), access_key(&first.body));
+    assert_eq!(c.fake.sts_calls().len(), 1, "one call, for the good token");
+}
+
+#[test]
 fn an_sts_outage_keeps_cached_credentials_serving_and_names_sts() {
     let c = Cluster::new(PAYMENTS);
     let agent = c.agent(&[]);

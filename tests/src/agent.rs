@@ -318,6 +318,15 @@ impl Agent {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The rows of `/v1/pods`.
+    pub fn pods_json(&self) -> Vec<serde_json::Value> {
+        let (status, body) =
+            crate::node::http_get(&self.netns, PROBE_ADDR.parse().unwrap(), "/v1/pods")
+                .expect("read /v1/pods");
+        assert_eq!(status, 200);
+        serde_json::from_str(&body).expect("/v1/pods is JSON")
+    }
+
     pub fn metrics(&self) -> String {
         let (status, body) =
             crate::node::http_get(&self.netns, METRICS_ADDR.parse().unwrap(), "/metrics")
