@@ -226,10 +226,6 @@ pub struct Settings {
 
 /// The credential source's own settings.
 #[derive(Debug)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "one value per agent, made once at start"
-)]
 pub enum SourceSettings {
     EksAuth {
         check: Option<TokenCheck>,

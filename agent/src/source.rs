@@ -8,10 +8,6 @@ use crate::{
     upstream::{AssumedRole, Checked, Upstream, UpstreamError},
 };
 
-#[expect(
-    clippy::large_enum_variant,
-    reason = "one value per agent, made once at start"
-)]
 pub enum CredentialSource {
     /// EKS Auth `AssumeRoleForPodIdentity` (EKS clusters).
     EksAuth(EksAuth),
