@@ -433,197 +433,12 @@ fn squatter(netns: &str, addr: SocketAddr, received: &std::path::Path) -> std::p
     child
 }
 
-#[test]
-fn a_squatter_on_the_served_port_gets_no_token_while_a_pinned_agent_is_down() {
-    let bpffs = BpfFs::mount("squat");
-    let pin = bpffs.dir.join("pod-identity-agent");
-    let pin_arg = pin.to_str().unwrap().to_owned();
-    let mut s = Setup::with_args(&["--pin", &pin_arg]);
-    let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
-    assert_eq!(pod.curl(V4_URL, &pod.token()).status, 200);
-    // The agent dies (an OOM kill); its pinned programs keep redirecting pods.
-    // SAFETY: kill(2) on the agent's pid, which this test owns.
-    unsafe { libc::kill(s.agent.pid() as i32, libc::SIGKILL) };
-    s.agent.wait_exit(Duration::from_secs(10));
-    let [served, _] = s.node.listen_addrs(pod_identity_e2e::agent::PORT);
-    let received = std::env::temp_dir().join(format!("{}-squatter", s.node.netns));
-    let mut squat = squatter(&s.node.netns, served, &received);
-    // The pod's credential request, with its token: refused at once, never handed over.
-    let token = pod.token();
-    let started = Instant::now();
-    let r = pod.curl(V4_URL, &token);
-    let refused_in = started.elapsed();
-    assert_eq!(r.status, 0, "{}", r.body);
-    // The squatter does listen: a connection that was not redirected reaches it.
-    let _ = pod_identity_e2e::node::http_get(&s.node.netns, served, "/direct");
-    wait_for(
-        "the squatter hears the direct request",
-        Duration::from_secs(5),
-        || {
-            std::fs::read_to_string(&received)
-                .unwrap_or_default()
-                .contains("/direct")
-        },
-    );
-    // A new agent, the squatter still in place: it serves the pod.
-    s.agent = Agent::start(&s.node, &s.fake, &["--pin", &pin_arg]);
-    let r = pod.curl(V4_URL, &pod.token());
-    assert_eq!(r.status, 200, "{}\n{}", r.body, s.agent.log());
-    assert_credentials(&r.body, "payments", "api");
-    let m = s.agent.metrics();
-    let heard = std::fs::read_to_string(&received).unwrap();
-    eprintln!(
-        "ATTACK squatter: the pod's request while the agent was down refused in {} ms; the squatter received {} bytes, none of a token; after restart: 200; no_agent refusals counted: {}",
-        refused_in.as_millis(),
-        heard.len(),
-        metric(
-            &m,
-            r#"pod_identity_agent_kernel_steered_connections_total{result="no_agent"}"#
-        )
-    );
-    assert!(
-        !heard.contains("Authorization") && !heard.contains(&token),
-        "{heard}"
-    );
-    assert!(heard.contains("/direct"));
-    assert!(
-        metric(
-            &m,
-            r#"pod_identity_agent_kernel_steered_connections_total{result="no_agent"}"#
-        ) >= 1.0,
-        "{m}"
-    );
-    let _ = squat.kill();
-    let _ = squat.wait();
-    drop(s);
-    cleanup(&pin);
-}
-
 /// `pod-identity-agent cleanup --pin DIR`.
 fn cleanup(pin: &std::path::Path) {
     let _ = std::process::Command::new(pod_identity_e2e::agent::binary())
         .args(["cleanup", "--pin"])
         .arg(pin)
         .output();
-}
-
-#[test]
-fn pins_of_another_layout_are_named_and_detached_never_reused() {
-    let bpffs = BpfFs::mount("legacy");
-    let pin = bpffs.dir.join("pod-identity-agent");
-    let node = pod_identity_e2e::Node::new();
-    let fake = pod_identity_e2e::FakeAws::start_in(&node.netns);
-    fake.associate("payments", "api", "payments-api-role");
-    let pod = node.add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
-    // An older agent's layout (`DIR/links`, `DIR/maps`): its connect4 sends the credential
-    // address to a port nothing serves, and its map has another value layout. Beside them, an
-    // object that is no agent layout's.
-    std::fs::create_dir_all(pin.join("links")).unwrap();
-    std::fs::create_dir_all(pin.join("maps")).unwrap();
-    let stale_target = std::net::SocketAddrV4::new(node.ip4, 9);
-    let service = "169.254.170.23:80".parse().unwrap();
-    let old = bpf::Neighbour::attach(&node.cgroup_root, bpf::Attach::Link, service, stale_target)
-        .expect("attach the older layout's program");
-    old.pin(&pin.join("links/connect4")).unwrap();
-    drop(old);
-    bpf::pin_array_map(&pin.join("maps/CONNECTIONS"), 40).unwrap();
-    bpf::pin_array_map(&pin.join("notes"), 8).unwrap();
-    assert_eq!(
-        pod.curl(V4_URL, &pod.token()).status,
-        0,
-        "the old layout still redirects"
-    );
-
-    let agent = Agent::start(&node, &fake, &["--pin", pin.to_str().unwrap()]);
-    let r = pod.curl(V4_URL, &pod.token());
-    assert_eq!(
-        r.status,
-        200,
-        "{}
-{}",
-        r.body,
-        agent.log()
-    );
-    let log = agent.log();
-    assert!(
-        log.contains("pinned objects of another layout")
-            && log.contains("links/connect4")
-            && log.contains("maps/CONNECTIONS"),
-        "the log names them: {log}"
-    );
-    let (_, readyz) = node
-        .http_get(
-            pod_identity_e2e::agent::PROBE_ADDR.parse().unwrap(),
-            "/readyz",
-        )
-        .unwrap();
-    assert!(
-        readyz.contains("pinned objects of another layout detached"),
-        "{readyz}"
-    );
-    let names: Vec<String> = bpf::attached(&node.cgroup_root)
-        .into_iter()
-        .map(|a| a.name)
-        .collect();
-    assert!(
-        !names.iter().any(|n| n == bpf::NEIGHBOUR_NAME),
-        "the older program is detached: {names:?}"
-    );
-    assert!(!pin.join("links").exists() && !pin.join("maps").exists());
-    assert!(pin.join("v2/links/connect4").exists() && pin.join("notes").exists());
-    eprintln!(
-        "ATTACK legacy pins: detached {:?}; pod served 200",
-        ["links/connect4", "maps/CONNECTIONS"]
-    );
-    drop(agent);
-    cleanup(&pin);
-}
-
-#[test]
-fn link_mode_does_not_serve_beside_pins_that_redirect_elsewhere() {
-    let bpffs = BpfFs::mount("pinlink");
-    let pin = bpffs.dir.join("pod-identity-agent");
-    let pin_arg = pin.to_str().unwrap().to_owned();
-    let mut s = Setup::with_args(&["--pin", &pin_arg]);
-    let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
-    // SAFETY: kill(2) on the agent's pid, which this test owns.
-    unsafe { libc::kill(s.agent.pid() as i32, libc::SIGKILL) };
-    s.agent.wait_exit(Duration::from_secs(10));
-    assert!(
-        pin.join("v2/links/connect4").exists(),
-        "the dead agent's programs stay pinned"
-    );
-    s.agent = Agent::start(&s.node, &s.fake, &["--mode", "link", "--pin", &pin_arg]);
-    pod.route_credential_addresses_via_node();
-    let r = pod.curl(V4_URL, &pod.token());
-    assert_eq!(
-        r.status,
-        200,
-        "{}
-{}",
-        r.body,
-        s.agent.log()
-    );
-    assert!(
-        s.agent
-            .log()
-            .contains("link mode: detached the pinned programs"),
-        "{}",
-        s.agent.log()
-    );
-    let (_, readyz) = s
-        .node
-        .http_get(
-            pod_identity_e2e::agent::PROBE_ADDR.parse().unwrap(),
-            "/readyz",
-        )
-        .unwrap();
-    assert!(readyz.contains("pinned programs detached"), "{readyz}");
-    assert!(!pin.join("v2").exists());
-    assert!(
-        bpf::attached(&s.node.cgroup_root).is_empty(),
-        "nothing redirects pods elsewhere"
-    );
 }
 
 /// Sends every token of the file `argv[1]` (one per line) to the credential address from the
@@ -848,57 +663,6 @@ except OSError as e:
 "#;
 
 #[test]
-fn records_older_than_their_connection_and_of_closed_sockets_are_refused() {
-    let s = Setup::new();
-    let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
-    let pid = s.agent.pid() as i32;
-    // SAFETY: kill(2) on the agent's pid, which this test owns.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
-    let mut behind = pod
-        .command("python3")
-        .args(["-c", BEHIND_A_STOPPED_AGENT, "60", &pod.token()])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut sent = [0u8; 5];
-    behind
-        .stdout
-        .as_mut()
-        .unwrap()
-        .read_exact(&mut sent)
-        .unwrap();
-    // Longer than a connection waits to be accepted: the agent finds A's record too old.
-    std::thread::sleep(pod_identity_e2e::patient(Duration::from_secs(31)));
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGCONT) };
-    let out = behind.wait_with_output().unwrap();
-    let answer = String::from_utf8_lossy(&out.stdout);
-    let m = s.agent.metrics();
-    let stale = metric(
-        &m,
-        r#"pod_identity_agent_rejected_connections_total{reason="stale_record"}"#,
-    );
-    let unredirected = metric(
-        &m,
-        r#"pod_identity_agent_rejected_connections_total{reason="not_redirected"}"#,
-    );
-    eprintln!(
-        "ATTACK stale records: a connection accepted 31 s after its connect closed without an answer ({}); stale_record {stale}, not_redirected {unredirected} (the reset socket's record went with it)",
-        answer.trim().replace('\n', " / ")
-    );
-    assert!(
-        answer.contains("b''") || answer.contains("error"),
-        "closed, not answered: {answer}"
-    );
-    assert_eq!(stale, 1.0, "{m}");
-    assert_eq!(
-        unredirected, 1.0,
-        "the reset socket's record was dropped when it closed: {m}"
-    );
-    assert_eq!(pod.curl(V4_URL, &pod.token()).status, 200);
-}
-
-#[test]
 fn connects_from_ever_new_cgroups_do_not_hold_up_other_pods() {
     const CGROUPS: usize = 100;
     let s = Setup::new();
@@ -1011,4 +775,247 @@ fn a_forged_tokens_names_reach_no_label_row_or_table() {
     eprintln!(
         "ATTACK forged names: a forged token's namespace and names reach no /v1/pods row, metric label or table; escape sequences in a pods file print escaped"
     );
+}
+
+/// The tests that run on every kernel of the matrix (`cargo xtask matrix`), inside a VM per
+/// kernel, as well as on the host: each touches the kernel programs.
+mod matrix {
+    use super::*;
+
+    #[test]
+    fn a_squatter_on_the_served_port_gets_no_token_while_a_pinned_agent_is_down() {
+        let bpffs = BpfFs::mount("squat");
+        let pin = bpffs.dir.join("pod-identity-agent");
+        let pin_arg = pin.to_str().unwrap().to_owned();
+        let mut s = Setup::with_args(&["--pin", &pin_arg]);
+        let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+        assert_eq!(pod.curl(V4_URL, &pod.token()).status, 200);
+        // The agent dies (an OOM kill); its pinned programs keep redirecting pods.
+        // SAFETY: kill(2) on the agent's pid, which this test owns.
+        unsafe { libc::kill(s.agent.pid() as i32, libc::SIGKILL) };
+        s.agent.wait_exit(Duration::from_secs(10));
+        let [served, _] = s.node.listen_addrs(pod_identity_e2e::agent::PORT);
+        let received = std::env::temp_dir().join(format!("{}-squatter", s.node.netns));
+        let mut squat = squatter(&s.node.netns, served, &received);
+        // The pod's credential request, with its token: refused at once, never handed over.
+        let token = pod.token();
+        let started = Instant::now();
+        let r = pod.curl(V4_URL, &token);
+        let refused_in = started.elapsed();
+        assert_eq!(r.status, 0, "{}", r.body);
+        // The squatter does listen: a connection that was not redirected reaches it.
+        let _ = pod_identity_e2e::node::http_get(&s.node.netns, served, "/direct");
+        wait_for(
+            "the squatter hears the direct request",
+            Duration::from_secs(5),
+            || {
+                std::fs::read_to_string(&received)
+                    .unwrap_or_default()
+                    .contains("/direct")
+            },
+        );
+        // A new agent, the squatter still in place: it serves the pod.
+        s.agent = Agent::start(&s.node, &s.fake, &["--pin", &pin_arg]);
+        let r = pod.curl(V4_URL, &pod.token());
+        assert_eq!(r.status, 200, "{}\n{}", r.body, s.agent.log());
+        assert_credentials(&r.body, "payments", "api");
+        let m = s.agent.metrics();
+        let heard = std::fs::read_to_string(&received).unwrap();
+        eprintln!(
+            "ATTACK squatter: the pod's request while the agent was down refused in {} ms; the squatter received {} bytes, none of a token; after restart: 200; no_agent refusals counted: {}",
+            refused_in.as_millis(),
+            heard.len(),
+            metric(
+                &m,
+                r#"pod_identity_agent_kernel_steered_connections_total{result="no_agent"}"#
+            )
+        );
+        assert!(
+            !heard.contains("Authorization") && !heard.contains(&token),
+            "{heard}"
+        );
+        assert!(heard.contains("/direct"));
+        assert!(
+            metric(
+                &m,
+                r#"pod_identity_agent_kernel_steered_connections_total{result="no_agent"}"#
+            ) >= 1.0,
+            "{m}"
+        );
+        let _ = squat.kill();
+        let _ = squat.wait();
+        drop(s);
+        cleanup(&pin);
+    }
+
+    #[test]
+    fn pins_of_another_layout_are_named_and_detached_never_reused() {
+        let bpffs = BpfFs::mount("legacy");
+        let pin = bpffs.dir.join("pod-identity-agent");
+        let node = pod_identity_e2e::Node::new();
+        let fake = pod_identity_e2e::FakeAws::start_in(&node.netns);
+        fake.associate("payments", "api", "payments-api-role");
+        let pod = node.add_pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+        // An older agent's layout (`DIR/links`, `DIR/maps`): its connect4 sends the credential
+        // address to a port nothing serves, and its map has another value layout. Beside them, an
+        // object that is no agent layout's.
+        std::fs::create_dir_all(pin.join("links")).unwrap();
+        std::fs::create_dir_all(pin.join("maps")).unwrap();
+        let stale_target = std::net::SocketAddrV4::new(node.ip4, 9);
+        let service = "169.254.170.23:80".parse().unwrap();
+        let old =
+            bpf::Neighbour::attach(&node.cgroup_root, bpf::Attach::Link, service, stale_target)
+                .expect("attach the older layout's program");
+        old.pin(&pin.join("links/connect4")).unwrap();
+        drop(old);
+        bpf::pin_array_map(&pin.join("maps/CONNECTIONS"), 40).unwrap();
+        bpf::pin_array_map(&pin.join("notes"), 8).unwrap();
+        assert_eq!(
+            pod.curl(V4_URL, &pod.token()).status,
+            0,
+            "the old layout still redirects"
+        );
+
+        let agent = Agent::start(&node, &fake, &["--pin", pin.to_str().unwrap()]);
+        let r = pod.curl(V4_URL, &pod.token());
+        assert_eq!(
+            r.status,
+            200,
+            "{}
+    {}",
+            r.body,
+            agent.log()
+        );
+        let log = agent.log();
+        assert!(
+            log.contains("pinned objects of another layout")
+                && log.contains("links/connect4")
+                && log.contains("maps/CONNECTIONS"),
+            "the log names them: {log}"
+        );
+        let (_, readyz) = node
+            .http_get(
+                pod_identity_e2e::agent::PROBE_ADDR.parse().unwrap(),
+                "/readyz",
+            )
+            .unwrap();
+        assert!(
+            readyz.contains("pinned objects of another layout detached"),
+            "{readyz}"
+        );
+        let names: Vec<String> = bpf::attached(&node.cgroup_root)
+            .into_iter()
+            .map(|a| a.name)
+            .collect();
+        assert!(
+            !names.iter().any(|n| n == bpf::NEIGHBOUR_NAME),
+            "the older program is detached: {names:?}"
+        );
+        assert!(!pin.join("links").exists() && !pin.join("maps").exists());
+        assert!(pin.join("v2/links/connect4").exists() && pin.join("notes").exists());
+        eprintln!(
+            "ATTACK legacy pins: detached {:?}; pod served 200",
+            ["links/connect4", "maps/CONNECTIONS"]
+        );
+        drop(agent);
+        cleanup(&pin);
+    }
+
+    #[test]
+    fn link_mode_does_not_serve_beside_pins_that_redirect_elsewhere() {
+        let bpffs = BpfFs::mount("pinlink");
+        let pin = bpffs.dir.join("pod-identity-agent");
+        let pin_arg = pin.to_str().unwrap().to_owned();
+        let mut s = Setup::with_args(&["--pin", &pin_arg]);
+        let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+        // SAFETY: kill(2) on the agent's pid, which this test owns.
+        unsafe { libc::kill(s.agent.pid() as i32, libc::SIGKILL) };
+        s.agent.wait_exit(Duration::from_secs(10));
+        assert!(
+            pin.join("v2/links/connect4").exists(),
+            "the dead agent's programs stay pinned"
+        );
+        s.agent = Agent::start(&s.node, &s.fake, &["--mode", "link", "--pin", &pin_arg]);
+        pod.route_credential_addresses_via_node();
+        let r = pod.curl(V4_URL, &pod.token());
+        assert_eq!(
+            r.status,
+            200,
+            "{}
+    {}",
+            r.body,
+            s.agent.log()
+        );
+        assert!(
+            s.agent
+                .log()
+                .contains("link mode: detached the pinned programs"),
+            "{}",
+            s.agent.log()
+        );
+        let (_, readyz) = s
+            .node
+            .http_get(
+                pod_identity_e2e::agent::PROBE_ADDR.parse().unwrap(),
+                "/readyz",
+            )
+            .unwrap();
+        assert!(readyz.contains("pinned programs detached"), "{readyz}");
+        assert!(!pin.join("v2").exists());
+        assert!(
+            bpf::attached(&s.node.cgroup_root).is_empty(),
+            "nothing redirects pods elsewhere"
+        );
+    }
+
+    #[test]
+    fn records_older_than_their_connection_and_of_closed_sockets_are_refused() {
+        let s = Setup::new();
+        let pod = s.pod("payments", "api-0", "api", CgroupShape::SystemdBurstable);
+        let pid = s.agent.pid() as i32;
+        // SAFETY: kill(2) on the agent's pid, which this test owns.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        let mut behind = pod
+            .command("python3")
+            .args(["-c", BEHIND_A_STOPPED_AGENT, "60", &pod.token()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut sent = [0u8; 5];
+        behind
+            .stdout
+            .as_mut()
+            .unwrap()
+            .read_exact(&mut sent)
+            .unwrap();
+        // Longer than a connection waits to be accepted: the agent finds A's record too old.
+        std::thread::sleep(Duration::from_secs(31));
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        let out = behind.wait_with_output().unwrap();
+        let answer = String::from_utf8_lossy(&out.stdout);
+        let m = s.agent.metrics();
+        let stale = metric(
+            &m,
+            r#"pod_identity_agent_rejected_connections_total{reason="stale_record"}"#,
+        );
+        let unredirected = metric(
+            &m,
+            r#"pod_identity_agent_rejected_connections_total{reason="not_redirected"}"#,
+        );
+        eprintln!(
+            "ATTACK stale records: a connection accepted 31 s after its connect closed without an answer ({}); stale_record {stale}, not_redirected {unredirected} (the reset socket's record went with it)",
+            answer.trim().replace('\n', " / ")
+        );
+        assert!(
+            answer.contains("b''") || answer.contains("error"),
+            "closed, not answered: {answer}"
+        );
+        assert_eq!(stale, 1.0, "{m}");
+        assert_eq!(
+            unredirected, 1.0,
+            "the reset socket's record was dropped when it closed: {m}"
+        );
+        assert_eq!(pod.curl(V4_URL, &pod.token()).status, 200);
+    }
 }

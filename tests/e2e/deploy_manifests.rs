@@ -353,11 +353,20 @@ fn overlays_change_what_they_say() {
 }
 
 #[test]
-fn dockerfile_builds_like_xtask_and_grants_what_the_agent_needs() {
+fn dockerfile_builds_the_image_xtask_builds() {
     let dockerfile = std::fs::read_to_string(repo().join("deploy/Dockerfile")).unwrap();
-    let xtask = std::fs::read_to_string(repo().join("xtask/src/main.rs")).unwrap();
-    let arm64 = std::fs::read_to_string(repo().join("xtask/src/arm64.rs")).unwrap();
+    let image = std::fs::read_to_string(repo().join("xtask/src/image.rs")).unwrap();
+    let install = std::fs::read_to_string(repo().join("xtask/src/install.rs")).unwrap();
     let workspace = std::fs::read_to_string(repo().join("Cargo.toml")).unwrap();
+    let constant = |text: &str, name: &str| {
+        text.split(&format!("pub const {name}: &str = \""))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {name}"))
+            .split('"')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
     let stages: Vec<&str> = dockerfile
         .lines()
         .filter(|l| l.starts_with("FROM "))
@@ -377,57 +386,16 @@ fn dockerfile_builds_like_xtask_and_grants_what_the_agent_needs() {
             && stages[0].ends_with(" AS build"),
         "{stages:?}"
     );
-    assert!(
-        !stages[1].contains("--platform"),
-        "the runtime is the target platform's: {}",
-        stages[1]
-    );
-    // arm64: cross-compiled as xtask does it, with xtask's pins.
-    let pin = |name: &str| {
-        arm64
-            .split(&format!("pub const {name}: &str = \""))
-            .nth(1)
-            .unwrap()
-            .split('"')
-            .next()
-            .unwrap()
-            .to_owned()
-    };
-    let target = pin("TARGET");
-    assert!(
-        dockerfile.contains(&format!("ziglang=={}", pin("ZIGLANG"))),
-        "zig {}",
-        pin("ZIGLANG")
-    );
-    assert!(
-        dockerfile.contains(&format!(
-            "cargo install cargo-zigbuild --version {} --locked",
-            pin("CARGO_ZIGBUILD")
-        )),
-        "cargo-zigbuild {}",
-        pin("CARGO_ZIGBUILD")
-    );
-    assert!(
-        dockerfile.contains(&format!("rustup target add {target}")),
-        "{target}"
-    );
-    assert!(
-        dockerfile.contains(&format!(
-            "arm64) cargo zigbuild --release --locked --target {target} -p pod-identity-agent"
-        )),
-        "arm64 is cross-built"
-    );
-    assert!(
-        // Compared without whitespace: the formatter decides how the call is laid out.
-        arm64.split_whitespace().collect::<String>().contains(
-            "\"zigbuild\",\"--release\",\"--target\",TARGET,\"-p\",\"pod-identity-agent\""
-        ),
-        "xtask builds the same way"
-    );
-    assert!(
-        dockerfile.contains("amd64) cargo build --release --locked -p pod-identity-agent"),
-        "amd64 is built natively"
-    );
+    // The pins xtask installs with.
+    assert!(dockerfile.contains(&format!("ziglang=={}", constant(&image, "ZIGLANG"))));
+    assert!(dockerfile.contains(&format!(
+        "cargo install cargo-zigbuild --version {} --locked",
+        constant(&image, "CARGO_ZIGBUILD")
+    )));
+    assert!(dockerfile.contains(&format!(
+        "cargo install bpf-linker --version {} --locked",
+        constant(&install, "BPF_LINKER_VERSION")
+    )));
     for package in [
         "llvm-22-dev",
         "libpolly-22-dev",
@@ -435,42 +403,51 @@ fn dockerfile_builds_like_xtask_and_grants_what_the_agent_needs() {
         "zlib1g-dev",
     ] {
         assert!(
-            dockerfile.contains(package) && xtask.contains(&format!("\"{package}\"")),
+            dockerfile.contains(package) && install.contains(&format!("\"{package}\"")),
             "{package}"
         );
     }
-    let linker = xtask
-        .split("BPF_LINKER_VERSION: &str = \"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap();
-    assert!(
-        dockerfile.contains(&format!("bpf-linker --version {linker} --locked")),
-        "bpf-linker {linker}"
-    );
-    assert!(dockerfile.contains("--component rust-src"));
-    let runtime = dockerfile
-        .split(" AS build")
-        .nth(1)
-        .unwrap()
-        .split("FROM ")
-        .nth(1)
-        .unwrap();
-    assert!(runtime.contains("USER 65532:65532"), "runs as non-root");
-    assert!(runtime.contains("iproute2"), "link mode needs ip");
-    assert!(runtime.contains("ENTRYPOINT [\"/usr/local/bin/pod-identity-agent\"]"));
-    let setcap = runtime.lines().find(|l| l.contains("setcap")).unwrap();
-    for cap in AGENT_CAPABILITIES {
+    // Each architecture cross-built to a static musl binary, as xtask builds it.
+    for (arch, target) in [
+        ("amd64", "x86_64-unknown-linux-musl"),
+        ("arm64", "aarch64-unknown-linux-musl"),
+    ] {
+        // Compared without whitespace: the formatter decides how xtask lays it out.
+        let flat: String = image.split_whitespace().collect();
         assert!(
-            setcap.contains(&format!("cap_{cap}")),
-            "file capability cap_{cap} missing: {setcap}"
+            flat.contains(&format!("arch:\"{arch}\",target:\"{target}\"")),
+            "{arch}"
+        );
+        assert!(
+            dockerfile.contains(&format!("{arch}) target={target}")),
+            "{arch}"
+        );
+        assert!(dockerfile.contains(target) && dockerfile.contains(&format!("rustup target add")));
+    }
+    assert!(
+        dockerfile.contains(
+            "cargo zigbuild --release --locked --target \"$target\" -p pod-identity-agent"
+        )
+    );
+    assert!(
+        image.split_whitespace().collect::<String>().contains(
+            "\"zigbuild\",\"--release\",\"--target\",target,\"-p\",\"pod-identity-agent\""
+        )
+    );
+    // The runtime: what `cargo xtask image` puts in its layer and config.
+    let entrypoint = constant(&image, "ENTRYPOINT");
+    let ca = constant(&image, "CA_BUNDLE");
+    assert_eq!(stages[1], "FROM scratch");
+    for line in [
+        format!("COPY --from=build /out/pod-identity-agent {entrypoint}"),
+        format!("COPY --from=build {ca} {ca}"),
+        format!("ENV {}={ca}", constant(&image, "CA_ENV")),
+        format!("USER {}", constant(&image, "USER")),
+        format!("ENTRYPOINT [\"{entrypoint}\"]"),
+    ] {
+        assert!(
+            dockerfile.lines().any(|l| l == line),
+            "the Dockerfile lacks `{line}`"
         );
     }
-    let dockerignore = std::fs::read_to_string(repo().join(".dockerignore")).unwrap();
-    assert!(
-        dockerignore.lines().any(|l| l == "target"),
-        "the build context excludes target/"
-    );
 }

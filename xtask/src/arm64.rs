@@ -21,15 +21,12 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    output, run, succeeds,
+    run, succeeds,
     vm::{self, Arch, Kernel, Pattern},
 };
 
 /// The Rust target: musl for a static binary.
 pub const TARGET: &str = "aarch64-unknown-linux-musl";
-/// Pinned: the versions these steps were measured with.
-pub const ZIGLANG: &str = "0.17.1";
-pub const CARGO_ZIGBUILD: &str = "0.24.1";
 /// The arm64 kernel the smoke test boots: the series Amazon Linux 2023 on Graviton runs.
 pub const KERNEL: Kernel = Kernel {
     series: "6.1",
@@ -45,34 +42,9 @@ const VM_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// Installs the cross toolchain and the VM's host packages, idempotently.
 pub fn setup() -> anyhow::Result<()> {
-    crate::apt_install(PACKAGES)?;
-    if !output(Command::new("rustup").args(["target", "list", "--installed"]))
-        .lines()
-        .any(|t| t == TARGET)
-    {
-        run(Command::new("rustup").args(["target", "add", TARGET]))?;
-    }
-    if !output(Command::new("python3").args(["-m", "ziglang", "version"])).starts_with(ZIGLANG) {
-        run(Command::new("python3").args([
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--disable-pip-version-check",
-            &format!("ziglang=={ZIGLANG}"),
-        ]))?;
-    }
-    if !output(Command::new("cargo-zigbuild").arg("--version")).contains(CARGO_ZIGBUILD) {
-        run(Command::new("cargo").args([
-            "install",
-            "cargo-zigbuild",
-            "--version",
-            CARGO_ZIGBUILD,
-            "--locked",
-            "--force",
-        ]))?;
-    }
-    Ok(())
+    crate::install::apt(PACKAGES)?;
+    crate::image::zig()?;
+    crate::image::rust_target(TARGET)
 }
 
 /// The release build for aarch64: the agent, and with `smoke` the smoke-test program. Returns the

@@ -12,37 +12,9 @@ use clap::{Parser, Subcommand};
 mod arm64;
 mod docs;
 mod house;
+mod image;
+mod install;
 mod vm;
-
-const APT_PACKAGES: &[&str] = &[
-    // bpf-linker links the kernel programs with LLVM 22.
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "libzstd-dev",
-    "zlib1g-dev",
-    // Tests: simulated pods and the checks on them.
-    "iproute2",
-    "curl",
-    "bpftool",
-    // Monitoring tests: promtool for the alert rules, a real Prometheus server to query.
-    "prometheus",
-    // Production-path tests: a real forward proxy, certificates for TLS, an OCI runtime.
-    "tinyproxy-bin",
-    "openssl",
-    "runc",
-];
-const BPF_LINKER_VERSION: &str = "0.13.0";
-/// (module to import, PyPI package): real SDK clients the end-to-end tests run inside pods.
-const PIP_PACKAGES: &[(&str, &str)] = &[
-    ("boto3", "boto3"),
-    ("awscli", "awscli<2"),
-    ("prometheus_client", "prometheus-client"),
-    // Deploy tests: manifests against the Kubernetes schemas (kubectl renders them).
-    ("kubernetes_validate", "kubernetes-validate>=1.37"),
-    // The admission policy's CEL, evaluated (tests/admission/check_policy.py).
-    ("celpy", "cel-python"),
-    ("yaml", "pyyaml"),
-];
 
 /// Build orchestration for pod-identity-agent. Every command installs what it needs first
 /// (idempotently), so a fresh machine needs nothing else.
@@ -55,7 +27,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what the build and tests need (idempotent).
+    /// Install what the build, the demo and the tests need (idempotent).
     Setup,
     /// Setup, then build the agent.
     Build {
@@ -96,23 +68,43 @@ enum Task {
     /// The format and lint gates alone: rustfmt, clippy with warnings denied, the house rules
     /// (no import circle, short functions) and the docs' links and commands.
     Lint,
+    /// The agent's OCI image, for x86_64 and aarch64 (static musl binaries, FROM scratch), as an
+    /// OCI layout and archive under target/image.
+    Image,
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
-        Task::Setup => setup(),
-        Task::Build { target: None } => setup().and_then(|()| build()),
-        Task::Build { target: Some(_) } => setup().and_then(|()| arm64::build(false)).map(drop),
-        Task::Test => setup().and_then(|()| build()).and_then(|()| test()),
-        Task::Demo => setup().and_then(|()| build()).and_then(|()| demo()),
-        Task::Bench { profile } => setup().and_then(|()| bench(profile)),
-        Task::Fuzz { seconds } => setup().and_then(|()| fuzz(seconds)),
-        Task::Soak { minutes } => setup().and_then(|()| build()).and_then(|()| soak(minutes)),
-        Task::Matrix { kernel } => setup()
+        Task::Setup => install::test(),
+        Task::Build { target: None } => install::build().and_then(|()| build()),
+        Task::Build { target: Some(_) } => install::build()
+            .and_then(|()| arm64::setup())
+            .and_then(|()| arm64::build(false))
+            .map(drop),
+        Task::Test => install::test().and_then(|()| build()).and_then(|()| test()),
+        Task::Demo => install::demo().and_then(|()| build()).and_then(|()| demo()),
+        Task::Bench { profile } => install::demo().and_then(|()| bench(profile)),
+        Task::Fuzz { seconds } => install::build()
+            .and_then(|()| install::fuzz())
+            .and_then(|()| fuzz(seconds)),
+        Task::Soak { minutes } => install::demo()
+            .and_then(|()| build())
+            .and_then(|()| soak(minutes)),
+        Task::Matrix { kernel } => install::demo()
+            .and_then(|()| vm::setup())
             .and_then(|()| build())
             .and_then(|()| matrix(kernel.as_deref())),
-        Task::Arm64 => setup().and_then(|()| arm64::run_smoke()).map(drop),
-        Task::Lint => setup().and_then(|()| build()).and_then(|()| lint()),
+        Task::Arm64 => install::build()
+            .and_then(|()| arm64::setup())
+            .and_then(|()| arm64::run_smoke())
+            .map(drop),
+        Task::Lint => install::build()
+            .and_then(|()| build())
+            .and_then(|()| lint()),
+        Task::Image => install::build()
+            .and_then(|()| image::setup())
+            .and_then(|()| image::build())
+            .map(drop),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -155,134 +147,25 @@ fn is_root() -> bool {
     output(Command::new("id").arg("-u")).trim() == "0"
 }
 
-/// Installs the Debian packages of `packages` that are missing (without recommends).
-fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
-    let missing: Vec<&str> = packages
-        .iter()
-        .copied()
-        .filter(|p| {
-            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
-                .contains("install ok installed")
-        })
-        .collect();
-    if !missing.is_empty() {
-        if !is_root() {
-            bail!(
-                "missing Debian packages {missing:?}; install them as root: apt-get update && apt-get install -y {}",
-                missing.join(" ")
-            );
-        }
-        run(Command::new("apt-get").args(["update", "-qq"]))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    }
-    Ok(())
-}
-
-/// Installs only what is missing: Debian packages, rust-src for nightly, bpf-linker, pip packages,
-/// the VM tooling of the kernel matrix.
-fn setup() -> anyhow::Result<()> {
-    apt_install(APT_PACKAGES)?;
-    vm::setup()?;
-    arm64::setup()?;
-    fetch_containers_seccomp()?;
-
-    if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
-        run(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-        ]))
-        .context(
-            "the kernel programs need a nightly toolchain (rustup toolchain install nightly)",
-        )?;
-    }
-    if !output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--toolchain",
-        "nightly",
-        "--installed",
-    ]))
-    .lines()
-    .any(|l| l.starts_with("rust-src"))
-    {
-        run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
-    }
-
-    let linker = output(Command::new("bpf-linker").arg("--version"));
-    if !linker.contains(BPF_LINKER_VERSION) {
-        run(Command::new("cargo")
-            .args([
-                "install",
-                "bpf-linker",
-                "--version",
-                BPF_LINKER_VERSION,
-                "--locked",
-                "--force",
-            ])
-            .args(["--no-default-features", "--features", "llvm-22"])
-            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
-        .context("building bpf-linker against Debian's LLVM 22")?;
-    }
-
-    for (module, package) in PIP_PACKAGES {
-        if !succeeds(Command::new("python3").args(["-c", &format!("import {module}")])) {
-            run(Command::new("python3").args([
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--disable-pip-version-check",
-                package,
-            ]))?;
-        }
-    }
-
-    // The AWS SDK for JavaScript v3 credential provider, from tests/node/package-lock.json.
-    let node_dir = workspace_root().join("tests").join("node");
-    if !node_dir
-        .join("node_modules/@aws-sdk/credential-provider-http")
-        .is_dir()
-    {
-        if !succeeds(Command::new("npm").arg("--version")) {
-            bail!(
-                "npm is missing (the Node SDK client test needs it): apt-get install -y nodejs npm"
-            );
-        }
-        run(Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund", "--silent"])
-            .current_dir(&node_dir))?;
-    }
-    Ok(())
-}
-
 /// The seccomp profile Debian's containers-common package ships (CRI-O's and Podman's default),
 /// for the container tests: taken from the package without installing it (it would pull in a
 /// container network stack).
 fn fetch_containers_seccomp() -> anyhow::Result<()> {
     let dir = target_dir().join("oci");
     let profile = dir.join("containers-common-seccomp.json");
-    if profile.exists() {
-        return Ok(());
-    }
-    let deb = vm::download(vm::Arch::Amd64, "golang-github-containers-common")?;
-    let unpacked = dir.join("containers-common");
-    std::fs::create_dir_all(&unpacked)?;
-    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
-    std::fs::copy(unpacked.join("usr/share/containers/seccomp.json"), &profile)
-        .context("containers-common has no seccomp.json")?;
-    Ok(())
+    install::step(
+        "containers-common's seccomp profile",
+        profile.exists(),
+        || {
+            let deb = vm::download(vm::Arch::Amd64, "golang-github-containers-common")?;
+            let unpacked = dir.join("containers-common");
+            std::fs::create_dir_all(&unpacked)?;
+            install::quiet(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+            std::fs::copy(unpacked.join("usr/share/containers/seccomp.json"), &profile)
+                .context("containers-common has no seccomp.json")?;
+            Ok(())
+        },
+    )
 }
 
 fn cargo() -> Command {
@@ -426,9 +309,9 @@ fn bench(profile: bool) -> anyhow::Result<()> {
             "the benchmark creates network namespaces, cgroups and BPF programs: run `cargo xtask bench` as root"
         );
     }
-    apt_install(&["nginx-light", "util-linux"])?;
+    install::apt(&["nginx-light", "util-linux"])?;
     if profile {
-        apt_install(&["linux-perf"])?;
+        install::apt(&["linux-perf"])?;
         if !succeeds(Command::new("inferno-flamegraph").arg("--version")) {
             run(Command::new("cargo").args(["install", "inferno", "--locked"]))?;
         }
@@ -468,9 +351,6 @@ const FUZZ_TARGETS: &[&str] = &["token_claims", "cgroup_path", "http_request"];
 /// starting from the checked-in seeds. A crash fails the run and leaves its input in
 /// `agent/fuzz/artifacts/`.
 fn fuzz(seconds: f64) -> anyhow::Result<()> {
-    if !succeeds(Command::new("cargo").args(["fuzz", "--version"])) {
-        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
-    }
     let fuzz_dir = workspace_root().join("agent").join("fuzz");
     for target in FUZZ_TARGETS {
         let corpus = fuzz_dir.join("corpus").join(target);

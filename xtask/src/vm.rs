@@ -164,21 +164,23 @@ fn vm_dir() -> PathBuf {
 
 /// Installs what the VMs need, idempotently.
 pub fn setup() -> anyhow::Result<()> {
-    crate::apt_install(VM_PACKAGES)?;
+    crate::install::apt(VM_PACKAGES)?;
     let venv = vm_dir().join("venv");
-    if !output(Command::new(venv.join("bin/vng")).arg("--version")).contains("1.42") {
-        run(Command::new("/usr/bin/python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv))?;
-        run(Command::new(venv.join("bin/pip")).args([
+    let present = output(Command::new(venv.join("bin/vng")).arg("--version")).contains("1.42");
+    crate::install::step(VIRTME_NG, present, || {
+        crate::install::quiet(
+            Command::new("/usr/bin/python3")
+                .arg("-m")
+                .arg("venv")
+                .arg(&venv),
+        )?;
+        crate::install::quiet(Command::new(venv.join("bin/pip")).args([
             "install",
             "-q",
             "--disable-pip-version-check",
             VIRTME_NG,
-        ]))?;
-    }
-    Ok(())
+        ]))
+    })
 }
 
 /// `program` (apt-get or apt-cache) on the private apt configuration of `arch` under

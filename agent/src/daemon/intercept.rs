@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tokio::net::TcpSocket;
+use tokio::net::{TcpListener, TcpSocket};
 use tracing::warn;
 
 use crate::{
@@ -34,11 +34,44 @@ pub struct Cgroup2 {
 /// How pods' connections reach this agent.
 pub struct Interception {
     pub redirector: Option<Arc<Redirector>>,
-    /// Bound, not yet listening.
-    pub listeners: Vec<TcpSocket>,
+    /// eBPF mode's private sockets, listening since the programs were handed them; link mode's
+    /// sockets, bound (they listen once the agent can serve: they share a port with an agent
+    /// beside this one).
+    pub listeners: Listeners,
     pub mode: &'static str,
     /// Shown in /readyz and the start-up log.
     pub note: String,
+}
+
+pub enum Listeners {
+    Listening(Vec<TcpListener>),
+    Bound(Vec<TcpSocket>),
+}
+
+impl Listeners {
+    /// Their addresses.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        match self {
+            Listeners::Listening(l) => l.iter().filter_map(|l| l.local_addr().ok()).collect(),
+            Listeners::Bound(b) => b.iter().filter_map(|b| b.local_addr().ok()).collect(),
+        }
+    }
+
+    /// Listening, all of them.
+    pub fn listen(self) -> anyhow::Result<Vec<TcpListener>> {
+        match self {
+            Listeners::Listening(l) => Ok(l),
+            Listeners::Bound(bound) => bound
+                .into_iter()
+                .map(|socket| {
+                    let addr = socket.local_addr()?;
+                    socket
+                        .listen(1024)
+                        .with_context(|| format!("listening on {addr}"))
+                })
+                .collect(),
+        }
+    }
 }
 
 /// The cgroup2 hierarchy, which is where the programs attach and how callers are attributed. A
@@ -82,7 +115,7 @@ pub async fn intercept(
             };
             Ok(Interception {
                 redirector: Some(Arc::new(redirector)),
-                listeners,
+                listeners: Listeners::Listening(listeners),
                 mode: "ebpf",
                 note,
             })
@@ -95,29 +128,32 @@ pub async fn intercept(
     }
 }
 
-/// eBPF mode: the agent's private listeners bound, then the programs attached once the cgroup
-/// root exists.
+/// eBPF mode: the agent's private sockets listening, then the programs attached once the
+/// cgroup root exists, with the sockets in hand from the start.
 async fn attach(
     settings: &Settings,
     cgroup2: Result<&Cgroup2, &anyhow::Error>,
     readiness: &Readiness,
-) -> anyhow::Result<(Vec<TcpSocket>, Redirector)> {
+) -> anyhow::Result<(Vec<TcpListener>, Redirector)> {
     let cgroup2 = cgroup2.map_err(|e| {
         anyhow::anyhow!(
             "{e:#}: eBPF mode attributes callers by their cgroup v2 and attaches its programs there (cgroup v1 nodes, such as Amazon Linux 2 by default, have none)"
         )
     })?;
-    let listeners = bind_private(settings)?;
+    let listeners = listen_private(settings)?;
     wait_for_cgroup_root(&cgroup2.root, settings.flags.cgroup_root_wait, readiness).await?;
-    let redirector = Redirector::attach(&RedirectSpec {
-        cgroup_root: cgroup2.root.clone(),
-        intercept: settings.flags.intercept.clone(),
-        target_v4: settings.target_v4,
-        target_v6: settings.target_v6,
-        serve: settings.listen.clone(),
-        agent_cgroup_id: cgroup2.id,
-        pin: settings.flags.pin.clone(),
-    })?;
+    let redirector = Redirector::attach(
+        &RedirectSpec {
+            cgroup_root: cgroup2.root.clone(),
+            intercept: settings.flags.intercept.clone(),
+            target_v4: settings.target_v4,
+            target_v6: settings.target_v6,
+            serve: settings.listen.clone(),
+            agent_cgroup_id: cgroup2.id,
+            pin: settings.flags.pin.clone(),
+        },
+        &listeners,
+    )?;
     Ok((listeners, redirector))
 }
 
@@ -154,7 +190,7 @@ fn link_mode(settings: &Settings, fallback_reason: Option<String>) -> anyhow::Re
     }
     Ok(Interception {
         redirector: None,
-        listeners,
+        listeners: Listeners::Bound(listeners),
         mode: "link",
         note,
     })
@@ -182,10 +218,11 @@ fn detach_pins(settings: &Settings) -> anyhow::Result<Vec<String>> {
 }
 
 /// eBPF mode's listeners: one per family of the addresses the agent serves (`--listen`), on
-/// loopback with a port of the kernel's choosing. Nothing binds the served address itself:
+/// loopback with a port of the kernel's choosing, listening (connections the kernel hands them
+/// before the server accepts wait in the backlog). Nothing binds the served address itself:
 /// `steer` hands these sockets the redirected connections, so no other process can receive them
-/// by binding it, and no one off the node can reach the sockets. Bound, not listening yet.
-fn bind_private(settings: &Settings) -> anyhow::Result<Vec<TcpSocket>> {
+/// by binding it, and no one off the node can reach the sockets.
+fn listen_private(settings: &Settings) -> anyhow::Result<Vec<TcpListener>> {
     let mut sockets = Vec::new();
     let served = |v4: bool| settings.listen.iter().copied().find(|a| a.is_ipv4() == v4);
     for (target, loopback) in [
@@ -199,8 +236,8 @@ fn bind_private(settings: &Settings) -> anyhow::Result<Vec<TcpSocket>> {
         } else {
             TcpSocket::new_v6()
         };
-        match socket.and_then(|s| s.bind(addr).map(|()| s)) {
-            Ok(socket) => sockets.push(socket),
+        match socket.and_then(|s| s.bind(addr).and_then(|()| s.listen(1024))) {
+            Ok(listener) => sockets.push(listener),
             Err(e) if target.is_ipv6() => {
                 warn!(error = %e, %target, "no IPv6 loopback: IPv6 connects to the credential address are not served");
             }

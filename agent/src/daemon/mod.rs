@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch, task::JoinHandle};
+use tokio::{signal::unix::SignalKind, sync::watch, task::JoinHandle};
 use tracing::{debug, error, info, warn};
 
 use self::intercept::{Cgroup2, Interception};
@@ -267,20 +267,7 @@ fn start_serving(
         note,
     } = interception;
     let listen = info.listen.clone();
-    let listeners = listeners
-        .into_iter()
-        .zip(&listen)
-        .map(|(socket, addr)| {
-            socket
-                .listen(1024)
-                .with_context(|| format!("listening on {addr}"))
-        })
-        .collect::<anyhow::Result<Vec<TcpListener>>>()?;
-    if let Some(redirector) = &redirector {
-        for listener in &listeners {
-            redirector.steer_to(listener)?;
-        }
-    }
+    let listeners = listeners.listen()?;
     let graceful = Arc::new(GracefulShutdown::new());
     let accept_loops = listeners
         .into_iter()
@@ -327,11 +314,7 @@ fn agent_info(
         region: source.region,
         eks_auth_endpoint: f.eks_auth_endpoint.clone(),
         fips: f.fips,
-        listen: interception
-            .listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect(),
+        listen: interception.listeners.addrs(),
         serve: if interception.redirector.is_some() {
             settings.listen.clone()
         } else {

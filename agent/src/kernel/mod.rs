@@ -23,10 +23,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::fd::AsFd as _,
     path::{Path, PathBuf},
-    sync::{
-        Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
@@ -115,8 +112,6 @@ pub struct Redirector {
     /// and a delete.
     lookup_and_delete: AtomicBool,
     counts: PerCpuArray<MapData, u64>,
-    /// The agent's listening sockets, where `steer` hands redirected connections.
-    listeners: Mutex<SockMap<MapData>>,
     _logger: tokio::task::JoinHandle<()>,
 }
 
@@ -153,9 +148,11 @@ fn port_filter(intercept: &[SocketAddr]) -> [[u8; 2]; 4] {
 }
 
 impl Redirector {
-    /// Loads, configures and attaches the programs. Must run inside a tokio runtime (the kernel
-    /// log reader is a task).
-    pub fn attach(spec: &RedirectSpec) -> anyhow::Result<Redirector> {
+    /// Loads, configures and attaches the programs, handing `listeners` (the agent's own
+    /// sockets, listening) the redirected connections from the moment the programs take over:
+    /// a surge roll's new agent has them in place before its programs replace the old agent's.
+    /// Must run inside a tokio runtime (the kernel log reader is a task).
+    pub fn attach(spec: &RedirectSpec, listeners: &[TcpListener]) -> anyhow::Result<Redirector> {
         // Fail before attaching anything, rather than halfway (sock_ops in, connect4 refused).
         if let Some(in_the_way) = diagnose::exclusive_in_the_way(&spec.cgroup_root) {
             anyhow::bail!(
@@ -176,6 +173,7 @@ impl Redirector {
             aya_log::EbpfLogger::init(&mut ebpf).context("starting the kernel log reader")?;
         let logger = tokio::spawn(forward_kernel_logs(logger));
         fill_intercepted(&mut ebpf, &spec.intercept)?;
+        fill_listeners(&mut ebpf, listeners)?;
         let cgroup = open_cgroup(&spec.cgroup_root)?;
         let netns = File::open(OWN_NETNS).with_context(|| format!("opening {OWN_NETNS}"))?;
         let sites = Sites {
@@ -222,10 +220,6 @@ impl Redirector {
             ebpf.take_map(names::REDIRECT_COUNTS)
                 .context("REDIRECT_COUNTS map missing")?,
         )?;
-        let listeners = SockMap::try_from(
-            ebpf.take_map(names::LISTENERS)
-                .context("LISTENERS map missing")?,
-        )?;
         Ok(Redirector {
             _ebpf: ebpf,
             attachment,
@@ -233,23 +227,8 @@ impl Redirector {
             connections,
             lookup_and_delete: AtomicBool::new(true),
             counts,
-            listeners: Mutex::new(listeners),
             _logger: logger,
         })
-    }
-
-    /// Hands redirected connections to `listener` from now on (the slot of its address family),
-    /// in place of a previous agent's.
-    pub fn steer_to(&self, listener: &TcpListener) -> anyhow::Result<()> {
-        let local = listener.local_addr()?;
-        let slot = if local.is_ipv4() {
-            listener::V4
-        } else {
-            listener::V6
-        };
-        let mut map = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
-        map.set(slot, listener, 0)
-            .with_context(|| format!("handing {local} to the kernel's steering (LISTENERS)"))
     }
 
     /// The attribution of an accepted connection, removed from the kernel map: each record is
@@ -356,6 +335,26 @@ fn fill_intercepted(ebpf: &mut Ebpf, intercept: &[SocketAddr]) -> anyhow::Result
         intercepted
             .insert(endpoint(*addr), 1, 0)
             .context("filling the intercept map")?;
+    }
+    Ok(())
+}
+
+/// The agent's listening sockets, one per family's slot, where `steer` hands redirected
+/// connections.
+fn fill_listeners(ebpf: &mut Ebpf, listeners: &[TcpListener]) -> anyhow::Result<()> {
+    let map = ebpf
+        .map_mut(names::LISTENERS)
+        .context("LISTENERS map missing")?;
+    let mut map = SockMap::try_from(map)?;
+    for listener in listeners {
+        let local = listener.local_addr()?;
+        let slot = if local.is_ipv4() {
+            listener::V4
+        } else {
+            listener::V6
+        };
+        map.set(slot, listener, 0)
+            .with_context(|| format!("handing {local} to the kernel's steering (LISTENERS)"))?;
     }
     Ok(())
 }

@@ -59,7 +59,7 @@ impl ServerMetrics {
         let refused_family = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "refused_requests",
-            "Requests answered with an error, by reason: not_redirected, cgroup_unknown, not_a_pod (attribution); host_not_allowed; token_invalid, token_pod_mismatch (token binding); pod_rate_limited; upstream_error",
+            "Requests answered with an error, by reason: cgroup_unknown, not_a_pod (attribution); host_not_allowed; token_invalid, token_pod_mismatch (token binding); pod_rate_limited; upstream_error",
             refused_family.clone(),
         );
         let attribution = AtomicHistogram::exponential(0.000_000_5, 2.0, 16);

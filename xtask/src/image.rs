@@ -1,0 +1,325 @@
+//! `cargo xtask image`: the agent's OCI image, built here with nothing to pull. For each
+//! architecture a static binary (musl, cross-built with `cargo zigbuild`), FROM scratch: the
+//! binary, the CA roots it trusts for EKS Auth and STS, and the user the DaemonSet runs it as.
+//! Both go into one multi-arch image index, written as an OCI layout (`target/image/layout`) and
+//! as an archive of it (`target/image/pod-identity-agent.oci.tar`) that `ctr images import`
+//! takes. The layers are plain tar plus gzip, with fixed owners and times: the same source gives
+//! the same digests. `deploy/Dockerfile` builds the same image with `docker buildx`; a test keeps
+//! the two in step (the constants below are what it compares).
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use sha2::{Digest as _, Sha256};
+
+use crate::{install, output, run, target_dir};
+
+/// Pinned: the versions these steps were measured with.
+pub const ZIGLANG: &str = "0.17.1";
+pub const CARGO_ZIGBUILD: &str = "0.24.1";
+/// The image's name, as the manifests and `ctr images import` know it.
+pub const NAME: &str = "localhost/pod-identity-agent";
+/// The agent's path in the image, and the image's entrypoint.
+pub const ENTRYPOINT: &str = "/pod-identity-agent";
+/// The CA roots in the image (Debian's ca-certificates bundle), and the variable that names
+/// them to the agent's TLS stack.
+pub const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+pub const CA_ENV: &str = "SSL_CERT_FILE";
+/// The DaemonSet's user: root, the only one a container's capabilities reach without ambient
+/// capabilities (CAP_BPF and the rest are granted, everything else dropped).
+pub const USER: &str = "0:0";
+
+/// One architecture of the image.
+pub struct Platform {
+    /// OCI's name (`amd64`, `arm64`).
+    pub arch: &'static str,
+    /// Rust's target.
+    pub target: &'static str,
+}
+
+pub const PLATFORMS: [Platform; 2] = [
+    Platform {
+        arch: "amd64",
+        target: "x86_64-unknown-linux-musl",
+    },
+    Platform {
+        arch: "arm64",
+        target: "aarch64-unknown-linux-musl",
+    },
+];
+
+/// The cross toolchain: zig (from PyPI) and cargo-zigbuild, the musl targets, the CA bundle.
+pub fn setup() -> anyhow::Result<()> {
+    zig()?;
+    for p in &PLATFORMS {
+        rust_target(p.target)?;
+    }
+    install::apt(&["ca-certificates", "gzip"])
+}
+
+/// zig as the C cross compiler and linker, and cargo-zigbuild to drive it.
+pub fn zig() -> anyhow::Result<()> {
+    let zig =
+        output(Command::new("python3").args(["-m", "ziglang", "version"])).starts_with(ZIGLANG);
+    install::step(&format!("zig {ZIGLANG} (PyPI)"), zig, || {
+        install::quiet(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            &format!("ziglang=={ZIGLANG}"),
+        ]))
+    })?;
+    let zigbuild = output(Command::new("cargo-zigbuild").arg("--version")).contains(CARGO_ZIGBUILD);
+    install::step(
+        &format!("cargo-zigbuild {CARGO_ZIGBUILD}"),
+        zigbuild,
+        || {
+            install::quiet(Command::new("cargo").args([
+                "install",
+                "cargo-zigbuild",
+                "--version",
+                CARGO_ZIGBUILD,
+                "--locked",
+                "--force",
+            ]))
+        },
+    )
+}
+
+/// The Rust standard library for `target`.
+pub fn rust_target(target: &str) -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))
+        .lines()
+        .any(|t| t == target);
+    install::step(&format!("Rust target {target}"), installed, || {
+        install::quiet(Command::new("rustup").args(["target", "add", target]))
+    })
+}
+
+/// The static release binary for `target`.
+pub fn binary(target: &str) -> anyhow::Result<PathBuf> {
+    run(crate::cargo().args([
+        "zigbuild",
+        "--release",
+        "--target",
+        target,
+        "-p",
+        "pod-identity-agent",
+    ]))
+    .with_context(|| {
+        format!("cross-building for {target} (cargo xtask image installs zig and cargo-zigbuild)")
+    })?;
+    Ok(target_dir()
+        .join(target)
+        .join("release")
+        .join("pod-identity-agent"))
+}
+
+/// Builds both architectures and writes the image; returns the archive.
+pub fn build() -> anyhow::Result<PathBuf> {
+    let dir = target_dir().join("image");
+    let layout = dir.join("layout");
+    let _ = fs::remove_dir_all(&layout);
+    fs::create_dir_all(layout.join("blobs/sha256"))?;
+    let version = env!("CARGO_PKG_VERSION");
+    let mut manifests = Vec::new();
+    for platform in &PLATFORMS {
+        let agent = binary(platform.target)?;
+        let (descriptor, sizes) = write_platform(&layout, platform, &agent, version)?;
+        eprintln!(
+            "xtask: image {NAME}:{version} {}: binary {:.1} MiB, layer {:.1} MiB compressed ({:.1} MiB unpacked)",
+            platform.arch,
+            mib(fs::metadata(&agent)?.len()),
+            mib(sizes.0),
+            mib(sizes.1),
+        );
+        manifests.push(descriptor);
+    }
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests,
+    });
+    let index = blob(&layout, index.to_string().as_bytes())?;
+    let top = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": index.0,
+            "size": index.1,
+            "annotations": {
+                "io.containerd.image.name": format!("{NAME}:{version}"),
+                "org.opencontainers.image.ref.name": format!("{NAME}:{version}"),
+            },
+        }],
+    });
+    fs::write(layout.join("index.json"), top.to_string())?;
+    fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+    let archive = dir.join("pod-identity-agent.oci.tar");
+    let mut tar = Tar::default();
+    tar.tree(&layout, "")?;
+    fs::write(&archive, tar.finish())?;
+    eprintln!(
+        "xtask: image {NAME}:{version} (amd64, arm64): {}",
+        archive.display()
+    );
+    Ok(archive)
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// One architecture's layer, config and manifest; returns the manifest's descriptor and the
+/// layer's (compressed, unpacked) sizes.
+fn write_platform(
+    layout: &Path,
+    platform: &Platform,
+    agent: &Path,
+    version: &str,
+) -> anyhow::Result<(serde_json::Value, (u64, u64))> {
+    let mut tar = Tar::default();
+    tar.file(ENTRYPOINT.trim_start_matches('/'), &fs::read(agent)?, 0o755);
+    for dir in ["etc/", "etc/ssl/", "etc/ssl/certs/"] {
+        tar.dir(dir);
+    }
+    let ca = fs::read(CA_BUNDLE)
+        .with_context(|| format!("reading {CA_BUNDLE} (Debian's ca-certificates)"))?;
+    tar.file(CA_BUNDLE.trim_start_matches('/'), &ca, 0o644);
+    let layer = tar.finish();
+    let diff_id = format!("sha256:{:x}", Sha256::digest(&layer));
+    let gz = gzip(&layer)?;
+    let layer_blob = blob(layout, &gz)?;
+    let config = serde_json::json!({
+        "architecture": platform.arch,
+        "os": "linux",
+        "config": {
+            "Entrypoint": [ENTRYPOINT],
+            "Env": [format!("{CA_ENV}={CA_BUNDLE}")],
+            "User": USER,
+            "Labels": {
+                "org.opencontainers.image.title": "pod-identity-agent",
+                "org.opencontainers.image.version": version,
+            },
+        },
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+    });
+    let config_blob = blob(layout, config.to_string().as_bytes())?;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_blob.0, "size": config_blob.1},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_blob.0, "size": layer_blob.1}],
+    });
+    let manifest_blob = blob(layout, manifest.to_string().as_bytes())?;
+    let descriptor = serde_json::json!({
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": manifest_blob.0,
+        "size": manifest_blob.1,
+        "platform": {"architecture": platform.arch, "os": "linux"},
+    });
+    Ok((descriptor, (gz.len() as u64, layer.len() as u64)))
+}
+
+/// Writes `content` as a blob of the layout; returns its digest and size.
+fn blob(layout: &Path, content: &[u8]) -> anyhow::Result<(String, u64)> {
+    let hex = format!("{:x}", Sha256::digest(content));
+    fs::write(layout.join("blobs/sha256").join(&hex), content)?;
+    Ok((format!("sha256:{hex}"), content.len() as u64))
+}
+
+/// gzip, without a name or a time in the header (`-n`), so the same layer gives the same blob.
+fn gzip(data: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use std::io::Write as _;
+    let mut child = Command::new("gzip")
+        .args(["-n", "-9", "-c"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running gzip")?;
+    let mut stdin = child.stdin.take().expect("piped");
+    let input = data.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let out = child.wait_with_output()?;
+    writer.join().expect("gzip's writer")?;
+    if !out.status.success() {
+        bail!("gzip failed");
+    }
+    Ok(out.stdout)
+}
+
+/// A ustar archive with fixed owners (root) and times (the epoch): reproducible.
+#[derive(Default)]
+pub struct Tar {
+    out: Vec<u8>,
+}
+
+impl Tar {
+    pub fn file(&mut self, path: &str, content: &[u8], mode: u32) {
+        self.header(path, content.len() as u64, mode, b'0');
+        self.out.extend_from_slice(content);
+        self.pad();
+    }
+
+    pub fn dir(&mut self, path: &str) {
+        self.header(path, 0, 0o755, b'5');
+    }
+
+    /// Every file below `dir`, as `prefix/relative path`, in a stable order.
+    pub fn tree(&mut self, dir: &Path, prefix: &str) -> anyhow::Result<()> {
+        let mut entries: Vec<_> = fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+            if entry.file_type()?.is_dir() {
+                self.dir(&format!("{name}/"));
+                self.tree(&entry.path(), &format!("{name}/"))?;
+            } else {
+                self.file(&name, &fs::read(entry.path())?, 0o644);
+            }
+        }
+        Ok(())
+    }
+
+    fn header(&mut self, path: &str, size: u64, mode: u32, kind: u8) {
+        assert!(path.len() <= 100, "tar path too long: {path}");
+        let mut h = [0u8; 512];
+        h[..path.len()].copy_from_slice(path.as_bytes());
+        let octal = |field: &mut [u8], value: u64| {
+            let text = format!("{value:0width$o}", width = field.len() - 1);
+            field[..text.len()].copy_from_slice(text.as_bytes());
+        };
+        octal(&mut h[100..108], u64::from(mode));
+        octal(&mut h[108..116], 0);
+        octal(&mut h[116..124], 0);
+        octal(&mut h[124..136], size);
+        octal(&mut h[136..148], 0);
+        h[148..156].fill(b' ');
+        h[156] = kind;
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
+        let text = format!("{sum:06o}\0 ");
+        h[148..156].copy_from_slice(text.as_bytes());
+        self.out.extend_from_slice(&h);
+    }
+
+    fn pad(&mut self) {
+        self.out.resize(self.out.len().next_multiple_of(512), 0);
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        self.out.extend_from_slice(&[0u8; 1024]);
+        self.out
+    }
+}
