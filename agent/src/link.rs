@@ -93,10 +93,8 @@ impl Netlink {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: a new fd from the kernel, owned here.
-        Ok(Netlink {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-            seq: 0,
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Netlink { fd, seq: 0 })
     }
 
     /// `ip link add NAME type KIND`.

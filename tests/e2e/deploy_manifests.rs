@@ -422,7 +422,7 @@ fn dockerfile_builds_the_image_xtask_builds() {
             dockerfile.contains(&format!("{arch}) target={target}")),
             "{arch}"
         );
-        assert!(dockerfile.contains(target) && dockerfile.contains(&format!("rustup target add")));
+        assert!(dockerfile.contains(target) && dockerfile.contains("rustup target add"));
     }
     assert!(
         dockerfile.contains(

@@ -684,8 +684,18 @@ async fn check_eks_auth(
     let at = client
         .last_endpoint()
         .unwrap_or_else(|| "its endpoint".into());
+    judge_eks_auth(result.map(drop), &at, cluster)
+}
+
+/// What EKS Auth's answer to the probe token says of the node's set-up.
+fn judge_eks_auth(
+    result: Result<(), crate::upstream::UpstreamError>,
+    at: &str,
+    cluster: &str,
+) -> Check {
+    const NAME: &str = "EKS Auth";
     match result {
-        Ok(_) => Check::fail(
+        Ok(()) => Check::fail(
             NAME,
             format!("{at} accepted a deliberately invalid token"),
             "this is not EKS Auth: check --eks-auth-endpoint",
