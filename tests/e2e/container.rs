@@ -17,50 +17,9 @@ use serde_json::Value;
 
 use super::V4_URL;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
 /// The rendered base DaemonSet and its ConfigMap's values.
 fn rendered() -> (Value, BTreeMap<String, String>) {
-    let yaml = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(repo().join("deploy/kubernetes/base"))
-        .output()
-        .expect("kubectl");
-    assert!(
-        yaml.status.success(),
-        "{}",
-        String::from_utf8_lossy(&yaml.stderr)
-    );
-    let out = Command::new("python3")
-        .args(["-c", "import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write as _;
-            c.stdin.take().unwrap().write_all(&yaml.stdout)?;
-            c.wait_with_output()
-        })
-        .unwrap();
-    let docs: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let ds = docs
-        .iter()
-        .find(|d| d["kind"] == "DaemonSet")
-        .unwrap()
-        .clone();
-    let cm = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
-    let data = cm["data"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
-        .collect();
-    (ds, data)
+    pod_identity_e2e::manifests::base_daemonset()
 }
 
 /// A node with IMDS, the fake AWS APIs (reached through the standard endpoint variable), a
@@ -113,8 +72,8 @@ impl ContainerNode {
             ),
         ]);
         let field_refs = BTreeMap::from([
-            ("NODE_IP".to_owned(), self.node.ip4.to_string()),
-            ("NODE_NAME".to_owned(), "node-1".to_owned()),
+            ("status.hostIP".to_owned(), self.node.ip4.to_string()),
+            ("spec.nodeName".to_owned(), "node-1".to_owned()),
         ]);
         let mut config_map = config_map.clone();
         config_map.insert("CLUSTER_NAME".into(), pod_identity_e2e::CLUSTER.into());

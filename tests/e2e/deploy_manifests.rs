@@ -426,12 +426,12 @@ fn dockerfile_builds_the_image_xtask_builds() {
     }
     assert!(
         dockerfile.contains(
-            "cargo zigbuild --release --locked --target \"$target\" -p pod-identity-agent"
+            "cargo zigbuild --release --locked --target \"$target\" -p pod-identity-agent --bin pod-identity-agent"
         )
     );
     assert!(
         image.split_whitespace().collect::<String>().contains(
-            "\"zigbuild\",\"--release\",\"--target\",target,\"-p\",\"pod-identity-agent\""
+            "\"zigbuild\",\"--release\",\"--target\",target,\"-p\",\"pod-identity-agent\",\"--bin\",\"pod-identity-agent\""
         )
     );
     // The runtime: what `cargo xtask image` puts in its layer and config.
@@ -444,6 +444,7 @@ fn dockerfile_builds_the_image_xtask_builds() {
         format!("ENV {}={ca}", constant(&image, "CA_ENV")),
         format!("USER {}", constant(&image, "USER")),
         format!("ENTRYPOINT [\"{entrypoint}\"]"),
+        format!("CMD [\"{}\"]", constant(&image, "CMD")),
     ] {
         assert!(
             dockerfile.lines().any(|l| l == line),

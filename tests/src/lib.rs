@@ -13,6 +13,7 @@ pub mod bpf;
 pub mod fake_aws;
 pub mod fake_imds;
 pub mod jwt;
+pub mod manifests;
 pub mod node;
 pub mod oci;
 pub mod pki;

@@ -736,16 +736,8 @@ impl Pod {
     /// boto3 in the pod, configured only through the variables EKS injects. Ok(access key id,
     /// secret, session token) or Err(what botocore said).
     pub fn boto3(&self, full_uri: &str, token_file: &Path) -> Result<[String; 3], String> {
-        let script = r#"
-import json, boto3
-c = boto3.Session(region_name="us-west-2").get_credentials()
-if c is None:
-    raise SystemExit("no credentials")
-f = c.get_frozen_credentials()
-print(json.dumps([f.access_key, f.secret_key, f.token]))
-"#;
         let mut cmd = self.command("python3");
-        cmd.arg("-c").arg(script);
+        cmd.arg("-c").arg(BOTO3_CREDENTIALS);
         sdk_env(&mut cmd, full_uri, token_file);
         let out = cmd.output().expect("run python3");
         if !out.status.success() {
@@ -763,22 +755,11 @@ print(json.dumps([f.access_key, f.secret_key, f.token]))
         cmd.args(["-m", "awscli", "configure", "list"]);
         sdk_env(&mut cmd, full_uri, token_file);
         let out = cmd.output().expect("run aws cli");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let said = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-        if !out.status.success() {
-            return Err(said);
-        }
-        let line = stdout
-            .lines()
-            .find(|l| l.trim_start().starts_with("access_key"))
-            .ok_or_else(|| said.clone())?;
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        match fields.as_slice() {
-            ["access_key", masked, "container-role", ..] => {
-                Ok(masked.trim_start_matches('*').to_owned())
-            }
-            _ => Err(said),
-        }
+        aws_configure_list_key(
+            out.status.success(),
+            &String::from_utf8_lossy(&out.stdout),
+            &String::from_utf8_lossy(&out.stderr),
+        )
     }
 
     /// The Rust SDK's ECS (container) credentials provider from aws-config, in the pod.
@@ -807,6 +788,37 @@ print(json.dumps([f.access_key, f.secret_key, f.token]))
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+}
+
+/// A Python program that prints the credentials boto3's default chain resolves, as JSON:
+/// [access key id, secret, session token].
+pub const BOTO3_CREDENTIALS: &str = r#"
+import json, boto3
+c = boto3.Session(region_name="us-west-2").get_credentials()
+if c is None:
+    raise SystemExit("no credentials")
+f = c.get_frozen_credentials()
+print(json.dumps([f.access_key, f.secret_key, f.token]))
+"#;
+
+/// From the output of `aws configure list`: Ok(the access key's last four characters) when the
+/// CLI resolved them from the container provider, else Err(what the CLI said).
+pub fn aws_configure_list_key(success: bool, stdout: &str, stderr: &str) -> Result<String, String> {
+    let said = format!("{stdout}{stderr}");
+    if !success {
+        return Err(said);
+    }
+    let line = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("access_key"))
+        .ok_or_else(|| said.clone())?;
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    match fields.as_slice() {
+        ["access_key", masked, "container-role", ..] => {
+            Ok(masked.trim_start_matches('*').to_owned())
+        }
+        _ => Err(said),
     }
 }
 

@@ -284,7 +284,8 @@ pub struct AgentBundle<'a> {
     pub host_paths: BTreeMap<String, PathBuf>,
     /// Values of the ConfigMap the container reads with `envFrom`.
     pub config_map: BTreeMap<String, String>,
-    /// Values of `fieldRef` env (NODE_IP, NODE_NAME), as the kubelet fills them in.
+    /// `fieldRef` values by field path (`status.hostIP`, `spec.nodeName`), as the kubelet fills
+    /// them in.
     pub field_refs: BTreeMap<String, String>,
     /// More environment: what the test's node provides besides the manifest (AWS endpoints).
     pub extra_env: Vec<(String, String)>,
@@ -313,22 +314,11 @@ pub fn agent_config(
     );
     let mut env: Vec<String> =
         vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()];
-    if c["envFrom"].as_array().is_some_and(|e| !e.is_empty()) {
-        env.extend(b.config_map.iter().map(|(k, v)| format!("{k}={v}")));
-    }
-    for e in c["env"].as_array().into_iter().flatten() {
-        let name = e["name"].as_str().unwrap();
-        let value = match e["value"].as_str() {
-            Some(v) => v.to_owned(),
-            None => b
-                .field_refs
-                .get(name)
-                .unwrap_or_else(|| panic!("no value for fieldRef env {name}"))
-                .clone(),
-        };
-        env.push(format!("{name}={value}"));
-    }
-    env.extend(b.extra_env.iter().map(|(k, v)| format!("{k}={v}")));
+    env.extend(
+        crate::manifests::container_env(c, &b.config_map, &b.field_refs, &b.extra_env)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}")),
+    );
     let wanted: Vec<String> = sc["capabilities"]["add"]
         .as_array()
         .into_iter()

@@ -1,9 +1,10 @@
 //! `cargo xtask image`: the agent's OCI image, built here with nothing to pull. For each
 //! architecture a static binary (musl, cross-built with `cargo zigbuild`), FROM scratch: the
 //! binary, the CA roots it trusts for EKS Auth and STS, and the user the DaemonSet runs it as.
-//! Both go into one multi-arch image index, written as an OCI layout (`target/image/layout`) and
-//! as an archive of it (`target/image/pod-identity-agent.oci.tar`) that `ctr images import`
-//! takes. The layers are plain tar plus gzip, with fixed owners and times: the same source gives
+//! Both go into one multi-arch image index, written as an OCI layout
+//! (`target/image/pod-identity-agent/`) and as an archive of it
+//! (`target/image/pod-identity-agent.oci.tar`) that `ctr images import` takes. The real-node
+//! tests' sandbox and workload images are written the same way ([`node_images`]). The layers are plain tar plus gzip, with fixed owners and times: the same source gives
 //! the same digests. `deploy/Dockerfile` builds the same image with `docker buildx`; a test keeps
 //! the two in step (the constants below are what it compares).
 
@@ -23,8 +24,9 @@ pub const ZIGLANG: &str = "0.17.1";
 pub const CARGO_ZIGBUILD: &str = "0.24.1";
 /// The image's name, as the manifests and `ctr images import` know it.
 pub const NAME: &str = "localhost/pod-identity-agent";
-/// The agent's path in the image, and the image's entrypoint.
+/// The agent's path in the image, and the image's entrypoint; its default command.
 pub const ENTRYPOINT: &str = "/pod-identity-agent";
+pub const CMD: &str = "run";
 /// The CA roots in the image (Debian's ca-certificates bundle), and the variable that names
 /// them to the agent's TLS stack.
 pub const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -111,6 +113,8 @@ pub fn binary(target: &str) -> anyhow::Result<PathBuf> {
         target,
         "-p",
         "pod-identity-agent",
+        "--bin",
+        "pod-identity-agent",
     ]))
     .with_context(|| {
         format!("cross-building for {target} (cargo xtask image installs zig and cargo-zigbuild)")
@@ -123,21 +127,135 @@ pub fn binary(target: &str) -> anyhow::Result<PathBuf> {
 
 /// Builds both architectures and writes the image; returns the archive.
 pub fn build() -> anyhow::Result<PathBuf> {
-    let dir = target_dir().join("image");
-    let layout = dir.join("layout");
-    let _ = fs::remove_dir_all(&layout);
-    fs::create_dir_all(layout.join("blobs/sha256"))?;
     let version = env!("CARGO_PKG_VERSION");
-    let mut manifests = Vec::new();
+    let mut platforms = Vec::new();
     for platform in &PLATFORMS {
         let agent = binary(platform.target)?;
-        let (descriptor, sizes) = write_platform(&layout, platform, &agent, version)?;
         eprintln!(
-            "xtask: image {NAME}:{version} {}: binary {:.1} MiB, layer {:.1} MiB compressed ({:.1} MiB unpacked)",
+            "xtask: {} binary: {:.1} MiB, static",
             platform.arch,
-            mib(fs::metadata(&agent)?.len()),
-            mib(sizes.0),
-            mib(sizes.1),
+            mib(fs::metadata(&agent)?.len())
+        );
+        platforms.push(agent_platform(platform, &agent, version)?);
+    }
+    let archive = write_image(
+        "pod-identity-agent",
+        &format!("{NAME}:{version}"),
+        platforms,
+    )?;
+    eprintln!(
+        "xtask: image {NAME}:{version} (amd64, arm64): {} ({:.1} MiB)",
+        archive.display(),
+        mib(fs::metadata(&archive)?.len())
+    );
+    Ok(archive)
+}
+
+/// The node's images besides the agent's, for the real-node tests (amd64, the VM's): the
+/// sandbox ("pause") image containerd starts every pod with, and a workload image whose
+/// userland is the node's own `/usr`, mounted by the pod spec (so curl, Python, boto3 and the
+/// AWS CLI run in CRI containers without an image of their own). Returns their archives.
+pub fn node_images() -> anyhow::Result<Vec<PathBuf>> {
+    // Debian's busybox-static: one static binary. Its `sleep` is the pause process: CRI stops a
+    // sandbox with SIGKILL and the pods here do not share a PID namespace, so nothing is reaped.
+    let busybox = fs::read("/bin/busybox").context("reading /bin/busybox (busybox-static)")?;
+    let mut pause = Tar::default();
+    pause.dir("bin/");
+    pause.file("bin/busybox", &busybox, 0o755);
+    let pause = PlatformImage {
+        arch: "amd64",
+        layer: pause.finish(),
+        config: serde_json::json!({"Entrypoint": ["/bin/busybox", "sleep", "2147483647"]}),
+    };
+    let mut workload = Tar::default();
+    for dir in ["usr/", "etc/", "tmp/", "root/"] {
+        workload.dir(dir);
+    }
+    for (link, to) in [
+        ("bin", "usr/bin"),
+        ("sbin", "usr/sbin"),
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+    ] {
+        workload.symlink(link, to);
+    }
+    let workload = PlatformImage {
+        arch: "amd64",
+        layer: workload.finish(),
+        config: serde_json::json!({
+            "Cmd": ["/usr/bin/sleep", "infinity"],
+            "Env": ["PATH=/usr/local/bin:/usr/bin:/bin"],
+        }),
+    };
+    Ok(vec![
+        write_image("pod-identity-pause", PAUSE, vec![pause])?,
+        write_image("pod-identity-workload", WORKLOAD, vec![workload])?,
+    ])
+}
+
+/// The sandbox and workload images' names (the real-node tests name them to the CRI).
+pub const PAUSE: &str = "localhost/pod-identity-pause:1";
+pub const WORKLOAD: &str = "localhost/pod-identity-workload:1";
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// One architecture of an image: its single layer (an uncompressed tar) and the image config's
+/// `config` (entrypoint, environment, user).
+struct PlatformImage {
+    arch: &'static str,
+    layer: Vec<u8>,
+    config: serde_json::Value,
+}
+
+/// The agent's layer: the binary and the CA roots.
+fn agent_platform(
+    platform: &Platform,
+    agent: &Path,
+    version: &str,
+) -> anyhow::Result<PlatformImage> {
+    let mut tar = Tar::default();
+    tar.file(ENTRYPOINT.trim_start_matches('/'), &fs::read(agent)?, 0o755);
+    for dir in ["etc/", "etc/ssl/", "etc/ssl/certs/"] {
+        tar.dir(dir);
+    }
+    let ca = fs::read(CA_BUNDLE)
+        .with_context(|| format!("reading {CA_BUNDLE} (Debian's ca-certificates)"))?;
+    tar.file(CA_BUNDLE.trim_start_matches('/'), &ca, 0o644);
+    Ok(PlatformImage {
+        arch: platform.arch,
+        layer: tar.finish(),
+        config: serde_json::json!({
+            "Entrypoint": [ENTRYPOINT],
+            "Cmd": [CMD],
+            "Env": [format!("{CA_ENV}={CA_BUNDLE}")],
+            "User": USER,
+            "Labels": {
+                "org.opencontainers.image.title": "pod-identity-agent",
+                "org.opencontainers.image.version": version,
+            },
+        }),
+    })
+}
+
+/// Writes an image named `name` (`repository:tag`) as an OCI layout, `target/image/<stem>/`,
+/// and as an archive of it, `target/image/<stem>.oci.tar`; returns the archive. More than one
+/// platform makes a multi-arch index.
+fn write_image(stem: &str, name: &str, platforms: Vec<PlatformImage>) -> anyhow::Result<PathBuf> {
+    let dir = target_dir().join("image");
+    let layout = dir.join(stem);
+    let _ = fs::remove_dir_all(&layout);
+    fs::create_dir_all(layout.join("blobs/sha256"))?;
+    let mut manifests = Vec::new();
+    for platform in platforms {
+        let unpacked = platform.layer.len() as u64;
+        let arch = platform.arch;
+        let (descriptor, compressed) = write_platform(&layout, platform)?;
+        eprintln!(
+            "xtask: image {name} {arch}: layer {:.1} MiB (gzip), {:.1} MiB unpacked",
+            mib(compressed),
+            mib(unpacked)
         );
         manifests.push(descriptor);
     }
@@ -155,8 +273,8 @@ pub fn build() -> anyhow::Result<PathBuf> {
             "digest": index.0,
             "size": index.1,
             "annotations": {
-                "io.containerd.image.name": format!("{NAME}:{version}"),
-                "org.opencontainers.image.ref.name": format!("{NAME}:{version}"),
+                "io.containerd.image.name": name,
+                "org.opencontainers.image.ref.name": name,
             },
         }],
     });
@@ -165,53 +283,25 @@ pub fn build() -> anyhow::Result<PathBuf> {
         layout.join("oci-layout"),
         r#"{"imageLayoutVersion":"1.0.0"}"#,
     )?;
-    let archive = dir.join("pod-identity-agent.oci.tar");
+    let archive = dir.join(format!("{stem}.oci.tar"));
     let mut tar = Tar::default();
     tar.tree(&layout, "")?;
     fs::write(&archive, tar.finish())?;
-    eprintln!(
-        "xtask: image {NAME}:{version} (amd64, arm64): {}",
-        archive.display()
-    );
     Ok(archive)
 }
 
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
-}
-
-/// One architecture's layer, config and manifest; returns the manifest's descriptor and the
-/// layer's (compressed, unpacked) sizes.
+/// One architecture's layer (gzip), config and manifest; returns the manifest's descriptor and
+/// the compressed layer's size.
 fn write_platform(
     layout: &Path,
-    platform: &Platform,
-    agent: &Path,
-    version: &str,
-) -> anyhow::Result<(serde_json::Value, (u64, u64))> {
-    let mut tar = Tar::default();
-    tar.file(ENTRYPOINT.trim_start_matches('/'), &fs::read(agent)?, 0o755);
-    for dir in ["etc/", "etc/ssl/", "etc/ssl/certs/"] {
-        tar.dir(dir);
-    }
-    let ca = fs::read(CA_BUNDLE)
-        .with_context(|| format!("reading {CA_BUNDLE} (Debian's ca-certificates)"))?;
-    tar.file(CA_BUNDLE.trim_start_matches('/'), &ca, 0o644);
-    let layer = tar.finish();
-    let diff_id = format!("sha256:{:x}", Sha256::digest(&layer));
-    let gz = gzip(&layer)?;
-    let layer_blob = blob(layout, &gz)?;
+    platform: PlatformImage,
+) -> anyhow::Result<(serde_json::Value, u64)> {
+    let diff_id = format!("sha256:{:x}", Sha256::digest(&platform.layer));
+    let layer_blob = blob(layout, &gzip(&platform.layer)?)?;
     let config = serde_json::json!({
         "architecture": platform.arch,
         "os": "linux",
-        "config": {
-            "Entrypoint": [ENTRYPOINT],
-            "Env": [format!("{CA_ENV}={CA_BUNDLE}")],
-            "User": USER,
-            "Labels": {
-                "org.opencontainers.image.title": "pod-identity-agent",
-                "org.opencontainers.image.version": version,
-            },
-        },
+        "config": platform.config,
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
     });
     let config_blob = blob(layout, config.to_string().as_bytes())?;
@@ -228,7 +318,7 @@ fn write_platform(
         "size": manifest_blob.1,
         "platform": {"architecture": platform.arch, "os": "linux"},
     });
-    Ok((descriptor, (gz.len() as u64, layer.len() as u64)))
+    Ok((descriptor, layer_blob.1))
 }
 
 /// Writes `content` as a blob of the layout; returns its digest and size.
@@ -275,6 +365,14 @@ impl Tar {
         self.header(path, 0, 0o755, b'5');
     }
 
+    pub fn symlink(&mut self, path: &str, target: &str) {
+        self.header(path, 0, 0o777, b'2');
+        let at = self.out.len() - 512;
+        assert!(target.len() <= 100, "symlink target too long: {target}");
+        self.out[at + 157..at + 157 + target.len()].copy_from_slice(target.as_bytes());
+        self.checksum(at);
+    }
+
     /// Every file below `dir`, as `prefix/relative path`, in a stable order.
     pub fn tree(&mut self, dir: &Path, prefix: &str) -> anyhow::Result<()> {
         let mut entries: Vec<_> = fs::read_dir(dir)?.collect::<Result<_, _>>()?;
@@ -304,14 +402,19 @@ impl Tar {
         octal(&mut h[116..124], 0);
         octal(&mut h[124..136], size);
         octal(&mut h[136..148], 0);
-        h[148..156].fill(b' ');
         h[156] = kind;
         h[257..263].copy_from_slice(b"ustar\0");
         h[263..265].copy_from_slice(b"00");
-        let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
-        let text = format!("{sum:06o}\0 ");
-        h[148..156].copy_from_slice(text.as_bytes());
         self.out.extend_from_slice(&h);
+        self.checksum(self.out.len() - 512);
+    }
+
+    /// The header at `at`'s checksum: the byte sum with the checksum field as spaces.
+    fn checksum(&mut self, at: usize) {
+        let h = &mut self.out[at..at + 512];
+        h[148..156].fill(b' ');
+        let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
     }
 
     fn pad(&mut self) {

@@ -36,6 +36,8 @@ const TEST_PACKAGES: &[&str] = &[
     "openssl",
     "runc",
     "protobuf-compiler",
+    // The real node's sandbox (pause) image is Debian's static busybox.
+    "busybox-static",
 ];
 /// (module to import, PyPI package): the tests' other clients and checkers.
 const TEST_PIP: &[(&str, &str)] = &[
@@ -200,6 +202,13 @@ pub fn build() -> anyhow::Result<()> {
     )
 }
 
+/// What `cargo xtask lint` needs: the build's, and protoc for the CRI API (clippy builds every
+/// crate, the real-node tests' among them).
+pub fn lint() -> anyhow::Result<()> {
+    build()?;
+    apt(&["protobuf-compiler"])
+}
+
 /// What `cargo xtask demo` needs: the build's, the simulated node's tools, boto3.
 pub fn demo() -> anyhow::Result<()> {
     build()?;
@@ -208,7 +217,7 @@ pub fn demo() -> anyhow::Result<()> {
 }
 
 /// What `cargo xtask test` needs: the demo's, and every test's tools, the kernels' VMs, the
-/// arm64 cross toolchain, the container runtimes.
+/// arm64 cross toolchain and image builder, the container runtimes and the real node's.
 pub fn test() -> anyhow::Result<()> {
     demo()?;
     apt(TEST_PACKAGES)?;
@@ -218,6 +227,7 @@ pub fn test() -> anyhow::Result<()> {
     vm::setup()?;
     arm64::setup()?;
     crate::image::setup()?;
+    crate::real_node::setup()?;
     crate::fetch_containers_seccomp()
 }
 

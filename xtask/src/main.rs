@@ -14,6 +14,7 @@ mod docs;
 mod house;
 mod image;
 mod install;
+mod real_node;
 mod vm;
 
 /// Build orchestration for pod-identity-agent. Every command installs what it needs first
@@ -65,6 +66,9 @@ enum Task {
     },
     /// Cross-build for aarch64, the smoke test on Debian's arm64 6.1 kernel under QEMU.
     Arm64,
+    /// The agent's image on a real node: containerd's CRI, runc and a CNI bridge inside the
+    /// 6.1 VM, pods with SDK clients (root).
+    RealNode,
     /// The format and lint gates alone: rustfmt, clippy with warnings denied, the house rules
     /// (no import circle, short functions) and the docs' links and commands.
     Lint,
@@ -98,9 +102,11 @@ fn main() -> ExitCode {
             .and_then(|()| arm64::setup())
             .and_then(|()| arm64::run_smoke())
             .map(drop),
-        Task::Lint => install::build()
+        Task::RealNode => install::test()
             .and_then(|()| build())
-            .and_then(|()| lint()),
+            .and_then(|()| real_node::run())
+            .map(drop),
+        Task::Lint => install::lint().and_then(|()| build()).and_then(|()| lint()),
         Task::Image => install::build()
             .and_then(|()| image::setup())
             .and_then(|()| image::build())
@@ -230,6 +236,7 @@ fn test() -> anyhow::Result<()> {
         .arg("test")
         .args(PACKAGES)
         .args(["-p", "xtask", "--lib", "--bins"]))?;
+    run(cargo().args(["test", "-p", "pod-identity-cri", "--lib"]))?;
     fuzz(TEST_FUZZ_SECONDS)?;
     if !is_root() {
         bail!(
@@ -243,6 +250,7 @@ fn test() -> anyhow::Result<()> {
         .args(["--test", "e2e", "--", "--test-threads", "4"])
         .env("PIA_AGENT_BIN", agent_binary()))?;
     matrix(None)?;
+    real_node::run()?;
     arm64::run_smoke().map(drop)
 }
 
@@ -280,16 +288,25 @@ fn matrix(series: Option<&str>) -> anyhow::Result<()> {
 
 /// The end-to-end test executable, built with the shared package set.
 fn e2e_binary() -> anyhow::Result<PathBuf> {
+    test_binary(PACKAGES, "e2e")
+}
+
+/// The executable of integration test `test` of `packages`, built (not run).
+fn test_binary(packages: &[&str], test: &str) -> anyhow::Result<PathBuf> {
     let out = cargo()
         .arg("test")
-        .args(PACKAGES)
-        .args(["--test", "e2e", "--no-run", "--message-format=json"])
+        .args(packages)
+        .args(["--test", test, "--no-run", "--message-format=json"])
         .stderr(std::process::Stdio::inherit())
         .output()?;
+    if !out.status.success() {
+        bail!("building test {test} failed");
+    }
+    let name = format!("\"name\":\"{test}\"");
     let stdout = String::from_utf8_lossy(&out.stdout);
     stdout
         .lines()
-        .filter(|l| l.contains("\"name\":\"e2e\"") && l.contains("\"test\":true"))
+        .filter(|l| l.contains(&name) && l.contains("\"test\":true"))
         .find_map(|l| {
             l.split("\"executable\":\"")
                 .nth(1)?
@@ -297,7 +314,7 @@ fn e2e_binary() -> anyhow::Result<PathBuf> {
                 .next()
                 .map(PathBuf::from)
         })
-        .context("cargo did not report the e2e test executable")
+        .with_context(|| format!("cargo did not report the {test} test executable"))
 }
 
 /// Release builds (the agent, and the agent with a counting allocator), nginx for the

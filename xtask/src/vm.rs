@@ -50,23 +50,30 @@ pub const KERNELS: &[Kernel] = &[
 /// living in a `matrix` module of the e2e suite (`tests/README.md`), listed from the test binary
 /// itself, so naming or adding one needs no change here.
 pub fn matrix_tests(e2e: &Path) -> anyhow::Result<Vec<String>> {
-    let listed = Command::new(e2e)
-        .args(["--list", "--format", "terse"])
-        .output()
-        .with_context(|| format!("listing the tests of {}", e2e.display()))?;
-    if !listed.status.success() {
-        bail!("{} --list failed", e2e.display());
-    }
-    let tests: Vec<String> = String::from_utf8_lossy(&listed.stdout)
-        .lines()
-        .filter_map(|l| l.strip_suffix(": test"))
+    let tests: Vec<String> = list_tests(e2e)?
+        .into_iter()
         .filter(|name| name.starts_with("matrix::") || name.contains("::matrix::"))
-        .map(str::to_owned)
         .collect();
     if tests.is_empty() {
         bail!("the e2e suite declares no kernel-facing tests (a `matrix` module)");
     }
     Ok(tests)
+}
+
+/// The tests of a libtest binary.
+pub fn list_tests(binary: &Path) -> anyhow::Result<Vec<String>> {
+    let listed = Command::new(binary)
+        .args(["--list", "--format", "terse"])
+        .output()
+        .with_context(|| format!("listing the tests of {}", binary.display()))?;
+    if !listed.status.success() {
+        bail!("{} --list failed", binary.display());
+    }
+    Ok(String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .map(str::to_owned)
+        .collect())
 }
 
 pub struct Kernel {
@@ -271,7 +278,7 @@ fn apt_lists(arch: Arch) -> anyhow::Result<()> {
         .flatten()
         .any(|e| e.file_name().to_string_lossy().contains("_Packages"))
     {
-        run(&mut apt(arch, "apt-get", &["update"]))
+        crate::install::quiet(&mut apt(arch, "apt-get", &["update"]))
             .context("updating the private apt lists (Debian's archive)")?;
     }
     Ok(())
@@ -296,7 +303,7 @@ pub fn download(arch: Arch, package: &str) -> anyhow::Result<PathBuf> {
     if let Some(deb) = find() {
         return Ok(deb);
     }
-    run(apt(arch, "apt-get", &["download", package]).current_dir(&debs))
+    crate::install::quiet(apt(arch, "apt-get", &["download", package]).current_dir(&debs))
         .with_context(|| format!("downloading {package}"))?;
     find().context("downloaded package not found")
 }
@@ -323,46 +330,57 @@ fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
 /// Boots `kernel` and runs the end-to-end binary `e2e` inside with the [`matrix_tests`].
 pub fn run_matrix_on(kernel: &Kernel, e2e: &Path, agent: &Path) -> anyhow::Result<Outcome> {
     let tests = matrix_tests(e2e)?;
+    let mut args = vec![
+        "--exact".to_owned(),
+        "--test-threads".to_owned(),
+        "2".to_owned(),
+    ];
+    args.extend(tests.iter().cloned());
+    run_in_vm(
+        kernel,
+        &GuestRun {
+            name: kernel.series,
+            binary: e2e,
+            tests: &tests,
+            args: &args,
+            env: &[("PIA_AGENT_BIN", agent.display().to_string())],
+            before: "",
+            memory: "2G",
+        },
+    )
+}
+
+/// A test binary's run inside a VM.
+pub struct GuestRun<'a> {
+    /// Names the results file (`target/vm/results/<name>.txt`).
+    pub name: &'a str,
+    pub binary: &'a Path,
+    /// The tests that must report.
+    pub tests: &'a [String],
+    /// The binary's arguments (the test filter among them).
+    pub args: &'a [String],
+    /// The variables the tests read, besides the common ones.
+    pub env: &'a [(&'a str, String)],
+    /// Shell lines the guest runs first.
+    pub before: &'a str,
+    pub memory: &'a str,
+}
+
+/// Boots `kernel` under virtme-ng (the host's root read-only) and runs `run` inside, in the
+/// tests' directory, as root; every test of `run.tests` that does not report counts as failed.
+pub fn run_in_vm(kernel: &Kernel, run: &GuestRun<'_>) -> anyhow::Result<Outcome> {
     let (version, dir) = fetch(kernel)?;
     let out_dir = vm_dir().join("results");
     fs::create_dir_all(&out_dir)?;
-    let results = out_dir.join(format!("{}.txt", kernel.series));
+    let results = out_dir.join(format!("{}.txt", run.name));
     let _ = fs::remove_file(&results);
-    // The host's Python (boto3 and the rest of the test clients are installed there) and tools.
-    let python = output(Command::new("python3").args([
-        "-c",
-        "import sys, os; print(os.path.dirname(sys.executable))",
-    ]));
-    let script = vm_dir().join(format!("guest-{}.sh", kernel.series));
-    let names: Vec<String> = tests.iter().map(|t| format!("'{t}'")).collect();
-    fs::write(
-        &script,
-        format!(
-            "set -u\n\
-             export PATH={python}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
-             export PIA_AGENT_BIN={agent}\n\
-             export RUST_BACKTRACE=0\n\
-             export PIA_TIME_SCALE={TIME_SCALE}\n\
-             export SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt\n\
-             ulimit -l unlimited 2>/dev/null\n\
-             cd {tests}\n\
-             echo \"kernel $(uname -r)\"\n\
-             {e2e} --exact --test-threads 2 {names} > {results} 2>&1\n\
-             status=$?\n\
-             cat {results}\n\
-             exit $status\n",
-            python = python.trim(),
-            agent = agent.display(),
-            tests = crate::workspace_root().join("tests").display(),
-            e2e = e2e.display(),
-            names = names.join(" "),
-            results = results.display(),
-        ),
-    )?;
+    let script = vm_dir().join(format!("guest-{}.sh", run.name));
+    fs::write(&script, guest_script(run, &results))?;
     let kernel_image = dir.join("boot").join(format!("vmlinuz-{version}"));
     eprintln!(
-        "xtask: booting {version} under QEMU (TCG) for {} tests",
-        tests.len()
+        "xtask: booting {version} under QEMU (TCG) for {} tests of {}",
+        run.tests.len(),
+        run.binary.file_name().unwrap_or_default().to_string_lossy()
     );
     let started = Instant::now();
     let venv_bin = vm_dir().join("venv/bin");
@@ -374,7 +392,14 @@ pub fn run_matrix_on(kernel: &Kernel, e2e: &Path, agent: &Path) -> anyhow::Resul
     let status = Command::new("timeout")
         .args(["-k", "20", &VM_TIMEOUT.as_secs().to_string()])
         .arg(venv_bin.join("vng"))
-        .args(["--disable-kvm", "--cpus", "2", "--memory", "2G", "--run"])
+        .args([
+            "--disable-kvm",
+            "--cpus",
+            "2",
+            "--memory",
+            run.memory,
+            "--run",
+        ])
         .arg(&kernel_image)
         .arg("--rwdir")
         .arg(&out_dir)
@@ -392,28 +417,17 @@ pub fn run_matrix_on(kernel: &Kernel, e2e: &Path, agent: &Path) -> anyhow::Resul
         .context("running vng (cargo xtask setup installs it)")?;
     let took = started.elapsed();
     let report = fs::read_to_string(&results).unwrap_or_default();
-    let mut passed = Vec::new();
-    let mut failed = Vec::new();
-    for line in report.lines() {
-        let Some(rest) = line.strip_prefix("test ") else {
-            continue;
-        };
-        if let Some(name) = rest.strip_suffix(" ... ok") {
-            passed.push(name.to_owned());
-        } else if let Some(name) = rest.strip_suffix(" ... FAILED") {
-            failed.push(name.to_owned());
-        }
-    }
-    let ran = passed.len() + failed.len();
-    if ran < tests.len() {
+    let (passed, mut failed) = reported(&report);
+    if passed.len() + failed.len() < run.tests.len() {
         eprintln!(
-            "xtask: {version}: {ran} of {} tests reported (vng exit {:?}); guest output:\n{}{}",
-            tests.len(),
+            "xtask: {version}: {} of {} tests reported (vng exit {:?}); guest output:\n{}{}",
+            passed.len() + failed.len(),
+            run.tests.len(),
             status.status.code(),
             String::from_utf8_lossy(&status.stdout),
             String::from_utf8_lossy(&status.stderr)
         );
-        for name in &tests {
+        for name in run.tests {
             if !passed.iter().chain(&failed).any(|n| n == name) {
                 failed.push(format!("{name} (did not report)"));
             }
@@ -428,6 +442,61 @@ pub fn run_matrix_on(kernel: &Kernel, e2e: &Path, agent: &Path) -> anyhow::Resul
         failed,
         took,
     })
+}
+
+/// The guest's script: the host's Python and tools on the PATH, the tests' variables, then the
+/// binary with its output in `results`.
+fn guest_script(run: &GuestRun<'_>, results: &Path) -> String {
+    // The host's Python (boto3 and the rest of the test clients are installed there) and tools.
+    let python = output(Command::new("python3").args([
+        "-c",
+        "import sys, os; print(os.path.dirname(sys.executable))",
+    ]));
+    let env: String = run
+        .env
+        .iter()
+        .map(|(k, v)| format!("export {k}='{v}'\n"))
+        .collect();
+    let args: Vec<String> = run.args.iter().map(|a| format!("'{a}'")).collect();
+    format!(
+        "set -u\n\
+         export PATH={python}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
+         export RUST_BACKTRACE=0\n\
+         export PIA_TIME_SCALE={TIME_SCALE}\n\
+         export SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt\n\
+         {env}\
+         ulimit -l unlimited 2>/dev/null\n\
+         {before}\n\
+         cd {tests}\n\
+         echo \"kernel $(uname -r)\"\n\
+         {binary} {args} > {results} 2>&1\n\
+         status=$?\n\
+         cat {results}\n\
+         exit $status\n",
+        python = python.trim(),
+        before = run.before,
+        tests = crate::workspace_root().join("tests").display(),
+        binary = run.binary.display(),
+        args = args.join(" "),
+        results = results.display(),
+    )
+}
+
+/// The tests a libtest report says passed, and those it says failed.
+fn reported(report: &str) -> (Vec<String>, Vec<String>) {
+    let mut passed = Vec::new();
+    let mut failed = Vec::new();
+    for line in report.lines() {
+        let Some(rest) = line.strip_prefix("test ") else {
+            continue;
+        };
+        if let Some(name) = rest.strip_suffix(" ... ok") {
+            passed.push(name.to_owned());
+        } else if let Some(name) = rest.strip_suffix(" ... FAILED") {
+            failed.push(name.to_owned());
+        }
+    }
+    (passed, failed)
 }
 
 /// Runs the matrix on every kernel, one VM after the other; fails if any test failed anywhere.

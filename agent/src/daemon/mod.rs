@@ -325,6 +325,11 @@ fn agent_info(
         cgroup_id: cgroup2.as_ref().ok().map(|c| c.id),
         metrics_addr: f.metrics_addr,
         pin: f.pin.clone(),
+        programs: interception
+            .redirector
+            .as_ref()
+            .map(|r| r.program_ids())
+            .unwrap_or_default(),
     }
 }
 

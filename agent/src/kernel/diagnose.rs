@@ -6,6 +6,7 @@
 //! first; `BPF_PROG_QUERY` on the cgroup and its ancestors names the second.
 
 use std::{
+    collections::BTreeMap,
     fs::File,
     io,
     os::fd::AsFd as _,
@@ -101,8 +102,40 @@ fn attach_type(program: &str) -> Option<u32> {
         names::SOCK_OPS => Some(3),
         names::CONNECT4 => Some(10),
         names::CONNECT6 => Some(11),
+        names::SK_LOOKUP => Some(36),
         _ => None,
     }
+}
+
+/// The ids of the programs the kernel has attached where the agent's go, per program name: the
+/// cgroup programs' attach types directly at `cgroup` (the attach root), `steer`'s at this
+/// process's network namespace. Only ids: naming a program by id takes CAP_SYS_ADMIN, which the
+/// agent's container does not have; the running agent reports its own ids (`/v1/agent`).
+pub fn attached(cgroup: &Path) -> BTreeMap<&'static str, Vec<u32>> {
+    let netns = File::open("/proc/self/ns/net");
+    let cgroup = File::open(cgroup);
+    [
+        names::CONNECT4,
+        names::CONNECT6,
+        names::SOCK_OPS,
+        names::SK_LOOKUP,
+    ]
+    .into_iter()
+    .map(|program| {
+        let target = if program == names::SK_LOOKUP {
+            &netns
+        } else {
+            &cgroup
+        };
+        let ids = match (target, attach_type(program)) {
+            (Ok(target), Some(attach_type)) => bpf_sys::prog_query(target.as_fd(), attach_type)
+                .map(|(_, ids)| ids)
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        (program, ids)
+    })
+    .collect()
 }
 
 /// Before anything is attached: a sentence naming a program that would make one of the agent's
@@ -151,14 +184,18 @@ fn program_in_the_way(site: &AttachSite<'_>) -> Option<String> {
     None
 }
 
-/// `program 'name' (id N)`, as much as the kernel tells.
-fn describe_program(id: u32) -> String {
-    let name = aya::programs::loaded_programs()
+/// A loaded program's name, when the kernel has one for it.
+fn program_name(id: u32) -> Option<String> {
+    aya::programs::loaded_programs()
         .flatten()
         .find(|p| p.id() == id)
         .and_then(|p| p.name_as_str().map(str::to_owned))
-        .filter(|n| !n.is_empty());
-    match name {
+        .filter(|n| !n.is_empty())
+}
+
+/// `program 'name' (id N)`, as much as the kernel tells.
+fn describe_program(id: u32) -> String {
+    match program_name(id) {
         Some(name) => format!("program '{name}' (id {id})"),
         None => format!("program id {id}"),
     }

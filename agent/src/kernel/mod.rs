@@ -18,6 +18,7 @@ pub mod metrics;
 mod pins;
 
 use std::{
+    collections::BTreeMap,
     fs::File,
     io,
     net::{IpAddr, SocketAddr},
@@ -40,6 +41,7 @@ use pod_identity_common::{
 };
 use tokio::{io::unix::AsyncFd, net::TcpListener};
 
+pub use self::diagnose::attached;
 use self::{
     diagnose::explain,
     install::{Target, install},
@@ -102,7 +104,7 @@ pub struct RedirectCounts {
 
 pub struct Redirector {
     /// Owns the programs and their links; dropping it detaches everything not pinned.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     pub attachment: Attachment,
     /// Pinned objects of another layout that this agent detached, for the log and /readyz.
     pub detached: Vec<PathBuf>,
@@ -148,6 +150,23 @@ fn port_filter(intercept: &[SocketAddr]) -> [[u8; 2]; 4] {
 }
 
 impl Redirector {
+    /// The kernel's id of each of the agent's programs, by name: what `BPF_PROG_QUERY` on the
+    /// attach points shows, so the doctor can tell this agent's attachments from any other's.
+    pub fn program_ids(&self) -> BTreeMap<String, u32> {
+        [
+            names::CONNECT4,
+            names::CONNECT6,
+            names::SOCK_OPS,
+            names::SK_LOOKUP,
+        ]
+        .into_iter()
+        .filter_map(|name| {
+            let id = self.ebpf.program(name)?.info().ok()?.id();
+            Some((name.to_owned(), id))
+        })
+        .collect()
+    }
+
     /// Loads, configures and attaches the programs, handing `listeners` (the agent's own
     /// sockets, listening) the redirected connections from the moment the programs take over:
     /// a surge roll's new agent has them in place before its programs replace the old agent's.
@@ -221,7 +240,7 @@ impl Redirector {
                 .context("REDIRECT_COUNTS map missing")?,
         )?;
         Ok(Redirector {
-            _ebpf: ebpf,
+            ebpf,
             attachment,
             detached,
             connections,

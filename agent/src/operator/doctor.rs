@@ -15,6 +15,7 @@ use std::{
 };
 
 use clap::Args;
+use pod_identity_common::names;
 
 use super::eks::{ClusterArgs, Eks};
 use crate::{
@@ -195,7 +196,7 @@ async fn check_node(args: &DoctorArgs, report: &mut dyn FnMut(Check)) -> Option<
     let mount = attribution::cgroup2_mount(cgroup_root.as_deref()).ok();
     let cgroup_root = cgroup_root.or_else(|| mount.clone());
     report(check_cgroup_root(cgroup_root.as_deref()));
-    report(check_kernel(cgroup_root.as_deref()).await);
+    report(check_kernel(cgroup_root.as_deref(), agent.as_ref().ok()).await);
     match agent {
         Ok(agent) => {
             report(Check::ok(
@@ -341,7 +342,7 @@ fn check_cgroup_root(root: Option<&Path>) -> Check {
 
 /// Loads the programs and attaches them to a scratch cgroup, detached after; where no cgroup can
 /// be created (a read-only mount in the agent's pod) it loads them only.
-async fn check_kernel(root: Option<&Path>) -> Check {
+async fn check_kernel(root: Option<&Path>, agent: Option<&AgentInfo>) -> Check {
     const NAME: &str = "kernel programs";
     kernel::raise_memlock_limit();
     let scratch = root.map(|r| r.join(format!("pod-identity-doctor-{}", std::process::id())));
@@ -368,6 +369,20 @@ async fn check_kernel(root: Option<&Path>) -> Check {
                 Some(Err(e)) => format!("cannot create a scratch cgroup: {e}"),
                 _ => "no cgroup root".to_owned(),
             };
+            // Where nothing can be attached (the agent's container: a read-only cgroup mount),
+            // the running agent's own attachments show that attaching works here.
+            let cgroup_programs = [names::CONNECT4, names::CONNECT6, names::SOCK_OPS];
+            if let (Some(root), Some(agent)) = (root, agent)
+                && not_attached(agent, root, &cgroup_programs).is_empty()
+            {
+                return Check::ok(
+                    NAME,
+                    format!(
+                        "connect4, connect6 and sock_ops load (the verifier accepts them), and the running agent's are attached at {}",
+                        root.display()
+                    ),
+                );
+            }
             Check::warn(
                 NAME,
                 format!(
@@ -481,11 +496,7 @@ fn check_redirect(agent: &AgentInfo, mount: Option<&Path>) -> Check {
         .and_then(|m| attribution::own_cgroup(m).ok())
         .map(|(_, id)| id);
     if own.is_some() && own == agent.cgroup_id {
-        return Check::warn(
-            NAME,
-            "not tried: the doctor runs in the agent's own cgroup, whose connects are deliberately not redirected",
-            "run the doctor on the node (or in any other pod) to test the redirect",
-        );
+        return redirect_attachments(agent);
     }
     let host = if target.port() == 80 {
         target.ip().to_string()
@@ -518,6 +529,66 @@ fn check_redirect(agent: &AgentInfo, mount: Option<&Path>) -> Check {
             ),
         ),
     }
+}
+
+/// The redirect, judged from the kernel's attachments: what the doctor can verify from the
+/// agent's own cgroup (`kubectl exec` into the agent), whose connects are deliberately not
+/// redirected, so a connect from here proves nothing.
+fn redirect_attachments(agent: &AgentInfo) -> Check {
+    const NAME: &str = "redirect";
+    let root = agent
+        .cgroup_root
+        .as_deref()
+        .unwrap_or(Path::new("/sys/fs/cgroup"));
+    if agent.programs.is_empty() {
+        return Check::warn(
+            NAME,
+            "not tried: the doctor runs in the agent's own cgroup, whose connects are deliberately not redirected, and the agent does not report its programs",
+            "run the doctor on the node (or in any other pod) to test the redirect",
+        );
+    }
+    let missing = not_attached(
+        agent,
+        root,
+        &[names::CONNECT4, names::CONNECT6, names::SK_LOOKUP],
+    );
+    if missing.is_empty() {
+        return Check::ok(
+            NAME,
+            format!(
+                "connect4 and connect6 are attached at {} (above every pod) and steer at this network namespace; not tried from here: the doctor shares the agent's cgroup, whose connects are not redirected",
+                root.display()
+            ),
+        );
+    }
+    Check::fail(
+        NAME,
+        format!(
+            "{} not attached (connect4 and connect6 at {}, steer at the node's network namespace): pods' connects do not reach the agent",
+            missing.join(", "),
+            root.display()
+        ),
+        format!(
+            "read the agent's log; bpftool cgroup tree {}",
+            root.display()
+        ),
+    )
+}
+
+/// Which of `programs` the kernel does not show attached where the running agent's go: the
+/// ids it reports against `BPF_PROG_QUERY` at the cgroup root and the network namespace.
+fn not_attached<'a>(agent: &AgentInfo, root: &Path, programs: &[&'a str]) -> Vec<&'a str> {
+    let attached = kernel::attached(root);
+    programs
+        .iter()
+        .copied()
+        .filter(|name| {
+            let id = agent.programs.get(*name);
+            !attached
+                .get(name)
+                .is_some_and(|ids| id.is_some_and(|id| ids.contains(id)))
+        })
+        .collect()
 }
 
 fn check_metrics(agent: &AgentInfo) -> Check {

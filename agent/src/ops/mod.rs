@@ -5,6 +5,7 @@
 pub mod listener;
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex, OnceLock},
@@ -76,6 +77,10 @@ pub struct AgentInfo {
     pub cgroup_id: Option<u64>,
     pub metrics_addr: SocketAddr,
     pub pin: Option<PathBuf>,
+    /// eBPF mode: the kernel's id of each of the agent's programs, by name, so the doctor can
+    /// find this agent's attachments.
+    #[serde(default)]
+    pub programs: BTreeMap<String, u32>,
 }
 
 fn eks_auth() -> String {
