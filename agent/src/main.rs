@@ -5,8 +5,7 @@
 //! with what each room does and one request's walk through them, is `docs/architecture.md`.
 #![warn(clippy::too_many_lines)]
 
-#[cfg(feature = "count-allocations")]
-mod alloc_count;
+mod allocator;
 mod attribution;
 mod aws;
 mod cache;
@@ -72,6 +71,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    #[cfg(feature = "dhat-heap")]
+    let _profile = allocator::profile();
     let cli = Cli::parse();
     let (name, result) = match cli.command {
         Command::Run(args) => return daemon::run(args),

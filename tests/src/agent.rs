@@ -269,7 +269,11 @@ impl Agent {
     }
 
     pub fn wait_ready(&mut self, node: &Node) {
-        let timeout = crate::patient(Duration::from_secs(30));
+        self.wait_ready_for(node, crate::patient(Duration::from_secs(30)));
+    }
+
+    /// Waits for readiness up to `timeout` (an agent under valgrind starts in minutes).
+    pub fn wait_ready_for(&mut self, node: &Node, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok((200, _)) = node.http_get(self.probe, "/readyz") {

@@ -104,9 +104,15 @@ pub fn rust_target(target: &str) -> anyhow::Result<()> {
     })
 }
 
-/// The static release binary for `target`.
+/// The static release binary for `target`, as the image carries it.
 pub fn binary(target: &str) -> anyhow::Result<PathBuf> {
-    run(crate::cargo().args([
+    binary_with(target, &[])
+}
+
+/// The static release binary for `target` with the agent's `features` (the bench's variants).
+pub fn binary_with(target: &str, features: &[&str]) -> anyhow::Result<PathBuf> {
+    let mut cmd = crate::cargo();
+    cmd.args([
         "zigbuild",
         "--release",
         "--target",
@@ -115,8 +121,11 @@ pub fn binary(target: &str) -> anyhow::Result<PathBuf> {
         "pod-identity-agent",
         "--bin",
         "pod-identity-agent",
-    ]))
-    .with_context(|| {
+    ]);
+    if !features.is_empty() {
+        cmd.arg("--features").arg(features.join(","));
+    }
+    run(&mut cmd).with_context(|| {
         format!("cross-building for {target} (cargo xtask image installs zig and cargo-zigbuild)")
     })?;
     Ok(target_dir()

@@ -10,6 +10,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod arm64;
+mod bench;
 mod docs;
 mod house;
 mod image;
@@ -41,11 +42,15 @@ enum Task {
     Test,
     /// Setup, build, simulated pods get credentials through the eBPF redirect (root).
     Demo,
-    /// Setup, release build, every performance scenario against its baseline (root).
+    /// Setup, release builds (the shipped static binary and its variants), every performance
+    /// scenario against its baseline, the allocators compared (root).
     Bench {
-        /// A flame graph of the keep-alive run too.
+        /// Flame graphs of the keep-alive and burst runs too.
         #[arg(long)]
         profile: bool,
+        /// The call site of each allocation a cached request makes (dhat).
+        #[arg(long)]
+        heap_profile: bool,
     },
     /// Every fuzz target for a while (cargo-fuzz, nightly).
     Fuzz {
@@ -87,7 +92,15 @@ fn main() -> ExitCode {
             .map(drop),
         Task::Test => install::test().and_then(|()| build()).and_then(|()| test()),
         Task::Demo => install::demo().and_then(|()| build()).and_then(|()| demo()),
-        Task::Bench { profile } => install::demo().and_then(|()| bench(profile)),
+        Task::Bench {
+            profile,
+            heap_profile,
+        } => install::demo().and_then(|()| {
+            bench::run_bench(&bench::Options {
+                profile,
+                heap_profile,
+            })
+        }),
         Task::Fuzz { seconds } => install::build()
             .and_then(|()| install::fuzz())
             .and_then(|()| fuzz(seconds)),
@@ -213,8 +226,12 @@ const TEST_SOAK_MINUTES: f64 = 2.0;
 /// The format and lint gates: one format (rustfmt.toml, nightly rustfmt for its import
 /// grouping), clippy with warnings denied, the house rules, and the docs.
 fn lint() -> anyhow::Result<()> {
-    run(cargo().args(["+nightly", "fmt", "--all", "--check"]))
-        .context("the code is not formatted: run `cargo +nightly fmt --all`")?;
+    // Through rustup: under `cargo xtask`, CARGO names the stable toolchain's cargo itself,
+    // which knows no `+nightly`.
+    run(Command::new("rustup")
+        .args(["run", "nightly", "cargo", "fmt", "--all", "--check"])
+        .current_dir(workspace_root()))
+    .context("the code is not formatted: run `cargo +nightly fmt --all`")?;
     run(cargo().args([
         "clippy",
         "--workspace",
@@ -315,51 +332,6 @@ fn test_binary(packages: &[&str], test: &str) -> anyhow::Result<PathBuf> {
                 .map(PathBuf::from)
         })
         .with_context(|| format!("cargo did not report the {test} test executable"))
-}
-
-/// Release builds (the agent, and the agent with a counting allocator), nginx for the
-/// static-file baseline, then every scenario of `tests/src/bin/bench.rs`. With `profile`, perf and
-/// inferno as well, for a flame graph of the keep-alive scenario.
-fn bench(profile: bool) -> anyhow::Result<()> {
-    if !is_root() {
-        bail!(
-            "the benchmark creates network namespaces, cgroups and BPF programs: run `cargo xtask bench` as root"
-        );
-    }
-    install::apt(&["nginx-light", "util-linux"])?;
-    if profile {
-        install::apt(&["linux-perf"])?;
-        if !succeeds(Command::new("inferno-flamegraph").arg("--version")) {
-            run(Command::new("cargo").args(["install", "inferno", "--locked"]))?;
-        }
-    }
-    let release = target_dir().join("release");
-    // The counting build first, kept aside under its own name; then the one that is measured.
-    run(cargo()
-        .args(["build", "--release"])
-        .args(PACKAGES)
-        .args(["--features", "pod-identity-agent/count-allocations"]))?;
-    std::fs::copy(
-        release.join("pod-identity-agent"),
-        release.join("pod-identity-agent-counting"),
-    )
-    .context("keeping the counting build")?;
-    run(cargo().args(["build", "--release"]).args(PACKAGES))?;
-    let mut bench = Command::new(release.join("bench"));
-    bench
-        .current_dir(workspace_root())
-        .env("PIA_AGENT_BIN", release.join("pod-identity-agent"))
-        .env(
-            "PIA_AGENT_COUNTING_BIN",
-            release.join("pod-identity-agent-counting"),
-        )
-        // Per-request debug lines would be measured too.
-        .env("PIA_AGENT_LOG", "warn")
-        .env("PIA_BENCH_OUT", target_dir().join("bench"));
-    if profile {
-        bench.env("PIA_BENCH_PROFILE", "1");
-    }
-    run(&mut bench)
 }
 
 const FUZZ_TARGETS: &[&str] = &["token_claims", "cgroup_path", "http_request"];

@@ -150,7 +150,7 @@ impl Early {
 /// benchmark's build.
 #[cfg(feature = "count-allocations")]
 fn register_allocation_counts(registry: &mut Registry) {
-    use crate::alloc_count::{allocations, live_bytes};
+    use crate::allocator::{allocations, live_bytes};
     metrics::register_sampled_counter(
         registry,
         "process_heap_allocations",

@@ -10,10 +10,12 @@
 //! `GET /allocations` with the count, so the bench compares allocations per request with the
 //! agent's (two relaxed atomic adds per allocation: a few nanoseconds per request).
 
+/// The allocator the counting wrapper forwards to (the agent's file names it `Backing`).
+use std::alloc::System as Backing;
 use std::{convert::Infallible, net::SocketAddr};
 
-#[path = "../../../agent/src/alloc_count.rs"]
-mod alloc_count;
+#[path = "../../../agent/src/allocator/counting.rs"]
+mod counting;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -73,8 +75,8 @@ async fn main() {
                 let body = if req.uri().path() == "/allocations" {
                     Bytes::from(format!(
                         "{} {}",
-                        alloc_count::allocations(),
-                        alloc_count::live_bytes()
+                        counting::allocations(),
+                        counting::live_bytes()
                     ))
                 } else {
                     body.clone()

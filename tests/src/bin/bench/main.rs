@@ -5,6 +5,15 @@
 //! Baselines: a minimal hyper server returning the same bytes (`baseline-server`) and nginx
 //! serving the same JSON as a static file, both reached through the agent's own redirect (the
 //! agent runs with `--redirect-target` pointing at them), so only the server differs.
+//!
+//! The agent measured is `PIA_AGENT_BIN`: xtask passes the shipped static build. Besides the
+//! scenarios here: the allocators compared (`allocators.rs`), instructions per request under
+//! callgrind (`instructions.rs`), and with `--heap-profile` the allocation sites of a cached
+//! request (`heap_profile.rs`).
+
+mod allocators;
+mod heap_profile;
+mod instructions;
 
 use std::{
     collections::BTreeMap,
@@ -15,10 +24,20 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use pod_identity_e2e::{Agent, CgroupShape, FakeAws, Node, Pod, agent::binary};
+use pod_identity_e2e::{Agent, CgroupShape, FakeAws, Node, Pod};
 use serde_json::json;
 
 const SECONDS: f64 = 5.0;
+/// Throughput and latency measure the server, so the per-pod request limit (20/s by default,
+/// which would cap 50 pods at 1,000 req/s) is lifted; it is measured by its own tests.
+const UNLIMITED: [&str; 6] = [
+    "--mode",
+    "ebpf",
+    "--pod-rps",
+    "1000000",
+    "--pod-burst",
+    "1000000",
+];
 const HYPER_PORT: u16 = 2800;
 const NGINX_PORT: u16 = 2801;
 
@@ -32,8 +51,11 @@ struct Load {
     p999_ms: f64,
 }
 
+/// One of the bench's own programs (loadgen, baseline-server), built beside it.
 fn tool(name: &str) -> PathBuf {
-    binary().with_file_name(name)
+    std::env::current_exe()
+        .expect("the bench's path")
+        .with_file_name(name)
 }
 
 fn percentile(sorted: &[u32], q: f64) -> f64 {
@@ -214,10 +236,19 @@ fn args(list: &[&str]) -> Vec<String> {
 }
 
 fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// The most the process has held resident (its start-up peak, read right after start).
+fn peak_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM:")
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
@@ -299,7 +330,8 @@ fn main() {
             .expect("PIA_AGENT_COUNTING_BIN: cargo xtask bench builds it"),
     );
     let profile = std::env::var_os("PIA_BENCH_PROFILE").is_some();
-    // PIA_BENCH_ONLY=throughput,latency,connect,allocations,burst runs only those scenarios.
+    // PIA_BENCH_ONLY=throughput,latency,connect,allocations,burst,instructions,allocators runs
+    // only those scenarios.
     let only = std::env::var("PIA_BENCH_ONLY").ok();
     let selected = |name: &str| {
         only.as_deref()
@@ -323,16 +355,6 @@ fn main() {
     let tokens: Vec<String> = pods.iter().map(Pod::token).collect();
     let token_of = |p: &Pod| tokens[pods.iter().position(|q| q.uid == p.uid).unwrap()].clone();
 
-    // Throughput and latency measure the server, so the per-pod request limit (20/s by default,
-    // which would cap 50 pods at 1,000 req/s) is lifted; it is measured by its own tests.
-    const UNLIMITED: [&str; 6] = [
-        "--mode",
-        "ebpf",
-        "--pod-rps",
-        "1000000",
-        "--pod-burst",
-        "1000000",
-    ];
     // The body the baselines serve: exactly what the agent answers.
     let mut agent = Agent::start(&node, &fake, &UNLIMITED);
     let sample = pods[0].curl("http://169.254.170.23/v1/credentials", &tokens[0]);
@@ -926,6 +948,34 @@ fn main() {
         drop(burst_agent);
     }
     drop(servers);
+    if selected("instructions") {
+        rows.extend(instructions::rows(
+            &node, &fake, &pods, &token_of, &body, &work,
+        ));
+    }
+    let mut sections = String::new();
+    if selected("allocators") {
+        let table = allocators::compare(&node, &fake, &pods, &token_of);
+        if !table.is_empty() {
+            sections.push_str(
+                "
+### Allocators
+
+",
+            );
+            sections.push_str(&table);
+        }
+    }
+    if let Some(dhat) = std::env::var_os("PIA_AGENT_DHAT_BIN") {
+        sections.push_str(&heap_profile::report(
+            Path::new(&dhat),
+            &node,
+            &fake,
+            &pods,
+            &token_of,
+            &work,
+        ));
+    }
 
     // Report.
     let machine = format!(
@@ -979,6 +1029,7 @@ fn main() {
             "baseline_name": r.baseline_name, "ratio": r.ratio, "target": r.target, "met": r.met,
         })).collect::<Vec<_>>(),
     });
+    md.push_str(&sections);
     fs::write(out_dir.join("results.md"), &md).unwrap();
     fs::write(
         out_dir.join("results.json"),
