@@ -195,7 +195,7 @@ impl CgroupIndex {
             pods.iter()
                 .map(|p| {
                     (
-                        p.clone(),
+                        *p,
                         state
                             .pod_dirs
                             .get(p)
@@ -228,7 +228,7 @@ impl IndexState {
                 let dir = pod_dir(cgroup);
                 // The shortest path naming the pod is its own directory.
                 let entry = pod_dirs
-                    .entry(uid.clone())
+                    .entry(*uid)
                     .or_insert_with(|| dir.to_owned());
                 if dir.len() < entry.len() {
                     dir.clone_into(entry);
@@ -485,8 +485,8 @@ mod tests {
         let index = CgroupIndex::build(&dir, &dir).unwrap();
         let uid = PodUid::parse(UID).unwrap();
         let other = PodUid::parse("00000000-0000-0000-0000-0000000000ff").unwrap();
-        let asked = HashSet::from([uid.clone(), other.clone()]);
-        assert_eq!(index.gone(&asked).unwrap(), HashSet::from([other.clone()]));
+        let asked = HashSet::from([uid, other]);
+        assert_eq!(index.gone(&asked).unwrap(), HashSet::from([other]));
         assert_eq!(index.pods(), 1);
         fs::remove_dir_all(&pod).unwrap();
         assert_eq!(index.gone(&asked).unwrap(), asked);

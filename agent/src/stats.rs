@@ -255,7 +255,7 @@ impl PodStatsRegistry {
         self.pods
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(pod.clone())
+            .entry(*pod)
             .or_default()
             .clone()
     }
@@ -290,7 +290,7 @@ impl PodStatsRegistry {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter(|(_, e)| e.last_request_us.load(Ordering::Relaxed) < cutoff)
-            .map(|(uid, _)| uid.clone())
+            .map(|(uid, _)| *uid)
             .collect()
     }
 
@@ -301,7 +301,7 @@ impl PodStatsRegistry {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|(u, e)| (u.clone(), e.clone()))
+            .map(|(u, e)| (*u, e.clone()))
             .collect();
         pods.iter()
             .map(|(uid, entry)| entry.row(uid, now))

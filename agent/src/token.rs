@@ -9,35 +9,34 @@ use serde::Deserialize;
 /// Tokens larger than this are refused before any decoding (real ones are about 1 KiB).
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
-/// A Kubernetes pod UID in canonical form: lowercase, dash separated, 36 characters.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PodUid(String);
+/// A Kubernetes pod UID in canonical form: lowercase, dash separated, 36 characters. Held inline
+/// (no heap): it is copied into every connection's owner, bucket and state.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodUid([u8; 36]);
 
 impl PodUid {
     /// Accepts `8-4-4-4-12` hex groups separated by `-` or `_` (systemd cgroup names use `_`).
     pub fn parse(s: &str) -> Option<PodUid> {
-        let b = s.as_bytes();
-        if b.len() != 36 {
-            return None;
-        }
-        let mut out = String::with_capacity(36);
-        for (i, &c) in b.iter().enumerate() {
-            if matches!(i, 8 | 13 | 18 | 23) {
+        let b: &[u8; 36] = s.as_bytes().try_into().ok()?;
+        let mut out = [0u8; 36];
+        for (i, (&c, o)) in b.iter().zip(out.iter_mut()).enumerate() {
+            *o = if matches!(i, 8 | 13 | 18 | 23) {
                 if c != b'-' && c != b'_' {
                     return None;
                 }
-                out.push('-');
+                b'-'
             } else if c.is_ascii_hexdigit() {
-                out.push(c.to_ascii_lowercase() as char);
+                c.to_ascii_lowercase()
             } else {
                 return None;
-            }
+            };
         }
         Some(PodUid(out))
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        // Lowercase hex digits and dashes only, by construction.
+        std::str::from_utf8(&self.0).expect("a pod UID is ASCII")
     }
 }
 
@@ -49,7 +48,7 @@ impl fmt::Display for PodUid {
 
 impl fmt::Debug for PodUid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PodUid({})", self.0)
+        write!(f, "PodUid({})", self.as_str())
     }
 }
 

@@ -803,12 +803,14 @@ mod matrix {
         let r = pod.curl(V4_URL, &token);
         let refused_in = started.elapsed();
         assert_eq!(r.status, 0, "{}", r.body);
-        // The squatter does listen: a connection that was not redirected reaches it.
-        let _ = pod_identity_e2e::node::http_get(&s.node.netns, served, "/direct");
+        // The squatter does listen: a connection that was not redirected reaches it. Asked
+        // again until heard: a direct connection whose client port is that of the refused
+        // redirected one (whose record the kernel keeps until the LRU drops it) is refused too.
         wait_for(
             "the squatter hears the direct request",
-            Duration::from_secs(5),
+            Duration::from_secs(10),
             || {
+                let _ = pod_identity_e2e::node::http_get(&s.node.netns, served, "/direct");
                 std::fs::read_to_string(&received)
                     .unwrap_or_default()
                     .contains("/direct")

@@ -174,7 +174,7 @@ impl State {
     /// `digest` was accepted: it becomes its pod's token, and the pod's previous one (rotated
     /// away) goes. Returns whether one went.
     fn accepted(&mut self, digest: TokenDigest) -> bool {
-        let Some(pod) = self.entries.get(&digest).map(|e| e.pod.clone()) else {
+        let Some(pod) = self.entries.get(&digest).map(|e| e.pod) else {
             return false;
         };
         match self.pods.insert(pod, digest) {
@@ -486,7 +486,7 @@ impl Entry {
     fn new(req: &Request<'_>, now: Instant) -> Entry {
         Entry {
             token: req.token.clone(),
-            pod: req.pod.clone(),
+            pod: *req.pod,
             account: Arc::from(req.account),
             label: Arc::from(req.label),
             lru_seq: 0,

@@ -99,7 +99,7 @@ async fn get(
     pod: &PodUid,
 ) -> Result<(Arc<AssumedRole>, Outcome), UpstreamError> {
     let token: Arc<str> = Arc::from(token);
-    let owner = Owner::Pod(pod.clone());
+    let owner = Owner::Pod(*pod);
     let req = Request {
         token: &token,
         digest: TokenDigest::of(&token),

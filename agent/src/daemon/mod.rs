@@ -25,7 +25,7 @@ use crate::{
     ops::{self, AgentInfo, Readiness, StateMetrics},
     ratelimit::{OwnerRateLimits, UpstreamLimiter},
     request,
-    server::{CredentialServer, LogOnce, metrics::ServerMetrics},
+    server::{self, CredentialServer, LogOnce, metrics::ServerMetrics},
     source::CredentialSource,
     stats::PodStatsRegistry,
 };
@@ -237,6 +237,7 @@ async fn build_server(
         allowed_hosts: request::allowed_hosts(&f.intercept),
         pods: Default::default(),
         refused_sources: LogOnce::default(),
+        http1: server::http1(),
     });
     Ok((server, source))
 }

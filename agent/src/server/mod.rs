@@ -80,9 +80,25 @@ pub struct CredentialServer {
     pub pods: RwLock<HashMap<PodUid, Arc<PodState>>>,
     /// Sources of connections closed at accept, logged once each.
     pub refused_sources: LogOnce,
+    /// hyper's HTTP/1 settings, made once: each connection shares its timer instead of
+    /// allocating one.
+    pub http1: hyper::server::conn::http1::Builder,
 }
 
-/// Who is on the other end of one accepted connection, found once at accept.
+/// hyper's settings for the credential endpoint: a request head must arrive within
+/// [`HEADER_READ_TIMEOUT`] and fit in [`MAX_BUF_SIZE`].
+pub fn http1() -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_BUF_SIZE);
+    builder
+}
+
+/// Who is on the other end of one accepted connection, found once at accept. Each request gets
+/// a copy (shared state behind `Arc`s, the rest plain values: no allocation).
+#[derive(Clone)]
 struct Connection {
     peer: SocketAddr,
     attribution: Option<Attribution>,
@@ -91,8 +107,6 @@ struct Connection {
     /// Whose request budget this connection's requests spend.
     owner: Owner,
     bucket: Arc<OwnerBucket>,
-    /// Its place under the connection limits, released when the connection ends.
-    _permit: Permit,
 }
 
 /// What one request revealed, for statistics and metrics.
@@ -170,8 +184,10 @@ impl CredentialServer {
             let watcher = graceful.watcher();
             let server = self.clone();
             tokio::spawn(async move {
-                if let Some(conn) = server.admit(peer, attribution, accepted_at).await {
+                if let Some((conn, permit)) = server.admit(peer, attribution, accepted_at).await {
                     server.serve_connection(stream, conn, watcher).await;
+                    // Its place under the connection limits goes when the connection ends.
+                    drop(permit);
                 }
             });
         }
@@ -213,13 +229,13 @@ impl CredentialServer {
         peer: SocketAddr,
         attribution: Option<Attribution>,
         accepted_at: Instant,
-    ) -> Option<Connection> {
+    ) -> Option<(Connection, Permit)> {
         let caller = match &attribution {
             Some(a) => Some(self.caller(a, accepted_at).await),
             None => None,
         };
         let owner = match &caller {
-            Some(Ok(uid)) => Owner::Pod(uid.clone()),
+            Some(Ok(uid)) => Owner::Pod(*uid),
             _ => Owner::Peer(peer.ip()),
         };
         // A refused caller (a node process, a vanished cgroup) counts in the total only: its
@@ -231,14 +247,14 @@ impl CredentialServer {
             pod.stats.connection();
         }
         let bucket = self.rate_limits.bucket(&owner);
-        Some(Connection {
+        let conn = Connection {
             peer,
             attribution,
             caller,
             owner,
             bucket,
-            _permit: permit,
-        })
+        };
+        Some((conn, permit))
     }
 
     async fn serve_connection(
@@ -248,17 +264,13 @@ impl CredentialServer {
         watcher: Watcher,
     ) {
         let _ = stream.set_nodelay(true);
-        let conn = Arc::new(conn);
+        let server = self.clone();
         let service = hyper::service::service_fn(move |req| {
-            let server = self.clone();
+            let server = server.clone();
             let conn = conn.clone();
             async move { Ok::<_, Infallible>(server.handle(&conn, req).await) }
         });
-        let http = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .max_buf_size(MAX_BUF_SIZE)
-            .serve_connection(TokioIo::new(stream), service);
+        let http = self.http1.serve_connection(TokioIo::new(stream), service);
         let _ = watcher.watch(http).await;
     }
 

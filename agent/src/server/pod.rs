@@ -101,12 +101,12 @@ impl CredentialServer {
         let state = PodState {
             stats: self.stats.entry(uid),
             memo: Mutex::default(),
-            uid: uid.clone(),
+            uid: *uid,
         };
         self.pods
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(uid.clone())
+            .entry(*uid)
             .or_insert_with(|| Arc::new(state))
             .clone()
     }
@@ -169,7 +169,7 @@ impl CredentialServer {
         };
         match resolved {
             Resolved::Caller(caller) => match &*caller {
-                Caller::Pod { uid, .. } => Ok(uid.clone()),
+                Caller::Pod { uid, .. } => Ok(*uid),
                 Caller::Host { cgroup } => Err(Refusal::new(
                     StatusCode::FORBIDDEN,
                     Reason::NotAPod,

@@ -1,9 +1,9 @@
 //! Where a cached request's allocations are made (`cargo xtask bench --heap-profile`): the
 //! agent built with the dhat heap profiler serves one pod's requests, on one keep-alive
 //! connection and then on a new connection each, in a run of its own each. The profile it
-//! writes at exit counts the allocations of every call stack; those whose count grows with the
-//! requests (at least half an allocation per request) are the request's, named by the first
-//! frames outside the allocator.
+//! writes at exit counts the allocations of every call stack; those that allocated a whole number
+//! of times per request are the request's, named by the first frames outside the allocator. The profiles stay in the bench's output directory
+//! (`dhat-keep-alive.json`, `dhat-new-connection.json`) for dhat's viewer.
 
 use std::{fs, path::Path, time::Duration};
 
@@ -19,7 +19,7 @@ pub fn report(
     fake: &FakeAws,
     pods: &[Pod],
     token_of: &dyn Fn(&Pod) -> String,
-    work: &Path,
+    out_dir: &Path,
 ) -> String {
     let mut md = String::from("\n### Allocation sites per cached request (dhat)\n");
     for keepalive in [true, false] {
@@ -29,7 +29,7 @@ pub fn report(
             "new connection"
         };
         eprintln!("bench: heap profile, {kind}");
-        let out = work.join(format!("dhat-{}.json", kind.replace(' ', "-")));
+        let out = out_dir.join(format!("dhat-{}.json", kind.replace(' ', "-")));
         let mut agent = Agent::launch(
             node,
             fake,
@@ -62,8 +62,8 @@ pub fn report(
     md
 }
 
-/// The call stacks that allocated at least once per two requests, with their count per request
-/// and their first frames outside the allocator, most first.
+/// The call stacks that allocated a whole number of times per request, with that number and
+/// their first frames outside the allocator, most first.
 fn request_sites(profile: &Value, requests: u64) -> Vec<(f64, String)> {
     let frames: Vec<&str> = profile["ftbl"]
         .as_array()
@@ -75,7 +75,10 @@ fn request_sites(profile: &Value, requests: u64) -> Vec<(f64, String)> {
         .flatten()
         .filter_map(|pp| {
             let per_request = pp["tbk"].as_f64()? / requests as f64;
-            (per_request >= 0.5).then(|| {
+            // A request's allocations come a whole number of times per request; what start-up
+            // made (the kernel's BTF parsed, the cgroup tree walked) does not.
+            let whole = per_request.round() >= 1.0 && (per_request - per_request.round()).abs() < 0.05;
+            whole.then(|| {
                 let named: Vec<String> = pp["fs"]
                     .as_array()
                     .into_iter()
@@ -83,7 +86,7 @@ fn request_sites(profile: &Value, requests: u64) -> Vec<(f64, String)> {
                     .filter_map(|i| frames.get(i.as_u64()? as usize))
                     .map(|f| function_of(f))
                     .filter(|f| !is_allocator(f))
-                    .take(4)
+                    .take(6)
                     .collect();
                 (per_request, named.join(" ← "))
             })
@@ -94,14 +97,27 @@ fn request_sites(profile: &Value, requests: u64) -> Vec<(f64, String)> {
 }
 
 /// `0x1234: path::to::function (file:line:col)` -> `path::to::function`, without closures'
-/// and generics' noise.
+/// noise; the agent's own frames keep their file and line (with a build that has line tables).
 fn function_of(frame: &str) -> String {
     let name = frame.split_once(": ").map_or(frame, |(_, rest)| rest);
-    let name = name.split(" (").next().unwrap_or(name);
-    name.replace("::{{closure}}", "").replace('|', "\\|")
+    let (function, place) = name.split_once(" (").unwrap_or((name, ""));
+    let function = function.replace("::{{closure}}", "").replace('|', "\\|");
+    match place.split_once("agent/src/") {
+        Some((_, at)) => {
+            let at = at.trim_end_matches(')');
+            let line = at.rsplit_once(':').map(|x| x.0).unwrap_or(at);
+            format!("{function} ({line})")
+        }
+        None => function,
+    }
 }
 
 fn is_allocator(function: &str) -> bool {
+    // Frames inlined into others carry a bare name: those of the allocator and of the standard
+    // collections say nothing of where a request allocates.
+    if !function.contains("::") && !function.ends_with(')') {
+        return true;
+    }
     [
         "alloc::",
         "<alloc::",

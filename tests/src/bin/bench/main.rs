@@ -948,6 +948,9 @@ fn main() {
         drop(burst_agent);
     }
     drop(servers);
+    // The first agent (stopped by the throughput rounds, still running when they were skipped)
+    // holds the harness's probe and metrics ports the next agents need.
+    drop(agent);
     if selected("instructions") {
         rows.extend(instructions::rows(
             &node, &fake, &pods, &token_of, &body, &work,
@@ -973,7 +976,7 @@ fn main() {
             &fake,
             &pods,
             &token_of,
-            &work,
+            &out_dir,
         ));
     }
 
