@@ -266,35 +266,53 @@ impl CredentialServer {
         let _ = stream.set_nodelay(true);
         let server = self.clone();
         let service = hyper::service::service_fn(move |req| {
-            let server = server.clone();
-            let conn = conn.clone();
-            async move { Ok::<_, Infallible>(server.handle(&conn, req).await) }
+            let answer = server.handle(&conn, req);
+            async move { Ok::<_, Infallible>(answer.await) }
         });
         let http = self.http1.serve_connection(TokioIo::new(stream), service);
         let _ = watcher.watch(http).await;
     }
 
-    async fn handle(&self, conn: &Connection, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    /// Answers one request. All the request carries is read before the first await and the
+    /// request dropped: on a keep-alive connection hyper reads ahead while the answer is pending,
+    /// and a request still alive pins the read buffer, which hyper must then allocate anew.
+    fn handle(
+        self: &Arc<Self>,
+        conn: &Connection,
+        req: Request<Incoming>,
+    ) -> impl Future<Output = Response<Full<Bytes>>> + Send + use<> {
         let started = Instant::now();
-        match request::route(req.method(), req.uri().path()) {
-            Route::Credentials => {}
-            Route::MethodNotAllowed => {
-                return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported");
-            }
-            Route::NotFound => return text(StatusCode::NOT_FOUND, "not found"),
-        }
         let mut facts = RequestFacts::default();
-        let result = self.credentials(conn, &req, &mut facts).await;
-        let latency = started.elapsed();
-        let (response, refusal) = match result {
-            Ok(response) => (response, None),
-            Err(refusal) => {
-                self.log_refusal(conn, &facts, &refusal, latency);
-                (text(refusal.status, refusal.message.clone()), Some(refusal))
-            }
+        let admitted = match request::route(req.method(), req.uri().path()) {
+            Route::Credentials => Ok(self.admit_request(conn, &req, &mut facts)),
+            Route::MethodNotAllowed => Err(text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "only GET is supported",
+            )),
+            Route::NotFound => Err(text(StatusCode::NOT_FOUND, "not found")),
         };
-        self.record(&facts, response.status(), refusal.as_ref(), latency);
-        response
+        drop(req);
+        let (server, conn) = (self.clone(), conn.clone());
+        async move {
+            let admitted = match admitted {
+                Ok(admitted) => admitted,
+                Err(response) => return response,
+            };
+            let result = match admitted {
+                Ok(token) => server.credentials(&conn, &token, &mut facts).await,
+                Err(refusal) => Err(refusal),
+            };
+            let latency = started.elapsed();
+            let (response, refusal) = match result {
+                Ok(response) => (response, None),
+                Err(refusal) => {
+                    server.log_refusal(&conn, &facts, &refusal, latency);
+                    (text(refusal.status, refusal.message.clone()), Some(refusal))
+                }
+            };
+            server.record(&facts, response.status(), refusal.as_ref(), latency);
+            response
+        }
     }
 
     fn log_refusal(
@@ -366,12 +384,15 @@ impl CredentialServer {
         });
     }
 
-    async fn credentials(
+    /// What a credential request presents, checked before anything is fetched: the caller's
+    /// attribution (eBPF mode), the Host header, the token bound to the caller, and the caller's
+    /// request budget.
+    fn admit_request(
         &self,
         conn: &Connection,
         req: &Request<Incoming>,
         facts: &mut RequestFacts,
-    ) -> Result<Response<Full<Bytes>>, Refusal> {
+    ) -> Result<Arc<BoundToken>, Refusal> {
         // In link mode nothing attributes the caller: the pod is whatever the token says, once
         // the source has accepted the token.
         let attributed = match &conn.caller {
@@ -397,13 +418,24 @@ impl CredentialServer {
                 },
             ));
         }
+        Ok(token)
+    }
+
+    /// The credentials for an admitted request's token: cached, or fetched from the source.
+    async fn credentials(
+        &self,
+        conn: &Connection,
+        token: &BoundToken,
+        facts: &mut RequestFacts,
+    ) -> Result<Response<Full<Bytes>>, Refusal> {
+        let attributed = facts.pod.is_some();
         let lookup = cache::Request {
             token: &token.raw,
             digest: token.digest,
             pod: &token.claims.pod_uid,
             account: &token.account,
             owner: &conn.owner,
-            attributed: attributed.is_some(),
+            attributed,
             label: &token.label,
         };
         let found = self.cache.get(&lookup).await;
