@@ -227,9 +227,7 @@ impl IndexState {
             if let Caller::Pod { uid, cgroup } = &**caller {
                 let dir = pod_dir(cgroup);
                 // The shortest path naming the pod is its own directory.
-                let entry = pod_dirs
-                    .entry(*uid)
-                    .or_insert_with(|| dir.to_owned());
+                let entry = pod_dirs.entry(*uid).or_insert_with(|| dir.to_owned());
                 if dir.len() < entry.len() {
                     dir.clone_into(entry);
                 }

@@ -1,8 +1,8 @@
 //! `cargo xtask bench`: the builds the benchmark measures, then `tests/src/bin/bench.rs`.
 //!
-//! What is measured is what ships: the image's static musl binary for x86_64. Beside it, each
-//! kept under `target/bench/bin`: the same with a counting allocator (allocations per request,
-//! live heap), the same with each other allocator the agent can be built with, and the glibc
+//! What is measured is what ships: the image's static musl binary for x86_64, with jemalloc.
+//! Beside it, each kept under `target/bench/bin`: the same with a counting allocator (allocations
+//! per request, live heap), the same with musl's own allocator and with mimalloc, and the glibc
 //! build, for the allocator comparison; with `--heap-profile`, a build with the dhat heap
 //! profiler, which names the call site of every allocation a request makes.
 
@@ -47,15 +47,12 @@ pub fn run_bench(options: &Options) -> anyhow::Result<()> {
         fs::copy(&built, &kept).with_context(|| format!("keeping the {name} build"))?;
         Ok(kept)
     };
-    let counting = variant("counting", &["count-allocations"])?;
+    let counting = variant("counting", &["count-allocations", "alloc-jemalloc"])?;
     let mut allocators = vec![
+        ("musl (system)".to_owned(), variant("musl", &[])?),
         (
             "mimalloc".to_owned(),
             variant("mimalloc", &["alloc-mimalloc"])?,
-        ),
-        (
-            "jemalloc".to_owned(),
-            variant("jemalloc", &["alloc-jemalloc"])?,
         ),
     ];
     let dhat = if options.heap_profile {
@@ -63,8 +60,8 @@ pub fn run_bench(options: &Options) -> anyhow::Result<()> {
     } else {
         None
     };
-    let shipped = variant("shipped", &[])?;
-    allocators.insert(0, ("musl (system)".to_owned(), shipped.clone()));
+    let shipped = variant("shipped", image::SHIPPED_FEATURES)?;
+    allocators.insert(0, ("jemalloc (shipped)".to_owned(), shipped.clone()));
     // The glibc build, and the bench's own programs (load generator, baseline server).
     run(cargo().args(["build", "--release"]).args(PACKAGES))?;
     let release = target_dir().join("release");

@@ -104,9 +104,13 @@ pub fn rust_target(target: &str) -> anyhow::Result<()> {
     })
 }
 
+/// The features of the shipped build: jemalloc, tuned in `agent/src/allocator` (chosen over
+/// musl's, mimalloc and glibc's by `cargo xtask bench`; docs/performance.md has the table).
+pub const SHIPPED_FEATURES: &[&str] = &["alloc-jemalloc"];
+
 /// The static release binary for `target`, as the image carries it.
 pub fn binary(target: &str) -> anyhow::Result<PathBuf> {
-    binary_with(target, &[])
+    binary_with(target, SHIPPED_FEATURES)
 }
 
 /// The static release binary for `target` with the agent's `features` (the bench's variants).

@@ -36,6 +36,8 @@ pub fn run(args: RunArgs) -> ExitCode {
     maintain::limit_malloc_arenas();
     raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads())
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .enable_all()
         .build()
     {
@@ -53,6 +55,19 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
     }
 }
+
+/// Runtime workers: one per core up to two. Two serve a dense node's pods many times over
+/// (docs/performance.md: tens of thousands of requests a second on the bench's two cores); one
+/// per core on a 96-core node would only hold memory, each worker with its stack and its share
+/// of the allocator's caches.
+fn worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(2))
+}
+
+/// Blocking threads: the cgroup walks (a missed cgroup id, the maintenance pass), and the
+/// resolver's lookups. Each is short; a few in parallel are plenty, and a crowd of new cgroups
+/// cannot make the agent start hundreds of threads.
+const MAX_BLOCKING_THREADS: usize = 8;
 
 /// The soft limit on open files up to the hard one: `--max-connections` (8192 by default) is the
 /// agent's bound on connections, not a soft limit of 1024 some runtimes leave.

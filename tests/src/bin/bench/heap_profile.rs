@@ -77,7 +77,8 @@ fn request_sites(profile: &Value, requests: u64) -> Vec<(f64, String)> {
             let per_request = pp["tbk"].as_f64()? / requests as f64;
             // A request's allocations come a whole number of times per request; what start-up
             // made (the kernel's BTF parsed, the cgroup tree walked) does not.
-            let whole = per_request.round() >= 1.0 && (per_request - per_request.round()).abs() < 0.05;
+            let whole =
+                per_request.round() >= 1.0 && (per_request - per_request.round()).abs() < 0.05;
             whole.then(|| {
                 let named: Vec<String> = pp["fs"]
                     .as_array()
