@@ -15,7 +15,12 @@
 //!   socket map), whatever else is bound to that address; with no agent socket there (the agent
 //!   is down) it is refused. A connection without a record goes where the kernel would send it.
 //!
-//! The connect programs always allow the connect: interception never makes a connect fail.
+//! * The IMDS guard (`--imds`), in the same connect programs: a connect to an IMDS address is
+//!   counted per cgroup in `IMDS_CALLERS` and, with `--imds deny`, refused (EPERM) when it comes
+//!   from a network namespace other than the node's. The node's namespace is learned from the
+//!   agent's own connects (`NODE_NETNS`): the agent runs in it.
+//!
+//! Interception never makes a connect fail; only the IMDS guard in deny mode refuses one.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -24,6 +29,7 @@ mod programs {
     use core::{
         ffi::c_void,
         ptr::{read_volatile, write_volatile},
+        sync::atomic::{AtomicU64, Ordering},
     };
 
     use aya_ebpf::{
@@ -32,23 +38,25 @@ mod programs {
             BPF_TCP_CLOSE,
             sk_action::{SK_DROP, SK_PASS},
         },
+        bindings::BPF_NOEXIST,
         helpers::{
-            bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie,
-            bpf_ktime_get_ns,
+            bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
+            bpf_get_socket_cookie, bpf_ktime_get_ns,
         },
         macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
-        maps::{HashMap, LruHashMap, PerCpuArray, SockMap},
+        maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
         programs::{SkLookupContext, SockAddrContext, SockOpsContext},
     };
     use aya_log_ebpf::warn;
     use pod_identity_common::{
-        Attribution, ConnectionKey, Endpoint, RedirectConfig,
+        Attribution, ConnectionKey, Endpoint, ImdsCount, RedirectConfig,
         counter::{COUNT, NO_AGENT, RECORDED, REDIRECTED_V4, REDIRECTED_V6, STEERED},
-        listener,
+        intercept, listener,
     };
 
-    /// Return value of cgroup/connect programs that lets the connect proceed.
+    /// Return values of cgroup/connect programs: let the connect proceed, or fail it with EPERM.
     const ALLOW: i32 = 1;
+    const DENY: i32 = 0;
     const IPPROTO_TCP: u32 = 6;
     const AF_INET: u32 = 2;
     const AF_INET6: u32 = 10;
@@ -58,9 +66,19 @@ mod programs {
     static CONFIG: RedirectConfig = RedirectConfig::UNSET;
 
     /// Intercepted destinations (IPv4 in v4-mapped form, so connect6 on a dual-stack socket
-    /// matches the same entry). Filled by the agent before the programs are attached.
+    /// matches the same entry), each with what to do ([`intercept`]). Filled by the agent before
+    /// the programs are attached.
     #[map]
     static INTERCEPTED: HashMap<Endpoint, u8> = HashMap::with_max_entries(16, 0);
+
+    /// The node's network namespace cookie: that of the agent's own connects to an intercepted
+    /// address (the agent runs in the node's namespace). 0 until one is seen.
+    #[map]
+    static NODE_NETNS: Array<u64> = Array::with_max_entries(1, 0);
+
+    /// cgroup id -> its connects to IMDS since the agent last took the entry.
+    #[map]
+    static IMDS_CALLERS: LruHashMap<u64, ImdsCount> = LruHashMap::with_max_entries(8_192, 0);
 
     /// socket cookie -> attribution, between connect and sock_ops. Entries live for the
     /// microseconds between the two hooks; LRU covers connects that fail in between.
@@ -102,11 +120,25 @@ mod programs {
         }
     }
 
-    /// The target to send a connect to `dst` to, or None when it must go where it was going.
+    /// What to do with a connect to `dst`: `None` when it is not intercepted (a lookup of a
+    /// connect whose port already matched).
     #[inline(always)]
-    fn redirect_target(dst: &Endpoint) -> Option<(Endpoint, u64)> {
-        INTERCEPTED.get_ptr(dst)?;
+    fn intercepted(dst: &Endpoint) -> Option<u8> {
+        // SAFETY: the value is copied out at once.
+        unsafe { INTERCEPTED.get(dst) }.copied()
+    }
+
+    /// The target to send a connect to the credential address `dst` to, or None when it must go
+    /// where it was going (the agent's own connects, a family without a target).
+    #[inline(always)]
+    fn redirect_target(ctx: &SockAddrContext, dst: &Endpoint) -> Option<(Endpoint, u64)> {
         let config = config();
+        // SAFETY: helper without preconditions.
+        let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        if cgroup_id == config.agent_cgroup_id {
+            learn_node_netns(ctx);
+            return None;
+        }
         let target = if dst.is_v4_mapped() {
             config.target_v4
         } else {
@@ -115,12 +147,81 @@ mod programs {
         if target.is_none() {
             return None;
         }
+        Some((target, cgroup_id))
+    }
+
+    /// The agent's own connect: its network namespace is the node's.
+    #[inline(always)]
+    fn learn_node_netns(ctx: &SockAddrContext) {
+        // SAFETY: ctx is the program's own context pointer.
+        let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut c_void) };
+        if let Some(slot) = NODE_NETNS.get_ptr_mut(0) {
+            // SAFETY: the array's only slot; every writer writes the same value.
+            unsafe { *slot = cookie }
+        }
+    }
+
+    /// A connect to an IMDS address (`kind`: audit or deny): counted for its cgroup, and in deny
+    /// mode refused unless it comes from the node's network namespace (node processes and
+    /// hostNetwork pods). Until the node's namespace is known nothing is refused.
+    #[inline(always)]
+    fn imds_guard(ctx: &SockAddrContext, kind: u8) -> i32 {
         // SAFETY: helper without preconditions.
         let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-        if cgroup_id == config.agent_cgroup_id {
-            return None;
+        if cgroup_id == config().agent_cgroup_id {
+            // The agent's own (its node credentials, on EC2): neither counted nor refused.
+            learn_node_netns(ctx);
+            return ALLOW;
         }
-        Some((target, cgroup_id))
+        let deny = kind == intercept::IMDS_DENY && !in_node_netns(ctx);
+        count_imds(cgroup_id, deny);
+        if deny { DENY } else { ALLOW }
+    }
+
+    #[inline(always)]
+    fn in_node_netns(ctx: &SockAddrContext) -> bool {
+        let node = NODE_NETNS.get(0).copied().unwrap_or(0);
+        // SAFETY: ctx is the program's own context pointer.
+        node == 0 || unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut c_void) } == node
+    }
+
+    #[inline(always)]
+    fn count_imds(cgroup_id: u64, denied: bool) {
+        // SAFETY: helper without preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+        if add_imds(cgroup_id, denied, now) {
+            return;
+        }
+        let fresh = ImdsCount {
+            connects: 1,
+            denied: denied as u64,
+            last_ns: now,
+        };
+        // Another CPU may have made the entry meanwhile: then add to it.
+        if IMDS_CALLERS
+            .insert(&cgroup_id, &fresh, BPF_NOEXIST as u64)
+            .is_err()
+        {
+            add_imds(cgroup_id, denied, now);
+        }
+    }
+
+    /// Adds one connect to the cgroup's entry; false when it has none.
+    #[inline(always)]
+    fn add_imds(cgroup_id: u64, denied: bool, now: u64) -> bool {
+        let Some(entry) = IMDS_CALLERS.get_ptr_mut(&cgroup_id) else {
+            return false;
+        };
+        // SAFETY: a live map value; the counters are updated with atomic adds (the same cgroup
+        // connects on several CPUs at once), the timestamp with a plain store.
+        unsafe {
+            AtomicU64::from_ptr(&raw mut (*entry).connects).fetch_add(1, Ordering::Relaxed);
+            if denied {
+                AtomicU64::from_ptr(&raw mut (*entry).denied).fetch_add(1, Ordering::Relaxed);
+            }
+            (*entry).last_ns = now;
+        }
+        true
     }
 
     #[inline(always)]
@@ -158,7 +259,12 @@ mod programs {
             }
             let ip = read_volatile(&raw const (*sa).user_ip4);
             let dst = Endpoint::v4(ip.to_ne_bytes(), port.to_ne_bytes());
-            let Some((target, cgroup_id)) = redirect_target(&dst) else {
+            match intercepted(&dst) {
+                None => return ALLOW,
+                Some(intercept::CREDENTIALS) => {}
+                Some(imds) => return imds_guard(&ctx, imds),
+            }
+            let Some((target, cgroup_id)) = redirect_target(&ctx, &dst) else {
                 return ALLOW;
             };
             remember(&ctx, cgroup_id, dst);
@@ -218,9 +324,14 @@ mod programs {
                 addr: words_to_bytes(ip),
                 port: port.to_ne_bytes(),
             };
+            match intercepted(&dst) {
+                None => return ALLOW,
+                Some(intercept::CREDENTIALS) => {}
+                Some(imds) => return imds_guard(&ctx, imds),
+            }
             // A v4-mapped destination gets the v4-mapped IPv4 target, which is how target_v4 is
             // stored, so the same bytes serve both cases.
-            let Some((target, cgroup_id)) = redirect_target(&dst) else {
+            let Some((target, cgroup_id)) = redirect_target(&ctx, &dst) else {
                 return ALLOW;
             };
             remember(&ctx, cgroup_id, dst);

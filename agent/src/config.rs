@@ -36,6 +36,28 @@ pub enum SourceKind {
     Sts,
 }
 
+/// What the connect programs do with pods' connects to the instance metadata service.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImdsMode {
+    /// Leave them alone: not counted, not refused.
+    Off,
+    /// Count them per pod (pods, /v1/pods, metrics, the log) and let them through.
+    Audit,
+    /// Count them, and refuse them (EPERM) from pods with a network namespace of their own;
+    /// hostNetwork pods and node processes still reach IMDS.
+    Deny,
+}
+
+impl ImdsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImdsMode::Off => "off",
+            ImdsMode::Audit => "audit",
+            ImdsMode::Deny => "deny",
+        }
+    }
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -142,6 +164,13 @@ pub struct RunArgs {
     /// How pods' connections reach the agent.
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     pub mode: Mode,
+    /// The IMDS guard (eBPF mode): pods' connects to the instance metadata service
+    /// (169.254.169.254, [fd00:ec2::254], port 80), where the node role's credentials are.
+    /// `audit` counts them per pod; `deny` also refuses them from pods with their own network
+    /// namespace (hostNetwork pods and node processes always get through); `off` leaves them
+    /// alone.
+    #[arg(long, value_enum, env = "IMDS_MODE", default_value_t = ImdsMode::Audit)]
+    pub imds: ImdsMode,
     /// Pin the programs' links and maps in this bpffs directory, so a restarted agent takes them
     /// over without a gap in interception (eBPF mode). Without it, exit leaves nothing attached.
     #[arg(long, value_name = "DIR")]
@@ -328,6 +357,11 @@ impl Settings {
             bail!("--cluster-name (or CLUSTER_NAME) must not be empty");
         }
         let source = SourceSettings::resolve(&flags)?;
+        if flags.mode == Mode::Link && flags.imds == ImdsMode::Deny {
+            bail!(
+                "--imds deny needs eBPF mode: in link mode the agent does not see pods' connects, so IMDS would stay open to them; use --mode ebpf, or --imds audit or off"
+            );
+        }
         let listen = if flags.listen.is_empty() {
             node_ip::node_ips()?
                 .into_iter()
@@ -427,6 +461,22 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn imds_deny_needs_ebpf_mode() {
+        let e = Settings::resolve(args(&[
+            "--listen",
+            "198.18.0.1:2704",
+            "--mode",
+            "link",
+            "--imds",
+            "deny",
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("--imds deny needs eBPF mode"), "{e}");
+        let audit = Settings::resolve(args(&["--listen", "198.18.0.1:2704", "--mode", "link"]));
+        assert_eq!(audit.unwrap().flags.imds, ImdsMode::Audit);
     }
 
     #[test]

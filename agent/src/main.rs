@@ -15,6 +15,7 @@ mod credentials;
 mod daemon;
 mod eks_auth;
 mod file_stamp;
+mod imds;
 mod issuer;
 mod kernel;
 mod link;

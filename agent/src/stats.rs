@@ -58,6 +58,14 @@ pub struct PodStats {
     pub latency_p99_ms: Option<f64>,
     /// The pod's latest refused request: why it got no credentials.
     pub last_error: Option<LastError>,
+    /// Connects to IMDS from the pod (the IMDS guard, eBPF mode), refused ones included.
+    pub imds_connects: u64,
+    /// Of those, refused (`--imds deny`).
+    pub imds_denied: u64,
+    pub imds_last_age_seconds: Option<f64>,
+    /// The pod's cgroup, as the IMDS guard found it (it names a pod that never asked for
+    /// credentials, whose name is unknown).
+    pub cgroup: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -124,6 +132,10 @@ pub struct PodEntry {
     /// Seconds since the Unix epoch; 0: none served.
     credential_expiry: AtomicU64,
     latency: LatencyHistogram,
+    imds_connects: AtomicU64,
+    imds_denied: AtomicU64,
+    /// Microseconds since the Unix epoch; 0: never.
+    imds_last_us: AtomicU64,
     strings: Mutex<PodStrings>,
 }
 
@@ -135,6 +147,12 @@ struct PodStrings {
     role_arn: String,
     association_id: String,
     last_error: Option<(u16, String, SystemTime)>,
+    cgroup: String,
+}
+
+/// Seconds from `us` (microseconds since the Unix epoch; 0: never) to `now`.
+fn age_seconds(us: u64, now: SystemTime) -> Option<f64> {
+    (us > 0).then(|| unix_micros(now).saturating_sub(us) as f64 / 1e6)
 }
 
 fn unix_micros(t: SystemTime) -> u64 {
@@ -199,6 +217,23 @@ impl PodEntry {
         }
     }
 
+    /// Connects to IMDS from the pod's cgroup `cgroup` (the kernel's count since the last pass).
+    pub fn imds(&self, connects: u64, denied: u64, at: SystemTime, cgroup: &str) {
+        self.imds_connects.fetch_add(connects, Ordering::Relaxed);
+        self.imds_denied.fetch_add(denied, Ordering::Relaxed);
+        self.imds_last_us.store(unix_micros(at), Ordering::Relaxed);
+        let mut strings = self.strings.lock().unwrap_or_else(|e| e.into_inner());
+        if strings.cgroup != cgroup {
+            cgroup.clone_into(&mut strings.cgroup);
+        }
+    }
+
+    /// The pod's namespace and name, once a token of it was bound to it.
+    pub fn names(&self) -> Option<(String, String)> {
+        let strings = self.strings.lock().unwrap_or_else(|e| e.into_inner());
+        (!strings.pod.is_empty()).then(|| (strings.namespace.clone(), strings.pod.clone()))
+    }
+
     fn row(&self, uid: &PodUid, now: SystemTime) -> PodStats {
         let strings = self.strings.lock().unwrap_or_else(|e| e.into_inner());
         let last_us = self.last_request_us.load(Ordering::Relaxed);
@@ -221,8 +256,7 @@ impl PodEntry {
                 upstream_server: self.errors[4].load(Ordering::Relaxed),
             },
             kernel_redirects: self.kernel_redirects.load(Ordering::Relaxed),
-            last_request_age_seconds: (last_us > 0)
-                .then(|| (unix_micros(now).saturating_sub(last_us)) as f64 / 1e6),
+            last_request_age_seconds: age_seconds(last_us, now),
             credential_expiry: (expiry > 0)
                 .then(|| expiration_string(UNIX_EPOCH + Duration::from_secs(expiry))),
             latency_p50_ms: self.latency.quantile_ms(0.50),
@@ -235,6 +269,10 @@ impl PodEntry {
                     code: code.clone(),
                     age_seconds: now.duration_since(*at).unwrap_or_default().as_secs_f64(),
                 }),
+            imds_connects: self.imds_connects.load(Ordering::Relaxed),
+            imds_denied: self.imds_denied.load(Ordering::Relaxed),
+            imds_last_age_seconds: age_seconds(self.imds_last_us.load(Ordering::Relaxed), now),
+            cgroup: strings.cgroup.clone(),
         }
     }
 }
@@ -258,6 +296,16 @@ impl PodStatsRegistry {
             .entry(*pod)
             .or_default()
             .clone()
+    }
+
+    /// Every pod with an entry.
+    pub fn uids(&self) -> HashSet<PodUid> {
+        self.pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Forgets pods that no longer exist; returns the (namespace, name) of those it forgot.

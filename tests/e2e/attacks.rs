@@ -11,7 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use pod_identity_e2e::{Agent, BpfFs, CgroupShape, Pod, bpf, jwt, node::in_netns};
+use pod_identity_e2e::{
+    Agent, BpfFs, CgroupShape, Pod, bpf, jwt,
+    node::{in_netns, pins_of_this_version},
+};
 
 use super::{Setup, V4_URL, assert_credentials, metric, wait_for};
 
@@ -914,7 +917,7 @@ mod matrix {
             "the older program is detached: {names:?}"
         );
         assert!(!pin.join("links").exists() && !pin.join("maps").exists());
-        assert!(pin.join("v2/links/connect4").exists() && pin.join("notes").exists());
+        assert!(pin.join(pins_of_this_version()).join("links/connect4").exists() && pin.join("notes").exists());
         eprintln!(
             "ATTACK legacy pins: detached {:?}; pod served 200",
             ["links/connect4", "maps/CONNECTIONS"]
@@ -934,7 +937,7 @@ mod matrix {
         unsafe { libc::kill(s.agent.pid() as i32, libc::SIGKILL) };
         s.agent.wait_exit(Duration::from_secs(10));
         assert!(
-            pin.join("v2/links/connect4").exists(),
+            pin.join(pins_of_this_version()).join("links/connect4").exists(),
             "the dead agent's programs stay pinned"
         );
         s.agent = Agent::start(&s.node, &s.fake, &["--mode", "link", "--pin", &pin_arg]);
@@ -963,7 +966,7 @@ mod matrix {
             )
             .unwrap();
         assert!(readyz.contains("pinned programs detached"), "{readyz}");
-        assert!(!pin.join("v2").exists());
+        assert!(!pin.join(pins_of_this_version()).exists());
         assert!(
             bpf::attached(&s.node.cgroup_root).is_empty(),
             "nothing redirects pods elsewhere"

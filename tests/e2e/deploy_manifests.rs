@@ -252,6 +252,7 @@ fn every_flag_in_the_manifests_is_one_the_agent_accepts() {
         "overlays/dual-stack",
         "overlays/link",
         "overlays/hybrid",
+        "overlays/imds-deny",
     ] {
         let a = args(&render(dir));
         assert_eq!(a[0], "run");
@@ -268,6 +269,13 @@ fn every_flag_in_the_manifests_is_one_the_agent_accepts() {
 #[test]
 fn overlays_change_what_they_say() {
     assert!(args(&render("overlays/link")).contains(&"--mode=link".to_owned()));
+    let imds_mode = |dir: &str| {
+        kind(&render(dir), "ConfigMap")["data"]["IMDS_MODE"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    assert_eq!(imds_mode("base").as_deref(), Some("audit"));
+    assert_eq!(imds_mode("overlays/imds-deny").as_deref(), Some("deny"));
     assert!(args(&render("overlays/ipv6")).contains(&"--intercept=[fd00:ec2::23]:80".to_owned()));
     let dual = render("overlays/dual-stack");
     let env = &container(&dual)["env"][0];

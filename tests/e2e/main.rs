@@ -8,6 +8,7 @@ mod container;
 mod deploy_manifests;
 mod deploy_modes;
 mod hostile;
+mod imds_guard;
 mod monitoring;
 mod neighbours;
 mod node_credentials;

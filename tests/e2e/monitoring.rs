@@ -68,7 +68,7 @@ fn dashboard_queries() -> Vec<(String, String)> {
     queries
 }
 
-const ALERTS: [&str; 9] = [
+const ALERTS: [&str; 10] = [
     "PodIdentityAgentDown",
     "PodIdentityAgentNotReady",
     "PodIdentityAgentEksAuthErrors",
@@ -78,6 +78,7 @@ const ALERTS: [&str; 9] = [
     "PodIdentityAgentCacheNearCapacity",
     "PodIdentityAgentPodsThrottled",
     "PodIdentityAgentLinkMode",
+    "PodIdentityAgentPodsUsingNodeRole",
 ];
 
 #[test]
@@ -352,6 +353,15 @@ fn prometheus_scrapes_the_agents_and_every_panel_and_alert_answers_for_the_traff
         "indexer",
         CgroupShape::SystemdGuaranteed,
     );
+    // A pod whose SDK falls back to IMDS (the serving agent's guard counts it).
+    let _imds = pod_identity_e2e::fake_imds::FakeImds::start_in(&node.netns, &fake);
+    let legacy = node.add_pod("legacy", "cron-0", "default", CgroupShape::SystemdBurstable);
+    let reached = legacy
+        .command("curl")
+        .args(["-s", "-o", "/dev/null", "--max-time", "5", "http://169.254.169.254/latest/meta-data/"])
+        .status()
+        .unwrap();
+    assert!(reached.success(), "the pod reaches the fake IMDS in audit mode");
     let api_token = api.token();
     let indexer_token = indexer.token();
     assert_eq!(indexer.curl(V4_URL, &indexer_token).status, 200);
@@ -426,5 +436,6 @@ fn prometheus_scrapes_the_agents_and_every_panel_and_alert_answers_for_the_traff
     assert!(on("PodIdentityAgentDown", "127.0.0.1:2735"));
     assert!(on("PodIdentityAgentNotReady", "127.0.0.1:2715"));
     assert!(on("PodIdentityAgentLinkMode", "127.0.0.1:2725"));
+    assert!(on("PodIdentityAgentPodsUsingNodeRole", "127.0.0.1:2705"));
     drop(agent);
 }

@@ -637,6 +637,12 @@ fn crate_dir() -> PathBuf {
 }
 
 /// A private bpf filesystem for `--pin` tests, unmounted on drop.
+/// The directory of a pin directory where the agent pins its links and maps: `v<N>`, N the
+/// kernel/user contract's version.
+pub fn pins_of_this_version() -> String {
+    format!("v{}", pod_identity_common::CONTRACT_VERSION)
+}
+
 pub struct BpfFs {
     pub dir: PathBuf,
 }
@@ -744,6 +750,44 @@ impl Pod {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
         serde_json::from_slice(&out.stdout).map_err(|e| format!("unexpected boto3 output: {e}"))
+    }
+
+    /// boto3's default chain in the pod with nothing of Pod Identity set, as in a pod without an
+    /// association: it falls back to IMDS. (The access key it found, if any; seconds the chain
+    /// took, measured in the script.)
+    pub fn boto3_default_chain(&self) -> (Option<String>, f64) {
+        let script = r#"
+import json, time, boto3
+t = time.monotonic()
+c = boto3.Session(region_name="us-west-2").get_credentials()
+took = time.monotonic() - t
+print(json.dumps([c.get_frozen_credentials().access_key if c else None, took]))
+"#;
+        let mut cmd = self.command("python3");
+        cmd.arg("-c").arg(script);
+        for var in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+            "AWS_EC2_METADATA_DISABLED",
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.env("AWS_CONFIG_FILE", "/nonexistent")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent");
+        let out = cmd.output().expect("run python3");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the script's JSON");
+        (v[0].as_str().map(str::to_owned), v[1].as_f64().unwrap_or(f64::NAN))
     }
 
     /// The AWS CLI v1 in the pod: `aws configure list` resolves credentials through the CLI's

@@ -11,7 +11,7 @@
 /// The version of the layout below (maps, their keys and values, programs and pin names). Bump
 /// it with any change to them: an agent finding pins of another version detaches them instead of
 /// reusing them.
-pub const CONTRACT_VERSION: u32 = 2;
+pub const CONTRACT_VERSION: u32 = 3;
 
 /// An IP address and TCP port exactly as the kernel holds them: the address as 16 bytes (IPv4 as
 /// the v4-mapped `::ffff:a.b.c.d`) and the port in network byte order.
@@ -140,6 +140,30 @@ pub struct ConnectionKey {
     pub server: Endpoint,
 }
 
+/// What an `INTERCEPTED` entry does with a connect to its endpoint.
+pub mod intercept {
+    /// A credential address: the connect is redirected to the agent.
+    pub const CREDENTIALS: u8 = 1;
+    /// An IMDS address (`--imds audit`): the connect is counted per cgroup and allowed.
+    pub const IMDS_AUDIT: u8 = 2;
+    /// An IMDS address (`--imds deny`): counted, and refused (EPERM) from a network namespace
+    /// other than the node's.
+    pub const IMDS_DENY: u8 = 3;
+}
+
+/// One cgroup's connects to IMDS since the agent last read them (`IMDS_CALLERS`, keyed by cgroup
+/// id; the agent takes each entry and deletes it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ImdsCount {
+    /// Connects seen, refused ones included.
+    pub connects: u64,
+    /// Connects refused (`--imds deny`, from a pod's own network namespace).
+    pub denied: u64,
+    /// `CLOCK_MONOTONIC` nanoseconds of the last connect.
+    pub last_ns: u64,
+}
+
 /// Slots of the `LISTENERS` socket map: the agent's listening socket per address family.
 pub mod listener {
     pub const V4: u32 = 0;
@@ -175,6 +199,8 @@ pub mod names {
     pub const CONNECTIONS: &str = "CONNECTIONS";
     pub const REDIRECT_COUNTS: &str = "REDIRECT_COUNTS";
     pub const LISTENERS: &str = "LISTENERS";
+    pub const NODE_NETNS: &str = "NODE_NETNS";
+    pub const IMDS_CALLERS: &str = "IMDS_CALLERS";
 }
 
 #[cfg(feature = "user")]
@@ -188,6 +214,8 @@ mod user {
     unsafe impl aya::Pod for super::Attribution {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnectionKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ImdsCount {}
 }
 
 #[cfg(test)]
@@ -202,6 +230,7 @@ mod tests {
         assert_eq!(size_of::<Endpoint>(), 18);
         assert_eq!(size_of::<ConnectionKey>(), 36);
         assert_eq!(size_of::<Attribution>(), 8 + 8 + 8 + 18 + 6);
+        assert_eq!(size_of::<ImdsCount>(), 24);
         assert_eq!(
             size_of::<RedirectConfig>(),
             18 + 18 + 4 + 8 + 8 + 18 + 18 + 4

@@ -15,7 +15,7 @@ use tracing::warn;
 
 use crate::{
     attribution::{self, CgroupIndex},
-    config::{Mode, Settings},
+    config::{ImdsMode, Mode, Settings},
     kernel::{self, RedirectSpec, Redirector},
     link,
     ops::{self, Readiness},
@@ -121,6 +121,9 @@ pub async fn intercept(
             })
         }
         Err(e) if mode == Mode::Ebpf => Err(e.context("cannot intercept pods' connections")),
+        Err(e) if settings.flags.imds == ImdsMode::Deny => Err(e.context(
+            "eBPF interception is unavailable, and --imds deny cannot be kept in link mode (it does not see pods' connects): not falling back",
+        )),
         Err(e) => {
             warn!("eBPF interception unavailable, falling back to link mode: {e:#}");
             link_mode(settings, Some(e.to_string()))
@@ -151,6 +154,7 @@ async fn attach(
             serve: settings.listen.clone(),
             agent_cgroup_id: cgroup2.id,
             pin: settings.flags.pin.clone(),
+            imds: settings.flags.imds,
         },
         &listeners,
     )?;
@@ -181,6 +185,10 @@ fn link_mode(settings: &Settings, fallback_reason: Option<String>) -> anyhow::Re
     );
     if let Some(reason) = fallback_reason {
         note.push_str(&format!("; eBPF mode unavailable: {reason}"));
+    }
+    if settings.flags.imds != ImdsMode::Off {
+        warn!("link mode: the IMDS guard is off (pods' connects are not seen); pods that fall back to IMDS get the node role's credentials unnoticed");
+        note.push_str("; the IMDS guard is off: link mode does not see pods' connects");
     }
     if !detached.is_empty() {
         note.push_str(&format!(

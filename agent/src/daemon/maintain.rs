@@ -5,7 +5,7 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use tracing::warn;
 
-use crate::server::CredentialServer;
+use crate::{imds::ImdsGuard, server::CredentialServer};
 
 /// How often the cache and per-pod state are checked against the pods that exist (a deleted
 /// pod's state is gone within this) and refreshes that are due are started.
@@ -19,15 +19,24 @@ const IDLE_PEER: Duration = Duration::from_secs(60);
 
 /// Drops the state of pods that are gone and starts refreshes that are due, every
 /// [`MAINTENANCE_INTERVAL`], until the task is aborted.
-pub async fn maintain(server: Arc<CredentialServer>) {
+pub async fn maintain(server: Arc<CredentialServer>, imds: Option<Arc<ImdsGuard>>) {
     let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let walker = server.clone();
-        let known = server.pod_uids();
-        // Without a cgroup index (link mode on cgroup v1) pods are known only by being idle.
+        let guard = imds.clone();
+        // Blocking: both may walk the cgroup tree. Without a cgroup index (link mode on cgroup
+        // v1) pods are known only by being idle.
         let walked = tokio::task::spawn_blocking(move || {
+            if let (Some(guard), Some(redirector), Some(index)) =
+                (&guard, &walker.redirector, &walker.cgroups)
+            {
+                guard.pass(redirector, index, &walker.stats);
+            }
+            // Every pod with state: those that asked for credentials, and those only the IMDS
+            // guard saw.
+            let known = walker.stats.uids();
             walker
                 .cgroups
                 .as_ref()
@@ -46,6 +55,9 @@ pub async fn maintain(server: Arc<CredentialServer>) {
         };
         server.cache.maintain(&gone);
         server.forget_gone_pods(&gone);
+        if let Some(guard) = &imds {
+            guard.forget(&gone);
+        }
         server.rate_limits.forget_idle_peers(IDLE_PEER);
         return_freed_memory();
     }

@@ -18,8 +18,9 @@ use tracing::{debug, error, info, warn};
 use self::intercept::{Cgroup2, Interception};
 use crate::{
     cache::{CredentialCache, metrics::CacheMetrics},
-    config::{LogFormat, RunArgs, Settings},
+    config::{ImdsMode, LogFormat, RunArgs, Settings},
     connlimit::ConnectionLimits,
+    imds::ImdsGuard,
     kernel::{self, Attachment, metrics::KernelMetrics},
     metrics::{self, ProcessCollector, Registry},
     ops::{self, AgentInfo, Readiness, StateMetrics},
@@ -112,6 +113,7 @@ struct Early {
     server: ServerMetrics,
     cache: CacheMetrics,
     kernel: KernelMetrics,
+    imds: Arc<ImdsGuard>,
     connections: Arc<ConnectionLimits>,
     registry: Arc<Registry>,
 }
@@ -130,6 +132,7 @@ impl Early {
             server: ServerMetrics::register(agent, f.metrics_per_pod),
             cache: CacheMetrics::register(agent, f.max_cache_entries),
             kernel: KernelMetrics::register(agent),
+            imds: Arc::new(ImdsGuard::register(agent, f.imds, f.metrics_per_pod)),
             connections: ConnectionLimits::new(f.max_connections, f.max_connections_per_pod, agent),
             registry: Arc::new(registry),
             readiness,
@@ -194,6 +197,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     early.state.set_mode(interception.mode);
     if let Some(redirector) = &interception.redirector {
         early.kernel.attached(redirector);
+        learn_node_netns(&settings, redirector);
     }
     let (server, source) = build_server(&settings, &early, cgroup2.as_ref(), &interception).await?;
     let info = agent_info(&settings, &cgroup2, &interception, source);
@@ -211,6 +215,22 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     early.readiness.not_ready("shutting down");
     let _ = shutdown_tx.send(true);
     running.stop(&settings, server).await
+}
+
+/// `--imds deny` tells the node's network namespace from pods' by the programs' sight of one of
+/// the agent's own connects: made here, once the programs are attached.
+fn learn_node_netns(settings: &Settings, redirector: &kernel::Redirector) {
+    if settings.flags.imds != ImdsMode::Deny {
+        return;
+    }
+    let Some(address) = settings.flags.intercept.first() else {
+        return;
+    };
+    if !redirector.learn_node_netns(*address) {
+        warn!(
+            "--imds deny: the node's network namespace is not known yet, so no IMDS connect is refused until one of the agent's own connects shows it"
+        );
+    }
 }
 
 /// What the credential source says of itself, for `/v1/agent`.
@@ -289,7 +309,10 @@ fn start_serving(
         .into_iter()
         .map(|l| tokio::spawn(server.clone().serve(l, shutdown.clone(), graceful.clone())))
         .collect();
-    let maintenance = tokio::spawn(maintain::maintain(server.clone()));
+    // The guard's counts are kept only where the programs count (eBPF mode, guard on).
+    let imds = (redirector.is_some() && settings.flags.imds != ImdsMode::Off)
+        .then(|| early.imds.clone());
+    let maintenance = tokio::spawn(maintain::maintain(server.clone(), imds));
     let _ = early.info.set(info);
     // Logged before readiness flips, so whoever sees /readyz answer 200 also finds this line in
     // the log (tests read it right after readiness; so does an operator tailing the pod).
@@ -341,6 +364,11 @@ fn agent_info(
         cgroup_id: cgroup2.as_ref().ok().map(|c| c.id),
         metrics_addr: f.metrics_addr,
         pin: f.pin.clone(),
+        imds: if interception.redirector.is_some() {
+            f.imds.as_str().to_owned()
+        } else {
+            "unavailable in link mode".to_owned()
+        },
         programs: interception
             .redirector
             .as_ref()

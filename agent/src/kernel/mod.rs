@@ -21,7 +21,7 @@ use std::{
     collections::BTreeMap,
     fs::File,
     io,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsFd as _,
     path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
@@ -31,17 +31,18 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, SockMap},
+    maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, SockMap},
     programs::{CgroupSockAddr, SkLookup, SockOps},
 };
 use pod_identity_common::{
-    Attribution, ConnectionKey, Endpoint, RedirectConfig,
+    Attribution, ConnectionKey, Endpoint, ImdsCount, RedirectConfig,
     counter::{NO_AGENT, REDIRECTED_V4, REDIRECTED_V6, STEERED},
-    listener, names,
+    intercept, listener, names,
 };
 use tokio::{io::unix::AsyncFd, net::TcpListener};
 
 pub use self::diagnose::attached;
+use crate::config::ImdsMode;
 use self::{
     diagnose::explain,
     install::{Target, install},
@@ -68,7 +69,19 @@ pub struct RedirectSpec {
     pub agent_cgroup_id: u64,
     /// Pin links and maps here (a bpffs directory) so they outlive this process.
     pub pin: Option<PathBuf>,
+    /// The IMDS guard: what the connect programs do with connects to IMDS.
+    pub imds: ImdsMode,
 }
+
+/// The instance metadata service's addresses (IPv4, which also matches its v4-mapped form, and
+/// IPv6 on Nitro instances).
+pub const IMDS_ADDRESSES: [SocketAddr; 2] = [
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)), 80),
+    SocketAddr::new(
+        IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+        80,
+    ),
+];
 
 /// How the programs got attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,11 +96,13 @@ pub enum Attachment {
 
 /// Maps that are pinned with `--pin`, so records survive a handover between agents. The
 /// listening sockets are each agent's own (`LISTENERS` is not shared).
-const PINNED_MAPS: [&str; 4] = [
+const PINNED_MAPS: [&str; 6] = [
     names::INTERCEPTED,
     names::PENDING,
     names::CONNECTIONS,
     names::REDIRECT_COUNTS,
+    names::NODE_NETNS,
+    names::IMDS_CALLERS,
 ];
 
 /// What the kernel programs counted since they were attached.
@@ -114,6 +129,9 @@ pub struct Redirector {
     /// and a delete.
     lookup_and_delete: AtomicBool,
     counts: PerCpuArray<MapData, u64>,
+    /// cgroup id -> connects to IMDS, taken (read and deleted) by the agent.
+    imds_callers: MapData,
+    node_netns: Array<MapData, u64>,
     _logger: tokio::task::JoinHandle<()>,
 }
 
@@ -191,7 +209,7 @@ impl Redirector {
         let logger =
             aya_log::EbpfLogger::init(&mut ebpf).context("starting the kernel log reader")?;
         let logger = tokio::spawn(forward_kernel_logs(logger));
-        fill_intercepted(&mut ebpf, &spec.intercept)?;
+        fill_intercepted(&mut ebpf, &spec.intercept, spec.imds)?;
         fill_listeners(&mut ebpf, listeners)?;
         let cgroup = open_cgroup(&spec.cgroup_root)?;
         let netns = File::open(OWN_NETNS).with_context(|| format!("opening {OWN_NETNS}"))?;
@@ -239,6 +257,17 @@ impl Redirector {
             ebpf.take_map(names::REDIRECT_COUNTS)
                 .context("REDIRECT_COUNTS map missing")?,
         )?;
+        let imds_callers = match ebpf
+            .take_map(names::IMDS_CALLERS)
+            .context("IMDS_CALLERS map missing")?
+        {
+            Map::LruHashMap(data) | Map::HashMap(data) => data,
+            other => anyhow::bail!("IMDS_CALLERS is a {other:?}, not a hash map"),
+        };
+        let node_netns = Array::try_from(
+            ebpf.take_map(names::NODE_NETNS)
+                .context("NODE_NETNS map missing")?,
+        )?;
         Ok(Redirector {
             ebpf,
             attachment,
@@ -246,8 +275,62 @@ impl Redirector {
             connections,
             lookup_and_delete: AtomicBool::new(true),
             counts,
+            imds_callers,
+            node_netns,
             _logger: logger,
         })
+    }
+
+    /// Makes the programs learn the node's network namespace (`--imds deny` refuses IMDS
+    /// connects from any other): a connect from the agent's own cgroup to a credential address,
+    /// which they never redirect. It goes nowhere (nothing routes it, and it is given a
+    /// millisecond); only the programs' look at it matters. Returns whether the namespace is now
+    /// known.
+    pub fn learn_node_netns(&self, credential_address: SocketAddr) -> bool {
+        let _ = std::net::TcpStream::connect_timeout(&credential_address, Duration::from_millis(1));
+        self.node_netns.get(&0, 0).is_ok_and(|cookie| cookie != 0)
+    }
+
+    /// The connects to IMDS the programs counted since the last call, per cgroup id; each
+    /// entry is deleted as it is read (one command on Linux >= 5.14, else two: a connect
+    /// between them is lost to the count).
+    pub fn take_imds_callers(&self) -> Vec<(u64, ImdsCount)> {
+        let map = self.imds_callers.fd().as_fd();
+        let mut keys: Vec<u64> = Vec::new();
+        while let Ok(Some(next)) = bpf_sys::map_next_key(map, keys.last()) {
+            keys.push(next);
+        }
+        keys.into_iter()
+            .filter_map(|cgroup_id| {
+                // SAFETY: ImdsCount is plain #[repr(C)] integers: all zeroes is a value.
+                let mut count: ImdsCount = unsafe { std::mem::zeroed() };
+                self.take_entry(map, &cgroup_id, &mut count)
+                    .then_some((cgroup_id, count))
+            })
+            .collect()
+    }
+
+    /// Reads and deletes one entry of a hash map; false when it is not there.
+    fn take_entry<K, V>(&self, map: std::os::fd::BorrowedFd<'_>, key: &K, value: &mut V) -> bool {
+        if self.lookup_and_delete.load(Ordering::Relaxed) {
+            match bpf_sys::map_lookup_and_delete(map, key, value) {
+                Ok(bpf_sys::Lookup::Found) => return true,
+                Ok(bpf_sys::Lookup::Missing) | Err(_) => return false,
+                Ok(bpf_sys::Lookup::Unsupported) => {
+                    tracing::info!(
+                        "this kernel has no lookup-and-delete for hash maps (Linux < 5.14): two map commands per record"
+                    );
+                    self.lookup_and_delete.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+        match bpf_sys::map_lookup(map, key, value) {
+            Ok(bpf_sys::Lookup::Found) => {
+                let _ = bpf_sys::map_delete(map, key);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The attribution of an accepted connection, removed from the kernel map: each record is
@@ -260,25 +343,7 @@ impl Redirector {
         let map = self.connections.fd().as_fd();
         // SAFETY: Attribution is plain #[repr(C)] integers and bytes: all zeroes is a value.
         let mut found: Attribution = unsafe { std::mem::zeroed() };
-        if self.lookup_and_delete.load(Ordering::Relaxed) {
-            match bpf_sys::map_lookup_and_delete(map, &key, &mut found) {
-                Ok(bpf_sys::Lookup::Found) => return Some(found),
-                Ok(bpf_sys::Lookup::Missing) | Err(_) => return None,
-                Ok(bpf_sys::Lookup::Unsupported) => {
-                    tracing::info!(
-                        "this kernel has no lookup-and-delete for hash maps (Linux < 5.14): two map commands per accepted connection"
-                    );
-                    self.lookup_and_delete.store(false, Ordering::Relaxed);
-                }
-            }
-        }
-        match bpf_sys::map_lookup(map, &key, &mut found) {
-            Ok(bpf_sys::Lookup::Found) => {
-                let _ = bpf_sys::map_delete(map, &key);
-                Some(found)
-            }
-            _ => None,
-        }
+        self.take_entry(map, &key, &mut found).then_some(found)
     }
 
     pub fn counts(&self) -> RedirectCounts {
@@ -316,7 +381,7 @@ fn redirect_config(spec: &RedirectSpec) -> RedirectConfig {
         target_v6: spec.target_v6.map_or(Endpoint::NONE, endpoint),
         _pad: [0; 4],
         agent_cgroup_id: spec.agent_cgroup_id,
-        intercept_ports: port_filter(&spec.intercept),
+        intercept_ports: port_filter(&watched(spec)),
         serve_v4: spec
             .serve
             .iter()
@@ -329,6 +394,16 @@ fn redirect_config(spec: &RedirectSpec) -> RedirectConfig {
             .map_or(Endpoint::NONE, |a| endpoint(*a)),
         _pad2: [0; 4],
     }
+}
+
+/// Every address the connect programs look at: the credential addresses, and IMDS's when the
+/// guard is on.
+fn watched(spec: &RedirectSpec) -> Vec<SocketAddr> {
+    let mut addrs = spec.intercept.clone();
+    if spec.imds != ImdsMode::Off {
+        addrs.extend(IMDS_ADDRESSES);
+    }
+    addrs
 }
 
 /// A loader with the programs' configuration set and, with a pin directory, the shared maps'
@@ -344,16 +419,43 @@ fn loader<'a>(config: &'a RedirectConfig, pins: Option<&PinDir>) -> EbpfLoader<'
     loader
 }
 
-/// The addresses whose connects are redirected.
-fn fill_intercepted(ebpf: &mut Ebpf, intercept: &[SocketAddr]) -> anyhow::Result<()> {
+/// The addresses the connect programs act on: the credential addresses (redirected), and the
+/// IMDS addresses unless the guard is off. The map may be a previous agent's (pinned): what this
+/// agent wants goes in first, then what it does not want (an IMDS entry when the guard is now
+/// off) comes out, so the credential addresses are never missing.
+fn fill_intercepted(
+    ebpf: &mut Ebpf,
+    intercept: &[SocketAddr],
+    imds: ImdsMode,
+) -> anyhow::Result<()> {
     let map = ebpf
         .map_mut(names::INTERCEPTED)
         .context("INTERCEPTED map missing")?;
     let mut intercepted: BpfHashMap<_, Endpoint, u8> = BpfHashMap::try_from(map)?;
-    for addr in intercept {
+    let imds_kind = match imds {
+        ImdsMode::Off => None,
+        ImdsMode::Audit => Some(intercept::IMDS_AUDIT),
+        ImdsMode::Deny => Some(intercept::IMDS_DENY),
+    };
+    let wanted: Vec<(Endpoint, u8)> = intercept
+        .iter()
+        .map(|a| (endpoint(*a), intercept::CREDENTIALS))
+        .chain(imds_kind.into_iter().flat_map(|kind| {
+            IMDS_ADDRESSES.iter().map(move |a| (endpoint(*a), kind))
+        }))
+        .collect();
+    for (endpoint, kind) in &wanted {
         intercepted
-            .insert(endpoint(*addr), 1, 0)
+            .insert(endpoint, kind, 0)
             .context("filling the intercept map")?;
+    }
+    let unwanted: Vec<Endpoint> = intercepted
+        .keys()
+        .flatten()
+        .filter(|k| !wanted.iter().any(|(w, _)| w == k))
+        .collect();
+    for key in unwanted {
+        let _ = intercepted.remove(&key);
     }
     Ok(())
 }

@@ -243,6 +243,13 @@ pub struct PodJoin {
     pub role_arn: Option<String>,
     /// What the state means, in a sentence.
     pub detail: String,
+    /// Connects to IMDS (the IMDS guard): the pod reaches for the node role's credentials.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub imds_connects: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
@@ -258,6 +265,9 @@ pub enum JoinState {
     AssociationNew,
     /// Refused for another reason.
     Failing,
+    /// No credentials asked for, no association, but connects to IMDS: the node role's
+    /// credentials are what it uses.
+    UsingNodeRole,
     /// Nothing asked yet, or nothing known.
     Unknown,
 }
@@ -270,6 +280,7 @@ impl JoinState {
             JoinState::AssociationGone => "association deleted",
             JoinState::AssociationNew => "association created since",
             JoinState::Failing => "failing",
+            JoinState::UsingNodeRole => "using the node role",
             JoinState::Unknown => "-",
         }
     }
@@ -282,12 +293,28 @@ pub struct Fix {
     pub namespace: String,
     pub service_account: String,
     pub command: String,
+    /// A pod of the service account connects to IMDS: it is using the node role meanwhile.
+    pub using_node_role: bool,
+}
+
+/// A pod that reaches IMDS and never asked for credentials: its name and service account are
+/// unknown to the agent, so the fix starts with finding it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRoleUser {
+    pub pod_uid: String,
+    pub cgroup: String,
+    pub imds_connects: u64,
+    /// Names the pod and its service account from its UID.
+    pub find_command: String,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct Joined {
     pub pods: Vec<PodJoin>,
     pub fixes: Vec<Fix>,
+    #[serde(rename = "usingNodeRole")]
+    pub using_node_role: Vec<NodeRoleUser>,
 }
 
 const NOT_FOUND: &str = "ResourceNotFoundException";
@@ -312,6 +339,7 @@ pub fn join(
         .unwrap_or("ACCOUNT_ID");
     let mut rows = Vec::new();
     let mut fixes: BTreeMap<(String, String), Fix> = BTreeMap::new();
+    let mut using_node_role = Vec::new();
     for p in pods {
         let matching = by_account
             .get(&(p.namespace.as_str(), p.service_account.as_str()))
@@ -319,7 +347,7 @@ pub fn join(
             .unwrap_or_default();
         let (state, association, detail) = judge(p, &matching, associations);
         if state == JoinState::NoAssociation {
-            fixes
+            let fix = fixes
                 .entry((p.namespace.clone(), p.service_account.clone()))
                 .or_insert_with(|| Fix {
                     namespace: p.namespace.clone(),
@@ -331,7 +359,17 @@ pub fn join(
                         &p.service_account,
                         account,
                     ),
+                    using_node_role: false,
                 });
+            fix.using_node_role |= p.imds_connects > 0;
+        }
+        if state == JoinState::UsingNodeRole {
+            using_node_role.push(NodeRoleUser {
+                pod_uid: p.pod_uid.clone(),
+                cgroup: p.cgroup.clone(),
+                imds_connects: p.imds_connects,
+                find_command: find_command(&p.pod_uid),
+            });
         }
         rows.push(PodJoin {
             namespace: p.namespace.clone(),
@@ -349,13 +387,22 @@ pub fn join(
                 .map(|a| a.role_arn.clone())
                 .or_else(|| (!p.role_arn.is_empty()).then(|| p.role_arn.clone())),
             detail,
+            imds_connects: p.imds_connects,
         });
     }
     rows.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)));
     Joined {
         pods: rows,
         fixes: fixes.into_values().collect(),
+        using_node_role,
     }
+}
+
+/// Names a pod, its namespace and service account from its UID.
+fn find_command(uid: &str) -> String {
+    format!(
+        "kubectl get pods -A --no-headers -o custom-columns=NAMESPACE:.metadata.namespace,POD:.metadata.name,SERVICE-ACCOUNT:.spec.serviceAccountName,UID:.metadata.uid | grep {uid}"
+    )
 }
 
 /// What a pod's statistics and the cluster's associations say of it: its state, the
@@ -399,6 +446,14 @@ fn judge<'a>(
         (None, Some(code)) => {
             (JoinState::Failing, matching.first().copied(), format!("last request refused: {code}"))
         }
+        (None, None) if p.imds_connects > 0 && matching.is_empty() => (
+            JoinState::UsingNodeRole,
+            None,
+            format!(
+                "connected to IMDS {} times and asked for no credentials: it is using the node role",
+                p.imds_connects
+            ),
+        ),
         (None, None) => {
             (JoinState::Unknown, matching.first().copied(), "no credentials served yet".to_owned())
         }
@@ -453,6 +508,18 @@ fn render_join(joined: &Joined) -> String {
             super::printable(&fix.namespace),
             super::printable(&fix.service_account),
             super::printable(&fix.command)
+        ));
+        if fix.using_node_role {
+            out.push_str("  this pod is using the node role: it connects to IMDS\n");
+        }
+    }
+    for user in &joined.using_node_role {
+        out.push_str(&format!(
+            "\npod uid {} (cgroup {}) connected to IMDS {} times and asked for no credentials: this pod is using the node role. Find it, then create an association for its service account:\n  {}\n",
+            super::printable(&user.pod_uid),
+            super::printable(&user.cgroup),
+            user.imds_connects,
+            super::printable(&user.find_command)
         ));
     }
     out
@@ -570,6 +637,30 @@ mod tests {
             text.contains("no association for service account search/indexer"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn pods_reaching_imds_without_an_association_are_using_the_node_role() {
+        let associations = [assoc("a-1", "payments", "api")];
+        let mut nameless = pod("", "", "", "", None);
+        nameless.pod_uid = "0f1e".into();
+        nameless.cgroup = "/kubepods/besteffort/pod0f1e/c1".into();
+        nameless.imds_connects = 7;
+        let mut refused = pod("search", "idx-0", "indexer", "", Some(NOT_FOUND));
+        refused.imds_connects = 2;
+        let mut served = pod("payments", "api-0", "api", "a-1", None);
+        served.imds_connects = 1;
+        let j = join(&[nameless, refused, served], &associations, "prod", None);
+        let state = |pod: &str| j.pods.iter().find(|p| p.pod == pod).unwrap().state;
+        assert_eq!(state("uid:0f1e"), JoinState::UsingNodeRole);
+        assert_eq!(state("idx-0"), JoinState::NoAssociation);
+        assert_eq!(state("api-0"), JoinState::Served);
+        assert_eq!(j.using_node_role.len(), 1);
+        assert!(j.using_node_role[0].find_command.ends_with("| grep 0f1e"));
+        assert!(j.fixes[0].using_node_role);
+        let text = render_join(&j);
+        assert!(text.contains("this pod is using the node role"), "{text}");
+        assert!(text.contains("pod uid 0f1e (cgroup /kubepods/besteffort/pod0f1e/c1) connected to IMDS 7 times"), "{text}");
     }
 
     #[test]

@@ -209,6 +209,7 @@ async fn check_node(args: &DoctorArgs, report: &mut dyn FnMut(Check)) -> Option<
             report(check_listeners(&agent));
             report(check_redirect(&agent, mount.as_deref()));
             report(check_metrics(&agent));
+            report(check_imds(&agent, args.probe_addr));
             Some(agent)
         }
         Err(check) => {
@@ -618,6 +619,56 @@ fn check_metrics(agent: &AgentInfo) -> Check {
             "check --metrics-addr",
         ),
     }
+}
+
+/// The IMDS guard: on, and whether any pod still reaches for the node role's credentials.
+fn check_imds(agent: &AgentInfo, probe: SocketAddr) -> Check {
+    const NAME: &str = "IMDS guard";
+    match agent.imds.as_str() {
+        "off" => {
+            return Check::ok(
+                NAME,
+                "off (--imds off): pods' connects to IMDS are neither counted nor refused",
+            );
+        }
+        "audit" | "deny" => {}
+        other => {
+            return Check::warn(
+                NAME,
+                format!("{other}: pods that fall back to IMDS get the node role's credentials unnoticed"),
+                "run in eBPF mode (the connect programs count and refuse IMDS connects)",
+            );
+        }
+    }
+    let pods = match super::pods::fetch(probe) {
+        Ok((_, pods)) => pods,
+        Err(e) => return Check::fail(NAME, format!("cannot read the pods' counts: {e:#}"), "read the agent's log"),
+    };
+    let reaching: Vec<String> = pods
+        .iter()
+        .filter(|p| p.imds_connects > p.imds_denied)
+        .map(|p| match p.pod.as_str() {
+            "" => format!("uid {}", p.pod_uid),
+            name => format!("{}/{name}", p.namespace),
+        })
+        .collect();
+    let denied: u64 = pods.iter().map(|p| p.imds_denied).sum();
+    let mode = agent.imds.as_str();
+    if reaching.is_empty() {
+        return Check::ok(
+            NAME,
+            format!("{mode}: no pod has reached IMDS since it was first seen ({denied} connects refused)"),
+        );
+    }
+    Check::warn(
+        NAME,
+        format!(
+            "{mode}: {} pods reached IMDS and so get the node role's credentials: {}",
+            reaching.len(),
+            super::printable(&reaching.join(", "))
+        ),
+        "give them an association (pod-identity-agent associations --pods shows how), then consider --imds deny",
+    )
 }
 
 /// The node's own credentials, as the default chain finds them. Returns whether it found any.

@@ -34,6 +34,8 @@ pub enum SortField {
     Upstream,
     Last,
     P99,
+    /// Connects to IMDS (the pods still reaching for the node role's credentials first).
+    Imds,
 }
 
 pub fn run(args: &PodsArgs) -> anyhow::Result<()> {
@@ -83,6 +85,7 @@ fn sort(pods: &mut [PodStats], by: SortField) {
         SortField::Requests => pods.sort_by_key(|p| std::cmp::Reverse(p.requests)),
         SortField::Errors => pods.sort_by_key(|p| std::cmp::Reverse(errors(p))),
         SortField::Upstream => pods.sort_by_key(|p| std::cmp::Reverse(p.upstream_calls)),
+        SortField::Imds => pods.sort_by_key(|p| std::cmp::Reverse(p.imds_connects)),
         SortField::Last => pods.sort_by(|a, b| {
             f(a.last_request_age_seconds).total_cmp(&f(b.last_request_age_seconds))
         }),
@@ -112,6 +115,15 @@ fn age(seconds: Option<f64>) -> String {
     }
 }
 
+/// Connects to IMDS: `-` for none, `N` in audit mode, `N (M denied)` when refused.
+fn imds_cell(p: &PodStats) -> String {
+    match (p.imds_connects, p.imds_denied) {
+        (0, _) => "-".into(),
+        (n, 0) => n.to_string(),
+        (n, denied) => format!("{n} ({denied} denied)"),
+    }
+}
+
 fn ms(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.1}ms"))
 }
@@ -130,7 +142,7 @@ fn last_error_cell(p: &PodStats) -> String {
 }
 
 pub fn render(pods: &[PodStats]) -> String {
-    let rows: Vec<[String; 15]> = pods
+    let rows: Vec<[String; 16]> = pods
         .iter()
         .map(|p| {
             [
@@ -147,6 +159,7 @@ pub fn render(pods: &[PodStats]) -> String {
                 error_cell(p),
                 last_error_cell(p),
                 p.kernel_redirects.to_string(),
+                imds_cell(p),
                 age(p.last_request_age_seconds),
                 p.credential_expiry.clone().unwrap_or_else(|| "-".into()),
                 ms(p.latency_p50_ms),
@@ -167,6 +180,7 @@ pub fn render(pods: &[PodStats]) -> String {
             "ERRORS(tok/ref/429/up4/up5)",
             "LAST-ERROR",
             "REDIRECTS",
+            "IMDS",
             "LAST",
             "EXPIRES",
             "P50",
@@ -177,7 +191,7 @@ pub fn render(pods: &[PodStats]) -> String {
         &rows,
     );
     if rows.is_empty() {
-        out.push_str("(no pod has asked for credentials yet)\n");
+        out.push_str("(no pod has asked for credentials or reached IMDS yet)\n");
     }
     out
 }

@@ -81,6 +81,9 @@ pub struct AgentInfo {
     /// find this agent's attachments.
     #[serde(default)]
     pub programs: BTreeMap<String, u32>,
+    /// The IMDS guard: `off`, `audit`, `deny`, or why there is none.
+    #[serde(default)]
+    pub imds: String,
 }
 
 fn eks_auth() -> String {

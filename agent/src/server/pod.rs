@@ -111,16 +111,6 @@ impl CredentialServer {
             .clone()
     }
 
-    /// The pods with serving state: those the agent knows.
-    pub fn pod_uids(&self) -> HashSet<PodUid> {
-        self.pods
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect()
-    }
-
     /// Drops the state of pods that are gone: serving state, statistics, rate buckets and
     /// per-pod metrics.
     pub fn forget_gone_pods(&self, gone: &HashSet<PodUid>) {

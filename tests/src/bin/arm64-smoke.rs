@@ -8,6 +8,8 @@
 //! * a process in a kubepods-shaped pod cgroup dials 169.254.170.23:80, is redirected, is
 //!   attributed to its pod, and gets that pod's credentials from the fake;
 //! * another pod presenting that token is refused (403);
+//! * the IMDS guard (`--imds deny`): a pod process in a network namespace of its own is refused
+//!   a connect to 169.254.169.254:80 with EPERM, one in the node's namespace is not;
 //! * SIGTERM: the agent exits 0 and nothing stays attached.
 //!
 //! `arm64-smoke AGENT` runs the checks and prints `SMOKE ok <check>` or `SMOKE FAIL <check>:
@@ -36,6 +38,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("client") => client(Path::new(&args[1]), &args[2]),
+        Some("imds") => imds_client(Path::new(&args[1]), &args[2] == "own-netns"),
         Some(agent) => smoke(Path::new(agent)),
         None => {
             eprintln!("usage: arm64-smoke AGENT | arm64-smoke client CGROUP TOKEN");
@@ -82,6 +85,37 @@ fn client(cgroup: &Path, token: &str) {
         Ok((status, body)) => println!("{status} {body}"),
         Err(e) => println!("0 {e}"),
     }
+}
+
+/// A pod's process reaching for IMDS: into its cgroup and, with `own_netns`, a network
+/// namespace of its own; prints the connect's errno (0 when it connected or timed out).
+fn imds_client(cgroup: &Path, own_netns: bool) {
+    std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+        .expect("join the pod cgroup");
+    // SAFETY: unshare on this single-threaded process.
+    if own_netns && unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        println!("unshare failed: {}", std::io::Error::last_os_error());
+        return;
+    }
+    let errno = TcpStream::connect_timeout(
+        &"169.254.169.254:80".parse().unwrap(),
+        Duration::from_millis(500),
+    )
+    .err()
+    .and_then(|e| e.raw_os_error())
+    .unwrap_or(0);
+    println!("{errno}");
+}
+
+/// The errno a pod process's connect to IMDS got.
+fn imds_errno(cgroup: &Path, own_netns: bool) -> i32 {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .arg("imds")
+        .arg(cgroup)
+        .arg(if own_netns { "own-netns" } else { "node-netns" })
+        .output()
+        .expect("imds client");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(-1)
 }
 
 struct Pod {
@@ -177,6 +211,8 @@ fn smoke(agent_binary: &Path) {
             CGROUP_ROOT,
             "--region",
             REGION,
+            "--imds",
+            "deny",
         ])
         .args([
             "--listen",
@@ -227,7 +263,7 @@ fn smoke(agent_binary: &Path) {
         println!(
             "SMOKE DONE passed={} failed={}",
             report.passed,
-            report.failed + 4
+            report.failed + 5
         );
         return;
     }
@@ -280,6 +316,20 @@ fn smoke(agent_binary: &Path) {
             Ok(())
         } else {
             Err(format!("{status} {body}"))
+        },
+    );
+
+    let legacy = pod("legacy-0", 3);
+    let (own, node) = (
+        imds_errno(&legacy.cgroup, true),
+        imds_errno(&legacy.cgroup, false),
+    );
+    report.check(
+        "--imds deny: a pod's own network namespace is refused IMDS (EPERM), the node's is not",
+        if own == libc::EPERM && node != libc::EPERM {
+            Ok(())
+        } else {
+            Err(format!("errno {own} from a pod's namespace, {node} from the node's\n{}", agent_log()))
         },
     );
 

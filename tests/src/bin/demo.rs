@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: three simulated pods in two namespaces get credentials through the real
 //! eBPF redirect, from the real agent, backed by the fake EKS Auth API. Prints what each pod got
-//! (secrets redacted) and whom the agent attributed each request to, then removes everything,
+//! (secrets redacted) and whom the agent attributed each request to; a pod without Pod Identity
+//! falls back to the node's (fake) IMDS, and the IMDS guard names it. Then removes everything,
 //! also on Ctrl-C.
 
 use std::time::Duration;
@@ -8,6 +9,7 @@ use std::time::Duration;
 use pod_identity_e2e::{
     Agent, CgroupShape, FakeAws, Node, Pod,
     agent::{Caller, cli, cli_with_stdin},
+    fake_imds::FakeImds,
     node::{HttpResult, remove_leftovers},
 };
 
@@ -62,6 +64,15 @@ fn main() {
         "crawler-0",
         "crawler",
         CgroupShape::SystemdBurstable,
+    );
+    // The node's instance metadata service (fake), and a pod without Pod Identity variables
+    // whose SDK falls back to it: the IMDS guard (audit, the default) counts it.
+    let imds = FakeImds::start_in(&node.netns, &fake);
+    let legacy = node.add_pod(
+        "reports",
+        "legacy-cron-0",
+        "default",
+        CgroupShape::CgroupfsBestEffort,
     );
     println!("pod-identity-agent demo: real eBPF redirect, real agent, fake EKS Auth\n");
     println!(
@@ -130,13 +141,22 @@ fn main() {
         r.body.trim()
     );
 
-    // Let the agent's log catch up before reading it.
-    std::thread::sleep(Duration::from_millis(200));
+    let (key, _) = legacy.boto3_default_chain();
+    println!(
+        "  {:<30} boto3  (no Pod Identity variables: the SDK falls back to IMDS) -> AccessKeyId={} (the node role's: {})",
+        who(&legacy),
+        key.as_deref().unwrap_or("none"),
+        imds.access_key()
+    );
+
+    // Let the agent's log catch up, and its upkeep (every 2 s) count the IMDS connects.
+    std::thread::sleep(Duration::from_millis(2500));
     println!("\nwhom the agent attributed each request to (its log, debug level):");
     for line in agent.log().lines() {
         if let Some(at) = line
             .find("served credentials")
             .or_else(|| line.find("refused credential request"))
+            .or_else(|| line.find("pod uid"))
         {
             let fields = &line[at..];
             println!("  {}", fields);
