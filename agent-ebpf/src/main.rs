@@ -29,7 +29,6 @@ mod programs {
     use core::{
         ffi::c_void,
         ptr::{read_volatile, write_volatile},
-        sync::atomic::{AtomicU64, Ordering},
     };
 
     use aya_ebpf::{
@@ -38,13 +37,12 @@ mod programs {
             BPF_TCP_CLOSE,
             sk_action::{SK_DROP, SK_PASS},
         },
-        bindings::BPF_NOEXIST,
         helpers::{
             bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
             bpf_get_socket_cookie, bpf_ktime_get_ns,
         },
         macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
-        maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
+        maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, SockMap},
         programs::{SkLookupContext, SockAddrContext, SockOpsContext},
     };
     use aya_log_ebpf::warn;
@@ -76,9 +74,11 @@ mod programs {
     #[map]
     static NODE_NETNS: Array<u64> = Array::with_max_entries(1, 0);
 
-    /// cgroup id -> its connects to IMDS since the agent last took the entry.
+    /// cgroup id -> its connects to IMDS since the agent last took the entry, per CPU: each
+    /// CPU adds to its own copy (the BPF target has no atomic add), the agent sums them.
     #[map]
-    static IMDS_CALLERS: LruHashMap<u64, ImdsCount> = LruHashMap::with_max_entries(8_192, 0);
+    static IMDS_CALLERS: LruPerCpuHashMap<u64, ImdsCount> =
+        LruPerCpuHashMap::with_max_entries(8_192, 0);
 
     /// socket cookie -> attribution, between connect and sock_ops. Entries live for the
     /// microseconds between the two hooks; LRU covers connects that fail in between.
@@ -185,43 +185,27 @@ mod programs {
         node == 0 || unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut c_void) } == node
     }
 
+    /// Adds one connect to the cgroup's count on this CPU.
     #[inline(always)]
     fn count_imds(cgroup_id: u64, denied: bool) {
         // SAFETY: helper without preconditions.
         let now = unsafe { bpf_ktime_get_ns() };
-        if add_imds(cgroup_id, denied, now) {
+        if let Some(entry) = IMDS_CALLERS.get_ptr_mut(&cgroup_id) {
+            // SAFETY: this CPU's copy of a live map value; programs on one CPU do not interleave.
+            unsafe {
+                (*entry).connects += 1;
+                (*entry).denied += denied as u64;
+                (*entry).last_ns = now;
+            }
             return;
         }
+        // A new key: this CPU's copy is set, the others start at zero.
         let fresh = ImdsCount {
             connects: 1,
             denied: denied as u64,
             last_ns: now,
         };
-        // Another CPU may have made the entry meanwhile: then add to it.
-        if IMDS_CALLERS
-            .insert(&cgroup_id, &fresh, BPF_NOEXIST as u64)
-            .is_err()
-        {
-            add_imds(cgroup_id, denied, now);
-        }
-    }
-
-    /// Adds one connect to the cgroup's entry; false when it has none.
-    #[inline(always)]
-    fn add_imds(cgroup_id: u64, denied: bool, now: u64) -> bool {
-        let Some(entry) = IMDS_CALLERS.get_ptr_mut(&cgroup_id) else {
-            return false;
-        };
-        // SAFETY: a live map value; the counters are updated with atomic adds (the same cgroup
-        // connects on several CPUs at once), the timestamp with a plain store.
-        unsafe {
-            AtomicU64::from_ptr(&raw mut (*entry).connects).fetch_add(1, Ordering::Relaxed);
-            if denied {
-                AtomicU64::from_ptr(&raw mut (*entry).denied).fetch_add(1, Ordering::Relaxed);
-            }
-            (*entry).last_ns = now;
-        }
-        true
+        let _ = IMDS_CALLERS.insert(&cgroup_id, &fresh, 0);
     }
 
     #[inline(always)]

@@ -105,14 +105,24 @@ impl ImdsGuard {
             if let Some(family) = &self.per_pod {
                 for (verdict, n) in [("allowed", allowed), ("denied", count.denied)] {
                     if n > 0 {
-                        let labels = PodLabels { pod_uid: uid.to_string(), verdict };
+                        let labels = PodLabels {
+                            pod_uid: uid.to_string(),
+                            verdict,
+                        };
                         family.get_or_create(&labels).inc_by(n);
                     }
                 }
             }
             let entry = stats.entry(uid);
             entry.imds(count.connects, count.denied, SystemTime::now(), cgroup);
-            self.report(uid, cgroup, &entry.names(), count.connects, count.denied, now);
+            self.report(
+                uid,
+                cgroup,
+                &entry.names(),
+                count.connects,
+                count.denied,
+                now,
+            );
         }
     }
 
@@ -127,7 +137,7 @@ impl ImdsGuard {
         now: Instant,
     ) {
         let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
-        let r = logged.entry(uid.clone()).or_insert_with(|| Reported {
+        let r = logged.entry(*uid).or_insert_with(|| Reported {
             since: SystemTime::now(),
             last_line: None,
             connects: 0,
@@ -135,12 +145,16 @@ impl ImdsGuard {
         });
         r.connects += connects;
         r.denied += denied;
-        if r.last_line.is_some_and(|at| now.duration_since(at) < LOG_EVERY) {
+        if r.last_line
+            .is_some_and(|at| now.duration_since(at) < LOG_EVERY)
+        {
             return;
         }
         let who = match names {
             Some((namespace, pod)) => format!("pod {namespace}/{pod} (uid {uid})"),
-            None => format!("pod uid {uid} (cgroup {cgroup}; its name is known once it asks for credentials)"),
+            None => format!(
+                "pod uid {uid} (cgroup {cgroup}; its name is known once it asks for credentials)"
+            ),
         };
         let since = crate::credentials::expiration_string(r.since);
         match self.mode {
@@ -176,7 +190,10 @@ impl ImdsGuard {
         if let Some(family) = &self.per_pod {
             for uid in gone {
                 for verdict in ["allowed", "denied"] {
-                    family.remove(&PodLabels { pod_uid: uid.to_string(), verdict });
+                    family.remove(&PodLabels {
+                        pod_uid: uid.to_string(),
+                        verdict,
+                    });
                 }
             }
         }

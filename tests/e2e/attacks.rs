@@ -917,7 +917,12 @@ mod matrix {
             "the older program is detached: {names:?}"
         );
         assert!(!pin.join("links").exists() && !pin.join("maps").exists());
-        assert!(pin.join(pins_of_this_version()).join("links/connect4").exists() && pin.join("notes").exists());
+        assert!(
+            pin.join(pins_of_this_version())
+                .join("links/connect4")
+                .exists()
+                && pin.join("notes").exists()
+        );
         eprintln!(
             "ATTACK legacy pins: detached {:?}; pod served 200",
             ["links/connect4", "maps/CONNECTIONS"]
@@ -937,7 +942,9 @@ mod matrix {
         unsafe { libc::kill(s.agent.pid() as i32, libc::SIGKILL) };
         s.agent.wait_exit(Duration::from_secs(10));
         assert!(
-            pin.join(pins_of_this_version()).join("links/connect4").exists(),
+            pin.join(pins_of_this_version())
+                .join("links/connect4")
+                .exists(),
             "the dead agent's programs stay pinned"
         );
         s.agent = Agent::start(&s.node, &s.fake, &["--mode", "link", "--pin", &pin_arg]);

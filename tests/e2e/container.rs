@@ -286,7 +286,9 @@ fn the_daemonsets_container_serves_pods_under_runc() {
     assert!(
         c.bpffs
             .dir
-            .join("pod-identity-agent").join(pod_identity_e2e::node::pins_of_this_version()).join("links/connect4")
+            .join("pod-identity-agent")
+            .join(pod_identity_e2e::node::pins_of_this_version())
+            .join("links/connect4")
             .exists()
     );
     drop(agent);

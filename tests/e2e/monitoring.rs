@@ -356,18 +356,33 @@ fn prometheus_scrapes_the_agents_and_every_panel_and_alert_answers_for_the_traff
     // A pod whose SDK falls back to IMDS (the serving agent's guard counts it).
     let _imds = pod_identity_e2e::fake_imds::FakeImds::start_in(&node.netns, &fake);
     let legacy = node.add_pod("legacy", "cron-0", "default", CgroupShape::SystemdBurstable);
-    let reached = legacy
-        .command("curl")
-        .args(["-s", "-o", "/dev/null", "--max-time", "5", "http://169.254.169.254/latest/meta-data/"])
-        .status()
-        .unwrap();
-    assert!(reached.success(), "the pod reaches the fake IMDS in audit mode");
+    let reach_imds = || {
+        let reached = legacy
+            .command("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "5",
+                "http://169.254.169.254/latest/meta-data/",
+            ])
+            .status()
+            .unwrap();
+        assert!(
+            reached.success(),
+            "the pod reaches the fake IMDS in audit mode"
+        );
+    };
     let api_token = api.token();
     let indexer_token = indexer.token();
     assert_eq!(indexer.curl(V4_URL, &indexer_token).status, 200);
     assert_eq!(api.curl(V4_URL, &api_token).status, 200);
     // Over several scrapes: a token copied from another pod, and a pod over its request rate.
     for _ in 0..4 {
+        // Across scrapes, so that the counter's increase shows (a series first seen at 1 has
+        // none).
+        reach_imds();
         assert_eq!(thief.curl(V4_URL, &api_token).status, 403);
         let throttled = (0..4)
             .filter(|_| indexer.curl(V4_URL, &indexer_token).status == 429)

@@ -787,7 +787,10 @@ print(json.dumps([c.get_frozen_credentials().access_key if c else None, took]))
             String::from_utf8_lossy(&out.stderr)
         );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the script's JSON");
-        (v[0].as_str().map(str::to_owned), v[1].as_f64().unwrap_or(f64::NAN))
+        (
+            v[0].as_str().map(str::to_owned),
+            v[1].as_f64().unwrap_or(f64::NAN),
+        )
     }
 
     /// The AWS CLI v1 in the pod: `aws configure list` resolves credentials through the CLI's

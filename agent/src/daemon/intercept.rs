@@ -187,7 +187,9 @@ fn link_mode(settings: &Settings, fallback_reason: Option<String>) -> anyhow::Re
         note.push_str(&format!("; eBPF mode unavailable: {reason}"));
     }
     if settings.flags.imds != ImdsMode::Off {
-        warn!("link mode: the IMDS guard is off (pods' connects are not seen); pods that fall back to IMDS get the node role's credentials unnoticed");
+        warn!(
+            "link mode: the IMDS guard is off (pods' connects are not seen); pods that fall back to IMDS get the node role's credentials unnoticed"
+        );
         note.push_str("; the IMDS guard is off: link mode does not see pods' connects");
     }
     if !detached.is_empty() {

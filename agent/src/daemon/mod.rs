@@ -310,8 +310,8 @@ fn start_serving(
         .map(|l| tokio::spawn(server.clone().serve(l, shutdown.clone(), graceful.clone())))
         .collect();
     // The guard's counts are kept only where the programs count (eBPF mode, guard on).
-    let imds = (redirector.is_some() && settings.flags.imds != ImdsMode::Off)
-        .then(|| early.imds.clone());
+    let imds =
+        (redirector.is_some() && settings.flags.imds != ImdsMode::Off).then(|| early.imds.clone());
     let maintenance = tokio::spawn(maintain::maintain(server.clone(), imds));
     let _ = early.info.set(info);
     // Logged before readiness flips, so whoever sees /readyz answer 200 also finds this line in

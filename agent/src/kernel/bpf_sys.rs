@@ -167,24 +167,3 @@ pub fn map_lookup<K, V>(map: BorrowedFd<'_>, key: &K, value: &mut V) -> io::Resu
 pub fn map_delete<K>(map: BorrowedFd<'_>, key: &K) -> io::Result<Lookup> {
     map_elem::<K, u8>(BPF_MAP_DELETE_ELEM, map, key, None)
 }
-
-const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-
-/// The key after `key` in the map's order (the first with `None`); `None` at the end.
-pub fn map_next_key<K: Copy>(map: BorrowedFd<'_>, key: Option<&K>) -> io::Result<Option<K>> {
-    let mut next = std::mem::MaybeUninit::<K>::uninit();
-    // The `map_elem` layout: the fourth word is `next_key` here.
-    let mut attr = MapElemAttr {
-        map_fd: map.as_raw_fd() as u32,
-        _pad: 0,
-        key: key.map_or(0, |k| k as *const K as u64),
-        value: next.as_mut_ptr() as u64,
-        flags: 0,
-    };
-    match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
-        // SAFETY: the kernel wrote a whole key.
-        Ok(_) => Ok(Some(unsafe { next.assume_init() })),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-        Err(e) => Err(e),
-    }
-}

@@ -31,7 +31,7 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, SockMap},
+    maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap, SockMap},
     programs::{CgroupSockAddr, SkLookup, SockOps},
 };
 use pod_identity_common::{
@@ -42,12 +42,12 @@ use pod_identity_common::{
 use tokio::{io::unix::AsyncFd, net::TcpListener};
 
 pub use self::diagnose::attached;
-use crate::config::ImdsMode;
 use self::{
     diagnose::explain,
     install::{Target, install},
     pins::PinDir,
 };
+use crate::config::ImdsMode;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pod-identity-ebpf"));
 
@@ -130,7 +130,8 @@ pub struct Redirector {
     lookup_and_delete: AtomicBool,
     counts: PerCpuArray<MapData, u64>,
     /// cgroup id -> connects to IMDS, taken (read and deleted) by the agent.
-    imds_callers: MapData,
+    /// Read and emptied by the maintenance pass alone; the lock is for `remove`'s `&mut`.
+    imds_callers: std::sync::Mutex<PerCpuHashMap<MapData, u64, ImdsCount>>,
     node_netns: Array<MapData, u64>,
     _logger: tokio::task::JoinHandle<()>,
 }
@@ -257,13 +258,12 @@ impl Redirector {
             ebpf.take_map(names::REDIRECT_COUNTS)
                 .context("REDIRECT_COUNTS map missing")?,
         )?;
-        let imds_callers = match ebpf
-            .take_map(names::IMDS_CALLERS)
-            .context("IMDS_CALLERS map missing")?
-        {
-            Map::LruHashMap(data) | Map::HashMap(data) => data,
-            other => anyhow::bail!("IMDS_CALLERS is a {other:?}, not a hash map"),
-        };
+        let imds_callers = PerCpuHashMap::try_from(
+            ebpf.take_map(names::IMDS_CALLERS)
+                .context("IMDS_CALLERS map missing")?,
+        )
+        .context("IMDS_CALLERS is not a per-CPU hash map of cgroup ids")
+        .map(std::sync::Mutex::new)?;
         let node_netns = Array::try_from(
             ebpf.take_map(names::NODE_NETNS)
                 .context("NODE_NETNS map missing")?,
@@ -291,21 +291,27 @@ impl Redirector {
         self.node_netns.get(&0, 0).is_ok_and(|cookie| cookie != 0)
     }
 
-    /// The connects to IMDS the programs counted since the last call, per cgroup id; each
-    /// entry is deleted as it is read (one command on Linux >= 5.14, else two: a connect
-    /// between them is lost to the count).
+    /// The connects to IMDS the programs counted since the last call, per cgroup id, summed
+    /// over the CPUs; each entry is deleted once read (a connect between the read and the
+    /// delete is lost to the count).
     pub fn take_imds_callers(&self) -> Vec<(u64, ImdsCount)> {
-        let map = self.imds_callers.fd().as_fd();
-        let mut keys: Vec<u64> = Vec::new();
-        while let Ok(Some(next)) = bpf_sys::map_next_key(map, keys.last()) {
-            keys.push(next);
-        }
+        let mut map = self
+            .imds_callers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let keys: Vec<u64> = map.keys().filter_map(Result::ok).collect();
         keys.into_iter()
             .filter_map(|cgroup_id| {
-                // SAFETY: ImdsCount is plain #[repr(C)] integers: all zeroes is a value.
-                let mut count: ImdsCount = unsafe { std::mem::zeroed() };
-                self.take_entry(map, &cgroup_id, &mut count)
-                    .then_some((cgroup_id, count))
+                let per_cpu = map.get(&cgroup_id, 0).ok()?;
+                let _ = map.remove(&cgroup_id);
+                let sum = per_cpu
+                    .iter()
+                    .fold(ImdsCount::default(), |sum, c| ImdsCount {
+                        connects: sum.connects + c.connects,
+                        denied: sum.denied + c.denied,
+                        last_ns: sum.last_ns.max(c.last_ns),
+                    });
+                Some((cgroup_id, sum))
             })
             .collect()
     }
@@ -440,9 +446,11 @@ fn fill_intercepted(
     let wanted: Vec<(Endpoint, u8)> = intercept
         .iter()
         .map(|a| (endpoint(*a), intercept::CREDENTIALS))
-        .chain(imds_kind.into_iter().flat_map(|kind| {
-            IMDS_ADDRESSES.iter().map(move |a| (endpoint(*a), kind))
-        }))
+        .chain(
+            imds_kind
+                .into_iter()
+                .flat_map(|kind| IMDS_ADDRESSES.iter().map(move |a| (endpoint(*a), kind))),
+        )
         .collect();
     for (endpoint, kind) in &wanted {
         intercepted

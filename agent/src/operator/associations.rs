@@ -660,7 +660,12 @@ mod tests {
         assert!(j.fixes[0].using_node_role);
         let text = render_join(&j);
         assert!(text.contains("this pod is using the node role"), "{text}");
-        assert!(text.contains("pod uid 0f1e (cgroup /kubepods/besteffort/pod0f1e/c1) connected to IMDS 7 times"), "{text}");
+        assert!(
+            text.contains(
+                "pod uid 0f1e (cgroup /kubepods/besteffort/pod0f1e/c1) connected to IMDS 7 times"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -635,14 +635,22 @@ fn check_imds(agent: &AgentInfo, probe: SocketAddr) -> Check {
         other => {
             return Check::warn(
                 NAME,
-                format!("{other}: pods that fall back to IMDS get the node role's credentials unnoticed"),
+                format!(
+                    "{other}: pods that fall back to IMDS get the node role's credentials unnoticed"
+                ),
                 "run in eBPF mode (the connect programs count and refuse IMDS connects)",
             );
         }
     }
     let pods = match super::pods::fetch(probe) {
         Ok((_, pods)) => pods,
-        Err(e) => return Check::fail(NAME, format!("cannot read the pods' counts: {e:#}"), "read the agent's log"),
+        Err(e) => {
+            return Check::fail(
+                NAME,
+                format!("cannot read the pods' counts: {e:#}"),
+                "read the agent's log",
+            );
+        }
     };
     let reaching: Vec<String> = pods
         .iter()
@@ -657,7 +665,9 @@ fn check_imds(agent: &AgentInfo, probe: SocketAddr) -> Check {
     if reaching.is_empty() {
         return Check::ok(
             NAME,
-            format!("{mode}: no pod has reached IMDS since it was first seen ({denied} connects refused)"),
+            format!(
+                "{mode}: no pod has reached IMDS since it was first seen ({denied} connects refused)"
+            ),
         );
     }
     Check::warn(

@@ -115,7 +115,10 @@ fn imds_errno(cgroup: &Path, own_netns: bool) -> i32 {
         .arg(if own_netns { "own-netns" } else { "node-netns" })
         .output()
         .expect("imds client");
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(-1)
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(-1)
 }
 
 struct Pod {
@@ -329,7 +332,10 @@ fn smoke(agent_binary: &Path) {
         if own == libc::EPERM && node != libc::EPERM {
             Ok(())
         } else {
-            Err(format!("errno {own} from a pod's namespace, {node} from the node's\n{}", agent_log()))
+            Err(format!(
+                "errno {own} from a pod's namespace, {node} from the node's\n{}",
+                agent_log()
+            ))
         },
     );
 
