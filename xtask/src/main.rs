@@ -68,6 +68,9 @@ enum Task {
         /// One kernel series only (5.10, 6.1 or 6.12).
         #[arg(long)]
         kernel: Option<String>,
+        /// Only the kernel-facing tests whose name contains this (e.g. `imds_guard`).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Cross-build for aarch64, the smoke test on Debian's arm64 6.1 kernel under QEMU.
     Arm64,
@@ -107,10 +110,10 @@ fn main() -> ExitCode {
         Task::Soak { minutes } => install::demo()
             .and_then(|()| build())
             .and_then(|()| soak(minutes)),
-        Task::Matrix { kernel } => install::demo()
+        Task::Matrix { kernel, only } => install::demo()
             .and_then(|()| vm::setup())
             .and_then(|()| build())
-            .and_then(|()| matrix(kernel.as_deref())),
+            .and_then(|()| matrix(kernel.as_deref(), only.as_deref())),
         Task::Arm64 => install::build()
             .and_then(|()| arm64::setup())
             .and_then(|()| arm64::run_smoke())
@@ -266,13 +269,13 @@ fn test() -> anyhow::Result<()> {
         .args(PACKAGES)
         .args(["--test", "e2e", "--", "--test-threads", "4"])
         .env("PIA_AGENT_BIN", agent_binary()))?;
-    matrix(None)?;
+    matrix(None, None)?;
     real_node::run()?;
     arm64::run_smoke().map(drop)
 }
 
 /// The kernel-facing end-to-end tests on every kernel of the matrix (or one `series`).
-fn matrix(series: Option<&str>) -> anyhow::Result<()> {
+fn matrix(series: Option<&str>, only: Option<&str>) -> anyhow::Result<()> {
     if !is_root() {
         bail!(
             "the kernel matrix boots VMs that create namespaces, cgroups and BPF programs: run it as root"
@@ -280,13 +283,13 @@ fn matrix(series: Option<&str>) -> anyhow::Result<()> {
     }
     let e2e = e2e_binary()?;
     match series {
-        None => vm::run_matrix(&e2e, &agent_binary()).map(drop),
+        None => vm::run_matrix(&e2e, &agent_binary(), only).map(drop),
         Some(series) => {
             let kernel = vm::KERNELS
                 .iter()
                 .find(|k| k.series == series)
                 .with_context(|| format!("no kernel {series} in the matrix"))?;
-            let outcome = vm::run_matrix_on(kernel, &e2e, &agent_binary())?;
+            let outcome = vm::run_matrix_on(kernel, &e2e, &agent_binary(), only)?;
             eprintln!(
                 "xtask: {}: {} passed, {} failed in {:.0}s",
                 outcome.version,

@@ -49,10 +49,12 @@ pub const KERNELS: &[Kernel] = &[
 /// The end-to-end tests that run on every kernel: those that declare themselves kernel-facing by
 /// living in a `matrix` module of the e2e suite (`tests/README.md`), listed from the test binary
 /// itself, so naming or adding one needs no change here.
-pub fn matrix_tests(e2e: &Path) -> anyhow::Result<Vec<String>> {
+/// With `only`, just those whose name contains it.
+pub fn matrix_tests(e2e: &Path, only: Option<&str>) -> anyhow::Result<Vec<String>> {
     let tests: Vec<String> = list_tests(e2e)?
         .into_iter()
         .filter(|name| name.starts_with("matrix::") || name.contains("::matrix::"))
+        .filter(|name| only.is_none_or(|only| name.contains(only)))
         .collect();
     if tests.is_empty() {
         bail!("the e2e suite declares no kernel-facing tests (a `matrix` module)");
@@ -328,8 +330,13 @@ fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
 }
 
 /// Boots `kernel` and runs the end-to-end binary `e2e` inside with the [`matrix_tests`].
-pub fn run_matrix_on(kernel: &Kernel, e2e: &Path, agent: &Path) -> anyhow::Result<Outcome> {
-    let tests = matrix_tests(e2e)?;
+pub fn run_matrix_on(
+    kernel: &Kernel,
+    e2e: &Path,
+    agent: &Path,
+    only: Option<&str>,
+) -> anyhow::Result<Outcome> {
+    let tests = matrix_tests(e2e, only)?;
     let mut args = vec![
         "--exact".to_owned(),
         "--test-threads".to_owned(),
@@ -500,13 +507,13 @@ fn reported(report: &str) -> (Vec<String>, Vec<String>) {
 }
 
 /// Runs the matrix on every kernel, one VM after the other; fails if any test failed anywhere.
-pub fn run_matrix(e2e: &Path, agent: &Path) -> anyhow::Result<Vec<Outcome>> {
+pub fn run_matrix(e2e: &Path, agent: &Path, only: Option<&str>) -> anyhow::Result<Vec<Outcome>> {
     if !succeeds(Command::new(vm_dir().join("venv/bin/vng")).arg("--version")) {
         bail!("virtme-ng is missing: run `cargo xtask setup`");
     }
     let mut outcomes = Vec::new();
     for kernel in KERNELS {
-        outcomes.push(run_matrix_on(kernel, e2e, agent)?);
+        outcomes.push(run_matrix_on(kernel, e2e, agent, only)?);
     }
     let mut table = String::from("\nkernel matrix (the same tests on each kernel, inside QEMU):\n");
     table.push_str(&format!(

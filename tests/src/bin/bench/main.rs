@@ -600,6 +600,15 @@ fn main() {
                 .unwrap_or_else(|| panic!("{name} not attached: {programs:?}"))
         };
         let (connect4, sock_ops) = (id_of("connect4"), id_of("record_connecti"));
+        let plain_args = [
+            "--addr",
+            "127.0.0.1:2900",
+            "--connect-only",
+            "--seconds",
+            "2",
+            "--concurrency",
+            "4",
+        ];
         // (ns per call, calls) of each program over one load run.
         let per_call = |ids: &[u32], load_args: &[&str]| -> Vec<(f64, u64)> {
             let before: Vec<(u64, u64)> = ids.iter().map(|id| prog_stats(*id)).collect();
@@ -612,24 +621,12 @@ fn main() {
                 })
                 .collect()
         };
-        let plain_run = per_call(
-            &[connect4, sock_ops],
-            &[
-                "--addr",
-                "127.0.0.1:2900",
-                "--connect-only",
-                "--seconds",
-                "2",
-                "--concurrency",
-                "4",
-            ],
-        );
+        let plain_run = per_call(&[connect4, sock_ops], &plain_args);
         let (plain, sock_ops_ns) = (plain_run[0], plain_run[1]);
         let intercepted = per_call(
             &[connect4],
             &["--connect-only", "--seconds", "2", "--concurrency", "4"],
         )[0];
-        let _ = fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_was.trim());
         let attribution_ns = agent_metric(
             &node.netns,
             "pod_identity_agent_attribution_duration_seconds_sum",
@@ -638,8 +635,31 @@ fn main() {
             "pod_identity_agent_attribution_duration_seconds_count",
         ) * 1e9;
         drop(stats_agent);
+        // The same non-intercepted connects with the IMDS guard off (the default is audit).
+        let unguarded = Agent::start(&node, &fake, &[&UNLIMITED[..], &["--imds", "off"]].concat());
+        let connect4_off = pod_identity_e2e::bpf::attached(&node.cgroup_root)
+            .iter()
+            .find(|p| p.name == "connect4")
+            .map(|p| p.id)
+            .expect("connect4 attached");
+        let plain_off = per_call(&[connect4_off], &plain_args)[0];
+        drop(unguarded);
+        let _ = fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_was.trim());
         let _ = local.kill();
         let _ = local.wait();
+        rows.push(Row {
+            scenario: "connect() to a non-intercepted address, IMDS guard on (audit) and off",
+            measure: format!(
+                "connect4 ns per call, BPF run-time statistics ({:.1} with --imds audit over {} calls, {:.1} with --imds off over {} calls)",
+                plain.0, plain.1, plain_off.0, plain_off.1
+            ),
+            ours: plain.0,
+            baseline_name: "--imds off",
+            baseline: plain_off.0,
+            ratio: plain.0 / plain_off.0,
+            target: "unchanged (<= 1.1x)",
+            met: Some(plain.0 <= plain_off.0 * 1.1),
+        });
         rows.push(Row {
         scenario: "connect() to a non-intercepted address, in the kernel",
         measure: format!(
