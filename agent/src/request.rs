@@ -160,10 +160,9 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     }
     let (a_words, a_rest) = a.as_chunks::<8>();
     let (b_words, b_rest) = b.as_chunks::<8>();
-    let words = a_words
-        .iter()
-        .zip(b_words)
-        .fold(0, |diff, (x, y)| diff | (u64::from_ne_bytes(*x) ^ u64::from_ne_bytes(*y)));
+    let words = a_words.iter().zip(b_words).fold(0, |diff, (x, y)| {
+        diff | (u64::from_ne_bytes(*x) ^ u64::from_ne_bytes(*y))
+    });
     let rest = a_rest
         .iter()
         .zip(b_rest)
