@@ -316,29 +316,6 @@ impl Redirector {
             .collect()
     }
 
-    /// Reads and deletes one entry of a hash map; false when it is not there.
-    fn take_entry<K, V>(&self, map: std::os::fd::BorrowedFd<'_>, key: &K, value: &mut V) -> bool {
-        if self.lookup_and_delete.load(Ordering::Relaxed) {
-            match bpf_sys::map_lookup_and_delete(map, key, value) {
-                Ok(bpf_sys::Lookup::Found) => return true,
-                Ok(bpf_sys::Lookup::Missing) | Err(_) => return false,
-                Ok(bpf_sys::Lookup::Unsupported) => {
-                    tracing::info!(
-                        "this kernel has no lookup-and-delete for hash maps (Linux < 5.14): two map commands per record"
-                    );
-                    self.lookup_and_delete.store(false, Ordering::Relaxed);
-                }
-            }
-        }
-        match bpf_sys::map_lookup(map, key, value) {
-            Ok(bpf_sys::Lookup::Found) => {
-                let _ = bpf_sys::map_delete(map, key);
-                true
-            }
-            _ => false,
-        }
-    }
-
     /// The attribution of an accepted connection, removed from the kernel map: each record is
     /// read exactly once. `None` when the connection did not come through the redirect.
     pub fn take(&self, peer: SocketAddr, local: SocketAddr) -> Option<Attribution> {
@@ -349,7 +326,25 @@ impl Redirector {
         let map = self.connections.fd().as_fd();
         // SAFETY: Attribution is plain #[repr(C)] integers and bytes: all zeroes is a value.
         let mut found: Attribution = unsafe { std::mem::zeroed() };
-        self.take_entry(map, &key, &mut found).then_some(found)
+        if self.lookup_and_delete.load(Ordering::Relaxed) {
+            match bpf_sys::map_lookup_and_delete(map, &key, &mut found) {
+                Ok(bpf_sys::Lookup::Found) => return Some(found),
+                Ok(bpf_sys::Lookup::Missing) | Err(_) => return None,
+                Ok(bpf_sys::Lookup::Unsupported) => {
+                    tracing::info!(
+                        "this kernel has no lookup-and-delete for hash maps (Linux < 5.14): two map commands per accepted connection"
+                    );
+                    self.lookup_and_delete.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+        match bpf_sys::map_lookup(map, &key, &mut found) {
+            Ok(bpf_sys::Lookup::Found) => {
+                let _ = bpf_sys::map_delete(map, &key);
+                Some(found)
+            }
+            _ => None,
+        }
     }
 
     pub fn counts(&self) -> RedirectCounts {
