@@ -28,7 +28,12 @@ import socket, sys, time
 token = sys.argv[1]
 def exchange(payload, wait=3.0):
     s = socket.create_connection(("169.254.170.23", 80), timeout=wait)
-    s.sendall(payload)
+    try:
+        s.sendall(payload)
+    except (BrokenPipeError, ConnectionResetError):
+        # The agent answered and closed before the whole payload was sent (an oversized
+        # head is refused as soon as it passes the limit): read what it answered.
+        pass
     data = b""
     try:
         while True:
@@ -36,7 +41,7 @@ def exchange(payload, wait=3.0):
             if not chunk:
                 break
             data += chunk
-    except socket.timeout:
+    except (socket.timeout, ConnectionResetError):
         pass
     s.close()
     return data
