@@ -47,34 +47,34 @@ pub fn setup() -> anyhow::Result<()> {
     crate::image::rust_target(TARGET)
 }
 
-/// The release build for aarch64: the agent, and with `smoke` the smoke-test program. Returns the
-/// directory that holds them.
+/// The release build for aarch64: the agent as the image ships it (so the smoke test runs the
+/// shipped allocator, and the image's build is reused rather than repeated), and with `smoke`
+/// the smoke-test program, built apart so its dependencies' features do not change the agent's.
+/// Returns the directory that holds them.
 pub fn build(smoke: bool) -> anyhow::Result<PathBuf> {
-    let mut cmd = crate::cargo();
-    cmd.args([
-        "zigbuild",
-        "--release",
-        "--target",
-        TARGET,
-        "-p",
-        "pod-identity-agent",
-        "--bin",
-        "pod-identity-agent",
-    ]);
+    let agent = crate::image::binary(TARGET)?;
     if smoke {
-        cmd.args(["-p", "pod-identity-e2e", "--bin", "arm64-smoke"]);
+        let mut cmd = crate::cargo();
+        cmd.args([
+            "zigbuild",
+            "--release",
+            "--target",
+            TARGET,
+            "-p",
+            "pod-identity-e2e",
+            "--bin",
+            "arm64-smoke",
+        ]);
+        run(&mut cmd).context(
+            "cross-building the smoke program for aarch64 (cargo xtask setup installs zig and cargo-zigbuild)",
+        )?;
     }
-    run(&mut cmd).context(
-        "cross-building for aarch64 (cargo xtask setup installs zig and cargo-zigbuild)",
-    )?;
-    let dir = crate::target_dir().join(TARGET).join("release");
-    let agent = dir.join("pod-identity-agent");
     eprintln!(
         "xtask: {}: {} bytes, static",
         agent.display(),
         fs::metadata(&agent)?.len()
     );
-    Ok(dir)
+    Ok(crate::target_dir().join(TARGET).join("release"))
 }
 
 /// Boots the arm64 kernel with the agent and the smoke program, and reports each check.
@@ -118,6 +118,9 @@ pub fn smoke(binaries: &Path) -> anyhow::Result<vm::Outcome> {
         } else if let Some(rest) = line.strip_prefix("SMOKE FAIL ") {
             failed.push(rest.to_owned());
         }
+    }
+    for check in &passed {
+        eprintln!("xtask: arm64 smoke ok: {check}");
     }
     if !console.lines().any(|l| l.starts_with("SMOKE DONE")) {
         failed.push(format!(
