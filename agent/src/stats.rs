@@ -16,7 +16,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{credentials::expiration_string, token::PodUid};
+use crate::{credentials::expiration_string, token::PodUid, upstream::SessionScope};
 
 /// How a request ended, for the per-pod error classes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +45,9 @@ pub struct PodStats {
     pub service_account: String,
     pub role_arn: String,
     pub association_id: String,
+    /// Session tags on, and a session policy, as the source assumed the role (sts mode; EKS
+    /// Auth does not say, and `associations --pods` reads them from the association).
+    pub session: Option<SessionScope>,
     pub requests: u64,
     pub cache_hits: u64,
     pub upstream_calls: u64,
@@ -111,7 +114,7 @@ pub struct Identity<'a> {
 pub struct Served<'a> {
     /// The role and association, when they are news to the caller (new credentials on the
     /// connection).
-    pub role: Option<(&'a str, &'a str)>,
+    pub role: Option<(&'a str, &'a str, Option<SessionScope>)>,
     pub expiration: SystemTime,
     pub cache_hit: bool,
     pub upstream_call: bool,
@@ -146,6 +149,7 @@ struct PodStrings {
     service_account: String,
     role_arn: String,
     association_id: String,
+    session: Option<SessionScope>,
     last_error: Option<(u16, String, SystemTime)>,
     cgroup: String,
 }
@@ -207,9 +211,10 @@ impl PodEntry {
                 set(&mut strings.pod, id.pod);
                 set(&mut strings.service_account, id.service_account);
             }
-            if let Some((role_arn, association_id)) = role {
+            if let Some((role_arn, association_id, scope)) = role {
                 set(&mut strings.role_arn, role_arn);
                 set(&mut strings.association_id, association_id);
+                strings.session = scope;
             }
             if let Some((status, code)) = r.error {
                 strings.last_error = Some((status, code.to_owned(), SystemTime::now()));
@@ -245,6 +250,7 @@ impl PodEntry {
             service_account: strings.service_account.clone(),
             role_arn: strings.role_arn.clone(),
             association_id: strings.association_id.clone(),
+            session: strings.session,
             requests: self.requests.load(Ordering::Relaxed),
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
             upstream_calls: self.upstream_calls.load(Ordering::Relaxed),
@@ -443,8 +449,11 @@ mod tests {
                     service_account: "sa",
                 }),
                 served: Some(Served {
-                    role: (ms == 1)
-                        .then_some(("arn:aws:sts::123456789012:assumed-role/r/x", "a-1")),
+                    role: (ms == 1).then_some((
+                        "arn:aws:sts::123456789012:assumed-role/r/x",
+                        "a-1",
+                        None,
+                    )),
                     expiration: SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_950_000),
                     cache_hit: ms > 1,
                     upstream_call: ms == 1,

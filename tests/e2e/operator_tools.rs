@@ -1,6 +1,7 @@
 //! The operator's tools. `associations` against the fake EKS control plane (pagination,
-//! table, JSON, the join with a node's pods and the fix it prints, create and delete), and every
-//! `doctor` check in its passing and its failing state.
+//! table, JSON, the join with a node's pods and the fix it prints, create, update and delete with
+//! session policies, session tags off and target roles' external IDs), and every `doctor` check
+//! in its passing and its failing state.
 
 use std::time::Duration;
 
@@ -317,6 +318,288 @@ fn associations_join_flags_pods_without_an_association_with_the_fix() {
     assert_eq!(v["fixes"][0]["command"], fix);
 }
 
+/// Only `s3:GetObject`, as an operator would write the file (indented).
+const READ_ONLY_POLICY: &str = "{\n  \"Version\": \"2012-10-17\",\n  \"Statement\": [\n    {\"Effect\": \"Allow\", \"Action\": \"s3:GetObject\", \"Resource\": \"*\"}\n  ]\n}\n";
+const READ_ONLY_COMPACT: &str = r#"{"Statement":[{"Action":"s3:GetObject","Effect":"Allow","Resource":"*"}],"Version":"2012-10-17"}"#;
+
+#[test]
+fn associations_with_a_session_policy_tags_off_and_a_target_role_scope_the_pods_session() {
+    let s = Setup::new();
+    let pod = s.pod(
+        "reports",
+        "gen-0",
+        "generator",
+        CgroupShape::SystemdBurstable,
+    );
+    let policy = std::env::temp_dir().join(format!("{}-policy.json", s.node.netns));
+    std::fs::write(&policy, READ_ONLY_POLICY).unwrap();
+    let policy = policy.to_str().unwrap().to_owned();
+    let (role, target) = (role_arn("reports-role"), role_arn("reports-reader"));
+    let create = |extra: &[&str]| {
+        let mut argv = vec![
+            "create",
+            "--namespace",
+            "reports",
+            "--service-account",
+            "generator",
+            "--role-arn",
+            &role,
+        ];
+        argv.extend_from_slice(extra);
+        associations(&s, &argv)
+    };
+
+    // EKS's rules, answered by EKS and passed on whole: a policy needs session tags off, and
+    // is at most 2,048 characters.
+    let refused = create(&["--policy", &policy]);
+    assert_ne!(refused.code, 0);
+    assert!(
+        refused.stderr.contains("InvalidParameterException")
+            && refused.stderr.contains("Session tags must be disabled"),
+        "{}",
+        refused.stderr
+    );
+    let long = std::env::temp_dir().join(format!("{}-long.json", s.node.netns));
+    let action = "s".repeat(2048);
+    std::fs::write(
+        &long,
+        format!(r#"{{"Statement":[{{"Effect":"Allow","Action":"{action}"}}]}}"#),
+    )
+    .unwrap();
+    let refused = create(&["--policy", long.to_str().unwrap(), "--disable-session-tags"]);
+    let _ = std::fs::remove_file(&long);
+    assert!(
+        refused.code != 0 && refused.stderr.contains("less than or equal to 2048"),
+        "{}",
+        refused.stderr
+    );
+    let not_json = create(&["--policy", "/etc/hostname", "--disable-session-tags"]);
+    assert!(
+        not_json.code != 0 && not_json.stderr.contains("not a JSON policy document"),
+        "refused before EKS is asked: {}",
+        not_json.stderr
+    );
+    assert!(
+        s.fake
+            .associations()
+            .iter()
+            .all(|a| a.namespace != "reports")
+    );
+
+    // Created: the policy compacted, tags off, and the trust statement for the target role.
+    let created = create(&[
+        "--policy",
+        &policy,
+        "--disable-session-tags",
+        "--target-role-arn",
+        &target,
+    ])
+    .ok();
+    let id = created.stdout.trim().to_owned();
+    let stored = s
+        .fake
+        .associations()
+        .into_iter()
+        .find(|a| a.id == id)
+        .unwrap();
+    assert_eq!(stored.policy.as_deref(), Some(READ_ONLY_COMPACT));
+    assert!(stored.disable_session_tags);
+    let external_id = stored
+        .external_id
+        .clone()
+        .expect("EKS generated an external ID");
+    assert!(
+        created
+            .stderr
+            .contains("session tags off, scoped by a session policy")
+            && created
+                .stderr
+                .contains(&format!("the target role {target} must trust {role}"))
+            && created
+                .stderr
+                .contains(&format!(r#""sts:ExternalId": "{external_id}""#))
+            && !created.stderr.contains("sts:TagSession"),
+        "{}",
+        created.stderr
+    );
+
+    // Listed: abbreviated in the table, whole in JSON.
+    let table = associations(&s, &["--namespace", "reports"]).ok().stdout;
+    assert!(
+        table.lines().next().unwrap().contains("EXTERNAL-ID"),
+        "{table}"
+    );
+    let row = rows(&table)[0];
+    assert!(
+        row.contains(&external_id)
+            && row.contains(" off ")
+            && row.contains(r#"{"Statement":[{"Action":"s3:GetObject..."#),
+        "{table}"
+    );
+    let json: Vec<serde_json::Value> = serde_json::from_str(
+        &associations(&s, &["--namespace", "reports", "--json"])
+            .ok()
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(json[0]["policy"], READ_ONLY_COMPACT);
+    assert_eq!(json[0]["disableSessionTags"], true);
+    assert_eq!(json[0]["externalId"], external_id.as_str());
+
+    // The pod's session is the scoped one, and the join and the doctor say so.
+    let r = pod.curl(V4_URL, &pod.token());
+    assert_eq!(r.status, 200, "{}", r.body);
+    let key = serde_json::from_str::<serde_json::Value>(&r.body).unwrap()["AccessKeyId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(s.fake.session_allows(&key, "s3:GetObject"));
+    assert!(!s.fake.session_allows(&key, "s3:PutObject"));
+    assert!(
+        s.fake.session(&key).unwrap().tags.is_empty(),
+        "no session tags"
+    );
+    let pods_json = s.agent.pods_cli(&["--json"]);
+    let joined = cli_with_stdin(
+        &s.node,
+        &s.fake,
+        Caller::Operator,
+        &["associations", "--pods", "-"],
+        &pods_json,
+    )
+    .ok();
+    let line = joined
+        .stdout
+        .lines()
+        .find(|l| l.contains("gen-0"))
+        .unwrap()
+        .to_owned();
+    assert!(line.contains("policy, no tags"), "{}", joined.stdout);
+    let joined = cli_with_stdin(
+        &s.node,
+        &s.fake,
+        Caller::Operator,
+        &["associations", "--pods", "-", "--json"],
+        &pods_json,
+    )
+    .ok();
+    let v: serde_json::Value = serde_json::from_str(&joined.stdout).unwrap();
+    let row = v["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pod"] == "gen-0")
+        .unwrap();
+    assert_eq!(
+        row["session"],
+        serde_json::json!({"tags": false, "policy": true})
+    );
+    let checks = doctor_checks(&doctor(&s, None, Caller::Node, &[]));
+    let (status, text) = check(&checks, "sessions");
+    assert!(
+        status == "ok" && text.contains("reports/gen-0: tags off, scoped by a session policy"),
+        "{text}"
+    );
+
+    // Updated: EKS refuses tags on while a policy is set, and nothing changes.
+    let refused = associations(&s, &["update", &id, "--enable-session-tags"]);
+    assert!(
+        refused.code != 0 && refused.stderr.contains("Session tags must be disabled"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(
+        s.fake
+            .associations()
+            .into_iter()
+            .find(|a| a.id == id)
+            .unwrap()
+            .policy
+            .as_deref(),
+        Some(READ_ONLY_COMPACT)
+    );
+    let nothing = associations(&s, &["update", &id]);
+    assert!(
+        nothing.code != 0 && nothing.stderr.contains("nothing to change"),
+        "{}",
+        nothing.stderr
+    );
+    let missing = associations(&s, &["update", "a-nope", "--no-policy"]);
+    assert!(
+        missing.code != 0 && missing.stderr.contains("ResourceNotFoundException"),
+        "{}",
+        missing.stderr
+    );
+    // Policy off, tags on, the target role gone, another role: one call.
+    let other = role_arn("reports-role-2");
+    let updated = associations(
+        &s,
+        &[
+            "update",
+            &id,
+            "--no-policy",
+            "--enable-session-tags",
+            "--no-target-role",
+            "--role-arn",
+            &other,
+        ],
+    )
+    .ok();
+    assert!(
+        updated
+            .stdout
+            .contains(&format!("updated association {id}"))
+            && updated.stdout.contains("EKS session tags on"),
+        "{}",
+        updated.stdout
+    );
+    let stored = s
+        .fake
+        .associations()
+        .into_iter()
+        .find(|a| a.id == id)
+        .unwrap();
+    assert_eq!(
+        (
+            stored.policy,
+            stored.disable_session_tags,
+            stored.target_role_arn,
+            stored.external_id,
+            stored.role_arn
+        ),
+        (None, false, None, None, other)
+    );
+    // A policy from standard input, with tags off again.
+    let updated = cli_with_stdin(
+        &s.node,
+        &s.fake,
+        Caller::Operator,
+        &[
+            "associations",
+            "update",
+            &id,
+            "--policy",
+            "-",
+            "--disable-session-tags",
+        ],
+        READ_ONLY_POLICY,
+    )
+    .ok();
+    assert!(
+        updated.stdout.contains("scoped by a session policy"),
+        "{}",
+        updated.stdout
+    );
+    let api = s.fake.api_calls();
+    assert!(
+        api.iter()
+            .filter(|c| c.operation == "UpdatePodIdentityAssociation")
+            .count()
+            >= 4,
+        "{api:?}"
+    );
+}
+
 /// The checks of one doctor run: name -> (status, whole text of the check).
 fn doctor_checks(out: &CliOutput) -> Vec<(String, String, String)> {
     let mut checks: Vec<(String, String, String)> = Vec::new();
@@ -347,7 +630,7 @@ fn doctor(s: &Setup, cgroup: Option<&std::path::Path>, caller: Caller, args: &[&
     cli(&s.node, cgroup, &s.fake, caller, &argv)
 }
 
-const ALL_CHECKS: [&str; 11] = [
+const ALL_CHECKS: [&str; 12] = [
     "cgroup root",
     "kernel programs",
     "agent",
@@ -359,6 +642,7 @@ const ALL_CHECKS: [&str; 11] = [
     "EKS Auth",
     "cluster",
     "stock add-on",
+    "sessions",
 ];
 
 #[test]

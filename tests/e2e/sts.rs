@@ -862,3 +862,238 @@ fn doctor_checks_sts_instead_of_eks_on_an_sts_node() {
         out.stdout
     );
 }
+
+/// The association file's policy: only `s3:GetObject`, written as YAML.
+const READ_ONLY: &str = "    policy:\n      Version: '2012-10-17'\n      Statement:\n        - {Effect: Allow, Action: 's3:GetObject', Resource: '*'}\n";
+
+/// The pods' rows as `pods --json` prints them, by pod name.
+fn pod_rows(agent: &Agent) -> BTreeMap<String, serde_json::Value> {
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&agent.pods_cli(&["--json"])).unwrap();
+    rows.into_iter()
+        .map(|r| (r["pod"].as_str().unwrap_or_default().to_owned(), r))
+        .collect()
+}
+
+#[test]
+fn sessions_with_tags_off_carry_none_and_a_session_policy_scopes_them() {
+    let c = Cluster::new(&format!(
+        "associations:\n{}{}",
+        association(
+            "payments",
+            "api",
+            "shared-reader",
+            &format!("    disableSessionTags: true\n{READ_ONLY}")
+        ),
+        association(
+            "batch",
+            "report",
+            "reporter",
+            "    disableSessionTags: true\n"
+        ),
+    ));
+    let agent = c.agent(&[]);
+    let api = c.pod("payments", "api-0", "api");
+    let r = api.curl(V4_URL, &c.issuer.mint(&api.token_spec(), Alg::Rs256));
+    assert_eq!(r.status, 200, "{}\n{}", r.body, agent.log());
+    let report = c.pod("batch", "report-0", "report");
+    let r2 = report.curl(V4_URL, &c.issuer.mint(&report.token_spec(), Alg::Rs256));
+    assert_eq!(r2.status, 200, "{}\n{}", r2.body, agent.log());
+
+    let calls = c.fake.sts_calls();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    for call in &calls {
+        assert!(
+            call.tags.is_empty() && call.transitive_keys.is_empty(),
+            "none of EKS's session tags: {call:?}"
+        );
+    }
+    assert_eq!(
+        calls[0].policy.as_deref(),
+        Some(
+            r#"{"Statement":[{"Action":"s3:GetObject","Effect":"Allow","Resource":"*"}],"Version":"2012-10-17"}"#
+        ),
+        "the policy as compact JSON"
+    );
+    assert_eq!(calls[1].policy, None);
+    // The issued session is scoped by the policy it was given.
+    let key = access_key(&r.body);
+    assert!(c.fake.session_allows(&key, "s3:GetObject"));
+    assert!(
+        !c.fake.session_allows(&key, "s3:PutObject"),
+        "the policy scopes the session down"
+    );
+    assert!(c.fake.session_allows(&access_key(&r2.body), "s3:PutObject"));
+    assert!(c.fake.session(&key).unwrap().tags.is_empty());
+
+    // The pods' rows say how each session is scoped; the doctor names them.
+    let rows = pod_rows(&agent);
+    assert_eq!(
+        rows["api-0"]["session"],
+        serde_json::json!({"tags": false, "policy": true})
+    );
+    assert_eq!(
+        rows["report-0"]["session"],
+        serde_json::json!({"tags": false, "policy": false})
+    );
+    let host = c.node.host_cgroup("system.slice/doctor.scope");
+    let doctor = pod_identity_e2e::agent::cli(
+        &c.node,
+        Some(&host),
+        &c.fake,
+        pod_identity_e2e::agent::Caller::Node,
+        &["doctor"],
+    );
+    let sessions = doctor
+        .stdout
+        .lines()
+        .find(|l| l.contains("sessions"))
+        .unwrap_or_else(|| panic!("no sessions check:\n{}", doctor.stdout));
+    assert!(
+        sessions.starts_with("ok")
+            && sessions.contains("2 associations, 2 with session tags off")
+            && sessions.contains("payments/api-0: tags off, scoped by a session policy")
+            && sessions.contains("batch/report-0: tags off;")
+            && sessions.contains("1 scoped by a session policy"),
+        "{}",
+        doctor.stdout
+    );
+
+    // EKS's rules, with what was in force kept: a policy with tags on, tags with tags off, a
+    // policy that is not JSON, one over 2,048 characters.
+    let in_force = c.fake.sts_calls().len();
+    let long = format!(
+        "    disableSessionTags: true\n    policy: {{Statement: [{{Effect: Allow, Action: '{}', Resource: '*'}}]}}\n",
+        "s".repeat(2048)
+    );
+    for (broken, why) in [
+        (
+            READ_ONLY.to_owned(),
+            "a policy needs disableSessionTags: true",
+        ),
+        (
+            "    disableSessionTags: true\n    tags: {team: a}\n".to_owned(),
+            "disableSessionTags turns them off",
+        ),
+        (
+            "    disableSessionTags: true\n    policy: '{not json'\n".to_owned(),
+            "not valid JSON",
+        ),
+        (long, "STS and EKS take at most 2048"),
+    ] {
+        c.write_associations(&format!(
+            "associations:\n{}",
+            association("payments", "api", "shared-reader", &broken)
+        ));
+        // The file is looked at on lookups: a token to look up with.
+        wait_for(why, Duration::from_secs(10), || {
+            api.curl(V4_URL, &c.issuer.mint(&api.token_spec(), Alg::Rs256));
+            agent.log().contains(why)
+        });
+        let again = c.pod(
+            "payments",
+            &format!("api-{}", c.fake.sts_calls().len() + 1),
+            "api",
+        );
+        let r = again.curl(V4_URL, &c.issuer.mint(&again.token_spec(), Alg::Rs256));
+        assert_eq!(
+            r.status, 200,
+            "{why}: what was in force still serves: {}",
+            r.body
+        );
+    }
+    let kept = c.fake.sts_calls();
+    assert!(
+        kept[in_force..]
+            .iter()
+            .all(|call| call.tags.is_empty() && call.policy == calls[0].policy),
+        "the association in force (tags off, the policy) is the one used: {:?}",
+        &kept[in_force..]
+    );
+}
+
+#[test]
+fn a_target_role_is_assumed_with_the_external_id_its_trust_policy_requires() {
+    let (first, target) = (role_arn("payments-api"), role_arn("cross-account-reader"));
+    let c = Cluster::new(&format!(
+        "associations:\n{}{}",
+        association(
+            "payments",
+            "api",
+            "payments-api",
+            &format!("    targetRoleArn: {target}\n    disableSessionTags: true\n{READ_ONLY}")
+        ),
+        association(
+            "search",
+            "indexer",
+            "search-indexer",
+            &format!("    targetRoleArn: {target}\n    externalId: search-indexer:reader\n")
+        ),
+    ));
+    let agent = c.agent(&[]);
+    // The log names the external ID the agent derived, so the trust policy can require it.
+    let log = agent.log();
+    let derived = log
+        .lines()
+        .find(|l| l.contains("association=payments/api") && l.contains("external_id="))
+        .and_then(|l| l.split("external_id=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no derived external ID in the log:\n{log}"))
+        .to_owned();
+    assert!(derived.starts_with("pia-"), "{derived}");
+    assert!(
+        !log.contains("association=search/indexer"),
+        "a given external ID is not announced as derived:\n{log}"
+    );
+    c.fake.require_external_id(&target, &derived);
+
+    let api = c.pod("payments", "api-0", "api");
+    let r = api.curl(V4_URL, &c.issuer.mint(&api.token_spec(), Alg::Rs256));
+    assert_eq!(r.status, 200, "{}\n{}", r.body, agent.log());
+    let calls = c.fake.sts_calls();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(
+        (calls[0].role_arn.as_str(), calls[0].external_id.as_deref()),
+        (first.as_str(), None)
+    );
+    assert_eq!(
+        calls[0].policy, None,
+        "the first role is not scoped, as in EKS"
+    );
+    assert_eq!(calls[1].role_arn, target);
+    assert_eq!(calls[1].external_id.as_deref(), Some(derived.as_str()));
+    assert!(
+        calls[1].policy.is_some(),
+        "the target role's session is scoped"
+    );
+    assert!(!c.fake.session_allows(&access_key(&r.body), "s3:PutObject"));
+
+    // The same target role, another association: its own external ID, which this trust policy
+    // does not name, so the chained hop is refused (the confused-deputy guard).
+    let indexer = c.pod("search", "indexer-0", "indexer");
+    let r = indexer.curl(V4_URL, &c.issuer.mint(&indexer.token_spec(), Alg::Rs256));
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(
+        r.body.contains("AccessDenied") && r.body.contains("target role"),
+        "{}",
+        r.body
+    );
+    let last = c.fake.sts_calls().pop().unwrap();
+    assert_eq!(last.external_id.as_deref(), Some("search-indexer:reader"));
+
+    // The doctor shows both, and which one the agent derived.
+    let host = c.node.host_cgroup("system.slice/doctor.scope");
+    let doctor = pod_identity_e2e::agent::cli(
+        &c.node,
+        Some(&host),
+        &c.fake,
+        pod_identity_e2e::agent::Caller::Node,
+        &["doctor"],
+    );
+    assert!(
+        doctor.stdout.contains(&format!(
+            "payments/api -> {target} requires sts:ExternalId {derived} (derived), search/indexer -> {target} requires sts:ExternalId search-indexer:reader;"
+        )),
+        "{}",
+        doctor.stdout
+    );
+}

@@ -374,6 +374,11 @@ fn agent_info(
             .as_ref()
             .map(|r| r.program_ids())
             .unwrap_or_default(),
+        // Absolute, symlinks kept: a ConfigMap volume swaps what they point to.
+        associations_file: f
+            .associations_file
+            .as_ref()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
     }
 }
 

@@ -49,9 +49,13 @@ pub struct Association {
     pub role_arn: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target_role_arn: Option<String>,
+    /// What EKS generated for a target role: the `sts:ExternalId` its trust policy requires.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub external_id: Option<String>,
     pub disable_session_tags: bool,
+    /// The session policy that scopes the pods' sessions (JSON, as EKS holds it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
     pub tags: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub created_at: Option<String>,
@@ -69,7 +73,19 @@ pub struct NewAssociation {
     pub service_account: String,
     pub role_arn: String,
     pub target_role_arn: Option<String>,
+    pub disable_session_tags: bool,
+    pub policy: Option<String>,
     pub tags: BTreeMap<String, String>,
+}
+
+/// What `associations update` changes; `None` leaves a field as it is, and `Some("")` removes a
+/// target role or a policy (EKS's own convention).
+#[derive(Clone, Debug, Default)]
+pub struct AssociationChange {
+    pub role_arn: Option<String>,
+    pub target_role_arn: Option<String>,
+    pub disable_session_tags: Option<bool>,
+    pub policy: Option<String>,
 }
 
 pub struct Cluster {
@@ -184,7 +200,29 @@ impl Eks {
             .service_account(&new.service_account)
             .role_arn(&new.role_arn)
             .set_target_role_arn(new.target_role_arn.clone())
+            .set_disable_session_tags(new.disable_session_tags.then_some(true))
+            .set_policy(new.policy.clone())
             .set_tags((!new.tags.is_empty()).then(|| new.tags.clone().into_iter().collect()))
+            .send()
+            .await
+            .map_err(api_error)?;
+        Ok(out.association().map(association).unwrap_or_default())
+    }
+
+    pub async fn update(
+        &self,
+        id: &str,
+        change: &AssociationChange,
+    ) -> Result<Association, ApiError> {
+        let out = self
+            .client
+            .update_pod_identity_association()
+            .cluster_name(&self.cluster)
+            .association_id(id)
+            .set_role_arn(change.role_arn.clone())
+            .set_target_role_arn(change.target_role_arn.clone())
+            .set_disable_session_tags(change.disable_session_tags)
+            .set_policy(change.policy.clone())
             .send()
             .await
             .map_err(api_error)?;
@@ -267,6 +305,7 @@ fn association(a: &aws_sdk_eks::types::PodIdentityAssociation) -> Association {
             .map(str::to_owned),
         external_id: a.external_id().filter(|s| !s.is_empty()).map(str::to_owned),
         disable_session_tags: a.disable_session_tags().unwrap_or(false),
+        policy: a.policy().filter(|s| !s.is_empty()).map(str::to_owned),
         tags: a
             .tags()
             .map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect())

@@ -84,6 +84,9 @@ pub struct AgentInfo {
     /// The IMDS guard: `off`, `audit`, `deny`, or why there is none.
     #[serde(default)]
     pub imds: String,
+    /// sts mode: the associations file the agent reads (`doctor` reads it too).
+    #[serde(default)]
+    pub associations_file: Option<PathBuf>,
 }
 
 fn eks_auth() -> String {

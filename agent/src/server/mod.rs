@@ -373,9 +373,11 @@ impl CredentialServer {
                 service_account: &c.service_account,
             }),
             served: facts.served.as_ref().map(|(role, outcome)| Served {
-                role: facts
-                    .new_role
-                    .then_some((role.role_arn.as_str(), role.association_id.as_str())),
+                role: facts.new_role.then_some((
+                    role.role_arn.as_str(),
+                    role.association_id.as_str(),
+                    role.scope,
+                )),
                 expiration: role.expiration,
                 cache_hit: matches!(outcome, Outcome::Hit | Outcome::Stale),
                 upstream_call: *outcome == Outcome::Fetched,

@@ -7,12 +7,25 @@
 //!     serviceAccount: api
 //!     roleArn: arn:aws:iam::111122223333:role/payments-api
 //!     targetRoleArn: arn:aws:iam::444455556666:role/payments-reader   # optional second hop
+//!     externalId: payments-api-reader       # optional; derived when a target role has none
 //!     tags: {team: payments}                                         # optional session tags
+//!   - namespace: batch
+//!     serviceAccount: report
+//!     roleArn: arn:aws:iam::111122223333:role/shared-reader
+//!     disableSessionTags: true              # none of EKS's six session tags
+//!     policy:                               # a session policy; needs disableSessionTags
+//!       Version: "2012-10-17"
+//!       Statement: [{Effect: Allow, Action: "s3:GetObject", Resource: "*"}]
 //! ```
+//!
+//! The fields and rules are EKS's (`CreatePodIdentityAssociation`): a policy is at most 2,048
+//! characters of JSON (written as YAML, or as a JSON string) and needs session tags disabled; an
+//! external ID is what the chained hop into the target role passes as `sts:ExternalId`.
 //!
 //! A ConfigMap volume is updated by swapping a symlink, so the file is watched by what the path
 //! resolves to (inode, size, modification time), checked at most once a second, on lookups. An
-//! edit that does not parse is logged and the previous associations stay in force.
+//! edit that does not parse or breaks a rule is logged and the previous associations stay in
+//! force.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -42,6 +55,9 @@ const MAX_SESSION_TAGS: usize = 50;
 /// How often, at most, the file is looked at for changes.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// STS's limit on an inline session policy, and EKS's on an association's `policy`.
+pub const MAX_POLICY_CHARS: usize = 2048;
+
 /// One service account's role.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Association {
@@ -49,9 +65,50 @@ pub struct Association {
     pub id: String,
     pub role_arn: String,
     /// A second role, assumed with the first one's credentials (cross-account access).
-    pub target_role_arn: Option<String>,
-    /// Session tags of the association's own, besides the EKS ones.
-    pub tags: Vec<(String, String)>,
+    pub target: Option<Target>,
+    /// What the session carries: EKS's tags, or no tags and perhaps a policy.
+    pub session: Session,
+}
+
+/// The second hop of a chained association.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub role_arn: String,
+    /// Passed as `ExternalId` on the hop into the target role, whose trust policy names it.
+    pub external_id: ExternalId,
+}
+
+/// `sts:ExternalId` for a target role: the entry's own, or one derived from the cluster and the
+/// service account, stable across restarts and edits, as EKS generates one per association.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalId {
+    pub value: String,
+    /// Derived by the agent, not written in the file: logged at load so the target role's trust
+    /// policy can name it.
+    pub derived: bool,
+}
+
+/// The session's tags and scope. A policy needs session tags off (EKS's rule), so the two
+/// cannot be asked for together.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Session {
+    /// EKS's six session tags (transitive), then the association's own.
+    Tagged { own: Vec<(String, String)> },
+    /// `disableSessionTags: true`: no tags; the session is scoped down by `policy` if given.
+    Untagged { policy: Option<String> },
+}
+
+impl Session {
+    pub fn tags_on(&self) -> bool {
+        matches!(self, Session::Tagged { .. })
+    }
+
+    pub fn policy(&self) -> Option<&str> {
+        match self {
+            Session::Untagged { policy } => policy.as_deref(),
+            Session::Tagged { .. } => None,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -68,16 +125,22 @@ struct Entry {
     service_account: String,
     role_arn: String,
     target_role_arn: Option<String>,
+    external_id: Option<String>,
+    #[serde(default)]
+    disable_session_tags: bool,
+    /// YAML (a mapping) or a JSON string.
+    policy: Option<serde_yaml_ng::Value>,
     #[serde(default)]
     tags: BTreeMap<String, String>,
 }
 
 type Table = HashMap<(String, String), Arc<Association>>;
 
-/// Parses and checks an associations file's text.
-fn parse(text: &str) -> anyhow::Result<Table> {
+/// Parses and checks an associations file's text; `cluster` names the cluster in derived
+/// external IDs.
+fn parse(text: &str, cluster: &str) -> anyhow::Result<Table> {
     let file: File = serde_yaml_ng::from_str(text)
-        .context("not an associations file (a list under `associations:` of namespace, serviceAccount, roleArn, targetRoleArn, tags)")?;
+        .context("not an associations file (a list under `associations:` of namespace, serviceAccount, roleArn, targetRoleArn, externalId, disableSessionTags, policy, tags)")?;
     let mut table = Table::new();
     for (i, e) in file.associations.into_iter().enumerate() {
         let at = format!(
@@ -86,36 +149,131 @@ fn parse(text: &str) -> anyhow::Result<Table> {
             e.namespace,
             e.service_account
         );
-        if e.namespace.is_empty() || e.service_account.is_empty() {
-            bail!("{at}: namespace and serviceAccount must not be empty");
-        }
-        check_role_arn(&e.role_arn).with_context(|| format!("{at}: roleArn"))?;
-        if let Some(target) = &e.target_role_arn {
-            check_role_arn(target).with_context(|| format!("{at}: targetRoleArn"))?;
-        }
-        check_tags(&e.tags).with_context(|| format!("{at}: tags"))?;
-        if e.tags.len() + EKS_TAG_KEYS.len() > MAX_SESSION_TAGS {
-            bail!(
-                "{at}: at most {} tags of its own (STS takes {MAX_SESSION_TAGS} per session, {} are the EKS ones)",
-                MAX_SESSION_TAGS - EKS_TAG_KEYS.len(),
-                EKS_TAG_KEYS.len()
-            );
-        }
-        let id = format!("{}/{}", e.namespace, e.service_account);
-        let association = Association {
-            id,
-            role_arn: e.role_arn,
-            target_role_arn: e.target_role_arn,
-            tags: e.tags.into_iter().collect(),
-        };
-        if table
-            .insert((e.namespace, e.service_account), Arc::new(association))
-            .is_some()
-        {
+        let key = (e.namespace.clone(), e.service_account.clone());
+        let association = entry(e, cluster).with_context(|| at.clone())?;
+        if table.insert(key, Arc::new(association)).is_some() {
             bail!("{at}: the service account has two associations");
         }
     }
     Ok(table)
+}
+
+/// One entry, checked by EKS's rules.
+fn entry(e: Entry, cluster: &str) -> anyhow::Result<Association> {
+    if e.namespace.is_empty() || e.service_account.is_empty() {
+        bail!("namespace and serviceAccount must not be empty");
+    }
+    check_role_arn(&e.role_arn).context("roleArn")?;
+    let target = match (e.target_role_arn, e.external_id) {
+        (Some(role_arn), given) => {
+            check_role_arn(&role_arn).context("targetRoleArn")?;
+            let external_id = match given {
+                Some(value) => {
+                    check_external_id(&value).context("externalId")?;
+                    ExternalId {
+                        value,
+                        derived: false,
+                    }
+                }
+                None => ExternalId {
+                    value: derive_external_id(cluster, &e.namespace, &e.service_account),
+                    derived: true,
+                },
+            };
+            Some(Target {
+                role_arn,
+                external_id,
+            })
+        }
+        (None, Some(_)) => {
+            bail!("externalId is passed to a target role: give targetRoleArn, or drop externalId")
+        }
+        (None, None) => None,
+    };
+    let session = if e.disable_session_tags {
+        if !e.tags.is_empty() {
+            bail!("tags are session tags, and disableSessionTags turns them off: drop one");
+        }
+        let policy = e
+            .policy
+            .as_ref()
+            .map(policy_json)
+            .transpose()
+            .context("policy")?;
+        Session::Untagged { policy }
+    } else {
+        if e.policy.is_some() {
+            bail!(
+                "a policy needs disableSessionTags: true (EKS's rule: session policies and session tags do not mix)"
+            );
+        }
+        check_tags(&e.tags).context("tags")?;
+        if e.tags.len() + EKS_TAG_KEYS.len() > MAX_SESSION_TAGS {
+            bail!(
+                "tags: at most {} of its own (STS takes {MAX_SESSION_TAGS} per session, {} are the EKS ones)",
+                MAX_SESSION_TAGS - EKS_TAG_KEYS.len(),
+                EKS_TAG_KEYS.len()
+            );
+        }
+        Session::Tagged {
+            own: e.tags.into_iter().collect(),
+        }
+    };
+    Ok(Association {
+        id: format!("{}/{}", e.namespace, e.service_account),
+        role_arn: e.role_arn,
+        target,
+        session,
+    })
+}
+
+/// A policy as the compact JSON STS takes: written as YAML, or as a JSON string. It must be a
+/// JSON object with a `Statement`, and at most 2,048 characters.
+fn policy_json(value: &serde_yaml_ng::Value) -> anyhow::Result<String> {
+    let json: serde_json::Value = match value {
+        serde_yaml_ng::Value::String(text) => {
+            serde_json::from_str(text).context("not valid JSON")?
+        }
+        other => serde_json::to_value(other).context("not expressible as JSON")?,
+    };
+    if json.get("Statement").is_none() {
+        bail!("not an IAM policy: a JSON object with a Statement");
+    }
+    let compact = serde_json::to_string(&json)?;
+    let chars = compact.chars().count();
+    if chars > MAX_POLICY_CHARS {
+        bail!("{chars} characters as compact JSON; STS and EKS take at most {MAX_POLICY_CHARS}");
+    }
+    Ok(compact)
+}
+
+/// STS's rule for `ExternalId`: 2 to 1,224 characters of letters, digits and `_+=,.@:/-`.
+fn check_external_id(id: &str) -> anyhow::Result<()> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "_+=,.@:/-".contains(c);
+    if !(2..=1224).contains(&id.len()) || !id.chars().all(allowed) {
+        bail!("{id:?}: 2 to 1,224 characters of letters, digits and _+=,.@:/-");
+    }
+    Ok(())
+}
+
+/// `pia-` and 32 hex digits of SHA-256 over the cluster, namespace and service account: the same
+/// on every node and across restarts, different for every service account, so one
+/// association's chain cannot be replayed into another's target role.
+pub fn derive_external_id(cluster: &str, namespace: &str, service_account: &str) -> String {
+    use sha2::Digest as _;
+    let mut hash = sha2::Sha256::new();
+    for part in [
+        "pod-identity-agent external id v1",
+        cluster,
+        namespace,
+        service_account,
+    ] {
+        hash.update(part.as_bytes());
+        hash.update([0]);
+    }
+    let digest = hash.finalize();
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("pia-{hex}")
 }
 
 /// STS's rules for session tags, checked here so that a mistake is named when the file is read
@@ -171,6 +329,8 @@ fn check_role_arn(arn: &str) -> anyhow::Result<()> {
 /// The associations in force, re-read when the file changes.
 pub struct Associations {
     path: PathBuf,
+    /// Names the cluster in derived external IDs.
+    cluster: String,
     state: Mutex<State>,
 }
 
@@ -184,12 +344,14 @@ struct State {
 
 impl Associations {
     /// Reads the file; at start an unreadable or invalid file is an error.
-    pub fn load(path: &Path) -> anyhow::Result<Associations> {
-        let (table, stamp) =
-            read(path).with_context(|| format!("--associations-file {}", path.display()))?;
+    pub fn load(path: &Path, cluster: &str) -> anyhow::Result<Associations> {
+        let (table, stamp) = read(path, cluster)
+            .with_context(|| format!("--associations-file {}", path.display()))?;
         tracing::info!(file = %path.display(), associations = table.len(), "associations loaded");
+        log_derived_external_ids(&table);
         Ok(Associations {
             path: path.to_owned(),
+            cluster: cluster.to_owned(),
             state: Mutex::new(State {
                 table: Arc::new(table),
                 stamp,
@@ -212,9 +374,10 @@ impl Associations {
         if state.checked.elapsed() >= CHECK_INTERVAL {
             state.checked = Instant::now();
             match FileStamp::of(&self.path) {
-                Ok(now) if now != state.stamp => match read(&self.path) {
+                Ok(now) if now != state.stamp => match read(&self.path, &self.cluster) {
                     Ok((table, stamp)) => {
                         tracing::info!(file = %self.path.display(), associations = table.len(), "associations reloaded");
+                        log_derived_external_ids(&table);
                         state.table = Arc::new(table);
                         state.stamp = stamp;
                     }
@@ -240,11 +403,38 @@ impl Associations {
     }
 }
 
-fn read(path: &Path) -> anyhow::Result<(Table, FileStamp)> {
+fn read(path: &Path, cluster: &str) -> anyhow::Result<(Table, FileStamp)> {
     // The stamp first: an update between the two reads is seen at the next check.
     let stamp = FileStamp::of(path)?;
     let text = std::fs::read_to_string(path)?;
-    Ok((parse(&text)?, stamp))
+    Ok((parse(&text, cluster)?, stamp))
+}
+
+/// The associations a file holds, sorted by id, as the agent would read them for `cluster`:
+/// for `doctor`, which reads the file the agent names.
+pub fn read_file(path: &Path, cluster: &str) -> anyhow::Result<Vec<Arc<Association>>> {
+    let (table, _) = read(path, cluster)?;
+    let mut all: Vec<_> = table.into_values().collect();
+    all.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(all)
+}
+
+/// The external IDs the agent made up, so that the target roles' trust policies can name them.
+fn log_derived_external_ids(table: &Table) {
+    let mut derived: Vec<_> = table
+        .values()
+        .filter_map(|a| Some((a, a.target.as_ref()?)))
+        .filter(|(_, t)| t.external_id.derived)
+        .collect();
+    derived.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+    for (a, target) in derived {
+        tracing::info!(
+            association = %a.id,
+            target_role = %target.role_arn,
+            external_id = %target.external_id.value,
+            "the target role is assumed with this sts:ExternalId (derived; set externalId to choose one): its trust policy must require it"
+        );
+    }
 }
 
 #[cfg(test)]
@@ -265,25 +455,35 @@ mod tests {
 
     #[test]
     fn a_file_parses_into_associations() {
-        let t = parse(GOOD).unwrap();
+        let t = parse(GOOD, "prod").unwrap();
         let a = &t[&("payments".to_owned(), "api".to_owned())];
         assert_eq!(a.id, "payments/api");
+        let target = a.target.as_ref().unwrap();
+        assert_eq!(target.role_arn, "arn:aws:iam::444455556666:role/reader");
         assert_eq!(
-            a.target_role_arn.as_deref(),
-            Some("arn:aws:iam::444455556666:role/reader")
+            target.external_id,
+            ExternalId {
+                value: derive_external_id("prod", "payments", "api"),
+                derived: true
+            }
         );
-        assert_eq!(a.tags, vec![("team".to_owned(), "payments".to_owned())]);
+        assert_eq!(
+            a.session,
+            Session::Tagged {
+                own: vec![("team".to_owned(), "payments".to_owned())]
+            }
+        );
         assert!(
             t[&("web".to_owned(), "default".to_owned())]
-                .target_role_arn
+                .target
                 .is_none()
         );
-        assert!(parse("associations: []").unwrap().is_empty());
+        assert!(parse("associations: []", "prod").unwrap().is_empty());
     }
 
     #[test]
     fn mistakes_are_named() {
-        let err = |text: &str| format!("{:#}", parse(text).unwrap_err());
+        let err = |text: &str| format!("{:#}", parse(text, "prod").unwrap_err());
         assert!(err("associations:\n  - namespace: a\n    serviceAccount: b\n    roleArn: arn:aws:iam::1:role/x\n").contains("not an IAM role ARN"));
         assert!(
             err("associations:\n  - namespace: a\n    serviceAccount: b\n    rolearn: x\n")
@@ -297,9 +497,10 @@ mod tests {
             )
         };
         assert!(
-            parse(&tagged(
-                "{team: payments, cost-center: 'a b/c=d+e@f.g:h_i'}"
-            ))
+            parse(
+                &tagged("{team: payments, cost-center: 'a b/c=d+e@f.g:h_i'}"),
+                "prod"
+            )
             .is_ok()
         );
         assert!(err(&tagged("{'aws:team': x}")).contains("aws: prefix is reserved"));
@@ -310,13 +511,91 @@ mod tests {
         assert!(err(twice).contains("two associations"));
     }
 
+    const BASE: &str = "associations:\n  - namespace: a\n    serviceAccount: b\n    roleArn: arn:aws:iam::111122223333:role/x\n";
+
+    #[test]
+    fn session_policies_need_tags_off_and_are_compact_json_within_the_limit() {
+        let with = |extra: &str| parse(&format!("{BASE}{extra}"), "prod");
+        let policy =
+            |extra: &str| with(extra).map(|t| t.into_values().next().unwrap().session.clone());
+        // As YAML and as a JSON string: the same compact JSON.
+        let yaml = policy("    disableSessionTags: true\n    policy:\n      Version: '2012-10-17'\n      Statement: [{Effect: Allow, Action: 's3:GetObject', Resource: '*'}]\n").unwrap();
+        let json = policy("    disableSessionTags: true\n    policy: '{\"Version\": \"2012-10-17\", \"Statement\": [{\"Effect\": \"Allow\", \"Action\": \"s3:GetObject\", \"Resource\": \"*\"}]}'\n").unwrap();
+        assert_eq!(yaml, json);
+        assert_eq!(
+            yaml.policy(),
+            Some(
+                r#"{"Statement":[{"Action":"s3:GetObject","Effect":"Allow","Resource":"*"}],"Version":"2012-10-17"}"#
+            )
+        );
+        assert!(!yaml.tags_on());
+        assert_eq!(
+            policy("    disableSessionTags: true\n").unwrap(),
+            Session::Untagged { policy: None }
+        );
+        let err = |extra: &str| format!("{:#}", with(extra).unwrap_err());
+        assert!(err("    policy: {Statement: []}\n").contains("needs disableSessionTags: true"));
+        assert!(
+            err("    disableSessionTags: true\n    policy: '{not json'\n")
+                .contains("not valid JSON")
+        );
+        assert!(
+            err("    disableSessionTags: true\n    policy: {Version: x}\n")
+                .contains("with a Statement")
+        );
+        let long = format!(
+            "    disableSessionTags: true\n    policy: {{Statement: [{{Effect: Allow, Action: '{}', Resource: '*'}}]}}\n",
+            "s".repeat(2048)
+        );
+        assert!(err(&long).contains("at most 2048"));
+        assert!(
+            err("    disableSessionTags: true\n    tags: {team: a}\n")
+                .contains("disableSessionTags turns them off")
+        );
+    }
+
+    #[test]
+    fn external_ids_are_given_or_derived_per_service_account_and_need_a_target() {
+        let target = "    targetRoleArn: arn:aws:iam::444455556666:role/t\n";
+        let given = parse(
+            &format!("{BASE}{target}    externalId: team-a:reader\n"),
+            "prod",
+        )
+        .unwrap();
+        let t = given.values().next().unwrap().target.clone().unwrap();
+        assert_eq!(t.external_id.value, "team-a:reader");
+        assert!(!t.external_id.derived);
+        let derived = derive_external_id("prod", "a", "b");
+        assert!(
+            derived.starts_with("pia-") && derived.len() == 36,
+            "{derived}"
+        );
+        assert_eq!(derived, derive_external_id("prod", "a", "b"), "stable");
+        assert_ne!(derived, derive_external_id("prod", "a", "c"));
+        assert_ne!(derived, derive_external_id("staging", "a", "b"));
+        // The separator keeps "ab"/"c" apart from "a"/"bc".
+        assert_ne!(
+            derive_external_id("p", "ab", "c"),
+            derive_external_id("p", "a", "bc")
+        );
+        let err = |extra: &str| {
+            format!(
+                "{:#}",
+                parse(&format!("{BASE}{extra}"), "prod").unwrap_err()
+            )
+        };
+        assert!(err("    externalId: abc\n").contains("give targetRoleArn"));
+        assert!(err(&format!("{target}    externalId: 'a b'\n")).contains("2 to 1,224 characters"));
+        assert!(err(&format!("{target}    externalId: x\n")).contains("2 to 1,224 characters"));
+    }
+
     #[test]
     fn an_edit_is_picked_up_and_a_broken_one_is_not() {
         let dir = std::env::temp_dir().join(format!("pia-assoc-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("associations.yaml");
         std::fs::write(&path, GOOD).unwrap();
-        let a = Associations::load(&path).unwrap();
+        let a = Associations::load(&path, "prod").unwrap();
         assert!(a.find("payments", "api").is_some());
         assert!(a.find("payments", "worker").is_none());
         // As a ConfigMap volume does it: new content under a new name, renamed over the old.

@@ -2,23 +2,26 @@
 //! What EKS Auth does is done here: the token is verified locally (`verify`), the service
 //! account's association is looked up in a file (`associations`), and the role is assumed with
 //! STS `AssumeRole`, signed with the node's credentials, with the session tags EKS sets (all
-//! transitive) and EKS's session name. An association with a target role chains a second
-//! `AssumeRole` into it, signed with the first role's credentials.
+//! transitive; none with `disableSessionTags`) and EKS's session name. An association with a
+//! target role chains a second `AssumeRole` into it, signed with the first role's credentials
+//! and passing the association's `ExternalId`. A session policy scopes the pod's session: the
+//! last hop's, as in EKS (with a target role, the first role is not scoped).
 
 pub mod associations;
 
 use std::{path::PathBuf, sync::Arc, time::SystemTime};
 
-use aws_sdk_sts::operation::RequestId as _;
+use aws_sdk_sts::operation::{RequestId as _, assume_role::AssumeRoleOutput};
 
-use self::associations::{Association, Associations};
+use self::associations::{Association, Associations, Session};
 use crate::{
     aws::{AwsOptions, EndpointRecorder, app_name},
     credentials::Credentials,
     issuer::{TokenCheck, Verifier},
     token::TokenClaims,
     upstream::{
-        AssumedRole, Checked, NodeSigned, Upstream, UpstreamError, account_from_arn, map_sdk_error,
+        AssumedRole, Checked, NodeSigned, SessionScope, Upstream, UpstreamError, account_from_arn,
+        map_sdk_error,
     },
 };
 
@@ -56,7 +59,7 @@ impl Sts {
     /// Reads the associations and the issuer's keys (a bad file fails the start), and builds the
     /// STS client from the default chain (`AWS_ENDPOINT_URL_STS` honoured).
     pub async fn new(options: StsOptions) -> anyhow::Result<Sts> {
-        let associations = Associations::load(&options.associations_file)?;
+        let associations = Associations::load(&options.associations_file, &options.cluster_name)?;
         let verifier = Verifier::new(options.check).await?;
         let aws = AwsOptions {
             region: options.region,
@@ -79,12 +82,8 @@ impl Sts {
     }
 
     /// The session tags EKS Pod Identity sets, then the association's own.
-    fn tags(
-        &self,
-        claims: &TokenClaims,
-        association: &Association,
-    ) -> Vec<aws_sdk_sts::types::Tag> {
-        let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(6 + association.tags.len());
+    fn tags(&self, claims: &TokenClaims, own: &[(String, String)]) -> Vec<aws_sdk_sts::types::Tag> {
+        let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(6 + own.len());
         if let Some(arn) = &self.cluster_arn {
             pairs.push(("eks-cluster-arn", arn));
         }
@@ -98,12 +97,7 @@ impl Sts {
             ("kubernetes-pod-name", claims.pod_name.as_str()),
             ("kubernetes-pod-uid", claims.pod_uid.as_str()),
         ]);
-        pairs.extend(
-            association
-                .tags
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str())),
-        );
+        pairs.extend(own.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         pairs.into_iter().filter_map(|(k, v)| tag(k, v)).collect()
     }
 
@@ -200,80 +194,106 @@ impl Upstream for Sts {
         let mut random = [0u8; 16];
         let _ = aws_lc_rs::rand::fill(&mut random);
         let session = session_name(&self.cluster_name, &claims.pod_name, random);
-        let first = client
+        let mut first = client
             .assume_role()
             .role_arn(&association.role_arn)
             .role_session_name(&session)
-            .duration_seconds(SESSION_SECONDS)
-            .set_tags(Some(self.tags(&claims, &association)))
-            .set_transitive_tag_keys(Some(self.transitive_keys()))
-            .send()
-            .await
-            .map_err(|e| self.client.error(e))?;
-        let mut out = first;
-        if let Some(target) = &association.target_role_arn {
-            let creds = out
-                .credentials()
-                .ok_or_else(|| UpstreamError::malformed(CALL, "credentials", out.request_id()))?;
-            let expiry = SystemTime::try_from(*creds.expiration()).ok();
-            let hop = aws_credential_types::Credentials::new(
-                creds.access_key_id(),
-                creds.secret_access_key(),
-                Some(creds.session_token().to_owned()),
-                expiry,
-                "sts-first-hop",
-            );
-            let chained = aws_sdk_sts::Client::from_conf(
-                client
-                    .config()
-                    .to_builder()
-                    .credentials_provider(hop)
-                    .build(),
-            );
-            // The EKS tags come along as transitive tags (passing them again would be refused);
-            // the association's own are not transitive, so they are set again.
-            let own: Vec<_> = association
-                .tags
-                .iter()
-                .filter_map(|(k, v)| tag(k, v))
-                .collect();
-            out = chained
-                .assume_role()
-                .role_arn(target)
-                .role_session_name(&session)
-                .duration_seconds(SESSION_SECONDS)
-                .set_tags((!own.is_empty()).then_some(own))
-                .send()
-                .await
-                .map_err(|e| {
-                    map_sdk_error(SERVICE, e).context(format_args!(
-                        "assuming the target role {target} with {}'s credentials",
-                        association.role_arn
-                    ))
-                })?;
-        }
-        let request_id = out.request_id().map(str::to_owned);
-        let creds = out
-            .credentials()
-            .ok_or_else(|| UpstreamError::malformed(CALL, "credentials", out.request_id()))?;
-        let role = out
-            .assumed_role_user()
-            .ok_or_else(|| UpstreamError::malformed(CALL, "AssumedRoleUser", out.request_id()))?;
-        let expiration = SystemTime::try_from(*creds.expiration())
-            .map_err(|_| UpstreamError::malformed(CALL, "valid expiration", out.request_id()))?;
-        Ok(AssumedRole::new(
-            Credentials {
-                access_key_id: creds.access_key_id().to_owned(),
-                secret_access_key: creds.secret_access_key().to_owned(),
-                session_token: creds.session_token().to_owned(),
-                account_id: account_from_arn(role.arn()).unwrap_or_default().to_owned(),
-                expiration,
-            },
-            role.arn().to_owned(),
-            association.id.clone(),
-            request_id,
-        ))
+            .duration_seconds(SESSION_SECONDS);
+        first = match &association.session {
+            Session::Tagged { own } => first
+                .set_tags(Some(self.tags(&claims, own)))
+                .set_transitive_tag_keys(Some(self.transitive_keys())),
+            // With a target role the policy scopes the target's session, not this one.
+            Session::Untagged { policy } => {
+                first.set_policy(policy.clone().filter(|_| association.target.is_none()))
+            }
+        };
+        let out = first.send().await.map_err(|e| self.client.error(e))?;
+        let out = match &association.target {
+            Some(target) => chain(&client, &association, target, &session, out).await?,
+            None => out,
+        };
+        assumed(out, &association)
     }
+}
+
+/// The second hop: the target role, assumed with the first role's credentials, passing the
+/// association's external ID and, when set, its policy.
+async fn chain(
+    client: &aws_sdk_sts::Client,
+    association: &Association,
+    target: &associations::Target,
+    session: &str,
+    first: AssumeRoleOutput,
+) -> Result<AssumeRoleOutput, UpstreamError> {
+    let creds = first
+        .credentials()
+        .ok_or_else(|| UpstreamError::malformed(CALL, "credentials", first.request_id()))?;
+    let expiry = SystemTime::try_from(*creds.expiration()).ok();
+    let hop = aws_credential_types::Credentials::new(
+        creds.access_key_id(),
+        creds.secret_access_key(),
+        Some(creds.session_token().to_owned()),
+        expiry,
+        "sts-first-hop",
+    );
+    let chained = aws_sdk_sts::Client::from_conf(
+        client
+            .config()
+            .to_builder()
+            .credentials_provider(hop)
+            .build(),
+    );
+    let mut call = chained
+        .assume_role()
+        .role_arn(&target.role_arn)
+        .role_session_name(session)
+        .duration_seconds(SESSION_SECONDS)
+        .external_id(&target.external_id.value);
+    call = match &association.session {
+        // The EKS tags come along as transitive tags (passing them again would be refused);
+        // the association's own are not transitive, so they are set again.
+        Session::Tagged { own } => {
+            let own: Vec<_> = own.iter().filter_map(|(k, v)| tag(k, v)).collect();
+            call.set_tags((!own.is_empty()).then_some(own))
+        }
+        Session::Untagged { policy } => call.set_policy(policy.clone()),
+    };
+    call.send().await.map_err(|e| {
+        map_sdk_error(SERVICE, e).context(format_args!(
+            "assuming the target role {} with {}'s credentials",
+            target.role_arn, association.role_arn
+        ))
+    })
+}
+
+/// The pod's credentials from the last hop's answer.
+fn assumed(out: AssumeRoleOutput, association: &Association) -> Result<AssumedRole, UpstreamError> {
+    let request_id = out.request_id().map(str::to_owned);
+    let creds = out
+        .credentials()
+        .ok_or_else(|| UpstreamError::malformed(CALL, "credentials", out.request_id()))?;
+    let role = out
+        .assumed_role_user()
+        .ok_or_else(|| UpstreamError::malformed(CALL, "AssumedRoleUser", out.request_id()))?;
+    let expiration = SystemTime::try_from(*creds.expiration())
+        .map_err(|_| UpstreamError::malformed(CALL, "valid expiration", out.request_id()))?;
+    Ok(AssumedRole::new(
+        Credentials {
+            access_key_id: creds.access_key_id().to_owned(),
+            secret_access_key: creds.secret_access_key().to_owned(),
+            session_token: creds.session_token().to_owned(),
+            account_id: account_from_arn(role.arn()).unwrap_or_default().to_owned(),
+            expiration,
+        },
+        role.arn().to_owned(),
+        association.id.clone(),
+        request_id,
+    )
+    .with_scope(SessionScope {
+        tags: association.session.tags_on(),
+        policy: association.session.policy().is_some(),
+    }))
 }
 
 #[cfg(test)]

@@ -25,8 +25,20 @@ pub struct AssumedRole {
     pub expiration: SystemTime,
     pub role_arn: String,
     pub association_id: String,
+    /// How the session is scoped, when the source knows (sts); EKS Auth does not say.
+    pub scope: Option<SessionScope>,
     /// The upstream's request id, for logs.
     pub request_id: Option<String>,
+}
+
+/// What a pod's session carries besides its role: EKS's session tags, or a session policy that
+/// scopes it down (an association's `disableSessionTags` and `policy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SessionScope {
+    /// EKS's session tags are set (and the association's own).
+    pub tags: bool,
+    /// A session policy scopes the session down.
+    pub policy: bool,
 }
 
 impl AssumedRole {
@@ -41,7 +53,16 @@ impl AssumedRole {
             expiration: credentials.expiration,
             role_arn,
             association_id,
+            scope: None,
             request_id,
+        }
+    }
+
+    /// The same, with the session's scope known.
+    pub fn with_scope(self, scope: SessionScope) -> AssumedRole {
+        AssumedRole {
+            scope: Some(scope),
+            ..self
         }
     }
 

@@ -1,6 +1,8 @@
 //! The EKS control plane, REST-JSON as aws-sdk-eks speaks it: `DescribeCluster`,
-//! `DescribeAddon`, and `List`/`Describe`/`Create`/`DeletePodIdentityAssociation`. Requests must be
-//! signed for service `eks`.
+//! `DescribeAddon`, and `List`/`Describe`/`Create`/`Update`/`DeletePodIdentityAssociation`.
+//! Requests must be signed for service `eks`. An association's fields follow EKS's rules: a
+//! policy is at most 2,048 characters of JSON and needs session tags disabled, a target role
+//! gets an external ID, and a service account has one association.
 
 use std::{collections::BTreeMap, sync::Mutex};
 
@@ -9,8 +11,8 @@ use http::Method;
 use http_body_util::Full;
 use hyper::Response;
 
-use super::{ApiCall, Association, State, authenticate, error, json};
-use crate::{ACCOUNT, CLUSTER, REGION};
+use super::{ApiCall, Association, State, authenticate, error, json, rand_u32};
+use crate::{ACCOUNT, CLUSTER, REGION, jwt};
 
 /// EKS's own limits on `maxResults`.
 const MAX_RESULTS: usize = 100;
@@ -42,6 +44,10 @@ pub(super) fn handle(
         (&Method::POST, ["clusters", name, "pod-identity-associations"]) => {
             ("CreatePodIdentityAssociation", create(&mut st, name, body))
         }
+        (&Method::POST, ["clusters", name, "pod-identity-associations", id]) => (
+            "UpdatePodIdentityAssociation",
+            update(&mut st, name, id, body),
+        ),
         (&Method::DELETE, ["clusters", name, "pod-identity-associations", id]) => {
             ("DeletePodIdentityAssociation", delete(&mut st, name, id))
         }
@@ -151,12 +157,17 @@ fn full(a: &Association) -> serde_json::Value {
         "associationId": a.id,
         "tags": a.tags,
         "createdAt": a.created_at,
-        "modifiedAt": a.created_at,
-        "disableSessionTags": false,
+        "modifiedAt": a.modified_at,
+        "disableSessionTags": a.disable_session_tags,
     });
     if let Some(target) = &a.target_role_arn {
         v["targetRoleArn"] = target.clone().into();
-        v["externalId"] = format!("{}-external", a.id).into();
+    }
+    if let Some(id) = &a.external_id {
+        v["externalId"] = id.clone().into();
+    }
+    if let Some(policy) = &a.policy {
+        v["policy"] = policy.clone().into();
     }
     v
 }
@@ -226,12 +237,16 @@ fn describe(st: &State, name: &str, id: &str) -> Response<Full<Bytes>> {
     }
 }
 
+fn invalid(message: &str) -> Response<Full<Bytes>> {
+    error(400, "InvalidParameterException", message)
+}
+
 fn create(st: &mut State, name: &str, body: &Bytes) -> Response<Full<Bytes>> {
     if !cluster_ok(st, name) {
         return no_cluster(name);
     }
     let Ok(input) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return error(400, "InvalidParameterException", "request body is not JSON");
+        return invalid("request body is not JSON");
     };
     let text = |key: &str| {
         input[key]
@@ -242,19 +257,8 @@ fn create(st: &mut State, name: &str, body: &Bytes) -> Response<Full<Bytes>> {
     let (Some(namespace), Some(service_account), Some(role_arn)) =
         (text("namespace"), text("serviceAccount"), text("roleArn"))
     else {
-        return error(
-            400,
-            "InvalidParameterException",
-            "namespace, serviceAccount and roleArn are required",
-        );
+        return invalid("namespace, serviceAccount and roleArn are required");
     };
-    if !role_arn.starts_with("arn:aws:iam::") {
-        return error(
-            400,
-            "InvalidParameterException",
-            &format!("Role ARN {role_arn} is not a valid IAM role ARN"),
-        );
-    }
     if let Some(existing) = st
         .associations
         .iter()
@@ -266,26 +270,95 @@ fn create(st: &mut State, name: &str, body: &Bytes) -> Response<Full<Bytes>> {
             &format!("Association already exists: {}", existing.id),
         );
     }
-    let tags = input["tags"]
-        .as_object()
-        .map(|t| {
-            t.iter()
-                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let created = st.add_association(
-        &namespace,
-        &service_account,
-        &role_arn,
-        text("targetRoleArn"),
-        tags,
-    );
+    let new = Association {
+        namespace,
+        service_account,
+        role_arn,
+        target_role_arn: text("targetRoleArn"),
+        disable_session_tags: input["disableSessionTags"].as_bool().unwrap_or(false),
+        policy: text("policy"),
+        tags: input["tags"]
+            .as_object()
+            .map(|t| {
+                t.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        ..Association::default()
+    };
+    if let Err(message) = check(&new) {
+        return invalid(&message);
+    }
+    let created = st.add_association(new);
     json(
         200,
         serde_json::json!({ "association": full(&created) }),
         &[],
     )
+}
+
+/// EKS's rules for an association's fields.
+fn check(a: &Association) -> Result<(), String> {
+    for arn in std::iter::once(&a.role_arn).chain(&a.target_role_arn) {
+        if !arn.starts_with("arn:aws:iam::") || !arn.contains(":role/") {
+            return Err(format!("Role ARN {arn} is not a valid IAM role ARN"));
+        }
+    }
+    if let Some(policy) = &a.policy {
+        if policy.chars().count() > 2048 {
+            return Err(
+                "1 validation error detected: Value at 'policy' failed to satisfy constraint: Member must have length less than or equal to 2048".to_owned(),
+            );
+        }
+        if serde_json::from_str::<serde_json::Value>(policy).is_err() {
+            return Err("The policy is not a valid JSON document".to_owned());
+        }
+        if !a.disable_session_tags {
+            return Err(
+                "Session tags must be disabled (disableSessionTags: true) when a policy is specified"
+                    .to_owned(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Changes what the body names: `roleArn`, `targetRoleArn` and `policy` (an empty string removes
+/// the latter two), `disableSessionTags`. A new target role gets a new external ID.
+fn update(st: &mut State, name: &str, id: &str, body: &Bytes) -> Response<Full<Bytes>> {
+    if !cluster_ok(st, name) {
+        return no_cluster(name);
+    }
+    let Ok(input) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return invalid("request body is not JSON");
+    };
+    let Some(i) = st.associations.iter().position(|a| a.id == id) else {
+        return not_found(id);
+    };
+    let mut next = st.associations[i].clone();
+    if let Some(role) = input["roleArn"].as_str() {
+        next.role_arn = role.to_owned();
+    }
+    if let Some(target) = input["targetRoleArn"].as_str() {
+        let target = (!target.is_empty()).then(|| target.to_owned());
+        if target != next.target_role_arn {
+            next.external_id = target.as_ref().map(|_| format!("{id}-{:08x}", rand_u32()));
+        }
+        next.target_role_arn = target;
+    }
+    if let Some(policy) = input["policy"].as_str() {
+        next.policy = (!policy.is_empty()).then(|| policy.to_owned());
+    }
+    if let Some(disabled) = input["disableSessionTags"].as_bool() {
+        next.disable_session_tags = disabled;
+    }
+    if let Err(message) = check(&next) {
+        return invalid(&message);
+    }
+    next.modified_at = jwt::now();
+    st.associations[i] = next.clone();
+    json(200, serde_json::json!({ "association": full(&next) }), &[])
 }
 
 fn delete(st: &mut State, name: &str, id: &str) -> Response<Full<Bytes>> {

@@ -128,6 +128,32 @@ pub(super) async fn handle(
     crate::secrets::remember(&secret);
     crate::secrets::remember(&session);
     let role = association.role_arn.rsplit('/').next().unwrap_or("role");
+    let access_key = super::access_key_for(&namespace, &service_account);
+    // The session EKS would make: its six tags unless disabled, scoped by the policy if any.
+    let tags = if association.disable_session_tags {
+        std::collections::BTreeMap::new()
+    } else {
+        [
+            ("eks-cluster-name", cluster.to_owned()),
+            ("kubernetes-namespace", namespace.clone()),
+            ("kubernetes-service-account", service_account.clone()),
+            ("kubernetes-pod-uid", pod_uid.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    };
+    st.sts_sessions.insert(
+        access_key.clone(),
+        super::sts::Session {
+            transitive: tags.clone(),
+            tags,
+            policy: association
+                .policy
+                .as_deref()
+                .and_then(|p| serde_json::from_str(p).ok()),
+        },
+    );
     json(
         200,
         serde_json::json!({
@@ -142,7 +168,7 @@ pub(super) async fn handle(
                 "assumeRoleId": format!("AROAFAKE{serial:012}:eks-{cluster}"),
             },
             "credentials": {
-                "accessKeyId": super::access_key_for(&namespace, &service_account),
+                "accessKeyId": access_key,
                 "secretAccessKey": secret,
                 "sessionToken": session,
                 "expiration": expiration,

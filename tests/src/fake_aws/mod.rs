@@ -27,7 +27,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper::{Request, Response, body::Incoming};
 use hyper_util::rt::TokioIo;
-pub use sts::StsCall;
+pub use sts::{Session, StsCall};
 
 use crate::{
     ACCOUNT, CLUSTER, NODE_ACCESS_KEY, NODE_SECRET, OPERATOR_ACCESS_KEY, OPERATOR_SECRET, REGION,
@@ -64,7 +64,7 @@ pub struct Fault {
 }
 
 /// A pod identity association as EKS keeps it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Association {
     pub id: String,
     pub arn: String,
@@ -72,8 +72,15 @@ pub struct Association {
     pub service_account: String,
     pub role_arn: String,
     pub target_role_arn: Option<String>,
+    /// What EKS generated for a target role: the chained hop's `sts:ExternalId`.
+    pub external_id: Option<String>,
+    /// No session tags on the pods' sessions.
+    pub disable_session_tags: bool,
+    /// The session policy that scopes the pods' sessions.
+    pub policy: Option<String>,
     pub tags: BTreeMap<String, String>,
     pub created_at: i64,
+    pub modified_at: i64,
 }
 
 struct State {
@@ -102,6 +109,8 @@ struct State {
     sts_sessions: HashMap<String, sts::Session>,
     /// Roles whose trust policy refuses every caller.
     denied_roles: HashSet<String>,
+    /// Roles whose trust policy requires this `sts:ExternalId`.
+    required_external_ids: HashMap<String, String>,
     /// A service-account issuer's keys at `/openid/v1/jwks`, and the bearer token it demands.
     jwks: Option<(serde_json::Value, String)>,
     jwks_fetches: u64,
@@ -136,6 +145,7 @@ impl Default for State {
             sts_fault: None,
             sts_sessions: HashMap::new(),
             denied_roles: HashSet::new(),
+            required_external_ids: HashMap::new(),
             jwks: None,
             jwks_fetches: 0,
         }
@@ -159,24 +169,20 @@ impl State {
         id
     }
 
-    fn add_association(
-        &mut self,
-        namespace: &str,
-        service_account: &str,
-        role_arn: &str,
-        target_role_arn: Option<String>,
-        tags: BTreeMap<String, String>,
-    ) -> Association {
+    /// Stores `new` (its namespace, service account, roles, scope and tags) as a new
+    /// association: an ID, an ARN, times, and an external ID when it has a target role.
+    fn add_association(&mut self, new: Association) -> Association {
         let id = self.next_id("a-");
         let association = Association {
             arn: format!("arn:aws:eks:{REGION}:{ACCOUNT}:podidentityassociation/{CLUSTER}/{id}"),
+            external_id: new
+                .target_role_arn
+                .as_ref()
+                .map(|_| format!("{id}-{:08x}", rand_u32())),
             id,
-            namespace: namespace.to_owned(),
-            service_account: service_account.to_owned(),
-            role_arn: role_arn.to_owned(),
-            target_role_arn,
-            tags,
             created_at: jwt::now(),
+            modified_at: jwt::now(),
+            ..new
         };
         self.associations.push(association.clone());
         association
@@ -334,13 +340,12 @@ impl FakeAws {
         self.state
             .lock()
             .unwrap()
-            .add_association(
-                namespace,
-                service_account,
-                &role_arn(role),
-                None,
-                BTreeMap::new(),
-            )
+            .add_association(Association {
+                namespace: namespace.to_owned(),
+                service_account: service_account.to_owned(),
+                role_arn: role_arn(role),
+                ..Association::default()
+            })
             .id
     }
 
@@ -461,6 +466,34 @@ impl FakeAws {
             .unwrap()
             .denied_roles
             .insert(role_arn.to_owned());
+    }
+
+    /// The role's trust policy requires `sts:ExternalId` to be `external_id` (the confused-deputy
+    /// guard of a target role): an AssumeRole without it, or with another, is AccessDenied.
+    pub fn require_external_id(&self, role_arn: &str, external_id: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .required_external_ids
+            .insert(role_arn.to_owned(), external_id.to_owned());
+    }
+
+    /// The session an access key belongs to (issued by the fake STS or EKS Auth): its tags and
+    /// its session policy.
+    pub fn session(&self, access_key: &str) -> Option<Session> {
+        self.state
+            .lock()
+            .unwrap()
+            .sts_sessions
+            .get(access_key)
+            .cloned()
+    }
+
+    /// Whether the session of `access_key` may perform `action` (see [`Session::allows`]).
+    pub fn session_allows(&self, access_key: &str, action: &str) -> bool {
+        self.session(access_key)
+            .unwrap_or_else(|| panic!("no session for {access_key}"))
+            .allows(action)
     }
 }
 

@@ -1,8 +1,11 @@
 //! STS `AssumeRole` (query protocol: a form-encoded POST, an XML answer), as the agent's
 //! `--credential-source sts` calls it. Every call is recorded with its role, session name, session
-//! tags, transitive tag keys, the tags inherited from the calling session, and its signer. The
-//! credentials it issues are keys the fake accepts from then on (for the second hop of a chain),
-//! and the transitive tags of their session go with them, as in STS.
+//! tags, transitive tag keys, the tags inherited from the calling session, its session policy and
+//! external ID, and its signer. The credentials it issues are keys the fake accepts from then on
+//! (for the second hop of a chain), and the transitive tags of their session go with them, as in
+//! STS. A session's policy is kept with it: [`super::FakeAws::session_allows`] judges an action
+//! the way IAM intersects a session policy with the role's (every role here allows everything).
+//! A role can demand an external ID in its trust policy ([`super::FakeAws::require_external_id`]).
 
 use std::{collections::BTreeMap, sync::Mutex};
 
@@ -24,15 +27,64 @@ pub struct StsCall {
     /// Transitive tags carried over from the session whose credentials signed the call.
     pub inherited: BTreeMap<String, String>,
     pub duration_seconds: Option<u32>,
+    /// The session policy passed (`Policy`), as given.
+    pub policy: Option<String>,
+    /// `ExternalId`, as given.
+    pub external_id: Option<String>,
     /// The access key that signed the call.
     pub signed_by: String,
     pub status: u16,
 }
 
-/// A session STS issued: what a call signed with its keys inherits.
-#[derive(Clone, Debug)]
-pub(super) struct Session {
+/// A session STS (or EKS Auth) issued: what a call signed with its keys inherits, and what it
+/// may do.
+#[derive(Clone, Debug, Default)]
+pub struct Session {
+    /// Every session tag it carries.
+    pub tags: BTreeMap<String, String>,
+    /// Of those, the transitive ones: a role chained into from this session inherits them.
     pub transitive: BTreeMap<String, String>,
+    /// The session policy that scopes it, parsed.
+    pub policy: Option<serde_json::Value>,
+}
+
+impl Session {
+    /// Whether the session may perform `action`: without a session policy, whatever the role
+    /// may (everything, here); with one, only what it allows and does not deny.
+    pub fn allows(&self, action: &str) -> bool {
+        let Some(policy) = &self.policy else {
+            return true;
+        };
+        let statements = match &policy["Statement"] {
+            serde_json::Value::Array(all) => all.clone(),
+            one => vec![one.clone()],
+        };
+        let matches = |statement: &serde_json::Value| {
+            let actions = match &statement["Action"] {
+                serde_json::Value::Array(all) => all.clone(),
+                one => vec![one.clone()],
+            };
+            actions
+                .iter()
+                .filter_map(|a| a.as_str())
+                .any(|pattern| action_matches(pattern, action))
+        };
+        let effect = |e: &str| statements.iter().any(|s| s["Effect"] == e && matches(s));
+        !effect("Deny") && effect("Allow")
+    }
+}
+
+/// IAM's action patterns: case-insensitive, `*` matches any run of characters.
+fn action_matches(pattern: &str, action: &str) -> bool {
+    let (pattern, action) = (pattern.to_lowercase(), action.to_lowercase());
+    match pattern.split_once('*') {
+        None => pattern == action,
+        Some((head, tail)) => {
+            action.starts_with(head)
+                && (0..=action.len() - head.len())
+                    .any(|i| action_matches(tail, &action[head.len() + i..]))
+        }
+    }
 }
 
 pub(super) fn xml_error(status: u16, code: &str, message: &str) -> Response<Full<Bytes>> {
@@ -158,6 +210,8 @@ pub(super) async fn handle(
             .collect(),
         transitive_keys: list("TransitiveTagKeys"),
         duration_seconds: params.get("DurationSeconds").and_then(|d| d.parse().ok()),
+        policy: params.get("Policy").cloned(),
+        external_id: params.get("ExternalId").cloned(),
         signed_by: signed_by.clone(),
         ..Default::default()
     };
@@ -210,6 +264,9 @@ pub(super) async fn handle(
             "a transitive tag key has no tag in the call",
         );
     }
+    if let Err((code, message)) = check_policy_and_external_id(&call) {
+        return refuse(&mut st, call, 400, code, &message);
+    }
     if call.tags.len() + call.inherited.len() > 50 {
         return refuse(
             &mut st,
@@ -231,7 +288,11 @@ pub(super) async fn handle(
         let message = format!("no such role {}", call.role_arn);
         return refuse(&mut st, call, 403, "AccessDenied", &message);
     };
-    if st.denied_roles.contains(&call.role_arn) {
+    let external_id_refused = st
+        .required_external_ids
+        .get(&call.role_arn)
+        .is_some_and(|required| call.external_id.as_ref() != Some(required));
+    if st.denied_roles.contains(&call.role_arn) || external_id_refused {
         let message = format!(
             "User: {signed_by} is not authorized to perform: sts:AssumeRole on resource: {}",
             call.role_arn
@@ -252,8 +313,20 @@ pub(super) async fn handle(
     for k in &call.transitive_keys {
         transitive.insert(k.clone(), call.tags[k].clone());
     }
-    st.sts_sessions
-        .insert(access_key.clone(), Session { transitive });
+    let mut tags = call.inherited.clone();
+    tags.extend(call.tags.clone());
+    let policy = call
+        .policy
+        .as_deref()
+        .and_then(|p| serde_json::from_str(p).ok());
+    st.sts_sessions.insert(
+        access_key.clone(),
+        Session {
+            tags,
+            transitive,
+            policy,
+        },
+    );
     st.keys.insert(
         access_key.clone(),
         sigv4::Key {
@@ -275,6 +348,40 @@ pub(super) async fn handle(
         .unwrap()
 }
 
+/// STS's checks of `Policy` (at most 2,048 characters of JSON) and `ExternalId` (2 to 1,224
+/// characters of `[\w+=,.@:/-]`).
+fn check_policy_and_external_id(call: &StsCall) -> Result<(), (&'static str, String)> {
+    if let Some(policy) = &call.policy {
+        if policy.chars().count() > 2048 {
+            return Err((
+                "ValidationError",
+                "1 validation error detected: Value at 'policy' failed to satisfy constraint: Member must have length less than or equal to 2048".to_owned(),
+            ));
+        }
+        if serde_json::from_str::<serde_json::Value>(policy).is_err() {
+            return Err((
+                "MalformedPolicyDocument",
+                "The policy is not in the valid JSON format.".to_owned(),
+            ));
+        }
+    }
+    if let Some(id) = &call.external_id {
+        let ok = (2..=1224).contains(&id.len())
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_+=,.@:/-".contains(c));
+        if !ok {
+            return Err((
+                "ValidationError",
+                format!(
+                    "1 validation error detected: Value '{id}' at 'externalId' failed to satisfy constraint"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -285,5 +392,27 @@ mod tests {
         assert_eq!(f["Tags.member.1.Value"], "a b");
         assert_eq!(super::iso8601(0), "1970-01-01T00:00:00Z");
         assert_eq!(super::iso8601(1_798_000_000), "2026-12-23T04:26:40Z");
+    }
+
+    #[test]
+    fn session_policies_allow_what_they_allow_and_nothing_they_deny() {
+        let session = |policy: serde_json::Value| super::Session {
+            policy: Some(policy),
+            ..Default::default()
+        };
+        let s = session(serde_json::json!({"Statement": [
+            {"Effect": "Allow", "Action": ["s3:Get*", "sqs:SendMessage"], "Resource": "*"},
+            {"Effect": "Deny", "Action": "s3:GetObjectAcl", "Resource": "*"},
+        ]}));
+        assert!(s.allows("s3:GetObject"));
+        assert!(s.allows("SQS:sendmessage"));
+        assert!(!s.allows("s3:GetObjectAcl"), "an explicit deny wins");
+        assert!(!s.allows("s3:PutObject"), "not allowed");
+        assert!(
+            super::Session::default().allows("s3:PutObject"),
+            "no policy"
+        );
+        assert!(super::action_matches("*", "iam:CreateRole"));
+        assert!(!super::action_matches("s3:*Object", "s3:ListBucket"));
     }
 }

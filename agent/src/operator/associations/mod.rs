@@ -1,6 +1,8 @@
 //! `pod-identity-agent associations`: the cluster's pod identity associations (EKS API, the
 //! caller's own credentials, so it runs from a laptop as well as a node), joined to a node's pods
-//! on request, and the create/delete steps of setting Pod Identity up.
+//! on request; `change` holds the create/update/delete steps of setting Pod Identity up.
+
+mod change;
 
 use std::{collections::BTreeMap, io::Read as _, process::ExitCode};
 
@@ -8,11 +10,12 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
+pub use self::change::{CreateArgs, UpdateArgs};
 use super::{
-    eks::{Association, ClusterArgs, Eks, NewAssociation},
+    eks::{Association, ClusterArgs, Eks},
     or_dash, table,
 };
-use crate::stats::PodStats;
+use crate::{stats::PodStats, upstream::SessionScope};
 
 const APP_NAME: &str = "pod-identity-agent-associations";
 
@@ -40,37 +43,16 @@ pub struct AssociationsArgs {
 #[derive(Subcommand, Debug)]
 pub enum Action {
     /// Let a service account's pods assume a role: CreatePodIdentityAssociation. Prints the new
-    /// association's ID.
+    /// association's ID (and, for a target role, the trust-policy statement it needs).
     Create(CreateArgs),
+    /// Change an association's role, target role, session policy or session tags:
+    /// UpdatePodIdentityAssociation.
+    Update(UpdateArgs),
     /// Delete an association by its ID: DeletePodIdentityAssociation.
     Delete {
         /// The association ID (`a-...`).
         id: String,
     },
-}
-
-#[derive(Args, Debug)]
-pub struct CreateArgs {
-    #[arg(long)]
-    pub namespace: String,
-    #[arg(long)]
-    pub service_account: String,
-    /// The IAM role the pods get.
-    #[arg(long)]
-    pub role_arn: String,
-    /// A role in another account, assumed from `--role-arn` (cross-account access).
-    #[arg(long)]
-    pub target_role_arn: Option<String>,
-    /// A tag on the association; repeatable.
-    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
-    pub tags: Vec<(String, String)>,
-}
-
-fn parse_tag(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("{s:?} is not KEY=VALUE")),
-    }
 }
 
 impl AssociationsArgs {
@@ -97,55 +79,13 @@ pub fn run(args: AssociationsArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async move {
         let eks = Eks::connect(&args.cluster, APP_NAME).await?;
         match &args.action {
-            Some(Action::Create(create)) => create_one(&eks, create).await,
-            Some(Action::Delete { id }) => delete_one(&eks, id).await,
+            Some(Action::Create(create)) => change::create(&eks, create).await,
+            Some(Action::Update(update)) => change::update(&eks, update).await,
+            Some(Action::Delete { id }) => change::delete(&eks, id).await,
             None => list(&eks, &args).await,
         }
     })?;
     Ok(ExitCode::SUCCESS)
-}
-
-async fn create_one(eks: &Eks, args: &CreateArgs) -> anyhow::Result<()> {
-    let new = NewAssociation {
-        namespace: args.namespace.clone(),
-        service_account: args.service_account.clone(),
-        role_arn: args.role_arn.clone(),
-        target_role_arn: args.target_role_arn.clone(),
-        tags: args.tags.iter().cloned().collect(),
-    };
-    let created = eks.create(&new).await.with_context(|| {
-        format!(
-            "creating the association for {}/{} in cluster {}",
-            args.namespace, args.service_account, eks.cluster
-        )
-    })?;
-    // The ID alone on standard output, for scripts; the sentence for people on standard error.
-    eprintln!(
-        "created association {} in cluster {}: pods of {}/{} get {}",
-        created.association_id,
-        eks.cluster,
-        created.namespace,
-        created.service_account,
-        created.role_arn
-    );
-    println!("{}", created.association_id);
-    Ok(())
-}
-
-async fn delete_one(eks: &Eks, id: &str) -> anyhow::Result<()> {
-    let deleted = eks
-        .delete(id)
-        .await
-        .with_context(|| format!("deleting association {id} in cluster {}", eks.cluster))?;
-    println!(
-        "deleted association {} in cluster {} ({}/{} -> {})",
-        deleted.association_id,
-        eks.cluster,
-        deleted.namespace,
-        deleted.service_account,
-        deleted.role_arn
-    );
-    Ok(())
 }
 
 async fn list(eks: &Eks, args: &AssociationsArgs) -> anyhow::Result<()> {
@@ -174,15 +114,22 @@ async fn list(eks: &Eks, args: &AssociationsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn read_pods(source: &str) -> anyhow::Result<Vec<PodStats>> {
+/// A file's text, or standard input's for `-`.
+fn read_input(source: &str, what: &str) -> anyhow::Result<String> {
     let mut text = String::new();
     if source == "-" {
         std::io::stdin()
             .read_to_string(&mut text)
-            .context("reading the pods JSON from standard input")?;
+            .with_context(|| format!("reading {what} from standard input"))?;
     } else {
-        text = std::fs::read_to_string(source).with_context(|| format!("reading {source}"))?;
+        text = std::fs::read_to_string(source)
+            .with_context(|| format!("reading {what} from {source}"))?;
     }
+    Ok(text)
+}
+
+fn read_pods(source: &str) -> anyhow::Result<Vec<PodStats>> {
+    let text = read_input(source, "the pods JSON")?;
     let pods: Vec<PodStats> = serde_json::from_str(&text).with_context(|| {
         format!("{source} is not the output of `pod-identity-agent pods --json`")
     })?;
@@ -196,7 +143,7 @@ fn render_associations(cluster: &str, associations: &[Association]) -> String {
     if associations.is_empty() {
         return format!("(no pod identity associations in cluster {cluster})\n");
     }
-    let rows: Vec<[String; 6]> = associations
+    let rows: Vec<[String; 9]> = associations
         .iter()
         .map(|a| {
             [
@@ -205,6 +152,9 @@ fn render_associations(cluster: &str, associations: &[Association]) -> String {
                 a.service_account.clone(),
                 a.role_arn.clone(),
                 or_dash(a.target_role_arn.as_deref().unwrap_or_default()),
+                or_dash(a.external_id.as_deref().unwrap_or_default()),
+                if a.disable_session_tags { "off" } else { "on" }.to_owned(),
+                or_dash(&abbreviate(a.policy.as_deref().unwrap_or_default())),
                 or_dash(
                     &a.tags
                         .iter()
@@ -222,10 +172,23 @@ fn render_associations(cluster: &str, associations: &[Association]) -> String {
             "SERVICE-ACCOUNT",
             "ROLE-ARN",
             "TARGET-ROLE-ARN",
+            "EXTERNAL-ID",
+            "SESSION-TAGS",
+            "POLICY",
             "TAGS",
         ],
         &rows,
     )
+}
+
+/// A policy in a table cell: its first characters (`--json` has it whole).
+fn abbreviate(policy: &str) -> String {
+    const WIDTH: usize = 40;
+    if policy.chars().count() <= WIDTH {
+        return policy.to_owned();
+    }
+    let head: String = policy.chars().take(WIDTH - 3).collect();
+    format!("{head}...")
 }
 
 /// How one pod of the node stands with the cluster's associations.
@@ -241,6 +204,10 @@ pub struct PodJoin {
     pub association_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role_arn: Option<String>,
+    /// The session's tags and policy: from the association (EKS API), else as the agent
+    /// assumed the role (sts mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionScope>,
     /// What the state means, in a sentence.
     pub detail: String,
     /// Connects to IMDS (the IMDS guard): the pod reaches for the node role's credentials.
@@ -371,30 +338,46 @@ pub fn join(
                 find_command: find_command(&p.pod_uid),
             });
         }
-        rows.push(PodJoin {
-            namespace: p.namespace.clone(),
-            pod: if p.pod.is_empty() {
-                format!("uid:{}", p.pod_uid)
-            } else {
-                p.pod.clone()
-            },
-            service_account: p.service_account.clone(),
-            state,
-            association_id: association.map(|a| a.association_id.clone()).or_else(|| {
-                (state == JoinState::AssociationGone).then(|| p.association_id.clone())
-            }),
-            role_arn: association
-                .map(|a| a.role_arn.clone())
-                .or_else(|| (!p.role_arn.is_empty()).then(|| p.role_arn.clone())),
-            detail,
-            imds_connects: p.imds_connects,
-        });
+        rows.push(pod_row(p, state, association, detail));
     }
     rows.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)));
     Joined {
         pods: rows,
         fixes: fixes.into_values().collect(),
         using_node_role,
+    }
+}
+
+/// One pod's row: the association that serves it (or would), else what the agent knows.
+fn pod_row(
+    p: &PodStats,
+    state: JoinState,
+    association: Option<&Association>,
+    detail: String,
+) -> PodJoin {
+    PodJoin {
+        namespace: p.namespace.clone(),
+        pod: if p.pod.is_empty() {
+            format!("uid:{}", p.pod_uid)
+        } else {
+            p.pod.clone()
+        },
+        service_account: p.service_account.clone(),
+        state,
+        association_id: association
+            .map(|a| a.association_id.clone())
+            .or_else(|| (state == JoinState::AssociationGone).then(|| p.association_id.clone())),
+        role_arn: association
+            .map(|a| a.role_arn.clone())
+            .or_else(|| (!p.role_arn.is_empty()).then(|| p.role_arn.clone())),
+        session: association
+            .map(|a| SessionScope {
+                tags: !a.disable_session_tags,
+                policy: a.policy.is_some(),
+            })
+            .or(p.session),
+        detail,
+        imds_connects: p.imds_connects,
     }
 }
 
@@ -473,8 +456,24 @@ fn fix_command(
     )
 }
 
+/// A session's scope in a table cell.
+fn session_cell(scope: Option<SessionScope>) -> &'static str {
+    match scope {
+        None => "-",
+        Some(SessionScope { tags: true, .. }) => "tags",
+        Some(SessionScope {
+            tags: false,
+            policy: false,
+        }) => "no tags",
+        Some(SessionScope {
+            tags: false,
+            policy: true,
+        }) => "policy, no tags",
+    }
+}
+
 fn render_join(joined: &Joined) -> String {
-    let rows: Vec<[String; 6]> = joined
+    let rows: Vec<[String; 7]> = joined
         .pods
         .iter()
         .map(|p| {
@@ -485,6 +484,7 @@ fn render_join(joined: &Joined) -> String {
                 p.state.label().to_owned(),
                 or_dash(p.association_id.as_deref().unwrap_or_default()),
                 or_dash(p.role_arn.as_deref().unwrap_or_default()),
+                session_cell(p.session).to_owned(),
             ]
         })
         .collect();
@@ -496,6 +496,7 @@ fn render_join(joined: &Joined) -> String {
             "STATE",
             "ASSOCIATION",
             "ROLE-ARN",
+            "SESSION",
         ],
         &rows,
     );
@@ -666,16 +667,5 @@ mod tests {
             ),
             "{text}"
         );
-    }
-
-    #[test]
-    fn tags_parse_as_key_value() {
-        assert_eq!(
-            parse_tag("team=payments"),
-            Ok(("team".into(), "payments".into()))
-        );
-        assert_eq!(parse_tag("k="), Ok(("k".into(), String::new())));
-        assert!(parse_tag("novalue").is_err());
-        assert!(parse_tag("=v").is_err());
     }
 }

@@ -5,6 +5,8 @@
 //! What the running agent reports about itself (`/v1/agent` on its probe address) fills in what
 //! the flags do not give, so `kubectl exec ... -- pod-identity-agent doctor` needs no flags.
 
+mod sessions;
+
 use std::{
     fs,
     io::{Read as _, Write as _},
@@ -180,6 +182,9 @@ pub async fn check_all(args: &DoctorArgs, report: &mut dyn FnMut(Check)) {
                 "fix the node credentials first",
             )
         });
+        if let Some(agent) = &agent {
+            report(sessions::check_sts(agent, args.probe_addr));
+        }
         return;
     }
     check_eks(args, agent.as_ref(), credentials_found, report).await;
@@ -266,6 +271,9 @@ async fn check_eks(
         Ok(eks) => {
             report(check_cluster(&eks).await);
             report(check_addon(&eks).await);
+            if agent.is_some() {
+                report(sessions::check_eks(&eks, args.probe_addr).await);
+            }
         }
         Err(e) => report(Check::warn(
             "cluster",
