@@ -668,4 +668,41 @@ mod tests {
             "{text}"
         );
     }
+
+    #[test]
+    fn a_pods_session_comes_from_its_association_else_from_the_agent() {
+        let mut scoped = assoc("a-1", "payments", "api");
+        scoped.disable_session_tags = true;
+        scoped.policy = Some("{}".into());
+        let on_eks = pod("payments", "api-0", "api", "a-1", None);
+        // In sts mode no EKS association serves the pod: the agent's record says.
+        let mut on_sts = pod("batch", "report-0", "report", "", None);
+        on_sts.session = Some(SessionScope {
+            tags: false,
+            policy: false,
+        });
+        let unknown = pod("web", "web-0", "web", "", None);
+        let j = join(&[on_eks, on_sts, unknown], &[scoped], "prod", None);
+        let session = |pod: &str| j.pods.iter().find(|p| p.pod == pod).unwrap().session;
+        assert_eq!(
+            session("api-0"),
+            Some(SessionScope {
+                tags: false,
+                policy: true
+            })
+        );
+        assert_eq!(
+            session("report-0"),
+            Some(SessionScope {
+                tags: false,
+                policy: false
+            })
+        );
+        assert_eq!(session("web-0"), None);
+        let text = render_join(&j);
+        let line = |pod: &str| text.lines().find(|l| l.contains(pod)).unwrap().to_owned();
+        assert!(line("api-0").ends_with("policy, no tags"), "{text}");
+        assert!(line("report-0").ends_with("no tags"), "{text}");
+        assert!(line("web-0").ends_with('-'), "{text}");
+    }
 }
