@@ -590,6 +590,14 @@ mod tests {
     }
 
     #[test]
+    fn the_sts_overlays_example_file_parses() {
+        let shipped = include_str!("../../../deploy/kubernetes/overlays/sts/associations.yaml");
+        let t = parse(shipped, "my-cluster").unwrap();
+        let indexer = &t[&("search".to_owned(), "indexer".to_owned())];
+        assert!(!indexer.session.tags_on() && indexer.session.policy().is_some());
+    }
+
+    #[test]
     fn an_edit_is_picked_up_and_a_broken_one_is_not() {
         let dir = std::env::temp_dir().join(format!("pia-assoc-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
