@@ -373,7 +373,10 @@ fn associations_with_a_session_policy_tags_off_and_a_target_role_scope_the_pods_
         "{}",
         refused.stderr
     );
-    let not_json = create(&["--policy", "/etc/hostname", "--disable-session-tags"]);
+    let yaml = std::env::temp_dir().join(format!("{}-policy.yaml", s.node.netns));
+    std::fs::write(&yaml, "Statement: []\n").unwrap();
+    let not_json = create(&["--policy", yaml.to_str().unwrap(), "--disable-session-tags"]);
+    let _ = std::fs::remove_file(&yaml);
     assert!(
         not_json.code != 0 && not_json.stderr.contains("not a JSON policy document"),
         "refused before EKS is asked: {}",
@@ -446,7 +449,8 @@ fn associations_with_a_session_policy_tags_off_and_a_target_role_scope_the_pods_
     assert_eq!(json[0]["disableSessionTags"], true);
     assert_eq!(json[0]["externalId"], external_id.as_str());
 
-    // The pod's session is the scoped one, and the join and the doctor say so.
+    // The pod's session is the scoped one (EKS Auth's to scope: what this shows is that the
+    // agent hands the pod the credentials EKS Auth scoped), and the join and the doctor say so.
     let r = pod.curl(V4_URL, &pod.token());
     assert_eq!(r.status, 200, "{}", r.body);
     let key = serde_json::from_str::<serde_json::Value>(&r.body).unwrap()["AccessKeyId"]

@@ -357,12 +357,16 @@ fn a_target_role_is_chained_with_the_first_roles_credentials_and_carries_the_tag
         )
     ));
     let agent = c.agent(&[]);
+    // The target role's trust policy requires the external ID the agent derived (and logged).
+    let derived = derived_external_id(&agent.log(), "payments/api");
+    c.fake.require_external_id(&target, &derived);
     let api = c.pod("payments", "api-0", "api");
     let r = api.curl(V4_URL, &c.issuer.mint(&api.token_spec(), Alg::Rs256));
     assert_eq!(r.status, 200, "{}\n{}", r.body, agent.log());
     let calls = c.fake.sts_calls();
     assert_eq!(calls.len(), 2, "{calls:?}");
     let (first, second) = (&calls[0], &calls[1]);
+    assert_eq!(second.external_id.as_deref(), Some(derived.as_str()));
     assert_eq!(
         (first.role_arn.as_str(), first.signed_by.as_str()),
         (role_arn("payments-api").as_str(), NODE_ACCESS_KEY)
@@ -863,6 +867,19 @@ fn doctor_checks_sts_instead_of_eks_on_an_sts_node() {
     );
 }
 
+/// The external ID the agent derived for `association` (`namespace/serviceAccount`), from its log.
+fn derived_external_id(log: &str, association: &str) -> String {
+    let id = log
+        .lines()
+        .find(|l| l.contains(&format!("association={association} ")) && l.contains("external_id="))
+        .and_then(|l| l.split("external_id=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no derived external ID for {association} in the log:\n{log}"))
+        .to_owned();
+    assert!(id.starts_with("pia-") && id.len() == 36, "{id}");
+    id
+}
+
 /// The association file's policy: only `s3:GetObject`, written as YAML.
 const READ_ONLY: &str = "    policy:\n      Version: '2012-10-17'\n      Statement:\n        - {Effect: Allow, Action: 's3:GetObject', Resource: '*'}\n";
 
@@ -979,6 +996,10 @@ fn sessions_with_tags_off_carry_none_and_a_session_policy_scopes_them() {
             "not valid JSON",
         ),
         (long, "STS and EKS take at most 2048"),
+        (
+            "    externalId: payments-api\n".to_owned(),
+            "give targetRoleArn, or drop externalId",
+        ),
     ] {
         c.write_associations(&format!(
             "associations:\n{}",
@@ -1009,6 +1030,26 @@ fn sessions_with_tags_off_carry_none_and_a_session_policy_scopes_them() {
         "the association in force (tags off, the policy) is the one used: {:?}",
         &kept[in_force..]
     );
+    // The doctor reads the file as it is now, and says the agent kept the previous one.
+    let doctor = pod_identity_e2e::agent::cli(
+        &c.node,
+        Some(&host),
+        &c.fake,
+        pod_identity_e2e::agent::Caller::Node,
+        &["doctor"],
+    );
+    let sessions = doctor
+        .stdout
+        .lines()
+        .find(|l| l.contains("sessions"))
+        .unwrap_or_default();
+    assert!(
+        sessions.starts_with("warn")
+            && sessions.contains("give targetRoleArn")
+            && sessions.contains("the agent keeps the associations it last read"),
+        "{}",
+        doctor.stdout
+    );
 }
 
 #[test]
@@ -1032,14 +1073,7 @@ fn a_target_role_is_assumed_with_the_external_id_its_trust_policy_requires() {
     let agent = c.agent(&[]);
     // The log names the external ID the agent derived, so the trust policy can require it.
     let log = agent.log();
-    let derived = log
-        .lines()
-        .find(|l| l.contains("association=payments/api") && l.contains("external_id="))
-        .and_then(|l| l.split("external_id=").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no derived external ID in the log:\n{log}"))
-        .to_owned();
-    assert!(derived.starts_with("pia-"), "{derived}");
+    let derived = derived_external_id(&log, "payments/api");
     assert!(
         !log.contains("association=search/indexer"),
         "a given external ID is not announced as derived:\n{log}"

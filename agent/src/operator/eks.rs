@@ -66,6 +66,16 @@ pub struct Association {
     pub owner_arn: Option<String>,
 }
 
+impl Association {
+    /// What the pods' sessions carry under this association.
+    pub fn session_scope(&self) -> crate::upstream::SessionScope {
+        crate::upstream::SessionScope {
+            tags: !self.disable_session_tags,
+            policy: self.policy.is_some(),
+        }
+    }
+}
+
 /// What `associations create` asks for.
 #[derive(Clone, Debug, Default)]
 pub struct NewAssociation {

@@ -155,7 +155,29 @@ fn parse(text: &str, cluster: &str) -> anyhow::Result<Table> {
             bail!("{at}: the service account has two associations");
         }
     }
+    check_external_ids_apart(&table)?;
     Ok(table)
+}
+
+/// Two associations that chain into the same target role with the same external ID could each
+/// be handed the other's role: the external ID is what tells them apart (EKS generates one per
+/// association, so it cannot happen there).
+fn check_external_ids_apart(table: &Table) -> anyhow::Result<()> {
+    let mut seen: HashMap<(&str, &str), &str> = HashMap::new();
+    let mut chained: Vec<&Association> = table.values().map(Arc::as_ref).collect();
+    chained.sort_by(|a, b| a.id.cmp(&b.id));
+    for a in chained {
+        let Some(t) = &a.target else { continue };
+        if let Some(other) = seen.insert((&t.role_arn, &t.external_id.value), &a.id) {
+            bail!(
+                "associations {other} and {} chain into {} with the same externalId {:?}: give each its own",
+                a.id,
+                t.role_arn,
+                t.external_id.value
+            );
+        }
+    }
+    Ok(())
 }
 
 /// One entry, checked by EKS's rules.
@@ -236,15 +258,21 @@ fn policy_json(value: &serde_yaml_ng::Value) -> anyhow::Result<String> {
         }
         other => serde_json::to_value(other).context("not expressible as JSON")?,
     };
-    if json.get("Statement").is_none() {
-        bail!("not an IAM policy: a JSON object with a Statement");
-    }
-    let compact = serde_json::to_string(&json)?;
+    let compact = compact_policy(&json)?;
     let chars = compact.chars().count();
     if chars > MAX_POLICY_CHARS {
         bail!("{chars} characters as compact JSON; STS and EKS take at most {MAX_POLICY_CHARS}");
     }
     Ok(compact)
+}
+
+/// A policy document as compact JSON (what STS and EKS count against 2,048 characters), if it is
+/// one: a JSON object with a `Statement`. `associations --policy` checks files the same way.
+pub fn compact_policy(json: &serde_json::Value) -> anyhow::Result<String> {
+    if json.get("Statement").is_none() {
+        bail!("not an IAM policy: a JSON object with a Statement");
+    }
+    Ok(serde_json::to_string(json)?)
 }
 
 /// STS's rule for `ExternalId`: 2 to 1,224 characters of letters, digits and `_+=,.@:/-`.
@@ -585,6 +613,15 @@ mod tests {
             )
         };
         assert!(err("    externalId: abc\n").contains("give targetRoleArn"));
+        // Another service account claiming a/b's derived ID for the same target role.
+        let impostor = format!(
+            "{BASE}{target}  - namespace: c\n    serviceAccount: d\n    roleArn: arn:aws:iam::111122223333:role/y\n{target}    externalId: {derived}\n"
+        );
+        let e = format!("{:#}", parse(&impostor, "prod").unwrap_err());
+        assert!(
+            e.contains("associations a/b and c/d chain into") && e.contains("same externalId"),
+            "{e}"
+        );
         assert!(err(&format!("{target}    externalId: 'a b'\n")).contains("2 to 1,224 characters"));
         assert!(err(&format!("{target}    externalId: x\n")).contains("2 to 1,224 characters"));
     }

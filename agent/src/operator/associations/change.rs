@@ -1,7 +1,8 @@
 //! `associations create`, `update` and `delete`: the steps of setting Pod Identity up, with the
 //! fields EKS has now (a session policy, session tags off, a target role and its external ID).
 //! EKS enforces its own rules and its refusals are passed on whole; what is checked here is only
-//! what a person can get wrong before EKS sees it (a policy file that is not JSON).
+//! what a person can get wrong before EKS sees it (a policy file that is not a JSON policy, an
+//! empty ARN that EKS would read as "remove").
 
 use anyhow::{Context as _, bail};
 use clap::Args;
@@ -16,11 +17,11 @@ pub struct CreateArgs {
     #[arg(long)]
     pub service_account: String,
     /// The IAM role the pods get.
-    #[arg(long)]
+    #[arg(long, value_parser = non_empty)]
     pub role_arn: String,
     /// A role in another account, assumed from `--role-arn` (cross-account access). EKS gives
     /// the association an external ID that the target role's trust policy must require.
-    #[arg(long)]
+    #[arg(long, value_parser = non_empty)]
     pub target_role_arn: Option<String>,
     /// A session policy that scopes the pods' sessions down (JSON, at most 2,048 characters
     /// once compacted), from a file or `-` for standard input. Needs --disable-session-tags.
@@ -39,18 +40,18 @@ pub struct UpdateArgs {
     /// The association ID (`a-...`).
     pub id: String,
     /// A new role for the pods.
-    #[arg(long)]
+    #[arg(long, value_parser = non_empty)]
     pub role_arn: Option<String>,
     /// A new target role (EKS gives it a new external ID).
-    #[arg(long, conflicts_with = "no_target_role")]
+    #[arg(long, conflicts_with = "no_target_role", value_parser = non_empty)]
     pub target_role_arn: Option<String>,
-    /// Remove the target role.
+    /// Remove the target role (sent as an empty target role ARN, as EKS's API takes it).
     #[arg(long)]
     pub no_target_role: bool,
     /// A new session policy, from a file or `-`. Needs session tags off.
     #[arg(long, value_name = "FILE|-", conflicts_with = "no_policy")]
     pub policy: Option<String>,
-    /// Remove the session policy.
+    /// Remove the session policy (sent as an empty policy).
     #[arg(long)]
     pub no_policy: bool,
     /// Turn EKS's session tags off.
@@ -74,7 +75,16 @@ fn read_policy(source: &str) -> anyhow::Result<String> {
     let text = read_input(source, "the session policy")?;
     let json: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("--policy {source}: not a JSON policy document"))?;
-    Ok(serde_json::to_string(&json)?)
+    crate::sts::associations::compact_policy(&json).with_context(|| format!("--policy {source}"))
+}
+
+/// An ARN flag's value: an empty one would tell EKS to remove the field (see `--no-...`).
+fn non_empty(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        Err("must not be empty (--no-target-role removes a target role)".to_owned())
+    } else {
+        Ok(s.to_owned())
+    }
 }
 
 pub async fn create(eks: &Eks, args: &CreateArgs) -> anyhow::Result<()> {
@@ -142,13 +152,14 @@ pub async fn delete(eks: &Eks, id: &str) -> anyhow::Result<()> {
         .delete(id)
         .await
         .with_context(|| format!("deleting association {id} in cluster {}", eks.cluster))?;
+    let printable = |s: &str| crate::operator::printable(s).into_owned();
     println!(
         "deleted association {} in cluster {} ({}/{} -> {})",
-        deleted.association_id,
+        printable(&deleted.association_id),
         eks.cluster,
-        deleted.namespace,
-        deleted.service_account,
-        deleted.role_arn
+        printable(&deleted.namespace),
+        printable(&deleted.service_account),
+        printable(&deleted.role_arn)
     );
     Ok(())
 }
@@ -270,6 +281,9 @@ mod tests {
         std::fs::write(&bad, "Version: 2012").unwrap();
         let err = format!("{:#}", read_policy(bad.to_str().unwrap()).unwrap_err());
         assert!(err.contains("not a JSON policy document"), "{err}");
+        std::fs::write(&bad, "[42]").unwrap();
+        let err = format!("{:#}", read_policy(bad.to_str().unwrap()).unwrap_err());
+        assert!(err.contains("a JSON object with a Statement"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -64,7 +64,7 @@ impl AssociationsArgs {
             || self.pods.is_some();
         if self.action.is_some() && listing {
             bail!(
-                "--namespace, --service-account, --json and --pods are for listing; give create's own flags after `create`"
+                "--namespace, --service-account, --json and --pods are for listing; give an action's own flags after it (`create`, `update`)"
             );
         }
         Ok(())
@@ -370,12 +370,7 @@ fn pod_row(
         role_arn: association
             .map(|a| a.role_arn.clone())
             .or_else(|| (!p.role_arn.is_empty()).then(|| p.role_arn.clone())),
-        session: association
-            .map(|a| SessionScope {
-                tags: !a.disable_session_tags,
-                policy: a.policy.is_some(),
-            })
-            .or(p.session),
+        session: association.map(Association::session_scope).or(p.session),
         detail,
         imds_connects: p.imds_connects,
     }
@@ -701,8 +696,9 @@ mod tests {
         assert_eq!(session("web-0"), None);
         let text = render_join(&j);
         let line = |pod: &str| text.lines().find(|l| l.contains(pod)).unwrap().to_owned();
-        assert!(line("api-0").ends_with("policy, no tags"), "{text}");
-        assert!(line("report-0").ends_with("no tags"), "{text}");
-        assert!(line("web-0").ends_with('-'), "{text}");
+        let session = |pod: &str| line(pod).rsplit("  ").next().unwrap().trim().to_owned();
+        assert_eq!(session("api-0"), "policy, no tags", "{text}");
+        assert_eq!(session("report-0"), "no tags", "{text}");
+        assert_eq!(session("web-0"), "-", "{text}");
     }
 }
